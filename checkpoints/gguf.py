@@ -1,0 +1,229 @@
+"""GGUF checkpoints: model config from metadata, dequantized weights in jaxinfer's layout.
+
+The `gguf` package (llama.cpp's own reader) parses the file and dequantizes every tensor type it
+implements (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants, the IQ types, ...). This module maps
+llama.cpp names and layouts onto the stacked parameters of `jaxinfer.model.Transformer`:
+
+    GGUF (torch layout [out, in])         jaxinfer
+    token_embd.weight [V, D]           -> embed [V, D]
+    blk.i.attn_q.weight [N*H, D]       -> layers.wq[i] [D, N, H]   (llama.cpp's row permutation undone)
+    blk.i.attn_k.weight [K*H, D]       -> layers.wk[i] [D, K, H]   (likewise)
+    blk.i.attn_v.weight [K*H, D]       -> layers.wv[i] [D, K, H]
+    blk.i.attn_output.weight [D, N*H]  -> layers.wo[i] [N, H, D]
+    blk.i.ffn_{gate,up}.weight [F, D]  -> layers.w_{gate,up}[i] [D, F]
+    blk.i.ffn_down.weight [D, F]       -> layers.w_down[i] [F, D]
+    blk.i.{attn,ffn}_norm.weight [D]   -> layers.{attn,mlp}_norm[i]
+    output_norm.weight, output.weight  -> final_norm, lm_head [D, V] (absent: tied embeddings)
+
+llama.cpp's converter interleaves each Llama Q/K head's rows so that its GPT-J style rotary applies;
+the model here uses the rotate-half (NeoX / HF) layout, so the rows are put back. Qwen2 files are
+written in the NeoX layout already and are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import CheckpointError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp architecture name -> jaxinfer arch. Mistral files use "llama".
+_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_PERMUTED_QK = {"llama", "mistral"}  # written with GPT-J style interleaved rotary rows
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _import_gguf():
+    import gguf  # imported lazily: only GGUF loading needs it
+
+    return gguf
+
+
+class GGUFFile:
+    """An opened GGUF file: metadata, model config and weights.
+
+    Raises:
+      CheckpointError: the file is missing, truncated or not a GGUF file.
+      UnsupportedModelError: the architecture or a tensor type is not supported.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: no such file; pass the path of a .gguf file")
+        gguf = _import_gguf()
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the reader raises ValueError, IndexError, struct errors, ...
+            raise CheckpointError(
+                f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}). "
+                "The file is corrupt or truncated; download or convert it again."
+            ) from None
+        self._check_tensor_extents()
+        self.tensors = {t.name: t for t in self._reader.tensors}
+        self.metadata = self._read_metadata()
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def _check_tensor_extents(self) -> None:
+        size = os.path.getsize(self.path)
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size or t.data.nbytes != int(t.n_bytes):
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {t.name!r} needs bytes up to {end:,} but the file "
+                    f"has {size:,}. Download or convert the file again."
+                )
+
+    def _read_metadata(self) -> dict[str, Any]:
+        meta = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                meta[key] = field.contents()
+            except Exception as e:
+                raise CheckpointError(f"{self.path}: metadata field {key!r} is corrupt ({e})") from None
+        return meta
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def model_config(self, *, dtype: str = "float32", scan_layers: bool = True) -> ModelConfig:
+        """The ModelConfig this file describes."""
+        arch = self.architecture
+        if arch not in _ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{self.path}: architecture {arch!r} is not supported; jaxinfer loads "
+                f"{sorted(_ARCHITECTURES)} GGUF files"
+            )
+        m = self.metadata
+
+        def get(key, default=None):
+            full = f"{arch}.{key}"
+            if full not in m and default is None:
+                raise CheckpointError(f"{self.path}: metadata key {full!r} is missing")
+            return m.get(full, default)
+
+        d = int(get("embedding_length"))
+        n = int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", d // n))
+        vocab = m.get(f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = len(m.get("tokenizer.ggml.tokens", ())) or self.tensors["token_embd.weight"].shape[1]
+        freq_factors = None
+        if "rope_freqs.weight" in self.tensors:
+            freq_factors = tuple(float(x) for x in self._dequantize(self.tensors["rope_freqs.weight"]))
+        window = m.get(f"{arch}.attention.sliding_window")
+        try:
+            return ModelConfig(
+                arch=_ARCHITECTURES[arch],
+                vocab_size=int(vocab),
+                hidden_size=d,
+                intermediate_size=int(get("feed_forward_length")),
+                num_layers=int(get("block_count")),
+                num_heads=n,
+                num_kv_heads=int(get("attention.head_count_kv", n)),
+                head_dim=head_dim,
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(get("rope.freq_base", 10000.0)),
+                rope_freq_factors=freq_factors,
+                max_position_embeddings=int(get("context_length", 4096)),
+                tie_word_embeddings="output.weight" not in self.tensors,
+                attention_bias="blk.0.attn_q.bias" in self.tensors,
+                sliding_window=int(window) if window else None,
+                dtype=dtype,
+                scan_layers=scan_layers,
+            )
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: inconsistent model metadata: {e}") from None
+
+    # ---- weights --------------------------------------------------------------------------
+
+    def _dequantize(self, tensor) -> np.ndarray:
+        gguf = _import_gguf()
+        qtype = tensor.tensor_type
+        try:
+            out = gguf.quants.dequantize(tensor.data, qtype)
+        except NotImplementedError:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor {tensor.name!r} has type {qtype.name}, which the installed gguf "
+                f"package cannot dequantize; requantize the file (F16, Q8_0, Q4_K, ...)"
+            ) from None
+        return np.asarray(out, dtype=np.float32)
+
+    def _tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Dequantized tensor in torch layout, checked against the expected shape."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        w = self._dequantize(self.tensors[name])
+        if w.shape != shape:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {w.shape}, expected {shape}")
+        return w
+
+    def load_params(self, cfg: ModelConfig, *, progress: bool = True) -> dict[str, np.ndarray]:
+        """All weights, dequantized and in jaxinfer's layout, keyed like the model's state.
+
+        Keys: "embed", "final_norm", "lm_head" (untied only) and "layers.<name>" with a leading
+        L axis. Arrays have `cfg.dtype`.
+        """
+        L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dt = _NUMPY_DTYPES[cfg.dtype]
+        unpermute = cfg.arch in _PERMUTED_QK and self.architecture in _PERMUTED_QK
+
+        def qk(w, heads):  # [heads*H, ...] rows interleaved -> rotate-half layout
+            if not unpermute:
+                return w
+            return w.reshape(heads, H // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+        per_layer = {  # name -> (gguf suffix, torch shape, convert to jaxinfer layout)
+            "attn_norm": ("attn_norm.weight", (D,), lambda w: w),
+            "wq": ("attn_q.weight", (N * H, D), lambda w: qk(w, N).T.reshape(D, N, H)),
+            "wk": ("attn_k.weight", (K * H, D), lambda w: qk(w, K).T.reshape(D, K, H)),
+            "wv": ("attn_v.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
+            "wo": ("attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
+            "mlp_norm": ("ffn_norm.weight", (D,), lambda w: w),
+            "w_gate": ("ffn_gate.weight", (F, D), lambda w: w.T),
+            "w_up": ("ffn_up.weight", (F, D), lambda w: w.T),
+            "w_down": ("ffn_down.weight", (D, F), lambda w: w.T),
+        }
+        if cfg.attention_bias:
+            per_layer |= {
+                "bq": ("attn_q.bias", (N * H,), lambda w: qk(w, N).reshape(N, H)),
+                "bk": ("attn_k.bias", (K * H,), lambda w: qk(w, K).reshape(K, H)),
+                "bv": ("attn_v.bias", (K * H,), lambda w: w.reshape(K, H)),
+            }
+
+        params: dict[str, np.ndarray] = {}
+        total = 2 + (0 if cfg.tie_word_embeddings else 1) + L * len(per_layer)
+        bar = tqdm(total=total, desc=f"Loading {os.path.basename(self.path)}", unit="tensor",
+                   disable=not progress, leave=False)
+        with bar:
+            params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
+            bar.update()
+            for name, (suffix, shape, convert) in per_layer.items():
+                stacked = None
+                for i in range(L):
+                    w = convert(self._tensor(f"blk.{i}.{suffix}", shape))
+                    if stacked is None:  # preallocate [L, ...] rather than stacking copies
+                        stacked = np.empty((L, *w.shape), dtype=dt)
+                    stacked[i] = w
+                    bar.update()
+                params[f"layers.{name}"] = stacked
+            params["final_norm"] = self._tensor("output_norm.weight", (D,)).astype(dt)
+            bar.update()
+            if not cfg.tie_word_embeddings:
+                params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt)
+                bar.update()
+        return params

@@ -1,0 +1,16 @@
+"""jaxinfer: LLM inference in JAX (Flax NNX models, Pallas paged attention, continuous batching)."""
+
+from jaxinfer.outputs import CompletionOutput, RequestOutput
+from jaxinfer.sampling import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name):
+    # LLM imports jax and flax; load it on first use so `import jaxinfer` stays cheap.
+    if name == "LLM":
+        from jaxinfer.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")

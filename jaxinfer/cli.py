@@ -1,0 +1,125 @@
+"""Command line: `jaxinfer generate "..."` and `jaxinfer chat`.
+
+A status line on stderr says what is happening while the model loads and compiles; generated
+text goes to stdout. User errors print one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jaxinfer.errors import JaxinferError
+from jaxinfer.registry import DEFAULT_MODEL, REGISTRY
+
+
+def _status(message: str) -> None:
+    print(f"[jaxinfer] {message}", file=sys.stderr, flush=True)
+
+
+def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registered name ({', '.join(REGISTRY)}) or path to a .gguf file")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer directory to use instead of the GGUF's")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most new tokens per answer")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0 if temperature == 0 else 0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
+
+
+def _load(args):
+    from jaxinfer.llm import LLM
+    from jaxinfer.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop)  # validate flags first
+    _status(f"loading {args.model} ...")
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
+    t1 = time.perf_counter()
+    _status(f"loaded in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, {llm.config.dtype}); "
+            "compiling ...")
+    llm.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=2, temperature=0))
+    _status(f"compiled in {time.perf_counter() - t1:.1f}s; ready")
+    return llm, params
+
+
+def cmd_generate(args) -> int:
+    llm, params = _load(args)
+    t0 = time.perf_counter()
+    out = llm.generate(args.prompt, params)[0]
+    elapsed = time.perf_counter() - t0
+    print(args.prompt + out.outputs[0].text if args.echo else out.outputs[0].text)
+    n = len(out.outputs[0].token_ids)
+    _status(f"{n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s), finish_reason={out.outputs[0].finish_reason}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm, params = _load(args)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    if interactive:
+        _status("type a message; /reset clears the conversation, /exit or Ctrl-D quits")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not interactive:
+            print(f"> {line}")
+        history.append({"role": "user", "content": line})
+        try:
+            out = llm.chat(history, params)[0].outputs[0]
+        except JaxinferError as e:  # e.g. the conversation outgrew the context: say so, keep going
+            history.pop()
+            _status(f"error: {e}")
+            continue
+        print(out.text.strip(), flush=True)
+        history.append({"role": "assistant", "content": out.text.strip()})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    _add_common(g, temperature=0.0, max_tokens=64)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="chat with the model (reads messages from stdin when piped)")
+    c.add_argument("--system", default=None, help="system message")
+    _add_common(c, temperature=0.0, max_tokens=256)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JaxinferError as e:
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

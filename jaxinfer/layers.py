@@ -1,0 +1,76 @@
+"""Pure functions the decoder is made of: RMSNorm, rotary embeddings, SwiGLU.
+
+Shapes: B batch, T tokens, D model dim, N query heads, K kv heads, H head dim, F mlp dim.
+All math that is sensitive to precision (norm statistics, rotary angles, softmax) runs in float32
+whatever the parameter dtype, as the reference implementations do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import RopeScaling
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x: [..., D], weight: [D] -> [..., D] in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,
+                  freq_factors: tuple[float, ...] | None = None) -> np.ndarray:
+    """Inverse frequencies [H // 2] (float32), with Llama 3 scaling applied when given.
+
+    Llama 3 scaling keeps high frequencies, divides low frequencies by `factor`, and interpolates
+    smoothly in between (the "llama3" rope_type of HF transformers). GGUF files store the same
+    thing precomputed as per-frequency divisors (`rope_freqs.weight`): `freq_factors`.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is not None:
+        old_len = scaling.original_max_position_embeddings
+        low_freq_wavelen = old_len / scaling.low_freq_factor
+        high_freq_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions: [B, T] int -> (cos, sin), each [B, T, H] float32 (halves repeated, HF layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x: [B, T, heads, H] by (cos, sin): [B, T, H], in the rotate-half layout.
+
+    The rotate-half layout pairs dimension i with i + H/2 (HF transformers, GPT-NeoX). llama.cpp
+    stores Llama Q/K rows interleaved instead; the GGUF loader undoes that permutation.
+    """
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """x: [B, T, D]; w_gate, w_up: [D, F]; w_down: [F, D] -> [B, T, D]."""
+    gate = jnp.einsum("BTD,DF->BTF", x, w_gate)
+    up = jnp.einsum("BTD,DF->BTF", x, w_up)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down)

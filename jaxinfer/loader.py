@@ -1,0 +1,84 @@
+"""Model loading: resolve a name, read the GGUF, build the NNX model with its weights on device.
+
+    "smollm2-135m" -> registry -> GGUFFile -> (ModelConfig, numpy weights, tokenizer metadata)
+                   -> abstract Transformer (no random init) -> params placed on the device
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from checkpoints.gguf import GGUFFile
+from jaxinfer import tokenizer as tokenizer_lib
+from jaxinfer.config import ModelConfig, default_dtype, default_scan_layers
+from jaxinfer.model import Transformer
+from jaxinfer.registry import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run: config, NNX graph definition, parameters and tokenizer."""
+
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: tokenizer_lib.Tokenizer
+    path: str
+
+
+def build_model(cfg: ModelConfig, weights: dict) -> tuple[nnx.GraphDef, nnx.State]:
+    """NNX (graphdef, params) of a Transformer whose parameters are `weights` (keyed by path).
+
+    Raises:
+      ValueError: a weight is missing, unexpected, or of the wrong shape.
+    """
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    expected = {".".join(map(str, path)): path for path in flat}
+    if missing := sorted(set(expected) - set(weights)):
+        raise ValueError(f"weights are missing {missing}")
+    if extra := sorted(set(weights) - set(expected)):
+        raise ValueError(f"unexpected weights {extra}")
+    for key, path in expected.items():
+        var, value = flat[path], weights[key]
+        spec = var.get_value()  # a ShapeDtypeStruct: the model was built abstractly
+        if tuple(value.shape) != tuple(spec.shape):
+            raise ValueError(f"weight {key} has shape {value.shape}, the model expects {spec.shape}")
+        var.set_value(jnp.asarray(value, dtype=spec.dtype))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layers: bool | None = None,
+               progress: bool = True) -> LoadedModel:
+    """Loads a registered model name or a .gguf path.
+
+    Args:
+      model: registry name (e.g. "smollm2-135m") or path to a .gguf file.
+      dtype: parameter dtype; None picks float32 on CPU, bfloat16 on GPU/TPU.
+      scan_layers: scan over layers; None picks scan on CPU, unrolled on GPU/TPU.
+      progress: show a progress bar while reading tensors.
+
+    Raises:
+      ModelNotFoundError, CheckpointError, UnsupportedModelError, TokenizerError.
+    """
+    path = resolve_model_path(model)
+    backend = jax.default_backend()
+    dtype = dtype or default_dtype(backend)
+    scan_layers = default_scan_layers(backend) if scan_layers is None else scan_layers
+    gguf_file = GGUFFile(path)
+    cfg = gguf_file.model_config(dtype=dtype, scan_layers=scan_layers)
+    tok = tokenizer_lib.from_gguf_metadata(gguf_file.metadata, source=path)
+    weights = gguf_file.load_params(cfg, progress=progress)
+    graphdef, params = build_model(cfg, weights)
+    logger.info("loaded %s: %.1fM parameters, %s, scan_layers=%s", path, cfg.num_params() / 1e6,
+                cfg.dtype, cfg.scan_layers)
+    return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)

