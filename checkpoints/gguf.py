@@ -65,8 +65,8 @@ class GGUFFile:
             self._reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # the reader raises ValueError, IndexError, struct errors, ...
             raise CheckpointError(
-                f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}). "
-                "The file is corrupt or truncated; download or convert it again."
+                f"{self.path}: not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e}). "
+                "Download or convert it again."
             ) from None
         self._check_tensor_extents()
         self.tensors = {t.name: t for t in self._reader.tensors}

@@ -1,0 +1,65 @@
+"""The on-device sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import sampling
+
+# The sampler always runs inside the jit steps; test it the same way.
+sample = jax.jit(sampling.sample)
+step_keys = jax.jit(sampling.step_keys)
+mask_logits = jax.jit(sampling.mask_logits)
+
+
+def _sample(logits, temperature, top_k=0, top_p=1.0, seed=0, step=0):
+    B = logits.shape[0]
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (B,))
+    keys = step_keys(jnp.asarray(seeds), jnp.full((B,), step, jnp.int32))
+    return np.asarray(sample(jnp.asarray(logits, jnp.float32), jnp.full((B,), temperature, jnp.float32),
+                             jnp.full((B,), top_k, jnp.int32), jnp.full((B,), top_p, jnp.float32), keys))
+
+
+def test_temperature_zero_is_argmax():
+    logits = np.random.default_rng(0).standard_normal((4, 100))
+    np.testing.assert_array_equal(_sample(logits, 0.0), logits.argmax(-1))
+
+
+def test_top_k_one_and_tiny_top_p_are_argmax():
+    logits = np.random.default_rng(1).standard_normal((4, 100))
+    for seed in range(3):
+        np.testing.assert_array_equal(_sample(logits, 1.0, top_k=1, seed=seed), logits.argmax(-1))
+        np.testing.assert_array_equal(_sample(logits, 1.0, top_p=1e-6, seed=seed), logits.argmax(-1))
+
+
+def test_frequencies_follow_the_softmax():
+    logits = np.repeat(np.log(np.array([[0.5, 0.3, 0.15, 0.05]])), 4000, axis=0)
+    draws = _sample(logits, 1.0, seed=np.arange(4000))  # 4000 rows, each with its own seed
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_top_k_and_top_p_masks():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+    one = jnp.ones((1,), jnp.float32)
+    masked, order = mask_logits(logits, one, jnp.array([2], jnp.int32), one)
+    assert np.asarray(order)[0, :2].tolist() == [1, 3]
+    assert np.isfinite(np.asarray(masked)[0]).tolist() == [True, True, False, False]
+    # top_p 0.7: 0.5 + 0.3 reach it, so exactly two tokens stay.
+    masked, _ = mask_logits(logits, one, jnp.zeros((1,), jnp.int32), jnp.array([0.7]))
+    assert np.isfinite(np.asarray(masked)[0]).sum() == 2
+    draws = set(_sample(np.repeat(np.asarray(logits), 400, axis=0), 1.0, top_p=0.7, seed=np.arange(400)).tolist())
+    assert draws == {1, 3}
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = np.random.default_rng(2).standard_normal((1, 50))
+    alone = _sample(logits, 1.0, seed=7, step=3)[0]
+    batch = np.repeat(logits, 4, axis=0)
+    keys = step_keys(jnp.array([1, 7, 9, 7], jnp.uint32), jnp.array([0, 3, 3, 3], jnp.int32))
+    out = np.asarray(sample(jnp.asarray(batch, jnp.float32), jnp.array([1.0, 1.0, 0.0, 1.0]),
+                            jnp.zeros((4,), jnp.int32), jnp.ones((4,)), keys))
+    assert out[1] == alone and out[3] == alone
+    assert out[2] == logits.argmax()
