@@ -1,0 +1,1 @@
+"""Checkpoint readers: GGUF today (`checkpoints.gguf`)."""

@@ -153,6 +153,8 @@ class ReferenceGenerator:
         seed_arr = np.array([s % (1 << 32) for s in seed_list] + [0] * pad, np.uint32)
         len_arr = np.array(lengths + [1] * pad, np.int32)
 
+        # Per-row constants go to the device once, not with every step.
+        temperature, top_k, top_p, seed_arr = map(jnp.asarray, (temperature, top_k, top_p, seed_arr))
         cache = self._empty_cache(B, S)
         cache, next_tokens = self._prefill(self.params, cache, tokens, len_arr, temperature, top_k, top_p,
                                            seed_arr)
