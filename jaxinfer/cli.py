@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
 
 
-def _load(args):
+def _load(args, sample_prompt):
     from jaxinfer.llm import LLM
     from jaxinfer.sampling import SamplingParams
 
@@ -44,13 +44,14 @@ def _load(args):
     t1 = time.perf_counter()
     _status(f"loaded in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, {llm.config.dtype}); "
             "compiling ...")
-    llm.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=2, temperature=0))
+    prompt_len = len(sample_prompt(llm)) if sample_prompt else 1
+    llm.warmup(prompt_len=prompt_len, max_tokens=args.max_tokens)
     _status(f"compiled in {time.perf_counter() - t1:.1f}s; ready")
     return llm, params
 
 
 def cmd_generate(args) -> int:
-    llm, params = _load(args)
+    llm, params = _load(args, lambda llm: llm.get_tokenizer().encode(args.prompt))
     t0 = time.perf_counter()
     out = llm.generate(args.prompt, params)[0]
     elapsed = time.perf_counter() - t0
@@ -60,8 +61,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _typical_chat_prompt(llm) -> list[int]:
+    """A first turn of typical length, so warm-up compiles the buckets the first answer uses."""
+    tok = llm.get_tokenizer()
+    if not tok.chat_template:
+        return [0] * 32
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hello! Can you help me?"}]),
+                      add_special_tokens=False)
+
+
 def cmd_chat(args) -> int:
-    llm, params = _load(args)
+    llm, params = _load(args, _typical_chat_prompt)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     if args.system:

@@ -68,6 +68,10 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 
+    def warmup(self, *, prompt_len: int = 1, max_tokens: int = 16) -> None:
+        """Compiles the steps a short single prompt with up to `max_tokens` new tokens will use."""
+        self._generator.warmup(batch_size=1, prompt_len=prompt_len, max_tokens=max_tokens)
+
     # ---- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: PromptType | Sequence[PromptType],

@@ -117,6 +117,18 @@ class ReferenceGenerator:
 
     # ---- host API -----------------------------------------------------------------------------
 
+    def warmup(self, *, batch_size: int = 1, prompt_len: int = 1, max_tokens: int = 16) -> None:
+        """Compiles the prefill and decode steps of the buckets such a batch lands in."""
+        B = next_power_of_two(batch_size)
+        T = next_power_of_two(prompt_len, 16)
+        S = min(next_power_of_two(max(prompt_len + max_tokens, T)), next_power_of_two(self.max_model_len))
+        f32, i32 = np.zeros(B, np.float32), np.zeros(B, np.int32)
+        seeds, ones = jnp.zeros(B, jnp.uint32), np.ones(B, np.float32)
+        cache, tokens = self._prefill(self.params, self._empty_cache(B, S), np.zeros((B, T), np.int32),
+                                      np.ones(B, np.int32), f32, i32, ones, seeds)
+        _, tokens = self._decode(self.params, cache, tokens, np.ones(B, np.int32), i32, f32, i32, ones, seeds)
+        jax.block_until_ready(tokens)
+
     def logits(self, prompt_token_ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] (float32) at every position of one prompt."""
         return np.asarray(self._forward(self.params, jnp.asarray([list(prompt_token_ids)], jnp.int32))[0])

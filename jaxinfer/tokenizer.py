@@ -15,9 +15,11 @@ transformers renders them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -83,31 +85,27 @@ class Tokenizer:
     def _encode_spm(self, text: str) -> list[int]:
         # SentencePiece does not match control tokens written in the text ("<start_of_turn>"): split
         # them out first so chat-templated prompts tokenize as llama.cpp and HF do.
-        specials = self._special_pieces
-        if not specials:
+        pattern = self._special_pattern
+        if pattern is None:
             return self._backend.encode(text)
-        ids, start, i = [], 0, 0
-        while i < len(text):
-            match = next((s for s in specials if text.startswith(s, i)), None)
-            if match is None:
-                i += 1
-                continue
-            if i > start:
-                ids += self._backend.encode(text[start:i])
-            ids.append(self._backend.piece_to_id(match))
-            i = start = i + len(match)
+        ids, start = [], 0
+        for match in pattern.finditer(text):
+            if match.start() > start:
+                ids += self._backend.encode(text[start:match.start()])
+            ids.append(self._backend.piece_to_id(match.group()))
+            start = match.end()
         if start < len(text):
             ids += self._backend.encode(text[start:])
         return ids
 
-    @property
-    def _special_pieces(self) -> list[str]:
-        if not hasattr(self, "_specials"):
-            sp = self._backend
-            pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-                      if sp.is_control(i) and sp.id_to_piece(i)]
-            self._specials = sorted(pieces, key=len, reverse=True)
-        return self._specials
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        """One regex over every control piece, longest first (vocabularies can hold thousands)."""
+        sp = self._backend
+        pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i)} - {""}
+        if not pieces:
+            return None
+        return re.compile("|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True)))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; control tokens are dropped when skip_special_tokens."""
