@@ -57,6 +57,10 @@ class LLM:
             raise InvalidRequestError(f"max_model_len must be at least 2 tokens, got {max_model_len}")
         self._loaded: LoadedModel = load_model(model, dtype=dtype, scan_layers=scan_layers, progress=progress)
         self.config = self._loaded.config
+        if max_model_len is not None and max_model_len > self.config.max_position_embeddings:
+            raise InvalidRequestError(
+                f"max_model_len={max_model_len} exceeds the model's context of "
+                f"{self.config.max_position_embeddings} tokens; pass at most that, or leave it unset")
         self.tokenizer: Tokenizer = from_hf_directory(tokenizer) if tokenizer else self._loaded.tokenizer
         self._generator = ReferenceGenerator(self.config, self._loaded.graphdef, self._loaded.params,
                                              max_model_len=max_model_len)

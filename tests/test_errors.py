@@ -74,3 +74,8 @@ def test_model_keeps_working_after_bad_input(smollm2):
         smollm2.generate(["fine prompt", ""], SamplingParams(max_tokens=2))
     out = smollm2.generate("The capital of France is", SamplingParams(max_tokens=3, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_max_model_len_beyond_the_model_context():
+    with pytest.raises(errors.InvalidRequestError, match="exceeds the model's context of 8192"):
+        LLM("smollm2-135m", max_model_len=100_000, progress=False)
