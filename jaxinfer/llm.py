@@ -11,6 +11,7 @@ Prompts are validated here, before anything reaches the device, and bad ones rai
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -64,6 +65,8 @@ class LLM:
         self.tokenizer: Tokenizer = from_hf_directory(tokenizer) if tokenizer else self._loaded.tokenizer
         self._generator = ReferenceGenerator(self.config, self._loaded.graphdef, self._loaded.params,
                                              max_model_len=max_model_len)
+        # The generator holds the parameters in the form it runs; keep no second copy.
+        self._loaded = dataclasses.replace(self._loaded, params=None)
         self.max_model_len = self._generator.max_model_len
         self.max_num_seqs = max_num_seqs
         self._rng = random.Random(seed)

@@ -29,7 +29,7 @@ class LoadedModel:
 
     config: ModelConfig
     graphdef: nnx.GraphDef
-    params: nnx.State
+    params: nnx.State | None  # None once a runner took them over (it may re-layout them)
     tokenizer: tokenizer_lib.Tokenizer
     path: str
 

@@ -52,23 +52,52 @@ class DecoderLayers(nnx.Module):
         self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
         self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt)
 
-    def arrays(self) -> dict[str, jax.Array]:
-        """The stacked parameter arrays by name, each [L, ...]."""
-        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+    def arrays(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
+        """The layer parameters by name: stacked [L, ...] arrays, or L-tuples of per-layer arrays
+        after `unstack_layers`. `arrays()[name][i]` is layer i's parameter either way."""
+        return {name: var.get_value() for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def unstack_layers(params: nnx.State) -> nnx.State:
+    """A copy of `params` whose layer parameters are L-tuples of separate per-layer arrays.
+
+    The unrolled layer loop runs on these. Measured on XLA:CPU (docs/BENCHMARKS.md), a dot that
+    reads a static slice of a stacked weight is several times slower than the same dot on a
+    separate array; split once at load, every step reads each layer's weights in place. The
+    stacked arrays stay the storage format (checkpoints, sharding rules, the scanned loop).
+    """
+
+    def split(path, var):
+        if path[0] != "layers":
+            return var
+        stacked = var.get_value()
+        if isinstance(stacked, jax.ShapeDtypeStruct):  # abstract parameters (AOT lowering)
+            layer = jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
+            return var.replace((layer,) * stacked.shape[0])
+        return var.replace(tuple(stacked[i] for i in range(stacked.shape[0])))
+
+    return nnx.from_flat_state([(path, split(path, var)) for path, var in nnx.to_flat_state(params)])
 
 
 def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, attend: Attend,
                   cfg: ModelConfig):
-    """One decoder block. p: this layer's parameters (no leading L axis); x: [B, T, D]."""
+    """One decoder block. p: this layer's parameters (no leading L axis); x: [B, T, D].
+
+    The projections are 2-D matmuls over the flattened head axes (a free reshape of the [D, N, H]
+    parameters): unrolled on XLA:CPU, the same products as 4-D einsums ('BTD,DNH->BTNH') took 3x
+    longer; under scan the two forms measure the same (docs/BENCHMARKS.md).
+    """
+    B, T, D = x.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"])
+    q = (h @ p["wq"].reshape(D, N * H)).reshape(B, T, N, H)
+    k = (h @ p["wk"].reshape(D, K * H)).reshape(B, T, K, H)
+    v = (h @ p["wv"].reshape(D, K * H)).reshape(B, T, K, H)
     if cfg.attention_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, kv_cache = attend(q, k, v, kv_cache, layer, meta)  # [B, T, N, H]
-    x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
+    x = x + attn.reshape(B, T, N * H) @ p["wo"].reshape(N * H, D)
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
     return x, kv_cache
@@ -116,7 +145,7 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (params, layer_ids))
-        else:
+        else:  # per-layer arrays after unstack_layers (fast), or static slices of stacked ones
             for i in range(cfg.num_layers):
                 p = {name: w[i] for name, w in params.items()}
                 (x, kv_cache), _ = body((x, kv_cache), (p, i))

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxinfer.attention import DenseAttentionMeta, DenseKVCache, dense_attend
 from jaxinfer.config import ModelConfig
+from jaxinfer.model import unstack_layers
 from jaxinfer.sampling import SamplingParams, sample, step_keys
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class ReferenceGenerator:
                  max_model_len: int | None = None):
         self.config = config
         self.graphdef = graphdef
-        self.params = params
+        # The unrolled loop reads per-layer arrays (see model.unstack_layers); the caller may drop
+        # its stacked copy afterwards.
+        self.params = params if config.scan_layers else unstack_layers(params)
         self.max_model_len = min(max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         attend = functools.partial(dense_attend, sliding_window=config.sliding_window)

@@ -63,7 +63,7 @@ def test_context_end_finishes_with_length(smollm2):
     short.__dict__.update(smollm2.__dict__)
     from jaxinfer.reference import ReferenceGenerator
 
-    short._generator = ReferenceGenerator(smollm2.config, smollm2._loaded.graphdef, smollm2._loaded.params,
+    short._generator = ReferenceGenerator(smollm2.config, smollm2._generator.graphdef, smollm2._generator.params,
                                           max_model_len=12)
     short.max_model_len = 12
     out = short.generate({"prompt_token_ids": list(range(100, 110))},

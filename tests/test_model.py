@@ -148,3 +148,28 @@ def test_bfloat16_model_runs_and_tracks_float32():
 def test_num_params_matches_the_weights():
     for cfg in (tiny_config(), tiny_config(tie_word_embeddings=True, attention_bias=True, arch="qwen2")):
         assert cfg.num_params() == sum(w.size for w in random_weights(cfg).values())
+
+
+def test_unrolled_loop_over_stacked_or_unstacked_layers_agrees():
+    from flax import nnx
+
+    from jaxinfer.attention import DenseAttentionMeta, DenseKVCache, dense_attend
+    from jaxinfer.model import unstack_layers
+
+    cfg = tiny_config(scan_layers=False)
+    graphdef, params = build_model(cfg, random_weights(cfg))
+    unstacked = unstack_layers(params)
+    wq = dict(nnx.to_flat_state(unstacked))[("layers", "wq")].get_value()
+    assert isinstance(wq, tuple) and len(wq) == cfg.num_layers and wq[1].shape == (64, 4, 16)
+    # the original state is untouched
+    assert dict(nnx.to_flat_state(params))[("layers", "wq")].get_value().shape == (2, 64, 4, 16)
+    tokens = jnp.asarray([_tokens(cfg, 9)], jnp.int32)
+    positions = jnp.arange(9, dtype=jnp.int32)[None]
+    outs = []
+    for state in (params, unstacked):
+        cache = DenseKVCache.zeros(num_layers=2, batch_size=1, max_len=16, num_kv_heads=2, head_dim=16,
+                                   dtype=jnp.float32)
+        meta = DenseAttentionMeta(start_pos=jnp.zeros((1,), jnp.int32))
+        logits, _ = nnx.merge(graphdef, state)(tokens, positions, cache, meta, dense_attend)
+        outs.append(np.asarray(logits))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
