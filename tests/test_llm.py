@@ -57,15 +57,9 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed(smollm2):
 
 
 def test_context_end_finishes_with_length(smollm2):
-    from jaxinfer import LLM  # noqa: F401  (same model, a short context)
-
-    short = smollm2.__class__.__new__(smollm2.__class__)
-    short.__dict__.update(smollm2.__dict__)
     from jaxinfer.reference import ReferenceGenerator
 
-    short._generator = ReferenceGenerator(smollm2.config, smollm2._generator.graphdef, smollm2._generator.params,
-                                          max_model_len=12)
-    short.max_model_len = 12
-    out = short.generate({"prompt_token_ids": list(range(100, 110))},
-                         SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0].outputs[0]
+    gen = smollm2._generator
+    short = ReferenceGenerator(smollm2.config, gen.graphdef, gen.params, max_model_len=12)
+    out = short.generate([list(range(100, 110))], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)])[0]
     assert len(out.token_ids) == 2 and out.finish_reason == "length"
