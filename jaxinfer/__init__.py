@@ -1,7 +1,7 @@
 """jaxinfer: LLM inference in JAX (Flax NNX models, Pallas paged attention, continuous batching)."""
 
 from jaxinfer.outputs import CompletionOutput, RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
