@@ -1,0 +1,225 @@
+"""Continuous batching with chunked prefill, on the host (no jax import).
+
+Each step spends a token budget (`max_num_batched_tokens`): first on the running requests (one
+token for each decode, the next chunk of each unfinished prefill), then on admitting waiting
+requests, whose prompts may be cut into chunks. A long prompt therefore never stalls the decodes.
+
+    running: [decode a][decode b][prefill c, chunk 2 of 3]   waiting: [d][e] ...
+    budget:   1         1         256                         rest -> admit d (maybe a chunk)
+
+When the page pool runs short, the most recently admitted running request is preempted: its pages
+are freed and it goes back to the front of the queue to be recomputed later (its full pages usually
+survive in the prefix cache). Nothing is lost. The result of a step is a `SchedulerOutput`, the only
+thing the runner sees; `update` takes the sampled tokens back and applies the stop rules.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+from typing import Iterable, Mapping
+
+from jaxinfer.cache import KVCacheManager
+from jaxinfer.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Attributes:
+      max_num_seqs: most requests running at once (the decode batch bucket's upper end).
+      max_num_batched_tokens: most tokens computed in one step (prefill chunks + decodes).
+      max_model_len: context limit; a request reaching it finishes with "length".
+      policy: "fcfs" (arrival order) or "priority" (lower `priority` first, then arrival).
+    """
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 8192
+    policy: str = "fcfs"
+
+    def __post_init__(self):
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 1:
+            raise ValueError(f"max_num_seqs, max_num_batched_tokens must be > 0 and max_model_len > 1: {self}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request to compute this step."""
+
+    request_id: str
+    start_pos: int  # position of the first token (= tokens already computed)
+    token_ids: tuple[int, ...]
+    block_ids: tuple[int, ...]  # the request's whole page table after allocation
+    samples: bool  # the chunk reaches the end of the known tokens: sample the next one
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    num_scheduled_tokens: int
+    preempted_ids: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, *, eos_token_ids: Iterable[int] = ()):
+        self.config = config
+        self.kv = kv_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by _queue_key
+        self.running: list[Request] = []  # admission order
+        self.num_preemptions = 0
+
+    # ---- queue --------------------------------------------------------------------------------
+
+    def _queue_key(self, r: Request):
+        if self.config.policy == "priority":
+            return (r.priority, r.arrival_order)
+        return (r.arrival_order,)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=self._queue_key)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request wherever it is and frees everything it holds. False if unknown/finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def finish_request(self, request_id: str, status: RequestStatus, stop_reason=None) -> None:
+        """Ends a request for a reason found outside the scheduler (e.g. a stop string)."""
+        request = self.requests.get(request_id)
+        if request is not None and not request.is_finished:
+            request.stop_reason = stop_reason
+            self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = status
+        del self.requests[request.request_id]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=self._queue_key)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        # Running requests first, in admission order; preempt from the back when pages run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while self.kv.allocate_slots(request, n) is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                chunks.append(self._chunk(request, request.num_computed_tokens, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the request itself was preempted: no pages left for anyone after it
+
+        # Then admit waiting requests while budget, sequence slots and pages last.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            request = self.waiting[0]
+            hits, num_cached = self.kv.get_computed_blocks(request)
+            n = min(request.num_tokens - num_cached, budget)
+            if self.kv.allocate_slots(request, n, hits) is None:
+                break
+            self.waiting.pop(0)
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, num_cached, n))
+            budget -= n
+
+        return SchedulerOutput(chunks=tuple(chunks), num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+                               preempted_ids=tuple(preempted))
+
+    def _chunk(self, request: Request, start: int, n: int) -> ScheduledChunk:
+        return ScheduledChunk(request_id=request.request_id, start_pos=start,
+                              token_ids=tuple(request.all_token_ids[start:start + n]),
+                              block_ids=tuple(self.kv.get_block_ids(request.request_id)),
+                              samples=start + n == request.num_tokens)
+
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+        """Applies a step's results: advances computed tokens, appends sampled tokens, finishes.
+
+        Args:
+          output: the SchedulerOutput the step ran.
+          sampled: request id -> sampled token, for the chunks with `samples` set.
+
+        Returns:
+          The requests that finished in this step (their pages are already freed).
+        """
+        finished = []
+        for chunk in output.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted after scheduling: its results are dropped
+            request.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
+            if not chunk.samples:
+                continue
+            token = sampled[chunk.request_id]
+            request.append_output_token(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                self._finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        p = request.sampling_params
+        if token in p.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= p.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ---- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        return {"num_running": len(self.running), "num_waiting": len(self.waiting),
+                "kv_pages_free": self.kv.num_free_blocks, "kv_usage": self.kv.usage,
+                "prefix_cache_hit_rate": self.kv.prefix_cache_hit_rate, "num_preemptions": self.num_preemptions}

@@ -1,0 +1,195 @@
+"""The scheduler on the host, driven by a mock model whose next token is a function of the tokens
+so far (hand-computable), so every schedule can be checked against running each request alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jaxinfer.cache import KVCacheManager
+from jaxinfer.request import Request, RequestStatus
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler import Scheduler, SchedulerConfig
+
+EOS = 1
+
+
+def mock_next_token(tokens: list[int]) -> int:
+    return (sum(tokens) * 31 + len(tokens)) % 97 + 2  # never EOS
+
+
+def expected_output(prompt: list[int], max_tokens: int) -> list[int]:
+    tokens, out = list(prompt), []
+    for _ in range(max_tokens):
+        t = mock_next_token(tokens)
+        out.append(t)
+        tokens.append(t)
+    return out
+
+
+def create_scheduler(*, num_blocks=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=32,
+                     caching=True, policy="fcfs", max_model_len=4096) -> Scheduler:
+    kv = KVCacheManager(num_blocks=num_blocks, page_size=page_size, enable_prefix_caching=caching)
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             max_model_len=max_model_len, policy=policy)
+    return Scheduler(config, kv, eos_token_ids=[EOS])
+
+
+def create_requests(lengths, max_tokens=8, seed=0, prefix=()):
+    rng = random.Random(seed)
+    return [Request(f"r{i}", [*prefix, *(rng.randrange(2, 99) for _ in range(n))], SamplingParams(max_tokens=max_tokens))
+            for i, n in enumerate(lengths)]
+
+
+def run_to_completion(scheduler: Scheduler, max_steps=10_000) -> tuple[dict[str, list[int]], list]:
+    """Steps the scheduler with the mock model; returns outputs and the SchedulerOutputs seen."""
+    done, outputs = {}, []
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished_requests():
+            break
+        out = scheduler.schedule()
+        assert out.num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
+        assert len(out.chunks) <= scheduler.config.max_num_seqs
+        outputs.append(out)
+        sampled = {}
+        for c in out.chunks:
+            request = scheduler.requests[c.request_id]
+            assert tuple(request.all_token_ids[c.start_pos:c.start_pos + len(c.token_ids)]) == c.token_ids
+            assert len(c.block_ids) * scheduler.kv.page_size >= c.start_pos + len(c.token_ids)
+            if c.samples:
+                sampled[c.request_id] = mock_next_token(request.all_token_ids)
+        for r in scheduler.update(out, sampled):
+            done[r.request_id] = list(r.output_token_ids)
+    assert not scheduler.has_unfinished_requests()
+    return done, outputs
+
+
+def assert_no_pages_held(scheduler: Scheduler) -> None:
+    kv = scheduler.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks - 1 and not kv.req_to_blocks
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_mixed_lengths_match_each_request_alone_with_chunking():
+    scheduler = create_scheduler()
+    requests = create_requests([1, 3, 4, 5, 13, 40, 70, 2])  # 40 and 70 exceed the 32-token budget
+    for r in requests:
+        scheduler.add_request(r)
+    done, outputs = run_to_completion(scheduler)
+    for r in requests:
+        assert done[r.request_id] == expected_output(r.prompt_token_ids, 8)
+        assert r.status is RequestStatus.FINISHED_LENGTH
+    chunked = [c for o in outputs for c in o.chunks if c.request_id == "r6" and not c.samples]
+    assert chunked, "the 70-token prompt is prefilled in several chunks"
+    mixed = [o for o in outputs if any(len(c.token_ids) == 1 for c in o.chunks) and any(len(c.token_ids) > 1 for c in o.chunks)]
+    assert mixed, "some steps mix decodes with prefill chunks"
+    assert_no_pages_held(scheduler)
+
+
+def test_preemption_when_pages_run_out_loses_nothing():
+    scheduler = create_scheduler(num_blocks=12, page_size=4)  # 11 pages: not enough for all at once
+    requests = create_requests([9, 10, 11, 12], max_tokens=12)
+    for r in requests:
+        scheduler.add_request(r)
+    done, _ = run_to_completion(scheduler)
+    assert scheduler.num_preemptions > 0
+    for r in requests:
+        assert done[r.request_id] == expected_output(r.prompt_token_ids, 12)
+    assert_no_pages_held(scheduler)
+
+
+def test_prefix_cache_skips_shared_pages():
+    scheduler = create_scheduler(page_size=4)
+    first, = create_requests([13], seed=1)
+    scheduler.add_request(first)
+    run_to_completion(scheduler)
+    second = Request("again", first.prompt_token_ids[:12] + [5, 6], SamplingParams(max_tokens=4))
+    scheduler.add_request(second)
+    _, outputs = run_to_completion(scheduler)
+    assert second.num_cached_tokens == 12  # 3 pages shared
+    assert outputs[0].chunks[0].start_pos == 12 and len(outputs[0].chunks[0].token_ids) == 2
+    assert second.output_token_ids == expected_output(second.prompt_token_ids, 4)
+
+
+def test_abort_anywhere_frees_everything():
+    scheduler = create_scheduler(max_num_batched_tokens=8)
+    requests = create_requests([30, 5, 6])
+    for r in requests:
+        scheduler.add_request(r)
+    scheduler.update(scheduler.schedule(), {})  # r0 mid-prefill (8 of 30 tokens)
+    assert scheduler.abort("r0") and requests[0].status is RequestStatus.FINISHED_ABORTED
+    assert scheduler.abort("r2")  # still waiting
+    assert not scheduler.abort("r2") and not scheduler.abort("nope")
+    done, _ = run_to_completion(scheduler)
+    assert set(done) == {"r1"}
+    assert_no_pages_held(scheduler)
+
+
+def test_results_of_a_request_aborted_after_scheduling_are_dropped():
+    scheduler = create_scheduler()
+    r, = create_requests([5])
+    scheduler.add_request(r)
+    out = scheduler.schedule()
+    scheduler.abort("r0")
+    assert scheduler.update(out, {"r0": 7}) == [] and r.output_token_ids == []
+    assert_no_pages_held(scheduler)
+
+
+def test_stops_on_eos_stop_token_and_context_end():
+    scheduler = create_scheduler(max_model_len=12)
+    a = Request("a", [2, 3], SamplingParams(max_tokens=50))
+    b = Request("b", [4, 5], SamplingParams(max_tokens=50, stop_token_ids=[9]))
+    c = Request("c", [6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+    for r in (a, b, c):
+        scheduler.add_request(r)
+    scheduler.update(scheduler.schedule(), {"a": EOS, "b": 9, "c": EOS})
+    assert a.status is RequestStatus.FINISHED_STOPPED and a.stop_reason is None
+    assert b.status is RequestStatus.FINISHED_STOPPED and b.stop_reason == 9
+    assert c.status is RequestStatus.RUNNING
+    run_to_completion(scheduler)
+    assert c.status is RequestStatus.FINISHED_LENGTH and c.num_tokens == 12
+
+
+def test_sequence_cap_and_priority_policy():
+    scheduler = create_scheduler(max_num_seqs=2, policy="priority")
+    low = Request("low", [2, 3], SamplingParams(max_tokens=2), priority=5)
+    high = Request("high", [4, 5], SamplingParams(max_tokens=2), priority=0)
+    mid = Request("mid", [6, 7], SamplingParams(max_tokens=2), priority=1)
+    for r in (low, high, mid):
+        scheduler.add_request(r)
+    first = scheduler.schedule()
+    assert [c.request_id for c in first.chunks] == ["high", "mid"]
+
+
+def test_duplicate_request_id_and_bad_config():
+    scheduler = create_scheduler()
+    scheduler.add_request(Request("x", [2], SamplingParams()))
+    with pytest.raises(ValueError, match="already in use"):
+        scheduler.add_request(Request("x", [3], SamplingParams()))
+    with pytest.raises(ValueError, match="policy"):
+        SchedulerConfig(policy="random")
+
+
+def test_randomized_200_requests_with_aborts_leak_no_pages():
+    rng = random.Random(0)
+    scheduler = create_scheduler(num_blocks=40, page_size=4, max_num_batched_tokens=24)
+    requests = [Request(f"q{i}", [rng.randrange(2, 9) for _ in range(rng.randint(1, 40))],
+                        SamplingParams(max_tokens=rng.randint(1, 10))) for i in range(200)]
+    pending = list(requests)
+    done = {}
+    while pending or scheduler.has_unfinished_requests():
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                scheduler.add_request(pending.pop(0))
+        if scheduler.requests and rng.random() < 0.15:  # abort anything: waiting, mid-prefill, decoding
+            scheduler.abort(rng.choice(sorted(scheduler.requests)))
+        out = scheduler.schedule()
+        sampled = {c.request_id: mock_next_token(scheduler.requests[c.request_id].all_token_ids)
+                   for c in out.chunks if c.samples}
+        for r in scheduler.update(out, sampled):
+            done[r.request_id] = r
+    assert_no_pages_held(scheduler)
+    assert len(done) > 50
+    for r in done.values():
+        assert r.output_token_ids == expected_output(r.prompt_token_ids, r.sampling_params.max_tokens)
