@@ -1,0 +1,71 @@
+"""The paged-attention reference against plain per-sequence attention in numpy."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention_reference import ragged_paged_attention_reference, write_kv
+
+
+def _numpy_attention(q, k, v, positions, window=None):
+    """q [T, N, H] at absolute `positions`; k, v [L, K, H]: the whole sequence."""
+    N, H, K = q.shape[1], q.shape[2], k.shape[1]
+    kk, vv = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)
+    s = np.einsum("tnh,lnh->ntl", q, kk) / np.sqrt(H)
+    j = np.arange(k.shape[0])[None, None, :]
+    p_ = np.asarray(positions)[None, :, None]
+    allowed = j <= p_
+    if window:
+        allowed &= j > p_ - window
+    s = np.where(allowed, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("ntl,lnh->tnh", w, vv)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_ragged_batch_of_decode_chunk_and_full_prefill(window):
+    rng = np.random.default_rng(0)
+    N, K, H, page, P, max_pages = 4, 2, 8, 4, 32, 6
+    seq_lens = [9, 17, 6]  # total tokens in the cache after this step
+    q_lens = [1, 5, 6]  # a decode, a chunk in the middle, a whole prompt
+    kv = [rng.standard_normal((n, K, H)).astype(np.float32) for n in seq_lens]
+    vv = [rng.standard_normal((n, K, H)).astype(np.float32) for n in seq_lens]
+    free_pages = list(rng.permutation(np.arange(1, P)))  # scattered pages, never the null page 0
+    page_table = np.zeros((4, max_pages), np.int32)  # one padding row
+    for s, n in enumerate(seq_lens):
+        for j in range(-(-n // page)):
+            page_table[s, j] = free_pages.pop()
+    k_pages = jnp.zeros((P, page, K, H)); v_pages = jnp.zeros((P, page, K, H))
+    # Write every token's K/V through write_kv (as the runner does: the old ones in earlier steps).
+    slots = np.concatenate([[page_table[s, j // page] * page + j % page for j in range(n)]
+                            for s, n in enumerate(seq_lens)]).astype(np.int32)
+    k_pages, v_pages = write_kv(k_pages, v_pages, jnp.concatenate(kv), jnp.concatenate(vv), jnp.asarray(slots))
+
+    T = 16  # padded token bucket
+    q = np.zeros((T, N, H), np.float32)
+    cu = np.zeros(5, np.int32)
+    cu[1:4] = np.cumsum(q_lens)
+    cu[4] = cu[3]
+    qs = [rng.standard_normal((ql, N, H)).astype(np.float32) for ql in q_lens]
+    q[: cu[3]] = np.concatenate(qs)
+    out = ragged_paged_attention_reference(jnp.asarray(q), k_pages, v_pages,
+                                           jnp.asarray(seq_lens + [0], jnp.int32), jnp.asarray(page_table),
+                                           jnp.asarray(cu), jnp.int32(3), sliding_window=window)
+    out = np.asarray(out)
+    for s, (n, ql) in enumerate(zip(seq_lens, q_lens)):
+        want = _numpy_attention(qs[s], kv[s], vv[s], range(n - ql, n), window)
+        np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want, atol=1e-5, rtol=1e-5)
+    assert not out[cu[3]:].any(), "padding tokens produce zeros"
+
+
+def test_write_kv_puts_tokens_in_their_slots():
+    k_pages = jnp.zeros((3, 2, 1, 2))
+    k = jnp.arange(6, dtype=jnp.float32).reshape(3, 1, 2)
+    new_k, _ = write_kv(k_pages, k_pages, k, k, jnp.asarray([5, 2, 0], jnp.int32))
+    new_k = np.asarray(new_k)
+    np.testing.assert_array_equal(new_k[2, 1, 0], [0, 1])  # slot 5 = page 2, offset 1
+    np.testing.assert_array_equal(new_k[1, 0, 0], [2, 3])  # slot 2 = page 1, offset 0
+    assert not new_k[1, 1].any() and not new_k[0, 1].any()
