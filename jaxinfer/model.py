@@ -58,6 +58,12 @@ class DecoderLayers(nnx.Module):
         return {name: var.get_value() for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
+def params_for_layer_loop(cfg: ModelConfig, params: nnx.State) -> nnx.State:
+    """Parameters in the layout the configured layer loop reads: stacked for scan, per-layer
+    arrays for the unrolled loop (see unstack_layers)."""
+    return params if cfg.scan_layers else unstack_layers(params)
+
+
 def unstack_layers(params: nnx.State) -> nnx.State:
     """A copy of `params` whose layer parameters are L-tuples of separate per-layer arrays.
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxinfer.attention import DenseAttentionMeta, DenseKVCache, dense_attend
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import unstack_layers
+from jaxinfer.model import params_for_layer_loop
 from jaxinfer.sampling import SamplingParams, sample, step_keys
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class ReferenceGenerator:
         self.graphdef = graphdef
         # The unrolled loop reads per-layer arrays (see model.unstack_layers); the caller may drop
         # its stacked copy afterwards.
-        self.params = params if config.scan_layers else unstack_layers(params)
+        self.params = params_for_layer_loop(config, params)
         self.max_model_len = min(max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         attend = functools.partial(dense_attend, sliding_window=config.sliding_window)

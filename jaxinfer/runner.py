@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import unstack_layers
+from jaxinfer.model import params_for_layer_loop
 from jaxinfer.paged_attention import PagedAttentionMeta, PagedKVCache, paged_attend
 from jaxinfer.request import Request
 from jaxinfer.sampling import sample, step_keys
@@ -81,7 +81,7 @@ class Runner:
         self.config = config
         self.rc = runner_config
         self.graphdef = graphdef
-        self.params = params if config.scan_layers else unstack_layers(params)
+        self.params = params_for_layer_loop(config, params)
         self.kv_cache = PagedKVCache.zeros(num_layers=config.num_layers, num_pages=runner_config.num_pages,
                                            page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
                                            head_dim=config.head_dim, dtype=jnp.dtype(config.dtype))
