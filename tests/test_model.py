@@ -15,7 +15,7 @@ from jaxinfer.layers import rope_inv_freq
 from jaxinfer.loader import build_model
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.testing import random_weights, tiny_config
+from jaxinfer.testing import numpy_attention, random_weights, tiny_config
 
 
 def _generator(cfg: ModelConfig, seed: int = 0) -> ReferenceGenerator:
@@ -68,22 +68,6 @@ def test_batched_generation_equals_one_by_one():
         assert len(got.token_ids) == sp.max_tokens and got.finish_reason == "length"
 
 
-def _numpy_attention(q, k, v, window=None):
-    """Plain causal GQA attention: q [T, N, H], k/v [T, K, H]."""
-    T, N, H = q.shape
-    G = N // k.shape[1]
-    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
-    s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(H)
-    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    allowed = j <= i
-    if window:
-        allowed &= j > i - window
-    s = np.where(allowed, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("nts,snh->tnh", p, v)
-
-
 @pytest.mark.parametrize("window", [None, 3])
 def test_dense_attention_matches_numpy(window):
     rng = np.random.default_rng(0)
@@ -93,7 +77,7 @@ def test_dense_attention_matches_numpy(window):
                                dtype=jnp.float32)
     meta = DenseAttentionMeta(start_pos=jnp.zeros((1,), jnp.int32))
     out, cache = dense_attend(q, k, v, cache, 1, meta, sliding_window=window)
-    np.testing.assert_allclose(np.asarray(out[0]), _numpy_attention(q[0], k[0], v[0], window), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[0]), numpy_attention(q[0], k[0], v[0], range(T), window), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.k[1, 0, :T]), k[0])
     assert not np.asarray(cache.k[0]).any(), "only the given layer is written"
 

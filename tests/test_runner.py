@@ -34,39 +34,35 @@ def _serve(cfg, graphdef, params, prompts, sampling, *, num_pages, page_size=4, 
     return [r.output_token_ids for r in requests], scheduler
 
 
+def _assert_served_like_reference(cfg, prompts, sampling, *, num_pages) -> Scheduler:
+    """Serves the prompts together; each request's tokens must equal the reference run alone."""
+    graphdef, params = build_model(cfg, random_weights(cfg))
+    ref = ReferenceGenerator(cfg, graphdef, params)
+    got, scheduler = _serve(cfg, graphdef, params, prompts, sampling, num_pages=num_pages)
+    for p, sp, tokens in zip(prompts, sampling, got):
+        assert tokens == ref.generate([p], [sp])[0].token_ids
+    return scheduler
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=False, num_kv_heads=1)])
 def test_mixed_batch_matches_reference_alone(overrides):
     cfg = tiny_config(**overrides)
-    graphdef, params = build_model(cfg, random_weights(cfg))
-    ref = ReferenceGenerator(cfg, graphdef, params)
     rng = np.random.default_rng(0)
     lengths = [1, 3, 4, 5, 12, 21, 2]  # page-1, page, page+1, several pages, > the 16-token budget
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
-    sampling = [SamplingParams(max_tokens=6, temperature=0.0) for _ in prompts]
-    got, _ = _serve(cfg, graphdef, params, prompts, sampling, num_pages=64)
-    for p, sp, tokens in zip(prompts, sampling, got):
-        assert tokens == ref.generate([p], [sp])[0].token_ids
+    _assert_served_like_reference(cfg, prompts, [SamplingParams(max_tokens=6, temperature=0.0)] * len(prompts),
+                                  num_pages=64)
 
 
 def test_preemption_under_a_small_pool_keeps_the_tokens():
     cfg = tiny_config()
-    graphdef, params = build_model(cfg, random_weights(cfg))
-    ref = ReferenceGenerator(cfg, graphdef, params)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (9, 10, 11, 7)]
-    sampling = [SamplingParams(max_tokens=10, temperature=0.0) for _ in prompts]
-    got, scheduler = _serve(cfg, graphdef, params, prompts, sampling, num_pages=12)
+    scheduler = _assert_served_like_reference(
+        cfg, prompts, [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts), num_pages=12)
     assert scheduler.num_preemptions > 0
-    for p, sp, tokens in zip(prompts, sampling, got):
-        assert tokens == ref.generate([p], [sp])[0].token_ids
 
 
 def test_seeded_sampling_matches_the_reference():
-    cfg = tiny_config()
-    graphdef, params = build_model(cfg, random_weights(cfg))
-    ref = ReferenceGenerator(cfg, graphdef, params)
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     sampling = [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in (3, 4)]
-    got, _ = _serve(cfg, graphdef, params, prompts, sampling, num_pages=32)
-    for p, sp, tokens in zip(prompts, sampling, got):
-        assert tokens == ref.generate([p], [sp])[0].token_ids
+    _assert_served_like_reference(tiny_config(), [[5, 6, 7], [8, 9, 10, 11, 12]], sampling, num_pages=32)

@@ -17,6 +17,26 @@ CHAT_TEMPLATE = (
 )
 
 
+def numpy_attention(q, k, v, positions, window: int | None = None) -> np.ndarray:
+    """Plain causal GQA attention in numpy, the oracle for every attention implementation.
+
+    q: [T, N, H] queries at absolute `positions` [T]; k, v: [L, K, H], the sequence's keys and
+    values from position 0. A query at p sees keys 0..p (the last `window` of them, if given).
+    """
+    N, H, K = q.shape[1], q.shape[2], k.shape[1]
+    kk, vv = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)
+    s = np.einsum("tnh,lnh->ntl", q, kk) / np.sqrt(H)
+    j = np.arange(k.shape[0])[None, None, :]
+    pos = np.asarray(positions)[None, :, None]
+    allowed = j <= pos
+    if window:
+        allowed &= j > pos - window
+    s = np.where(allowed, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("ntl,lnh->tnh", w, vv)
+
+
 def byte_level_vocab() -> list[str]:
     """Special tokens, then the 256 single-byte tokens spelled in GPT-2's byte alphabet."""
     from tokenizers import pre_tokenizers

@@ -6,23 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.testing import numpy_attention
 from pallas_kernels.paged_attention_reference import ragged_paged_attention_reference, write_kv
-
-
-def _numpy_attention(q, k, v, positions, window=None):
-    """q [T, N, H] at absolute `positions`; k, v [L, K, H]: the whole sequence."""
-    N, H, K = q.shape[1], q.shape[2], k.shape[1]
-    kk, vv = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)
-    s = np.einsum("tnh,lnh->ntl", q, kk) / np.sqrt(H)
-    j = np.arange(k.shape[0])[None, None, :]
-    p_ = np.asarray(positions)[None, :, None]
-    allowed = j <= p_
-    if window:
-        allowed &= j > p_ - window
-    s = np.where(allowed, s, -np.inf)
-    w = np.exp(s - s.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    return np.einsum("ntl,lnh->tnh", w, vv)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -56,7 +41,7 @@ def test_ragged_batch_of_decode_chunk_and_full_prefill(window):
                                            jnp.asarray(cu), jnp.int32(3), sliding_window=window)
     out = np.asarray(out)
     for s, (n, ql) in enumerate(zip(seq_lens, q_lens)):
-        want = _numpy_attention(qs[s], kv[s], vv[s], range(n - ql, n), window)
+        want = numpy_attention(qs[s], kv[s], vv[s], range(n - ql, n), window)
         np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want, atol=1e-5, rtol=1e-5)
     assert not out[cu[3]:].any(), "padding tokens produce zeros"
 
