@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
 
 
-def _load(args, sample_prompt):
+def _load(args):
     from jaxinfer.llm import LLM
     from jaxinfer.sampling import SamplingParams
 
@@ -40,18 +40,19 @@ def _load(args, sample_prompt):
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)  # validate flags first
     _status(f"loading {args.model} ...")
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
+    # One conversation at a time: a one-sequence engine compiles the fewest step shapes.
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=1, max_num_batched_tokens=256, warmup=False, progress=False)
     t1 = time.perf_counter()
     _status(f"loaded in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, {llm.config.dtype}); "
             "compiling ...")
-    prompt_len = len(sample_prompt(llm)) if sample_prompt else 1
-    llm.warmup(prompt_len=prompt_len, max_tokens=args.max_tokens)
-    _status(f"compiled in {time.perf_counter() - t1:.1f}s; ready")
+    llm.warmup()
+    _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; ready")
     return llm, params
 
 
 def cmd_generate(args) -> int:
-    llm, params = _load(args, lambda llm: llm.get_tokenizer().encode(args.prompt))
+    llm, params = _load(args)
     t0 = time.perf_counter()
     out = llm.generate(args.prompt, params)[0]
     elapsed = time.perf_counter() - t0
@@ -61,17 +62,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _typical_chat_prompt(llm) -> list[int]:
-    """A first turn of typical length, so warm-up compiles the buckets the first answer uses."""
-    tok = llm.get_tokenizer()
-    if not tok.chat_template:
-        return [0] * 32
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hello! Can you help me?"}]),
-                      add_special_tokens=False)
-
-
 def cmd_chat(args) -> int:
-    llm, params = _load(args, _typical_chat_prompt)
+    llm, params = _load(args)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     if args.system:
@@ -95,13 +87,18 @@ def cmd_chat(args) -> int:
             print(f"> {line}")
         history.append({"role": "user", "content": line})
         try:
-            out = llm.chat(history, params)[0].outputs[0]
+            (prompt,) = llm.chat_prompts(history)
+            shown = ""
+            for out in llm.stream(prompt, params):  # print the answer as it is generated
+                text = out.outputs[0].text.lstrip()
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+            print(flush=True)
         except JaxinferError as e:  # e.g. the conversation outgrew the context: say so, keep going
             history.pop()
             _status(f"error: {e}")
             continue
-        print(out.text.strip(), flush=True)
-        history.append({"role": "assistant", "content": out.text.strip()})
+        history.append({"role": "assistant", "content": shown.strip()})
     return 0
 
 

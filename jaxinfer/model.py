@@ -136,6 +136,13 @@ class Transformer(nnx.Module):
         Returns:
           (logits [B, M, V] float32, kv_cache).
         """
+        x, kv_cache = self.forward(tokens, positions, kv_cache, meta, attend)
+        if logits_indices is not None:
+            x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)  # [B, M, D]
+        return self.compute_logits(x), kv_cache
+
+    def forward(self, tokens, positions, kv_cache, meta, attend: Attend):
+        """The decoder blocks: (hidden states [B, T, D] before the final norm, kv_cache)."""
         cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
@@ -155,12 +162,12 @@ class Transformer(nnx.Module):
             for i in range(cfg.num_layers):
                 p = {name: w[i] for name, w in params.items()}
                 (x, kv_cache), _ = body((x, kv_cache), (p, i))
+        return x, kv_cache
 
-        if logits_indices is not None:
-            x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)  # [B, M, D]
+    def compute_logits(self, x):
+        """Hidden states [..., D] from `forward` -> float32 logits [..., V] (final norm, then head)."""
+        cfg = self.cfg
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("BMD,VD->BMV", x, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("BMD,DV->BMV", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, kv_cache
+            return jnp.einsum("...D,VD->...V", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)

@@ -1,4 +1,4 @@
-"""What the offline API returns (the vLLM shapes)."""
+"""What the engine returns (the vLLM shapes)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,66 @@ import dataclasses
 
 
 @dataclasses.dataclass
+class Logprob:
+    """A token's log-probability under the model's raw distribution.
+
+    Attributes:
+      logprob: natural-log probability.
+      rank: 1 for the most likely token (None when unknown).
+      decoded_token: the token's text.
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Times (time.monotonic seconds) and counts of one request."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean time between tokens after the first (None with fewer than two tokens)."""
+        if self.num_generation_tokens < 2 or self.last_token_time is None or self.first_token_time is None:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_generation_tokens - 1)
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclasses.dataclass
 class CompletionOutput:
     """One generated continuation.
 
     Attributes:
-      index: position among the request's outputs (always 0: one output per request).
+      index: which of the request's n samples this is.
       text: generated text, special tokens and stop strings left out as the params say.
       token_ids: generated token ids (including a final EOS / stop token).
-      finish_reason: "stop" (EOS, a stop token or a stop string) or "length".
+      finish_reason: "stop" (EOS, a stop token or a stop string), "length", "abort"; None while
+        generating.
       stop_reason: the stop token id or stop string that ended it; None for EOS or length.
+      logprobs: per generated token, {token id: Logprob} with the sampled token and the top ones
+        (None unless asked for).
     """
 
     index: int
@@ -22,14 +73,26 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A prompt and what was generated for it."""
+    """A prompt and what was generated for it so far (`finished` once all samples are done).
+
+    Attributes:
+      prompt_logprobs: per prompt token, {token id: Logprob} (None for the first token); None
+        unless asked for.
+    """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    metrics: RequestMetrics | None = None

@@ -36,7 +36,7 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams, *,
-                 priority: int = 0, arrival_time: float | None = None):
+                 priority: int = 0, arrival_time: float | None = None, seed: int | None = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -50,6 +50,8 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
+        # The sampling seed: the params' seed, else one the engine draws.
+        self.seed = seed if seed is not None else (sampling_params.seed or 0)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -66,6 +68,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def skip_prefix_cache(self) -> bool:
+        """Prompt logprobs need every prompt token's hidden state: no prefix-cache hits."""
+        return self.sampling_params.prompt_logprobs is not None
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -1,12 +1,20 @@
-"""Runner: a SchedulerOutput -> one padded ragged StepInput -> one jit step -> sampled tokens.
+"""Runner: a SchedulerOutput -> padded device inputs -> jit forward + jit sampler -> tokens.
 
-    SchedulerOutput.chunks  a: 6 tokens @0 | b: 1 token @9 | c: 4 tokens @0     (S = 3 sequences)
-    StepInput.tokens [1, T] a a a a a a b c c c c 0 0 0 0 0                     (T padded to a bucket)
-    slot_mapping     [T]    a's slots ... | padding -> null page 0
-    logits_indices   [1, S] last token of each chunk (only chunks that sample use their token)
+    SchedulerOutput.chunks  a: 6 tokens @0 | b: 1 token @9 | c: 4 tokens @0     (3 sequences)
+    ModelInput.tokens [1, T] a a a a a a b c c c c 0 0 0 0 0                   (T padded to a bucket)
+    slot_mapping      [T]    a's slots ... | padding -> null page 0
+    page_table        [S, W] W = the page-table width bucket covering the longest sequence
+    SamplingInput.logits_indices [S]  last token of each chunk (only chunks that sample use it)
 
-Token and sequence counts are padded to bucket lists, so the compiled graphs are a fixed set;
-the KV cache is donated to the step and updated in place.
+Two step shapes, both compiled at warm-up, none after:
+
+    decode step  every chunk is one token: T = S = a sequence bucket; attention per token.
+    mixed step   prefill chunks (and decodes): T = a token bucket, S = the largest sequence
+                 bucket; attention in query blocks of up to `q_block` rows.
+
+The forward step (donating the KV cache) returns hidden states that stay on the device; a small
+jit sampler turns the sampled rows into tokens (and logprobs), and another gives prompt logprobs
+when a request asks for them. Splitting them keeps the big graph free of sampling options.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from typing import Mapping
+import logging
+import time
+from typing import Iterable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -26,8 +36,20 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model import params_for_layer_loop
 from jaxinfer.paged_attention import PagedAttentionMeta, PagedKVCache, paged_attend
 from jaxinfer.request import Request
-from jaxinfer.sampling import sample, step_keys
+from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
+from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.scheduler import SchedulerOutput
+from pallas_kernels import ops
+
+logger = logging.getLogger(__name__)
+
+
+def default_page_buckets(max_pages_per_seq: int) -> tuple[int, ...]:
+    """Page-table widths: the full width, then quarters of it down to 4 pages."""
+    widths = [max_pages_per_seq]
+    while widths[-1] // 4 >= 4:
+        widths.append(widths[-1] // 4)
+    return tuple(sorted(widths))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,9 +58,13 @@ class RunnerConfig:
       page_size: tokens per KV page.
       num_pages: pages in the device cache (page 0 is the null page).
       max_pages_per_seq: page-table width (max_model_len / page_size, rounded up).
-      token_buckets: padded token counts per step, ascending; the last must cover
+      token_buckets: padded token counts of mixed steps, ascending; the last must cover
         max_num_batched_tokens.
-      seq_buckets: padded sequence counts per step, ascending; the last must cover max_num_seqs.
+      seq_buckets: padded sequence counts, ascending; the last must cover max_num_seqs.
+      page_buckets: page-table widths, ascending, the last max_pages_per_seq; None: quarters
+        (`default_page_buckets`). Attention reads a step's pages up to this width.
+      q_block: most query rows per attention block in mixed steps.
+      attention_backend: `pallas_kernels.ops` backend name.
     """
 
     page_size: int
@@ -46,15 +72,33 @@ class RunnerConfig:
     max_pages_per_seq: int
     token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
     seq_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    page_buckets: tuple[int, ...] | None = None
+    q_block: int = 32
+    attention_backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("token_buckets", "seq_buckets"):
-            b = getattr(self, name)
+        if self.page_buckets is None:
+            object.__setattr__(self, "page_buckets", default_page_buckets(self.max_pages_per_seq))
+        for name in ("token_buckets", "seq_buckets", "page_buckets"):
+            b = tuple(getattr(self, name))
+            object.__setattr__(self, name, b)
             if not b or list(b) != sorted(set(b)) or b[0] <= 0:
                 raise ValueError(f"{name} must be ascending positive integers, got {b}")
+        if self.page_buckets[-1] < self.max_pages_per_seq:
+            raise ValueError(f"the last page bucket {self.page_buckets[-1]} must cover max_pages_per_seq="
+                             f"{self.max_pages_per_seq}")
+        if self.num_pages < 2:
+            raise ValueError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
+        ops.resolve_backend(self.attention_backend)
+
+    def mixed_q_block(self, num_tokens: int) -> int:
+        """Query rows per attention block for a mixed step of `num_tokens`: small steps go per token
+        (each sequence owns a block, so blocks beyond T / S rows would be mostly padding)."""
+        rows = max(1, min(self.q_block, num_tokens // self.seq_buckets[-1]))
+        return 1 << (rows.bit_length() - 1)
 
 
-def _bucket(buckets: tuple[int, ...], n: int, what: str) -> int:
+def _bucket(buckets: Sequence[int], n: int, what: str) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
         raise ValueError(f"{n} {what} exceed the largest bucket {buckets[-1]}; raise the bucket list")
@@ -62,55 +106,144 @@ def _bucket(buckets: tuple[int, ...], n: int, what: str) -> int:
 
 
 @flax.struct.dataclass
-class StepInput:
+class ModelInput:
     tokens: jax.Array  # [1, T] int32
     positions: jax.Array  # [1, T] int32
     meta: PagedAttentionMeta
-    logits_indices: jax.Array  # [1, S] int32
+    logits_indices: jax.Array  # [S] int32: the last token of each chunk (the rows to sample from)
+
+
+@flax.struct.dataclass
+class Penalties:
+    """Per-row token history, present only when some row in the step needs it."""
+
+    seen: jax.Array  # [S, V] bool: in the prompt or the output
+    output_counts: jax.Array  # [S, V] f32
+    repetition: jax.Array  # [S] f32
+    presence: jax.Array  # [S] f32
+    frequency: jax.Array  # [S] f32
+    suppress: jax.Array  # [S, V] bool: may not be sampled yet (min_tokens)
+
+
+@flax.struct.dataclass
+class SamplingInput:
     temperature: jax.Array  # [S] f32
     top_k: jax.Array  # [S] int32
     top_p: jax.Array  # [S] f32
+    min_p: jax.Array  # [S] f32
     seeds: jax.Array  # [S] uint32
     num_generated: jax.Array  # [S] int32
+    penalties: Penalties | None = None
+    num_logprobs: int = flax.struct.field(pytree_node=False, default=0)  # 0 or MAX_LOGPROBS
+
+
+@dataclasses.dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # under the raw distribution, when asked for
+    top_logprobs: list[tuple[int, float]] | None = None  # best first
+
+
+@dataclasses.dataclass
+class PromptLogprob:
+    position: int  # the prompt token this is the log-probability of
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class StepResult:
+    sampled: dict[str, SampledToken]
+    prompt_logprobs: dict[str, list[PromptLogprob]]
+    device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
 
 
 class Runner:
-    """Owns the device KV cache and the jit step."""
+    """Owns the device KV cache and the jit steps.
 
-    def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig):
+    Args:
+      config: the model's config.
+      graphdef, params: the NNX model, split (`jaxinfer.loader.LoadedModel`).
+      runner_config: cache geometry and shape buckets.
+      eos_token_ids: tokens suppressed until a request's min_tokens are generated.
+    """
+
+    def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
+                 *, eos_token_ids: Iterable[int] = ()):
         self.config = config
         self.rc = runner_config
         self.graphdef = graphdef
+        self.eos_token_ids = tuple(eos_token_ids)
         self.params = params_for_layer_loop(config, params)
         self.kv_cache = PagedKVCache.zeros(num_layers=config.num_layers, num_pages=runner_config.num_pages,
                                            page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
                                            head_dim=config.head_dim, dtype=jnp.dtype(config.dtype))
-        self._attend = functools.partial(paged_attend, sliding_window=config.sliding_window)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1,), static_argnames=("q_block",))
+        self._sample = jax.jit(self._sample_fn)
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
 
-    def _step_fn(self, params, kv_cache, batch: StepInput):
+    # ---- the jit functions ----------------------------------------------------------------------
+
+    def _forward_fn(self, params, kv_cache, inp: ModelInput, *, q_block: int):
         model = nnx.merge(self.graphdef, params)
-        logits, kv_cache = model(batch.tokens, batch.positions, kv_cache, batch.meta, self._attend,
-                                 logits_indices=batch.logits_indices)
-        keys = step_keys(batch.seeds, batch.num_generated)
-        return kv_cache, sample(logits[0], batch.temperature, batch.top_k, batch.top_p, keys)
+        attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
+                                   backend=self.rc.attention_backend)
+        hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attend)
+        return hidden[0], hidden[0, inp.logits_indices], kv_cache
 
-    def build_batch(self, out: SchedulerOutput, requests: Mapping[str, Request],
-                    seeds: Mapping[str, int]) -> StepInput:
-        """Packs the scheduled chunks into one padded ragged row (numpy, then device)."""
-        rc, page = self.rc, self.rc.page_size
+    def _sample_fn(self, params, rows, si: SamplingInput):
+        """rows: [S, D] hidden states of the chunks' last tokens."""
+        model = nnx.merge(self.graphdef, params)
+        raw = model.compute_logits(rows)  # [S, V]
+        logits = raw
+        p = si.penalties
+        if p is not None:
+            logits = apply_penalties(raw, p.seen, p.output_counts, p.repetition, p.presence, p.frequency,
+                                     p.suppress)
+        keys = step_keys(si.seeds, si.num_generated)
+        tokens = sample(logits, si.temperature, si.top_k, si.top_p, keys, si.min_p)
+        if not si.num_logprobs:
+            return tokens, None
+        return tokens, logprobs(raw, tokens, si.num_logprobs)
+
+    def _prompt_logprobs_fn(self, params, hidden, rows, targets):
+        model = nnx.merge(self.graphdef, params)
+        return logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
+
+    # ---- shapes -------------------------------------------------------------------------------
+
+    def step_shape(self, out: SchedulerOutput) -> tuple[int, int, int, int]:
+        """(T, S, page-table width, q_block) of the step that runs `out`."""
+        rc = self.rc
         num_tokens = sum(len(c.token_ids) for c in out.chunks)
+        width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
+        if num_tokens == len(out.chunks):  # all decodes
+            S = _bucket(rc.seq_buckets, num_tokens, "sequences")
+            return S, S, width, 1
+        _bucket(rc.seq_buckets, len(out.chunks), "sequences")
         T = _bucket(rc.token_buckets, num_tokens, "tokens")
-        S = _bucket(rc.seq_buckets, len(out.chunks), "sequences")
+        return T, rc.seq_buckets[-1], width, rc.mixed_q_block(T)
+
+    def all_step_shapes(self) -> list[tuple[int, int, int, int]]:
+        rc = self.rc
+        shapes = [(S, S, W, 1) for S in rc.seq_buckets for W in rc.page_buckets]
+        shapes += [(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T)) for T in rc.token_buckets
+                   for W in rc.page_buckets]
+        return shapes
+
+    # ---- building inputs ----------------------------------------------------------------------
+
+    def build_model_input(self, out: SchedulerOutput, shape) -> ModelInput:
+        """Packs the scheduled chunks into one padded ragged row (numpy; moved by jit)."""
+        T, S, W, _ = shape
+        page = self.rc.page_size
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slots = np.zeros(T, np.int32)  # padding writes into the null page
-        page_table = np.zeros((S, rc.max_pages_per_seq), np.int32)
+        page_table = np.zeros((S, W), np.int32)
         kv_lens = np.zeros(S, np.int32)
         cu = np.zeros(S + 1, np.int32)
-        logits_indices = np.zeros(S, np.int32)
-        temperature, top_p = np.zeros(S, np.float32), np.ones(S, np.float32)
-        top_k, seed_arr, num_generated = np.zeros(S, np.int32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
         t = 0
         for s, chunk in enumerate(out.chunks):
             n, start = len(chunk.token_ids), chunk.start_pos
@@ -121,28 +254,153 @@ class Runner:
             slots[t:t + n] = blocks[pos // page] * page + pos % page
             page_table[s, :len(blocks)] = blocks
             kv_lens[s] = start + n
-            cu[s + 1] = t + n
-            logits_indices[s] = t + n - 1
-            request = requests[chunk.request_id]
-            p = request.sampling_params
-            temperature[s], top_p[s], top_k[s] = p.temperature, p.top_p, p.top_k
-            seed = p.seed if p.seed is not None else seeds[chunk.request_id]
-            seed_arr[s] = seed % (1 << 32)
-            num_generated[s] = len(request.output_token_ids)
             t += n
+            cu[s + 1] = t
         cu[len(out.chunks) + 1:] = t
         meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
                                   num_seqs=np.int32(len(out.chunks)))
-        return StepInput(tokens=tokens[None], positions=positions[None], meta=meta,
-                         logits_indices=logits_indices[None], temperature=temperature, top_k=top_k, top_p=top_p,
-                         seeds=seed_arr, num_generated=num_generated)
+        logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
+        return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta, logits_indices=logits_indices)
 
-    def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
-                seeds: Mapping[str, int]) -> dict[str, int]:
-        """Runs one step; returns the sampled token of every chunk that samples."""
+    def build_sampling_input(self, out: SchedulerOutput, requests: Mapping[str, Request], S: int) -> SamplingInput:
+        V = self.config.vocab_size
+        temperature, top_p, min_p = np.zeros(S, np.float32), np.ones(S, np.float32), np.zeros(S, np.float32)
+        top_k, seeds, num_generated = np.zeros(S, np.int32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
+        needs_history = []
+        want_logprobs = False
+        for s, chunk in enumerate(out.chunks):
+            if not chunk.samples:
+                continue
+            request = requests[chunk.request_id]
+            p = request.sampling_params
+            temperature[s], top_p[s], top_k[s], min_p[s] = p.temperature, p.top_p, p.top_k, p.min_p
+            seeds[s] = request.seed % (1 << 32)
+            num_generated[s] = len(request.output_token_ids)
+            want_logprobs |= p.logprobs is not None
+            if p.needs_penalties or len(request.output_token_ids) < p.min_tokens:
+                needs_history.append((s, request))
+        penalties = None
+        if needs_history:
+            seen = np.zeros((S, V), bool)
+            counts = np.zeros((S, V), np.float32)
+            suppress = np.zeros((S, V), bool)
+            rep, pres, freq = np.ones(S, np.float32), np.zeros(S, np.float32), np.zeros(S, np.float32)
+            for s, request in needs_history:
+                p = request.sampling_params
+                rep[s], pres[s], freq[s] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+                seen[s, request.all_token_ids] = True
+                counts[s] = np.bincount(request.output_token_ids, minlength=V)[:V]
+                if len(request.output_token_ids) < p.min_tokens:
+                    stoppers = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                    suppress[s, [i for i in stoppers if i < V]] = True
+            penalties = Penalties(seen=seen, output_counts=counts, repetition=rep, presence=pres, frequency=freq,
+                                  suppress=suppress)
+        return SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, seeds=seeds, num_generated=num_generated, penalties=penalties,
+                             num_logprobs=MAX_LOGPROBS if want_logprobs else 0)
+
+    def _prompt_logprob_rows(self, out: SchedulerOutput, requests: Mapping[str, Request]):
+        """(request id, position) pairs and their hidden-state rows for prompt logprobs."""
+        rows, targets, owners = [], [], []
+        t = 0
+        for chunk in out.chunks:
+            request = requests[chunk.request_id]
+            if request.sampling_params.prompt_logprobs is not None:
+                for i in range(len(chunk.token_ids)):
+                    pos = chunk.start_pos + i  # row i predicts the token at pos + 1
+                    if pos + 1 < request.num_prompt_tokens:
+                        rows.append(t + i)
+                        targets.append(request.prompt_token_ids[pos + 1])
+                        owners.append((chunk.request_id, pos + 1))
+            t += len(chunk.token_ids)
+        return rows, targets, owners
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def execute(self, out: SchedulerOutput, requests: Mapping[str, Request]) -> StepResult:
+        """Runs one step: the sampled token of every chunk that samples (and logprobs)."""
         if out.is_empty:
-            return {}
-        batch = self.build_batch(out, requests, seeds)
-        self.kv_cache, tokens = self._step(self.params, self.kv_cache, batch)
+            return StepResult({}, {})
+        shape = self.step_shape(out)
+        model_input = self.build_model_input(out, shape)
+        sampling_input = self.build_sampling_input(out, requests, shape[1])
+        hidden, rows, self.kv_cache = self._forward(self.params, self.kv_cache, model_input, q_block=shape[3])
+        tokens, lps = self._sample(self.params, rows, sampling_input)
+        rows, targets, owners = self._prompt_logprob_rows(out, requests)
+        prompt_lps = None
+        if rows:
+            R = _bucket(self.rc.token_buckets, len(rows), "prompt-logprob rows")
+            pad = (0, R - len(rows))
+            prompt_lps = self._prompt_logprobs(self.params, hidden, np.pad(np.asarray(rows, np.int32), pad),
+                                               np.pad(np.asarray(targets, np.int32), pad))
+        start = time.perf_counter()
         tokens = np.asarray(tokens)
-        return {c.request_id: int(tokens[s]) for s, c in enumerate(out.chunks) if c.samples}
+        if lps is not None:
+            lps = [np.asarray(a) for a in lps]
+        if prompt_lps is not None:
+            prompt_lps = [np.asarray(a) for a in prompt_lps]
+        device_seconds = time.perf_counter() - start
+
+        sampled = {}
+        for s, chunk in enumerate(out.chunks):
+            if not chunk.samples:
+                continue
+            result = SampledToken(int(tokens[s]))
+            n = requests[chunk.request_id].sampling_params.logprobs
+            if n is not None:
+                result.logprob = float(lps[0][s])
+                result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, :n], lps[2][s, :n])]
+            sampled[chunk.request_id] = result
+        prompt = {}
+        for r, ((rid, pos), target) in enumerate(zip(owners, targets)):
+            n = requests[rid].sampling_params.prompt_logprobs
+            prompt.setdefault(rid, []).append(PromptLogprob(
+                pos, target, float(prompt_lps[0][r]),
+                [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
+        return StepResult(sampled, prompt, device_seconds)
+
+    def warmup(self, progress: bool = False) -> int:
+        """Compiles every step shape and sampler variant; returns how many graphs were run."""
+        rc = self.rc
+        shapes = self.all_step_shapes()
+        it = shapes
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(shapes, desc="Compiling steps", unit="shape")
+        count = 0
+        hidden, sample_rows = {}, {}
+        for T, S, W, q_block in it:
+            inp = ModelInput(tokens=np.zeros((1, T), np.int32), positions=np.zeros((1, T), np.int32),
+                             meta=PagedAttentionMeta(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
+                                                     page_table=np.zeros((S, W), np.int32),
+                                                     cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.int32(0)),
+                             logits_indices=np.zeros(S, np.int32))
+            hidden[T], rows, self.kv_cache = self._forward(self.params, self.kv_cache, inp, q_block=q_block)
+            sample_rows[S] = rows
+            count += 1
+        V = self.config.vocab_size
+        for S in rc.seq_buckets:
+            h = sample_rows[S]
+            for with_penalties in (False, True):
+                for num_logprobs in (0, MAX_LOGPROBS):
+                    pen = None
+                    if with_penalties:
+                        pen = Penalties(seen=np.zeros((S, V), bool), output_counts=np.zeros((S, V), np.float32),
+                                        repetition=np.ones(S, np.float32), presence=np.zeros(S, np.float32),
+                                        frequency=np.zeros(S, np.float32), suppress=np.zeros((S, V), bool))
+                    si = SamplingInput(temperature=np.ones(S, np.float32),
+                                       top_k=np.zeros(S, np.int32), top_p=np.ones(S, np.float32),
+                                       min_p=np.zeros(S, np.float32), seeds=np.zeros(S, np.uint32),
+                                       num_generated=np.zeros(S, np.int32), penalties=pen,
+                                       num_logprobs=num_logprobs)
+                    jax.block_until_ready(self._sample(self.params, h, si))
+                    count += 1
+        for T in rc.token_buckets:
+            for R in rc.token_buckets:
+                if R <= T:
+                    jax.block_until_ready(self._prompt_logprobs(self.params, hidden[T], np.zeros(R, np.int32),
+                                                                np.zeros(R, np.int32)))
+                    count += 1
+        jax.block_until_ready(self.kv_cache)
+        return count

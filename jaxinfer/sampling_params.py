@@ -11,29 +11,49 @@ import math
 
 from jaxinfer.errors import InvalidSamplingParamsError
 
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick tokens for one request (the vLLM names and meanings).
 
     Attributes:
+      n: number of parallel samples for the prompt (they share the prompt's KV pages).
       max_tokens: most new tokens to generate (> 0).
+      min_tokens: generate at least this many tokens before EOS or a stop token may end it.
       temperature: 0 is greedy; higher flattens the distribution (>= 0).
       top_p: nucleus sampling: keep the smallest set of tokens whose probability sums to top_p,
         in (0, 1]; 1 disables it.
       top_k: keep only the k most likely tokens; 0 or -1 disables it.
-      seed: per-request random seed for reproducible sampling; None draws one.
+      min_p: keep only tokens at least min_p times as likely as the most likely one; 0 disables it.
+      repetition_penalty: > 1 discourages tokens already in the prompt or output (1 disables it).
+      presence_penalty: in [-2, 2]; subtracted once from the logit of every generated token.
+      frequency_penalty: in [-2, 2]; subtracted per occurrence of every generated token.
+      seed: per-request random seed for reproducible sampling; None draws one. Sample i of n > 1
+        uses seed + i.
+      logprobs: return the sampled token's log-probability and this many top alternatives
+        (None: no logprobs; 0: the sampled token's only). At most MAX_LOGPROBS.
+      prompt_logprobs: the same for every prompt token after the first (None: no).
       stop: strings that end generation; the returned text stops before them.
       stop_token_ids: extra token ids that end generation (kept in token_ids, not in text).
       ignore_eos: keep generating past the model's end-of-sequence tokens.
       skip_special_tokens: leave control tokens out of the returned text.
     """
 
+    n: int = 1
     max_tokens: int = 16
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     stop: tuple[str, ...] | list[str] | str | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
@@ -43,8 +63,30 @@ class SamplingParams:
         def bad(msg):
             raise InvalidSamplingParamsError(msg)
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not is_int(self.n) or self.n <= 0:
+            bad(f"n must be a positive integer, got {self.n!r}")
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_num(value) or not -2 <= value <= 2:
+                bad(f"{name} must be in [-2, 2] (0 disables it), got {value!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                bad(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
@@ -70,3 +112,8 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        """Whether sampling needs the per-token history (penalties) on the device."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

@@ -24,10 +24,21 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The bundled default model behind the offline API (float32, scanned layers)."""
+    """The bundled default model behind the offline API (float32, scanned layers). A 128-token
+    step budget makes longer prompts run in chunks; shapes compile on first use."""
     from jaxinfer import LLM
 
-    return LLM("smollm2-135m", dtype="float32", scan_layers=True, progress=False)
+    return LLM("smollm2-135m", dtype="float32", scan_layers=True, progress=False, warmup=False,
+               max_num_batched_tokens=128)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2):
+    """The reference generator (dense cache, static batch) on the same weights as `smollm2`."""
+    from jaxinfer.reference import ReferenceGenerator
+
+    runner = smollm2.engine.runner
+    return ReferenceGenerator(smollm2.config, runner.graphdef, runner.params)
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,11 @@ def test_fixture_covers_raw_and_chat_prompts(hf_reference):
     assert all(len(p["greedy_token_ids"]) == 32 for p in meta["prompts"])
 
 
-def test_logits_match_hf_at_every_prompt_position(smollm2, hf_reference):
+def test_logits_match_hf_at_every_prompt_position(smollm2, smollm2_reference, hf_reference):
     meta, arrays = hf_reference
     columns = arrays["columns"]
     for i, prompt in enumerate(meta["prompts"]):
-        logits = smollm2._generator.logits(prompt["prompt_token_ids"])  # [T, V]
+        logits = smollm2_reference.logits(prompt["prompt_token_ids"])  # [T, V]
         assert logits.shape == (len(prompt["prompt_token_ids"]), smollm2.config.vocab_size)
         sampled = np.abs(logits[:, columns] - arrays[f"p{i}_sampled"]).max()
         top = np.abs(np.take_along_axis(logits, arrays[f"p{i}_top_ids"], -1) - arrays[f"p{i}_top_values"]).max()
@@ -35,6 +35,21 @@ def test_logits_match_hf_at_every_prompt_position(smollm2, hf_reference):
         assert lse <= LOGIT_TOLERANCE, (i, lse)
         # HF's top-16 ordering is ours too (ties aside: require the argmax to agree).
         assert logits.argmax(-1).tolist() == arrays[f"p{i}_top_ids"][:, 0].tolist()
+
+
+def test_engine_prompt_logprobs_match_hf(smollm2, hf_reference):
+    """The paged engine's log-probabilities (prompt_logprobs, top 16) against HF's logits."""
+    meta, arrays = hf_reference
+    prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in meta["prompts"]]
+    outs = smollm2.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=16))
+    for i, (out, prompt) in enumerate(zip(outs, meta["prompts"])):
+        hf_logprobs = arrays[f"p{i}_top_values"] - arrays[f"p{i}_logsumexp"][:, None]  # [T, 16]
+        for pos in range(1, len(prompt["prompt_token_ids"])):
+            entry = out.prompt_logprobs[pos]  # predicted at position pos - 1
+            ids = arrays[f"p{i}_top_ids"][pos - 1]
+            got = np.array([entry[int(t)].logprob if int(t) in entry else np.nan for t in ids])
+            assert np.nanmax(np.abs(got - hf_logprobs[pos - 1])) <= LOGIT_TOLERANCE, (i, pos)
+            assert np.isnan(got).sum() <= 1  # ties at the 16th place aside, the same top 16
 
 
 def test_greedy_continuations_match_hf_in_one_batch(smollm2, hf_reference):

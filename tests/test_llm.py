@@ -57,9 +57,15 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed(smollm2):
 
 
 def test_context_end_finishes_with_length(smollm2):
-    from jaxinfer.reference import ReferenceGenerator
+    from jaxinfer.engine import EngineConfig, LLMEngine
 
-    gen = smollm2._generator
-    short = ReferenceGenerator(smollm2.config, gen.graphdef, gen.params, max_model_len=12)
-    out = short.generate([list(range(100, 110))], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)])[0]
+    runner = smollm2.engine.runner
+    engine = LLMEngine(smollm2.config, runner.graphdef, runner.params, smollm2.get_tokenizer(),
+                       EngineConfig(max_model_len=12, max_num_seqs=1, max_num_batched_tokens=16,
+                                    compilation_cache_dir=""))
+    engine.add_request("x", list(range(100, 110)), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    out = outs[-1].outputs[0]
     assert len(out.token_ids) == 2 and out.finish_reason == "length"

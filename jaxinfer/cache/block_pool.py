@@ -111,6 +111,11 @@ class BlockPool:
         return self.free_queue.num_free_blocks
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Pages registered in the prefix cache (held or free)."""
+        return len(self.cached)
+
+    @property
     def usage(self) -> float:
         """Fraction of usable pages held by requests."""
         return 1.0 - self.num_free_blocks / (self.num_blocks - 1)

@@ -87,7 +87,8 @@ class KVCacheManager:
         The last prompt token is always left to compute (its logits start the generation), so a
         prompt that is entirely cached still runs one token.
         """
-        if not self.enable_prefix_caching or request.num_computed_tokens:
+        skip = getattr(request, "skip_prefix_cache", False)  # e.g. prompt logprobs need every token computed
+        if not self.enable_prefix_caching or request.num_computed_tokens or skip:
             return [], 0
         num_tokens = len(request.all_token_ids)
         max_pages = (num_tokens - 1) // self.page_size

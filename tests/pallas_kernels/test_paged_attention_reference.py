@@ -10,8 +10,9 @@ from jaxinfer.testing import numpy_attention
 from pallas_kernels.paged_attention_reference import ragged_paged_attention_reference, write_kv
 
 
+@pytest.mark.parametrize("q_block", [1, 4])
 @pytest.mark.parametrize("window", [None, 5])
-def test_ragged_batch_of_decode_chunk_and_full_prefill(window):
+def test_ragged_batch_of_decode_chunk_and_full_prefill(window, q_block):
     rng = np.random.default_rng(0)
     N, K, H, page, P, max_pages = 4, 2, 8, 4, 32, 6
     seq_lens = [9, 17, 6]  # total tokens in the cache after this step
@@ -38,7 +39,8 @@ def test_ragged_batch_of_decode_chunk_and_full_prefill(window):
     q[: cu[3]] = np.concatenate(qs)
     out = ragged_paged_attention_reference(jnp.asarray(q), k_pages, v_pages,
                                            jnp.asarray(seq_lens + [0], jnp.int32), jnp.asarray(page_table),
-                                           jnp.asarray(cu), jnp.int32(3), sliding_window=window)
+                                           jnp.asarray(cu), jnp.int32(3), sliding_window=window,
+                                           q_block=q_block)
     out = np.asarray(out)
     for s, (n, ql) in enumerate(zip(seq_lens, q_lens)):
         want = numpy_attention(qs[s], kv[s], vv[s], range(n - ql, n), window)
@@ -54,3 +56,21 @@ def test_write_kv_puts_tokens_in_their_slots():
     np.testing.assert_array_equal(new_k[2, 1, 0], [0, 1])  # slot 5 = page 2, offset 1
     np.testing.assert_array_equal(new_k[1, 0, 0], [2, 3])  # slot 2 = page 1, offset 0
     assert not new_k[1, 1].any() and not new_k[0, 1].any()
+
+
+def test_stacked_cache_read_and_written_at_a_layer():
+    """With `layer`, write and read address one layer of an [L, ...] cache and leave the others."""
+    rng = np.random.default_rng(2)
+    L, P, page, K, H, N = 3, 8, 4, 1, 8, 2
+    k = jnp.asarray(rng.standard_normal((6, K, H)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((6, K, H)), jnp.float32)
+    slots = jnp.asarray([4 * 5 + i for i in range(4)] + [4 * 2, 4 * 2 + 1], jnp.int32)  # pages 5, 2
+    zeros = jnp.zeros((L, P, page, K, H))
+    kc, vc = write_kv(zeros, zeros, k, v, slots, layer=1)
+    assert not np.asarray(kc)[[0, 2]].any()
+    q = jnp.asarray(rng.standard_normal((8, N, H)), jnp.float32)
+    args = (jnp.asarray([6], jnp.int32), jnp.asarray([[5, 2]], jnp.int32), jnp.asarray([0, 6], jnp.int32),
+            jnp.int32(1))
+    got = ragged_paged_attention_reference(q, kc, vc, *args, layer=1, q_block=4)
+    want = numpy_attention(np.asarray(q[:6]), np.asarray(k), np.asarray(v), range(6))
+    np.testing.assert_allclose(np.asarray(got[:6]), want, atol=1e-5, rtol=1e-5)

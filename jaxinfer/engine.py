@@ -1,0 +1,430 @@
+"""LLMEngine: requests in, RequestOutputs out, one scheduler step at a time.
+
+    add_request(id, prompt ids, params)          validate -> n child Requests -> Scheduler.waiting
+    step()                                       Scheduler.schedule -> Runner.execute (device)
+                                                 -> Scheduler.update (stop tokens, lengths)
+                                                 -> detokenize, stop strings -> RequestOutputs
+    abort(id)                                    frees everything the request holds
+
+A request with n > 1 samples becomes n child requests with seeds seed, seed + 1, ... The first
+child runs alone until its prompt is computed; the others are admitted then and find the prompt's
+full pages in the prefix cache, so the prompt is computed once and its pages are shared.
+
+The engine is single-threaded; `jaxinfer.async_engine.AsyncEngine` runs it on a background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.cache import KVCacheManager
+from jaxinfer.config import ModelConfig
+from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxinfer.paged_attention import PagedKVCache
+from jaxinfer.request import Request, RequestStatus
+from jaxinfer.runner import Runner, RunnerConfig, StepResult
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = {"cpu": 16, "gpu": 16, "tpu": 64}
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # XLA:CPU reports no memory limit: 1 GiB unless told
+DEFAULT_MEMORY_FRACTION = 0.9  # of the accelerator memory left free after the weights
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return tuple(out + [hi])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How the engine uses the device.
+
+    Attributes:
+      max_model_len: context limit in tokens (None: the model's own).
+      max_num_seqs: most requests running at once.
+      max_num_batched_tokens: most tokens computed per step (prefill chunks are cut to fit).
+      page_size: tokens per KV page (None: 16 on CPU/GPU, 64 on TPU).
+      kv_cache_memory: bytes for the KV cache (None: `memory_fraction` of the free accelerator
+        memory; 1 GiB on CPU).
+      memory_fraction: share of the free accelerator memory given to the KV cache.
+      num_pages: an exact page count (overrides the memory budget; for tests).
+      enable_prefix_caching: reuse computed prompt pages across requests.
+      policy: "fcfs" or "priority".
+      token_buckets, seq_buckets, page_buckets: step shapes (None: powers of two up to the limits).
+      q_block: query rows per attention block in prefill steps.
+      attention_backend: `pallas_kernels.ops` backend.
+      compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
+        JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
+      seed: seeds requests that set none.
+    """
+
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    page_size: int | None = None
+    kv_cache_memory: int | None = None
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    num_pages: int | None = None
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"
+    token_buckets: tuple[int, ...] | None = None
+    seq_buckets: tuple[int, ...] | None = None
+    page_buckets: tuple[int, ...] | None = None
+    q_block: int = 32
+    attention_backend: str = "auto"
+    compilation_cache_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(msg):
+            raise InvalidRequestError(msg)
+
+        if self.max_num_seqs <= 0:
+            bad(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            bad(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}): every running request needs a token per step")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            bad(f"max_model_len must be at least 2 tokens, got {self.max_model_len}")
+        if self.page_size is not None and self.page_size <= 0:
+            bad(f"page_size must be positive, got {self.page_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            bad(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if not 0 < self.memory_fraction <= 1:
+            bad(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.policy not in ("fcfs", "priority"):
+            bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `path` (see EngineConfig.compilation_cache_dir)."""
+    if path is None:
+        path = os.environ.get("JAXINFER_COMPILATION_CACHE",
+                              os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
+    if not path:
+        return None
+    if jax.config.jax_compilation_cache_dir is None:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return jax.config.jax_compilation_cache_dir
+
+
+def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
+    """Bytes for the KV cache: the configured amount, or a share of the device's free memory."""
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free * config.memory_fraction)
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One of a request's n samples: its scheduler request and its text so far."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    held: list[Request] = dataclasses.field(default_factory=list)  # n > 1: wait for sample 0's prompt
+    prompt_logprobs: dict[int, dict[int, Logprob]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache.
+
+    Args:
+      config: the model's config.
+      graphdef, params: the NNX model, split.
+      tokenizer: the model's tokenizer (detokenization, EOS ids).
+      engine_config: limits and cache geometry.
+      warmup: compile every step shape now (else on first use).
+    """
+
+    def __init__(self, config: ModelConfig, graphdef, params, tokenizer: Tokenizer,
+                 engine_config: EngineConfig = EngineConfig(), *, warmup: bool = False):
+        ec = engine_config
+        self.config = config
+        self.engine_config = ec
+        self.tokenizer = tokenizer
+        self.max_model_len = min(ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.compilation_cache_dir = enable_compilation_cache(ec.compilation_cache_dir)
+        device = jax.devices()[0]
+        page_size = ec.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
+        max_pages_per_seq = -(-self.max_model_len // page_size)
+        page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
+                                                 num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                                                 dtype=jnp.dtype(config.dtype))
+        if ec.num_pages is not None:
+            num_pages = ec.num_pages
+        else:
+            budget = kv_cache_budget(ec, device)
+            num_pages = budget // page_bytes
+            if num_pages < max_pages_per_seq + 1:
+                raise InvalidRequestError(
+                    f"a KV-cache budget of {budget / 2**20:.0f} MiB holds {num_pages} pages of {page_size} tokens "
+                    f"({page_bytes / 2**10:.0f} KiB each), fewer than one {self.max_model_len}-token sequence needs "
+                    f"({max_pages_per_seq + 1}); raise kv_cache_memory or lower max_model_len")
+        if num_pages < 2:
+            raise InvalidRequestError(f"num_pages must be at least 2 (page 0 is reserved), got {num_pages}")
+        logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB on %s", num_pages - 1, page_size,
+                    (num_pages - 1) * page_size, num_pages * page_bytes / 2**20, device.platform)
+        self.num_pages, self.page_size = num_pages, page_size
+
+        max_tokens = ec.max_num_batched_tokens
+        rc = RunnerConfig(page_size=page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+                          token_buckets=ec.token_buckets or _pow2_buckets(min(16, max_tokens), max_tokens),
+                          seq_buckets=ec.seq_buckets or _pow2_buckets(1, ec.max_num_seqs),
+                          page_buckets=ec.page_buckets, q_block=ec.q_block, attention_backend=ec.attention_backend)
+        if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < ec.max_num_seqs:
+            raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
+                                      f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
+                                      f"max_num_seqs ({ec.max_num_seqs})")
+        self.kv_manager = KVCacheManager(num_blocks=num_pages, page_size=page_size,
+                                         enable_prefix_caching=ec.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
+                            max_model_len=self.max_model_len, policy=ec.policy),
+            self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
+        self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids)
+        self._states: dict[str, _RequestState] = {}
+        self._sample_owner: dict[str, tuple[_RequestState, int]] = {}  # child request id -> (state, index)
+        self._rng = random.Random(ec.seed)
+        self._ids = itertools.count()
+        self.counters = dict(steps=0, prompt_tokens=0, generation_tokens=0, computed_tokens=0, finished=0,
+                             aborted=0, host_seconds=0.0, device_seconds=0.0, warmup_graphs=0)
+        if warmup:
+            self.warmup()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compiles every step shape, so no request waits for a compile."""
+        start = time.perf_counter()
+        self.counters["warmup_graphs"] = self.runner.warmup(progress=progress)
+        logger.info("warm-up: %d graphs in %.1f s", self.counters["warmup_graphs"], time.perf_counter() - start)
+
+    def validate_prompt(self, prompt_token_ids: Sequence[int], where: str = "prompt") -> list[int]:
+        """The prompt as a list of ints, or a typed error saying what to change."""
+        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in prompt_token_ids):
+            raise InvalidRequestError(f"{where}: prompt_token_ids must be a list of integers")
+        if not prompt_token_ids:
+            raise EmptyPromptError(f"{where} is empty; give at least one token of prompt")
+        bad = [i for i in prompt_token_ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{where}: token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"{where} has {len(prompt_token_ids)} tokens but the context window is {self.max_model_len}; "
+                f"shorten it to at most {self.max_model_len - 1} tokens (or raise max_model_len, up to "
+                f"{self.config.max_position_embeddings})")
+        return list(prompt_token_ids)
+
+    def add_request(self, request_id: str | None, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                    prompt: str | None = None, priority: int = 0, arrival_time: float | None = None) -> str:
+        """Queues a request; returns its id. Raises a typed error (and queues nothing) on bad input."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        ids = self.validate_prompt(prompt_token_ids)
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        samples = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            request = Request(child_id, ids, params, priority=priority, arrival_time=arrival, seed=seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                                           stop=params.stop)
+            samples.append(_Sample(request, detok, [] if params.logprobs is not None else None))
+        state = _RequestState(request_id, prompt, ids, params, samples,
+                              RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(ids)),
+                              prompt_logprobs={} if params.prompt_logprobs is not None else None)
+        self._states[request_id] = state
+        for i, s in enumerate(samples):
+            self._sample_owner[s.request.request_id] = (state, i)
+        self.scheduler.add_request(samples[0].request)
+        state.held = [s.request for s in samples[1:]]
+        self.counters["prompt_tokens"] += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request (all its samples) and frees its pages.
+
+        Returns its final output (unfinished samples with finish_reason "abort"), or None if the
+        id is unknown or already finished.
+        """
+        state = self._states.get(request_id)
+        if state is None:
+            return None
+        state.held = []
+        for s in state.samples:
+            self.scheduler.abort(s.request.request_id)
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        state.metrics.finished_time = time.monotonic()
+        self._retire(state)
+        self.counters["aborted"] += 1
+        return self._output(state)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._states)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns an output for every request that made progress."""
+        start = time.perf_counter()
+        self._release_held()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            if self.scheduler.has_unfinished_requests():
+                raise RuntimeError("the scheduler could not place any request; the KV cache is too small for "
+                                   "the smallest waiting request")
+            return []
+        now = time.monotonic()
+        for chunk in out.chunks:
+            state, _ = self._sample_owner[chunk.request_id]
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+        result: StepResult = self.runner.execute(out, self.scheduler.requests)
+        finished = {r.request_id: r for r in
+                    self.scheduler.update(out, {rid: s.token_id for rid, s in result.sampled.items()})}
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        for rid, lps in result.prompt_logprobs.items():
+            state, _ = self._sample_owner[rid]
+            for p in lps:
+                state.prompt_logprobs[p.position] = self._logprob_dict(p.token_id, p.logprob, p.top_logprobs)
+        for rid, sampled in result.sampled.items():
+            owner = self._sample_owner.get(rid)
+            if owner is None:
+                continue
+            state, index = owner
+            sample = state.samples[index]
+            request = sample.request
+            if sample.finish_reason is not None:
+                continue
+            if rid not in finished and request.status is not RequestStatus.RUNNING:
+                continue
+            touched[state.request_id] = state
+            state.metrics.first_token_time = state.metrics.first_token_time or now
+            state.metrics.last_token_time = now
+            state.metrics.num_generation_tokens += 1
+            self.counters["generation_tokens"] += 1
+            if sample.logprobs is not None:
+                sample.logprobs.append(self._logprob_dict(sampled.token_id, sampled.logprob, sampled.top_logprobs))
+            stop_string = sample.detok.add_token(sampled.token_id)
+            if rid in finished:
+                sample.finish_reason = "stop" if request.status is RequestStatus.FINISHED_STOPPED else "length"
+                sample.detok.flush()
+            elif stop_string is not None:
+                self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED, stop_string)
+                sample.finish_reason = "stop"
+        self.counters["steps"] += 1
+        self.counters["computed_tokens"] += out.num_scheduled_tokens
+        self.counters["device_seconds"] += result.device_seconds
+        self.counters["host_seconds"] += time.perf_counter() - start - result.device_seconds
+        outputs = [self._output(state) for state in touched.values()]
+        for state in touched.values():
+            if state.finished:
+                state.metrics.finished_time = now
+                self.counters["finished"] += 1
+                self._retire(state)
+        return outputs
+
+    def _release_held(self) -> None:
+        """Admits the other samples of n > 1 requests once sample 0's prompt is computed."""
+        for state in self._states.values():
+            if state.held:
+                first = state.samples[0].request
+                if first.num_computed_tokens >= first.num_prompt_tokens - 1 or first.is_finished:
+                    for request in state.held:
+                        self.scheduler.add_request(request)
+                    state.held = []
+
+    def _retire(self, state: _RequestState) -> None:
+        self._states.pop(state.request_id, None)
+        for s in state.samples:
+            self._sample_owner.pop(s.request.request_id, None)
+
+    def _logprob_dict(self, token_id, logprob, top) -> dict[int, Logprob]:
+        d = {int(i): Logprob(lp, rank + 1, self.tokenizer.decode([int(i)], skip_special_tokens=False))
+             for rank, (i, lp) in enumerate(top or [])}
+        if token_id not in d:
+            rank = None
+            d[token_id] = Logprob(logprob, rank, self.tokenizer.decode([token_id], skip_special_tokens=False))
+        return d
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        m = state.metrics
+        if state.samples[0].request.num_cached_tokens > 0:
+            m.num_cached_tokens = state.samples[0].request.num_cached_tokens
+        completions = []
+        for i, s in enumerate(state.samples):
+            r = s.request
+            completions.append(CompletionOutput(
+                index=i, text=s.detok.visible_text(s.finish_reason is not None), token_ids=list(r.output_token_ids),
+                finish_reason=s.finish_reason, stop_reason=r.stop_reason,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None))
+        prompt_lps = None
+        if state.prompt_logprobs is not None:
+            prompt_lps = [None] + [state.prompt_logprobs.get(p) for p in range(1, len(state.prompt_token_ids))]
+        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
+                             prompt_token_ids=list(state.prompt_token_ids), outputs=completions,
+                             finished=state.finished, prompt_logprobs=prompt_lps, metrics=dataclasses.replace(m))
+
+    # ---- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """Running/waiting counts, KV pages, prefix-cache hit rate, preemptions and totals."""
+        s = self.scheduler.stats()
+        total = self.num_pages - 1
+        s.update(kv_pages_total=total, kv_pages_used=total - self.kv_manager.num_free_blocks,
+                 kv_pages_cached=self.kv_manager.pool.num_cached_blocks,
+                 prefix_cache_hit_tokens=self.kv_manager.prefix_cache_hits,
+                 prefix_cache_query_tokens=self.kv_manager.prefix_cache_queries,
+                 num_unfinished=len(self._states), **self.counters)
+        return s

@@ -1,0 +1,293 @@
+"""The engine on a tiny random model: batch invariance against the reference generator run alone,
+preemption, prefix caching, n > 1, logprobs, penalties, aborts without leaks, and no compiles
+after warm-up."""
+
+from __future__ import annotations
+
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from jaxinfer.engine import EngineConfig, LLMEngine
+from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from jaxinfer.loader import load_model
+from jaxinfer.reference import ReferenceGenerator
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.testing import tiny_gguf
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_gguf(path)
+    return load_model(str(path), progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return ReferenceGenerator(tiny.config, tiny.graphdef, tiny.params)
+
+
+def make_engine(model, **overrides) -> LLMEngine:
+    cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="")
+    cfg.update(overrides)
+    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig(**cfg))
+
+
+def run(engine: LLMEngine, requests: dict, abort_after: dict | None = None) -> dict:
+    """Adds every (ids, params) request, steps to the end; returns the final RequestOutputs."""
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+    finished, step = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        step += 1
+        for rid, at in (abort_after or {}).items():
+            if at == step and (out := engine.abort(rid)) is not None:
+                finished[rid] = out
+    return finished
+
+
+def assert_no_pages_held(engine: LLMEngine) -> None:
+    stats = engine.stats()
+    assert stats["kv_pages_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert all(b.ref_cnt == 0 for b in engine.kv_manager.pool.blocks)
+    assert not engine.kv_manager.req_to_blocks and not engine.scheduler.requests
+
+
+def random_prompts(cfg, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
+
+
+# ---- batch invariance, preemption, prefix caching -----------------------------------------------
+
+# 1 token, page - 1, page, page + 1, several pages, longer than the 16-token step budget (chunked)
+LENGTHS = [1, 3, 4, 5, 12, 21, 2, 40, 7, 16, 17, 1, 33, 9, 4, 26]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_layers, tmp_path):
+    model = tiny if scan_layers else load_model(tiny.path, scan_layers=False, progress=False)
+    prompts = random_prompts(tiny.config, LENGTHS)
+    engine = make_engine(model)
+    outs = run(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
+    for i, p in enumerate(prompts):
+        assert outs[str(i)].outputs[0].token_ids == reference.generate([p], [GREEDY])[0].token_ids, i
+    assert engine.stats()["steps"] > max(LENGTHS) // 16  # chunked prefill happened
+    assert_no_pages_held(engine)
+
+
+def test_preemption_under_a_small_pool_keeps_the_tokens(tiny, reference):
+    prompts = random_prompts(tiny.config, (9, 10, 11, 7), seed=1)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tiny, num_pages=12)
+    outs = run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
+    assert engine.stats()["num_preemptions"] > 0
+    for i, p in enumerate(prompts):
+        assert outs[str(i)].outputs[0].token_ids == reference.generate([p], [params])[0].token_ids
+    assert_no_pages_held(engine)
+
+
+def test_prefix_cache_computes_only_the_new_tokens(tiny):
+    shared = random_prompts(tiny.config, [12], seed=2)[0]  # 3 full pages of 4
+    a, b = shared + [7, 8], shared + [9, 10, 11]
+    engine = make_engine(tiny)
+    run(engine, {"a": (a, GREEDY)})
+    before = engine.stats()
+    out_b = run(engine, {"b": (b, GREEDY)})["b"]
+    after = engine.stats()
+    # b computes its 3 new prompt tokens plus one per generated token after the first
+    assert after["computed_tokens"] - before["computed_tokens"] == len(b) - 12 + GREEDY.max_tokens - 1
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 12
+    assert out_b.metrics.num_cached_tokens == 12
+    uncached = run(make_engine(tiny, enable_prefix_caching=False), {"b": (b, GREEDY)})["b"]
+    assert out_b.outputs[0].token_ids == uncached.outputs[0].token_ids
+
+
+def test_n_samples_share_the_prompt_pages_and_match_single_requests(tiny):
+    prompt = random_prompts(tiny.config, [13], seed=3)[0]
+    params = SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=11, ignore_eos=True)
+    engine = make_engine(tiny)
+    out = run(engine, {"x": (prompt, params)})["x"]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert engine.stats()["prefix_cache_hit_tokens"] == 2 * 12  # samples 1, 2 reuse sample 0's 3 pages
+    for i, completion in enumerate(out.outputs):
+        single = SamplingParams(max_tokens=5, temperature=1.0, seed=11 + i, ignore_eos=True)
+        alone = run(make_engine(tiny), {"y": (prompt, single)})["y"]
+        assert completion.token_ids == alone.outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def test_seeded_sampling_is_independent_of_the_batch(tiny):
+    prompt = random_prompts(tiny.config, [6], seed=4)[0]
+    params = SamplingParams(max_tokens=8, temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, seed=5,
+                            repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3, ignore_eos=True)
+    alone = run(make_engine(tiny), {"x": (prompt, params)})["x"].outputs[0].token_ids
+    others = {f"o{i}": (p, SamplingParams(max_tokens=4 + i, temperature=float(i % 2), seed=i, ignore_eos=True))
+              for i, p in enumerate(random_prompts(tiny.config, [3, 20, 1, 9, 30], seed=5))}
+    together = run(make_engine(tiny), {**others, "x": (prompt, params)})["x"].outputs[0].token_ids
+    assert together == alone and len(alone) == 8
+
+
+def numpy_penalized(logits, prompt, output, rep, presence, frequency):
+    """vLLM's penalties written out in numpy: repetition on prompt and output tokens (divide a
+    positive logit, multiply a negative one), presence and frequency on output tokens."""
+    logits = np.array(logits, np.float64)
+    seen = sorted(set(prompt) | set(output))
+    logits[seen] = np.where(logits[seen] > 0, logits[seen] / rep, logits[seen] * rep)
+    counts = np.bincount(output, minlength=logits.shape[0]).astype(np.float64)
+    return logits - frequency * counts - presence * (counts > 0)
+
+
+def test_penalties_follow_the_vllm_definition_step_by_step(tiny, reference):
+    prompt = random_prompts(tiny.config, [5], seed=6)[0]
+    rep, presence, frequency = 1.5, 0.7, 0.9
+    params = SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=rep, presence_penalty=presence,
+                            frequency_penalty=frequency, ignore_eos=True)
+    out = run(make_engine(tiny), {"x": (prompt, params)})["x"].outputs[0].token_ids
+    logits = reference.logits(prompt + out)
+    for step, token in enumerate(out):
+        row = numpy_penalized(logits[len(prompt) - 1 + step], prompt, out[:step], rep, presence, frequency)
+        assert token == int(np.argmax(row)), step
+    plain = reference.generate([prompt], [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)])
+    huge = run(make_engine(tiny), {"x": (prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                                                repetition_penalty=1e6))})["x"].outputs[0].token_ids
+    assert len(set(huge) | set(prompt)) == len(huge) + len(set(prompt))  # never repeats a seen token
+    assert plain[0].token_ids  # the unpenalized run for comparison exists
+
+
+def test_min_tokens_suppresses_stop_tokens(tiny, reference):
+    prompt = random_prompts(tiny.config, [4], seed=7)[0]
+    first = reference.generate([prompt], [GREEDY])[0].token_ids[0]
+    stopped = run(make_engine(tiny), {"x": (prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                                   stop_token_ids=[first]))})["x"].outputs[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.stop_reason == first
+    held = run(make_engine(tiny), {"x": (prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                                stop_token_ids=[first], min_tokens=3))})["x"]
+    ids = held.outputs[0].token_ids
+    assert len(ids) >= 3 and first not in ids[:3]
+
+
+def test_logprobs_match_the_reference_logits(tiny, reference):
+    prompt = random_prompts(tiny.config, [7], seed=8)[0]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = run(make_engine(tiny), {"x": (prompt, params)})["x"]
+    ids = out.outputs[0].token_ids
+    logits = reference.logits(prompt + ids)  # [T, V]
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    for step, (token, entry) in enumerate(zip(ids, out.outputs[0].logprobs)):
+        row = np.asarray(lp[len(prompt) - 1 + step])
+        assert entry[token].logprob == pytest.approx(row[token], abs=1e-4)
+        top3 = list(np.argsort(-row)[:3])
+        assert [i for i, v in sorted(entry.items(), key=lambda kv: kv[1].rank or 99)][:3] == top3
+        assert entry[top3[0]].rank == 1
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[prompt[pos]].logprob == pytest.approx(float(lp[pos - 1, prompt[pos]]), abs=1e-4)
+
+
+# ---- aborts and leaks ---------------------------------------------------------------------------
+
+def test_abort_mid_prefill_and_mid_decode_frees_everything(tiny):
+    engine = make_engine(tiny)
+    long_prompt, short = random_prompts(tiny.config, [40, 3], seed=9)
+    engine.add_request("long", long_prompt, GREEDY)
+    engine.add_request("short", short, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    engine.step()  # "long" has computed part of its prompt only (budget 16)
+    assert 0 < engine.scheduler.requests["long"].num_computed_tokens < 40
+    out = engine.abort("long")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    engine.step()
+    engine.step()
+    assert engine.abort("short").outputs[0].finish_reason == "abort"
+    assert engine.abort("short") is None and engine.abort("nope") is None
+    assert_no_pages_held(engine)
+
+
+def test_two_hundred_requests_with_random_aborts_leak_no_pages(tiny):
+    rng = random.Random(0)
+    engine = make_engine(tiny, num_pages=20)
+    requests, abort_after = {}, {}
+    for i in range(200):
+        n = rng.choice([1, 2, 3, 4, 5, 8, 15, 16, 17, 30])
+        ids = [rng.randrange(3, tiny.config.vocab_size) for _ in range(n)]
+        if i % 5 == 0:  # shared prefixes exercise the prefix cache under aborts
+            ids = [5] * 8 + ids
+        params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=rng.choice([0.0, 1.0]), seed=i,
+                                n=rng.choice([1, 1, 1, 2]), ignore_eos=True)
+        requests[f"r{i}"] = (ids, params)
+        if rng.random() < 0.3:
+            abort_after[f"r{i}"] = rng.randint(1, 60)
+    outs = run(engine, requests, abort_after)
+    assert len(outs) == 200
+    aborted = [o for o in outs.values() if any(c.finish_reason == "abort" for c in o.outputs)]
+    assert aborted and len(aborted) < 200
+    assert engine.stats()["num_preemptions"] > 0
+    assert_no_pages_held(engine)
+    assert engine.stats()["kv_pages_cached"] > 0  # released pages stay cached until evicted
+
+
+def test_bad_requests_raise_typed_errors_and_queue_nothing(tiny):
+    engine = make_engine(tiny, max_model_len=64)
+    with pytest.raises(EmptyPromptError):
+        engine.add_request("a", [], GREEDY)
+    with pytest.raises(PromptTooLongError, match="at most 63"):
+        engine.add_request("a", [5] * 64, GREEDY)
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.add_request("a", [5, 10**6], GREEDY)
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        engine.add_request("a", [5], {"max_tokens": 3})
+    engine.add_request("a", [5], GREEDY)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("a", [6], GREEDY)
+    assert engine.num_unfinished_requests == 1
+    run(engine, {})
+    assert_no_pages_held(engine)
+
+
+def test_too_small_memory_budget_is_a_clear_error(tiny):
+    with pytest.raises(InvalidRequestError, match="raise kv_cache_memory or lower max_model_len"):
+        make_engine(tiny, num_pages=None, kv_cache_memory=10_000)
+
+
+# ---- compilation --------------------------------------------------------------------------------
+
+def test_nothing_compiles_after_warmup(tiny):
+    engine = make_engine(tiny, num_pages=48)
+    engine.warmup()
+    events = []
+    listening = [True]
+
+    def listener(event, duration, **kwargs):
+        if listening[0] and event in ("/jax/core/compile/backend_compile_duration",
+                                      "/jax/core/compile/jaxpr_trace_duration"):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = random.Random(1)
+        requests = {}
+        for i in range(40):
+            ids = [rng.randrange(3, tiny.config.vocab_size) for _ in range(rng.randint(1, 60))]
+            params = SamplingParams(
+                max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 0.7, 1.2]), top_k=rng.choice([0, 5]),
+                top_p=rng.choice([1.0, 0.8]), min_p=rng.choice([0.0, 0.1]), seed=i, n=rng.choice([1, 2]),
+                repetition_penalty=rng.choice([1.0, 1.1]), frequency_penalty=rng.choice([0.0, 0.4]),
+                min_tokens=rng.choice([0, 2]), logprobs=rng.choice([None, 0, 4]),
+                prompt_logprobs=rng.choice([None, None, 2]), ignore_eos=rng.random() < 0.5)
+            requests[f"r{i}"] = (ids, params)
+        outs = run(engine, requests, {f"r{i}": rng.randint(1, 30) for i in range(0, 40, 7)})
+    finally:
+        listening[0] = False
+    assert len(outs) == 40
+    assert events == [], f"{len(events)} compile events after warm-up"
