@@ -69,7 +69,8 @@ class EngineConfig:
       enable_prefix_caching: reuse computed prompt pages across requests.
       policy: "fcfs" or "priority".
       token_buckets, seq_buckets, page_buckets: step shapes (None: powers of two up to the limits).
-      q_block: query rows per attention block in prefill steps.
+      q_block: query rows per attention block of a prefill chunk.
+      max_prefill_seqs: most requests given a multi-token (prefill) chunk per step.
       attention_backend: `pallas_kernels.ops` backend.
       compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
         JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
@@ -89,6 +90,7 @@ class EngineConfig:
     seq_buckets: tuple[int, ...] | None = None
     page_buckets: tuple[int, ...] | None = None
     q_block: int = 32
+    max_prefill_seqs: int = 4
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = None
     seed: int = 0
@@ -110,6 +112,8 @@ class EngineConfig:
             bad(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if not 0 < self.memory_fraction <= 1:
             bad(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.max_prefill_seqs <= 0 or self.q_block <= 0:
+            bad(f"max_prefill_seqs and q_block must be positive, got {self.max_prefill_seqs}, {self.q_block}")
         if self.policy not in ("fcfs", "priority"):
             bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
@@ -210,7 +214,8 @@ class LLMEngine:
         rc = RunnerConfig(page_size=page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
                           token_buckets=ec.token_buckets or _pow2_buckets(min(16, max_tokens), max_tokens),
                           seq_buckets=ec.seq_buckets or _pow2_buckets(1, ec.max_num_seqs),
-                          page_buckets=ec.page_buckets, q_block=ec.q_block, attention_backend=ec.attention_backend)
+                          page_buckets=ec.page_buckets, q_block=ec.q_block, max_prefill_seqs=ec.max_prefill_seqs,
+                          attention_backend=ec.attention_backend)
         if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < ec.max_num_seqs:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                       f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
@@ -219,7 +224,7 @@ class LLMEngine:
                                          enable_prefix_caching=ec.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
-                            max_model_len=self.max_model_len, policy=ec.policy),
+                            max_model_len=self.max_model_len, policy=ec.policy, max_prefill_seqs=ec.max_prefill_seqs),
             self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids)
         self._states: dict[str, _RequestState] = {}

@@ -36,23 +36,39 @@ class PagedKVCache:
 
 
 @flax.struct.dataclass
+class DecodeItems:
+    """A decode step's (sequence, page) work items (`pallas_kernels.ops.decode_attention_by_pages`)."""
+
+    seq: jax.Array  # [I] int32
+    page: jax.Array  # [I] int32
+    pos: jax.Array  # [I] int32: position of the page's first token (padding: past every length)
+
+
+@flax.struct.dataclass
 class PagedAttentionMeta:
     slot_mapping: jax.Array  # [T] int32: flat slot (page * page_size + offset) of each token
     kv_lens: jax.Array  # [S] int32: tokens in the cache per sequence after this step
     page_table: jax.Array  # [S, max_pages] int32 (padding entries: the null page 0)
     cu_q_lens: jax.Array  # [S + 1] int32: cumulative tokens per sequence in this step
     num_seqs: jax.Array  # [] int32: sequences in use
+    decode_items: DecodeItems | None = None  # set on decode-only steps (T = S, one token each)
 
 
 def paged_attend(q, k, v, kv_cache: PagedKVCache, layer, meta: PagedAttentionMeta, *,
-                 sliding_window: int | None = None, q_block: int = 1, backend: str = "auto"):
+                 sliding_window: int | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
+                 backend: str = "auto"):
     """q: [1, T, N, H]; k, v: [1, T, K, H] (one ragged row) -> (out [1, T, N, H], kv_cache).
 
     The write and the read index the whole [L, ...] cache with `layer`: slicing one layer's pool
     out first copies it every layer (measured on XLA:CPU, SmolLM2 decode: 330 ms vs 33 ms a step).
     """
     new_k, new_v = ops.write_kv(kv_cache.k, kv_cache.v, k[0], v[0], meta.slot_mapping, layer=layer)
+    if meta.decode_items is not None:
+        items = meta.decode_items
+        out = ops.decode_attention_by_pages(q[0], new_k, new_v, meta.kv_lens, items.seq, items.page, items.pos,
+                                            layer=layer, sliding_window=sliding_window, backend=backend)
+        return out[None], PagedKVCache(k=new_k, v=new_v)
     out = ops.ragged_paged_attention(q[0], new_k, new_v, meta.kv_lens, meta.page_table, meta.cu_q_lens,
                                      meta.num_seqs, layer=layer, sliding_window=sliding_window, q_block=q_block,
-                                     backend=backend)
+                                     max_prefill_seqs=max_prefill_seqs, backend=backend)
     return out[None], PagedKVCache(k=new_k, v=new_v)

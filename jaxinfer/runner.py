@@ -6,11 +6,13 @@
     page_table        [S, W] W = the page-table width bucket covering the longest sequence
     SamplingInput.logits_indices [S]  last token of each chunk (only chunks that sample use it)
 
-Two step shapes, both compiled at warm-up, none after:
+Two kinds of step, every shape compiled at warm-up, none after:
 
-    decode step  every chunk is one token: T = S = a sequence bucket; attention per token.
+    decode step  every chunk is one token: T = S = a sequence bucket; attention over a flat list
+                 of (sequence, page) items, I = an item bucket >= the pages of all sequences.
     mixed step   prefill chunks (and decodes): T = a token bucket, S = the largest sequence
-                 bucket; attention in query blocks of up to `q_block` rows.
+                 bucket, page table W = a width bucket; decodes attend per token, prefill chunks
+                 in query blocks of up to `q_block` rows.
 
 The forward step (donating the KV cache) returns hidden states that stay on the device; a small
 jit sampler turns the sampled rows into tokens (and logprobs), and another gives prompt logprobs
@@ -24,7 +26,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -34,12 +36,13 @@ from flax import nnx
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import params_for_layer_loop
-from jaxinfer.paged_attention import PagedAttentionMeta, PagedKVCache, paged_attend
+from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta, PagedKVCache, paged_attend
 from jaxinfer.request import Request
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.scheduler import SchedulerOutput
 from pallas_kernels import ops
+from pallas_kernels.paged_attention_reference import decode_items
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ class RunnerConfig:
       seq_buckets: padded sequence counts, ascending; the last must cover max_num_seqs.
       page_buckets: page-table widths, ascending, the last max_pages_per_seq; None: quarters
         (`default_page_buckets`). Attention reads a step's pages up to this width.
-      q_block: most query rows per attention block in mixed steps.
+      q_block: most query rows per attention block of a prefill chunk in mixed steps.
+      max_prefill_seqs: most multi-token chunks per step (`SchedulerConfig.max_prefill_seqs`).
       attention_backend: `pallas_kernels.ops` backend name.
     """
 
@@ -74,6 +78,7 @@ class RunnerConfig:
     seq_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
     page_buckets: tuple[int, ...] | None = None
     q_block: int = 32
+    max_prefill_seqs: int = 4
     attention_backend: str = "auto"
 
     def __post_init__(self):
@@ -91,11 +96,33 @@ class RunnerConfig:
             raise ValueError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
         ops.resolve_backend(self.attention_backend)
 
+    def item_buckets(self, num_seqs: int) -> tuple[int, ...]:
+        """Work-item counts of a decode step with `num_seqs` sequence slots: 2, 4, 8, ... pages per
+        sequence on average, up to every sequence at full length."""
+        top = num_seqs * self.max_pages_per_seq
+        out, n = [], 2 * num_seqs
+        while n < top:
+            out.append(n)
+            n *= 2
+        return tuple(out + [top])
+
     def mixed_q_block(self, num_tokens: int) -> int:
-        """Query rows per attention block for a mixed step of `num_tokens`: small steps go per token
-        (each sequence owns a block, so blocks beyond T / S rows would be mostly padding)."""
-        rows = max(1, min(self.q_block, num_tokens // self.seq_buckets[-1]))
+        """Query rows per attention block of the prefill chunks in a mixed step of `num_tokens`
+        (a power of two; each chunk may own one partial block, so blocks stay below T / P rows)."""
+        rows = max(1, min(self.q_block, num_tokens // self.max_prefill_seqs))
         return 1 << (rows.bit_length() - 1)
+
+
+class StepShape(NamedTuple):
+    T: int  # tokens
+    S: int  # sequence slots
+    W: int  # page-table width (mixed steps; 1 on decode steps)
+    q_block: int  # query rows per prefill block (mixed steps; 1 on decode steps)
+    I: int  # (sequence, page) work items (decode steps; 0 on mixed steps)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.I > 0
 
 
 def _bucket(buckets: Sequence[int], n: int, what: str) -> int:
@@ -188,6 +215,7 @@ class Runner:
     def _forward_fn(self, params, kv_cache, inp: ModelInput, *, q_block: int):
         model = nnx.merge(self.graphdef, params)
         attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
+                                   max_prefill_seqs=self.rc.max_prefill_seqs,
                                    backend=self.rc.attention_backend)
         hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attend)
         return hidden[0], hidden[0, inp.logits_indices], kv_cache
@@ -213,30 +241,31 @@ class Runner:
 
     # ---- shapes -------------------------------------------------------------------------------
 
-    def step_shape(self, out: SchedulerOutput) -> tuple[int, int, int, int]:
-        """(T, S, page-table width, q_block) of the step that runs `out`."""
-        rc = self.rc
+    def step_shape(self, out: SchedulerOutput) -> StepShape:
+        """The padded shape of the step that runs `out`."""
+        rc, page = self.rc, self.rc.page_size
         num_tokens = sum(len(c.token_ids) for c in out.chunks)
-        width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
         if num_tokens == len(out.chunks):  # all decodes
             S = _bucket(rc.seq_buckets, num_tokens, "sequences")
-            return S, S, width, 1
+            pages = sum(-(-(c.start_pos + 1) // page) for c in out.chunks)
+            return StepShape(S, S, 1, 1, _bucket(rc.item_buckets(S), pages, "pages"))
         _bucket(rc.seq_buckets, len(out.chunks), "sequences")
         T = _bucket(rc.token_buckets, num_tokens, "tokens")
-        return T, rc.seq_buckets[-1], width, rc.mixed_q_block(T)
+        width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
+        return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
 
-    def all_step_shapes(self) -> list[tuple[int, int, int, int]]:
+    def all_step_shapes(self) -> list[StepShape]:
         rc = self.rc
-        shapes = [(S, S, W, 1) for S in rc.seq_buckets for W in rc.page_buckets]
-        shapes += [(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T)) for T in rc.token_buckets
+        shapes = [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
+        shapes += [StepShape(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T), 0) for T in rc.token_buckets
                    for W in rc.page_buckets]
         return shapes
 
     # ---- building inputs ----------------------------------------------------------------------
 
-    def build_model_input(self, out: SchedulerOutput, shape) -> ModelInput:
+    def build_model_input(self, out: SchedulerOutput, shape: StepShape) -> ModelInput:
         """Packs the scheduled chunks into one padded ragged row (numpy; moved by jit)."""
-        T, S, W, _ = shape
+        T, S, W = shape.T, shape.S, shape.W
         page = self.rc.page_size
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
@@ -252,13 +281,20 @@ class Runner:
             tokens[t:t + n] = chunk.token_ids
             positions[t:t + n] = pos
             slots[t:t + n] = blocks[pos // page] * page + pos % page
-            page_table[s, :len(blocks)] = blocks
+            if not shape.is_decode:
+                page_table[s, :len(blocks)] = blocks
             kv_lens[s] = start + n
             t += n
             cu[s + 1] = t
         cu[len(out.chunks) + 1:] = t
+        items = None
+        if shape.is_decode:
+            full = np.zeros((S, max(len(c.block_ids) for c in out.chunks)), np.int32)
+            for s, chunk in enumerate(out.chunks):
+                full[s, :len(chunk.block_ids)] = chunk.block_ids
+            items = DecodeItems(*decode_items(kv_lens, full, page, shape.I))
         meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
-                                  num_seqs=np.int32(len(out.chunks)))
+                                  num_seqs=np.int32(len(out.chunks)), decode_items=items)
         logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
         return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta, logits_indices=logits_indices)
 
@@ -323,14 +359,13 @@ class Runner:
             return StepResult({}, {})
         shape = self.step_shape(out)
         model_input = self.build_model_input(out, shape)
-        sampling_input = self.build_sampling_input(out, requests, shape[1])
-        hidden, rows, self.kv_cache = self._forward(self.params, self.kv_cache, model_input, q_block=shape[3])
+        sampling_input = self.build_sampling_input(out, requests, shape.S)
+        hidden, rows, self.kv_cache = self._forward(self.params, self.kv_cache, model_input, q_block=shape.q_block)
         tokens, lps = self._sample(self.params, rows, sampling_input)
         rows, targets, owners = self._prompt_logprob_rows(out, requests)
         prompt_lps = None
         if rows:
-            R = _bucket(self.rc.token_buckets, len(rows), "prompt-logprob rows")
-            pad = (0, R - len(rows))
+            pad = (0, shape.T - len(rows))  # one graph per hidden-state shape (rows <= T)
             prompt_lps = self._prompt_logprobs(self.params, hidden, np.pad(np.asarray(rows, np.int32), pad),
                                                np.pad(np.asarray(targets, np.int32), pad))
         start = time.perf_counter()
@@ -370,13 +405,19 @@ class Runner:
             it = tqdm(shapes, desc="Compiling steps", unit="shape")
         count = 0
         hidden, sample_rows = {}, {}
-        for T, S, W, q_block in it:
+        for shape in it:
+            T, S, W = shape.T, shape.S, shape.W
+            items = None
+            if shape.is_decode:
+                items = DecodeItems(*decode_items(np.zeros(S, np.int32), np.zeros((S, 1), np.int32),
+                                                  rc.page_size, shape.I))
             inp = ModelInput(tokens=np.zeros((1, T), np.int32), positions=np.zeros((1, T), np.int32),
                              meta=PagedAttentionMeta(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
                                                      page_table=np.zeros((S, W), np.int32),
-                                                     cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.int32(0)),
+                                                     cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.int32(0),
+                                                     decode_items=items),
                              logits_indices=np.zeros(S, np.int32))
-            hidden[T], rows, self.kv_cache = self._forward(self.params, self.kv_cache, inp, q_block=q_block)
+            hidden[T], rows, self.kv_cache = self._forward(self.params, self.kv_cache, inp, q_block=shape.q_block)
             sample_rows[S] = rows
             count += 1
         V = self.config.vocab_size
@@ -396,11 +437,8 @@ class Runner:
                                        num_logprobs=num_logprobs)
                     jax.block_until_ready(self._sample(self.params, h, si))
                     count += 1
-        for T in rc.token_buckets:
-            for R in rc.token_buckets:
-                if R <= T:
-                    jax.block_until_ready(self._prompt_logprobs(self.params, hidden[T], np.zeros(R, np.int32),
-                                                                np.zeros(R, np.int32)))
-                    count += 1
+        for T, h in hidden.items():
+            jax.block_until_ready(self._prompt_logprobs(self.params, h, np.zeros(T, np.int32), np.zeros(T, np.int32)))
+            count += 1
         jax.block_until_ready(self.kv_cache)
         return count

@@ -33,16 +33,21 @@ class SchedulerConfig:
       max_num_batched_tokens: most tokens computed in one step (prefill chunks + decodes).
       max_model_len: context limit; a request reaching it finishes with "length".
       policy: "fcfs" (arrival order) or "priority" (lower `priority` first, then arrival).
+      max_prefill_seqs: most requests given a multi-token chunk in one step (the attention
+        handles single-token rows and prefill chunks separately and sizes the latter by it).
     """
 
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     max_model_len: int = 8192
     policy: str = "fcfs"
+    max_prefill_seqs: int = 4
 
     def __post_init__(self):
-        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 1:
-            raise ValueError(f"max_num_seqs, max_num_batched_tokens must be > 0 and max_model_len > 1: {self}")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 1 \
+                or self.max_prefill_seqs <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens, max_prefill_seqs must be > 0 and "
+                             f"max_model_len > 1: {self}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
@@ -136,12 +141,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        prefills = 0  # chunks of more than one token
 
         # Running requests first, in admission order; preempt from the back when pages run out.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if n > 1 and prefills >= self.config.max_prefill_seqs:
+                i += 1  # a prefill in progress waits a step for a prefill slot; decodes go on
+                continue
+            prefills += n > 1
             while self.kv.allocate_slots(request, n) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -158,10 +168,13 @@ class Scheduler:
         # Then admit waiting requests while budget, sequence slots and pages last.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
+            if request.num_tokens > 1 and prefills >= self.config.max_prefill_seqs:
+                break  # (checked before the prefix-cache lookup, which counts hits)
             hits, num_cached = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_cached, budget)
             if self.kv.allocate_slots(request, n, hits) is None:
                 break
+            prefills += n > 1
             self.waiting.pop(0)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:

@@ -39,15 +39,19 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer=None):
     return (k_pages.at[index].set(k.astype(k_pages.dtype)), v_pages.at[index].set(v.astype(v_pages.dtype)))
 
 
-def query_blocks(cu_q_lens, num_seqs, num_tokens: int, q_block: int):
-    """Splits each sequence's queries into blocks of `q_block` rows.
+def query_blocks(cu_q_lens, num_seqs, num_tokens: int, q_block: int, *, min_q_len: int = 1,
+                 max_seqs: int | None = None):
+    """Splits the queries of each sequence with at least `min_q_len` of them into blocks of
+    `q_block` rows.
 
     Returns (seq [NB], rows [NB, q_block], row_valid [NB, q_block]) with NB a static bound:
-    num_tokens when q_block == 1, else ceil(num_tokens / q_block) + number of sequence slots.
+    num_tokens when q_block == 1, else ceil(num_tokens / q_block) plus one partial block per
+    sequence that can have one (`max_seqs` of them, default every sequence slot).
     """
     S = cu_q_lens.shape[0] - 1
     q_lens = jnp.where(jnp.arange(S) < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    num_blocks = num_tokens if q_block == 1 else -(-num_tokens // q_block) + S
+    q_lens = jnp.where(q_lens >= min_q_len, q_lens, 0)
+    num_blocks = num_tokens if q_block == 1 else -(-num_tokens // q_block) + min(S, max_seqs or S)
     per_seq = (q_lens + q_block - 1) // q_block
     ends = jnp.cumsum(per_seq)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
@@ -58,20 +62,23 @@ def query_blocks(cu_q_lens, num_seqs, num_tokens: int, q_block: int):
     return seq, rows, row_valid
 
 
-def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
-                                     sliding_window: int | None = None, layer=None, q_block: int = 1):
-    """Causal GQA attention of a ragged batch over paged K/V. Returns [T, N, H] (zeros for padding).
+def single_token_rows(cu_q_lens, num_seqs):
+    """One block per sequence slot holding its query if the sequence has exactly one (a decode):
+    (seq [S], rows [S, 1], row_valid [S, 1])."""
+    S = cu_q_lens.shape[0] - 1
+    seq = jnp.arange(S, dtype=jnp.int32)
+    valid = (seq < num_seqs) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
+    return seq, cu_q_lens[:-1][:, None], valid[:, None]
 
-    q: [T, N, H]; k_pages, v_pages: [P, page_size, K, H], or [L, P, page_size, K, H] read at
-    `layer`; kv_lens: [S] int32 (tokens in the cache, this step's included); page_table:
-    [S, max_pages] int32; cu_q_lens: [S + 1] int32 cumulative query lengths; num_seqs: scalar
-    int32, sequences in use (rows past it are padding); q_block: static query rows per block.
-    """
+
+def _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, *, layer, sliding_window):
+    """Attention of query blocks (from query_blocks) over their sequences' pages.
+    Returns (out [NB * q_block, N, H] f32, destination row of each, T where invalid)."""
     T, N, H = q.shape
     page_size, K = k_pages.shape[-3:-1]
     max_pages = page_table.shape[1]
-    seq, rows, row_valid = query_blocks(cu_q_lens, num_seqs, T, q_block)
-    NB = seq.shape[0]
+    seq, rows, row_valid = blocks
+    NB, q_block = rows.shape
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = (kv_lens[seq] - q_len)[:, None] + (rows - cu_q_lens[seq][:, None])  # [NB, Bq] query positions
 
@@ -92,5 +99,91 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("BKGQS,BSKH->BQKGH", probs, values, preferred_element_type=jnp.float32)
     out = jnp.where(row_valid[:, :, None, None, None], out, 0.0).reshape(NB * q_block, N, H)
-    dest = jnp.where(row_valid, rows, T).reshape(-1)  # invalid rows land out of range and are dropped
-    return jnp.zeros((T, N, H), jnp.float32).at[dest].set(out, mode="drop").astype(q.dtype)
+    return out, jnp.where(row_valid, rows, T).reshape(-1)
+
+
+def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
+                                     sliding_window: int | None = None, layer=None, q_block: int = 1,
+                                     max_prefill_seqs: int | None = None):
+    """Causal GQA attention of a ragged batch over paged K/V. Returns [T, N, H] (zeros for padding).
+
+    q: [T, N, H]; k_pages, v_pages: [P, page_size, K, H], or [L, P, page_size, K, H] read at
+    `layer`; kv_lens: [S] int32 (tokens in the cache, this step's included); page_table:
+    [S, max_pages] int32; cu_q_lens: [S + 1] int32 cumulative query lengths; num_seqs: scalar
+    int32, sequences in use (rows past it are padding).
+
+    q_block (static): 1 attends per token. Larger: sequences with one query (decodes) attend per
+    token and sequences with more (prefill chunks) in blocks of q_block rows, of which there are
+    at most ceil(T / q_block) + max_prefill_seqs (the caller guarantees at most that many
+    multi-token sequences; None: every sequence slot may be one).
+    """
+    T, N, H = q.shape
+    common = dict(layer=layer, sliding_window=sliding_window)
+    if q_block == 1:
+        parts = [query_blocks(cu_q_lens, num_seqs, T, 1)]
+    else:
+        parts = [single_token_rows(cu_q_lens, num_seqs),
+                 query_blocks(cu_q_lens, num_seqs, T, q_block, min_q_len=2, max_seqs=max_prefill_seqs)]
+    result = jnp.zeros((T, N, H), jnp.float32)
+    for blocks in parts:
+        out, dest = _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, **common)
+        result = result.at[dest].set(out, mode="drop")  # invalid rows land out of range and are dropped
+    return result.astype(q.dtype)
+
+
+def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_page, item_pos, *, layer=None,
+                              sliding_window: int | None = None):
+    """Decode attention (one query per sequence) over a flat list of (sequence, page) work items.
+
+    Every sequence's pages are listed once, so the work is the sum of the sequences' lengths
+    rather than the longest one times the batch (what a padded page table costs):
+
+        item i: sequence item_seq[i] reads page item_page[i], whose first token is at item_pos[i]
+
+    q: [S, N, H] (query s at position kv_lens[s] - 1); kv_lens: [S]; item_seq, item_page,
+    item_pos: [I] int32, padding items with item_pos >= every kv_len (they are masked out).
+    A softmax over each sequence's items combines the pages (segment max and sums).
+    Returns [S, N, H] (zeros for sequences without items).
+    """
+    S, N, H = q.shape
+    page_size, K = k_pages.shape[-3:-1]
+    G = N // K
+    if layer is not None:
+        keys, values = k_pages[layer, item_page], v_pages[layer, item_page]  # [I, page, K, H]
+    else:
+        keys, values = k_pages[item_page], v_pages[item_page]
+    qi = q.reshape(S, K, G, H)[item_seq]  # [I, K, G, H]
+    scores = jnp.einsum("IKGH,IPKH->IKGP", qi, keys, preferred_element_type=jnp.float32) * (H ** -0.5)
+    k_pos = item_pos[:, None] + jnp.arange(page_size, dtype=jnp.int32)[None]  # [I, page]
+    q_pos = kv_lens[item_seq] - 1
+    mask = k_pos <= q_pos[:, None]
+    if sliding_window is not None:
+        mask &= k_pos > q_pos[:, None] - sliding_window
+    mask = mask[:, None, None, :]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jax.ops.segment_max(scores.max(-1), item_seq, num_segments=S)  # [S, K, G]
+    e = jnp.where(mask, jnp.exp(scores - row_max[item_seq][..., None]), 0.0)
+    denom = jax.ops.segment_sum(e.sum(-1), item_seq, num_segments=S)
+    numer = jax.ops.segment_sum(
+        jnp.einsum("IKGP,IPKH->IKGH", e.astype(values.dtype), values, preferred_element_type=jnp.float32),
+        item_seq, num_segments=S)
+    out = jnp.where(denom[..., None] > 0, numer / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+    return out.reshape(S, N, H).astype(q.dtype)
+
+
+def decode_items(kv_lens, page_table, page_size: int, num_items: int):
+    """Host-side (numpy) work items for `decode_attention_by_pages`: every page of every sequence,
+    padded to `num_items`. Returns (item_seq, item_page, item_pos) int32 arrays."""
+    import numpy as np
+
+    counts = -(-np.asarray(kv_lens) // page_size)
+    n = int(counts.sum())
+    if n > num_items:
+        raise ValueError(f"{n} pages exceed the {num_items} work items of this step shape")
+    seq = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    j = np.arange(n, dtype=np.int32) - np.repeat(np.cumsum(counts) - counts, counts).astype(np.int32)
+    item_seq = np.zeros(num_items, np.int32)
+    item_page = np.zeros(num_items, np.int32)
+    item_pos = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
+    item_seq[:n], item_page[:n], item_pos[:n] = seq, np.asarray(page_table)[seq, j], j * page_size
+    return item_seq, item_page, item_pos

@@ -291,3 +291,31 @@ def test_nothing_compiles_after_warmup(tiny):
         listening[0] = False
     assert len(outs) == 40
     assert events == [], f"{len(events)} compile events after warm-up"
+
+
+def test_kv_budget_from_bytes_or_a_fraction_of_free_device_memory():
+    from jaxinfer.engine import DEFAULT_CPU_KV_CACHE_BYTES, kv_cache_budget
+
+    class FakeAccelerator:
+        def memory_stats(self):
+            return {"bytes_limit": 80 << 30, "bytes_in_use": 20 << 30}
+
+    class FakeCpu:
+        def memory_stats(self):
+            return None
+
+    assert kv_cache_budget(EngineConfig(kv_cache_memory=123456), FakeAccelerator()) == 123456
+    assert kv_cache_budget(EngineConfig(memory_fraction=0.5), FakeAccelerator()) == 30 << 30
+    assert kv_cache_budget(EngineConfig(), FakeCpu()) == DEFAULT_CPU_KV_CACHE_BYTES
+
+
+def test_page_count_follows_the_budget_and_is_logged(tiny, caplog):
+    from jaxinfer.paged_attention import PagedKVCache
+
+    cfg = tiny.config
+    page_bytes = PagedKVCache.bytes_per_page(num_layers=cfg.num_layers, page_size=4, num_kv_heads=cfg.num_kv_heads,
+                                             head_dim=cfg.head_dim, dtype=cfg.dtype)
+    with caplog.at_level("INFO", logger="jaxinfer.engine"):
+        engine = make_engine(tiny, num_pages=None, kv_cache_memory=200 * page_bytes + 5)
+    assert engine.num_pages == 200 and engine.runner.kv_cache.k.shape[1] == 200
+    assert "KV cache: 199 pages x 4 tokens" in caplog.text

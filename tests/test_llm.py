@@ -69,3 +69,11 @@ def test_context_end_finishes_with_length(smollm2):
         outs += engine.step()
     out = outs[-1].outputs[0]
     assert len(out.token_ids) == 2 and out.finish_reason == "length"
+
+def test_engine_uses_a_persistent_compilation_cache(smollm2):
+    import os
+
+    import jax
+
+    path = smollm2.engine.compilation_cache_dir
+    assert path and os.path.isdir(path) and jax.config.jax_compilation_cache_dir == path

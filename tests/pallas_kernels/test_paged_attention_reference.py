@@ -10,7 +10,7 @@ from jaxinfer.testing import numpy_attention
 from pallas_kernels.paged_attention_reference import ragged_paged_attention_reference, write_kv
 
 
-@pytest.mark.parametrize("q_block", [1, 4])
+@pytest.mark.parametrize("q_block", [1, 2, 4])
 @pytest.mark.parametrize("window", [None, 5])
 def test_ragged_batch_of_decode_chunk_and_full_prefill(window, q_block):
     rng = np.random.default_rng(0)
@@ -74,3 +74,36 @@ def test_stacked_cache_read_and_written_at_a_layer():
     got = ragged_paged_attention_reference(q, kc, vc, *args, layer=1, q_block=4)
     want = numpy_attention(np.asarray(q[:6]), np.asarray(k), np.asarray(v), range(6))
     np.testing.assert_allclose(np.asarray(got[:6]), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_by_page_items_matches_numpy(window):
+    from pallas_kernels.paged_attention_reference import decode_attention_by_pages, decode_items
+
+    rng = np.random.default_rng(3)
+    N, K, H, page, P = 6, 2, 8, 4, 40
+    seq_lens = [1, 3, 4, 5, 17, 9]
+    free = list(rng.permutation(np.arange(1, P)))
+    page_table = np.zeros((8, 6), np.int32)  # two padding sequences
+    kv = [rng.standard_normal((n, K, H)).astype(np.float32) for n in seq_lens]
+    vv = [rng.standard_normal((n, K, H)).astype(np.float32) for n in seq_lens]
+    k_pages = np.zeros((P, page, K, H), np.float32)
+    v_pages = np.zeros((P, page, K, H), np.float32)
+    for s, n in enumerate(seq_lens):
+        for j in range(-(-n // page)):
+            page_table[s, j] = free.pop()
+        for t in range(n):
+            k_pages[page_table[s, t // page], t % page] = kv[s][t]
+            v_pages[page_table[s, t // page], t % page] = vv[s][t]
+    kv_lens = np.array(seq_lens + [0, 0], np.int32)
+    q = rng.standard_normal((8, N, H)).astype(np.float32)
+    items = decode_items(kv_lens, page_table, page, 32)
+    out = np.asarray(decode_attention_by_pages(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
+                                               jnp.asarray(kv_lens), *map(jnp.asarray, items),
+                                               sliding_window=window))
+    for s, n in enumerate(seq_lens):
+        want = numpy_attention(q[s:s + 1], kv[s], vv[s], [n - 1], window)
+        np.testing.assert_allclose(out[s:s + 1], want, atol=1e-5, rtol=1e-5)
+    assert not out[6:].any()
+    with pytest.raises(ValueError, match="exceed"):
+        decode_items(kv_lens, page_table, page, 8)
