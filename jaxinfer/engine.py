@@ -71,6 +71,7 @@ class EngineConfig:
       token_buckets, seq_buckets, page_buckets: step shapes (None: powers of two up to the limits).
       q_block: query rows per attention block of a prefill chunk.
       max_prefill_seqs: most requests given a multi-token (prefill) chunk per step.
+      pages_per_item: KV pages per work item of decode attention.
       attention_backend: `pallas_kernels.ops` backend.
       compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
         JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
@@ -91,6 +92,7 @@ class EngineConfig:
     page_buckets: tuple[int, ...] | None = None
     q_block: int = 32
     max_prefill_seqs: int = 4
+    pages_per_item: int = 2
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = None
     seed: int = 0
@@ -112,8 +114,9 @@ class EngineConfig:
             bad(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if not 0 < self.memory_fraction <= 1:
             bad(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        if self.max_prefill_seqs <= 0 or self.q_block <= 0:
-            bad(f"max_prefill_seqs and q_block must be positive, got {self.max_prefill_seqs}, {self.q_block}")
+        if min(self.max_prefill_seqs, self.q_block, self.pages_per_item) <= 0:
+            bad(f"max_prefill_seqs, q_block and pages_per_item must be positive, got {self.max_prefill_seqs}, "
+                f"{self.q_block}, {self.pages_per_item}")
         if self.policy not in ("fcfs", "priority"):
             bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
@@ -215,6 +218,7 @@ class LLMEngine:
                           token_buckets=ec.token_buckets or _pow2_buckets(min(16, max_tokens), max_tokens),
                           seq_buckets=ec.seq_buckets or _pow2_buckets(1, ec.max_num_seqs),
                           page_buckets=ec.page_buckets, q_block=ec.q_block, max_prefill_seqs=ec.max_prefill_seqs,
+                          pages_per_item=ec.pages_per_item,
                           attention_backend=ec.attention_backend)
         if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < ec.max_num_seqs:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "

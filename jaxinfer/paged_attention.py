@@ -40,8 +40,8 @@ class DecodeItems:
     """A decode step's (sequence, page) work items (`pallas_kernels.ops.decode_attention_by_pages`)."""
 
     seq: jax.Array  # [I] int32
-    page: jax.Array  # [I] int32
-    pos: jax.Array  # [I] int32: position of the page's first token (padding: past every length)
+    page: jax.Array  # [I, pages_per_item] int32
+    pos: jax.Array  # [I] int32: position of the group's first token (padding: past every length)
 
 
 @flax.struct.dataclass

@@ -68,6 +68,8 @@ class RunnerConfig:
         (`default_page_buckets`). Attention reads a step's pages up to this width.
       q_block: most query rows per attention block of a prefill chunk in mixed steps.
       max_prefill_seqs: most multi-token chunks per step (`SchedulerConfig.max_prefill_seqs`).
+      pages_per_item: pages per work item of decode attention (bigger items make bigger matmuls
+        but waste part of each sequence's last item).
       attention_backend: `pallas_kernels.ops` backend name.
     """
 
@@ -79,6 +81,7 @@ class RunnerConfig:
     page_buckets: tuple[int, ...] | None = None
     q_block: int = 32
     max_prefill_seqs: int = 4
+    pages_per_item: int = 2
     attention_backend: str = "auto"
 
     def __post_init__(self):
@@ -97,10 +100,10 @@ class RunnerConfig:
         ops.resolve_backend(self.attention_backend)
 
     def item_buckets(self, num_seqs: int) -> tuple[int, ...]:
-        """Work-item counts of a decode step with `num_seqs` sequence slots: 2, 4, 8, ... pages per
+        """Work-item counts of a decode step with `num_seqs` sequence slots: 1, 2, 4, ... items per
         sequence on average, up to every sequence at full length."""
-        top = num_seqs * self.max_pages_per_seq
-        out, n = [], 2 * num_seqs
+        top = num_seqs * -(-self.max_pages_per_seq // self.pages_per_item)
+        out, n = [], num_seqs
         while n < top:
             out.append(n)
             n *= 2
@@ -247,8 +250,9 @@ class Runner:
         num_tokens = sum(len(c.token_ids) for c in out.chunks)
         if num_tokens == len(out.chunks):  # all decodes
             S = _bucket(rc.seq_buckets, num_tokens, "sequences")
-            pages = sum(-(-(c.start_pos + 1) // page) for c in out.chunks)
-            return StepShape(S, S, 1, 1, _bucket(rc.item_buckets(S), pages, "pages"))
+            per_item = page * rc.pages_per_item
+            items = sum(-(-(c.start_pos + 1) // per_item) for c in out.chunks)
+            return StepShape(S, S, 1, 1, _bucket(rc.item_buckets(S), items, "decode work items"))
         _bucket(rc.seq_buckets, len(out.chunks), "sequences")
         T = _bucket(rc.token_buckets, num_tokens, "tokens")
         width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
@@ -292,7 +296,7 @@ class Runner:
             full = np.zeros((S, max(len(c.block_ids) for c in out.chunks)), np.int32)
             for s, chunk in enumerate(out.chunks):
                 full[s, :len(chunk.block_ids)] = chunk.block_ids
-            items = DecodeItems(*decode_items(kv_lens, full, page, shape.I))
+            items = DecodeItems(*decode_items(kv_lens, full, page, shape.I, self.rc.pages_per_item))
         meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
                                   num_seqs=np.int32(len(out.chunks)), decode_items=items)
         logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
@@ -410,7 +414,7 @@ class Runner:
             items = None
             if shape.is_decode:
                 items = DecodeItems(*decode_items(np.zeros(S, np.int32), np.zeros((S, 1), np.int32),
-                                                  rc.page_size, shape.I))
+                                                  rc.page_size, shape.I, rc.pages_per_item))
             inp = ModelInput(tokens=np.zeros((1, T), np.int32), positions=np.zeros((1, T), np.int32),
                              meta=PagedAttentionMeta(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
                                                      page_table=np.zeros((S, W), np.int32),

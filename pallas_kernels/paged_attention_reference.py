@@ -131,59 +131,74 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
     return result.astype(q.dtype)
 
 
-def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_page, item_pos, *, layer=None,
+def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_pages, item_pos, *, layer=None,
                               sliding_window: int | None = None):
-    """Decode attention (one query per sequence) over a flat list of (sequence, page) work items.
+    """Decode attention (one query per sequence) over a flat list of (sequence, pages) work items.
 
-    Every sequence's pages are listed once, so the work is the sum of the sequences' lengths
-    rather than the longest one times the batch (what a padded page table costs):
+    Every sequence's pages are listed once, in groups of a few pages per item, so the work is the
+    sum of the sequences' lengths rather than the longest one times the batch (what a padded page
+    table costs):
 
-        item i: sequence item_seq[i] reads page item_page[i], whose first token is at item_pos[i]
+        item i: sequence item_seq[i] reads pages item_pages[i, :], the first token at item_pos[i]
 
-    q: [S, N, H] (query s at position kv_lens[s] - 1); kv_lens: [S]; item_seq, item_page,
-    item_pos: [I] int32, padding items with item_pos >= every kv_len (they are masked out).
-    A softmax over each sequence's items combines the pages (segment max and sums).
-    Returns [S, N, H] (zeros for sequences without items).
+    q: [S, N, H] (query s at position kv_lens[s] - 1); kv_lens: [S]; item_seq, item_pos: [I]
+    int32; item_pages: [I, pages_per_item] int32 (a group's pages past the sequence's end, and
+    padding items, point at the null page and are masked by position; padding items have
+    item_pos past every length). A softmax over each sequence's items combines the groups
+    (segment max and sums). Returns [S, N, H] (zeros for sequences without items).
     """
     S, N, H = q.shape
     page_size, K = k_pages.shape[-3:-1]
     G = N // K
+    I, group = item_pages.shape
     if layer is not None:
-        keys, values = k_pages[layer, item_page], v_pages[layer, item_page]  # [I, page, K, H]
+        keys, values = k_pages[layer, item_pages], v_pages[layer, item_pages]  # [I, group, page, K, H]
     else:
-        keys, values = k_pages[item_page], v_pages[item_page]
+        keys, values = k_pages[item_pages], v_pages[item_pages]
+    keys = keys.reshape(I, group * page_size, K, H)
+    values = values.reshape(I, group * page_size, K, H)
     qi = q.reshape(S, K, G, H)[item_seq]  # [I, K, G, H]
     scores = jnp.einsum("IKGH,IPKH->IKGP", qi, keys, preferred_element_type=jnp.float32) * (H ** -0.5)
-    k_pos = item_pos[:, None] + jnp.arange(page_size, dtype=jnp.int32)[None]  # [I, page]
+    k_pos = item_pos[:, None] + jnp.arange(group * page_size, dtype=jnp.int32)[None]  # [I, P]
     q_pos = kv_lens[item_seq] - 1
     mask = k_pos <= q_pos[:, None]
     if sliding_window is not None:
         mask &= k_pos > q_pos[:, None] - sliding_window
     mask = mask[:, None, None, :]
     scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jax.ops.segment_max(scores.max(-1), item_seq, num_segments=S)  # [S, K, G]
+    segments = dict(num_segments=S, indices_are_sorted=True)
+    row_max = jax.ops.segment_max(scores.max(-1), item_seq, **segments)  # [S, K, G]
     e = jnp.where(mask, jnp.exp(scores - row_max[item_seq][..., None]), 0.0)
-    denom = jax.ops.segment_sum(e.sum(-1), item_seq, num_segments=S)
+    denom = jax.ops.segment_sum(e.sum(-1), item_seq, **segments)
     numer = jax.ops.segment_sum(
         jnp.einsum("IKGP,IPKH->IKGH", e.astype(values.dtype), values, preferred_element_type=jnp.float32),
-        item_seq, num_segments=S)
+        item_seq, **segments)
     out = jnp.where(denom[..., None] > 0, numer / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
     return out.reshape(S, N, H).astype(q.dtype)
 
 
-def decode_items(kv_lens, page_table, page_size: int, num_items: int):
-    """Host-side (numpy) work items for `decode_attention_by_pages`: every page of every sequence,
-    padded to `num_items`. Returns (item_seq, item_page, item_pos) int32 arrays."""
+def decode_items(kv_lens, page_table, page_size: int, num_items: int, pages_per_item: int = 1):
+    """Host-side (numpy) work items for `decode_attention_by_pages`: every sequence's pages in
+    groups of `pages_per_item`, sequences in order, padded to `num_items`.
+    Returns (item_seq [I], item_pages [I, pages_per_item], item_pos [I]) int32 arrays."""
     import numpy as np
 
-    counts = -(-np.asarray(kv_lens) // page_size)
-    n = int(counts.sum())
+    page_table = np.asarray(page_table)
+    pages = -(-np.asarray(kv_lens) // page_size)
+    groups = -(-pages // pages_per_item)
+    n = int(groups.sum())
     if n > num_items:
-        raise ValueError(f"{n} pages exceed the {num_items} work items of this step shape")
-    seq = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    j = np.arange(n, dtype=np.int32) - np.repeat(np.cumsum(counts) - counts, counts).astype(np.int32)
+        raise ValueError(f"{n} page groups exceed the {num_items} work items of this step shape")
+    seq = np.repeat(np.arange(len(groups), dtype=np.int32), groups)
+    g = np.arange(n, dtype=np.int32) - np.repeat(np.cumsum(groups) - groups, groups).astype(np.int32)
+    j = g[:, None] * pages_per_item + np.arange(pages_per_item, dtype=np.int32)[None]  # [n, group]
+    padded = np.zeros((page_table.shape[0], page_table.shape[1] + pages_per_item), np.int32)
+    padded[:, :page_table.shape[1]] = page_table
+    in_seq = j < pages[seq][:, None]
     item_seq = np.zeros(num_items, np.int32)
-    item_page = np.zeros(num_items, np.int32)
+    item_pages = np.zeros((num_items, pages_per_item), np.int32)
     item_pos = np.full(num_items, np.iinfo(np.int32).max // 2, np.int32)
-    item_seq[:n], item_page[:n], item_pos[:n] = seq, np.asarray(page_table)[seq, j], j * page_size
-    return item_seq, item_page, item_pos
+    item_seq[:n] = seq
+    item_pages[:n] = np.where(in_seq, padded[seq[:, None], j], 0)
+    item_pos[:n] = g * pages_per_item * page_size
+    return item_seq, item_pages, item_pos

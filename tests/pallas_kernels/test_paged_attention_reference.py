@@ -76,8 +76,9 @@ def test_stacked_cache_read_and_written_at_a_layer():
     np.testing.assert_allclose(np.asarray(got[:6]), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pages_per_item", [1, 3])
 @pytest.mark.parametrize("window", [None, 7])
-def test_decode_by_page_items_matches_numpy(window):
+def test_decode_by_page_items_matches_numpy(window, pages_per_item):
     from pallas_kernels.paged_attention_reference import decode_attention_by_pages, decode_items
 
     rng = np.random.default_rng(3)
@@ -97,7 +98,7 @@ def test_decode_by_page_items_matches_numpy(window):
             v_pages[page_table[s, t // page], t % page] = vv[s][t]
     kv_lens = np.array(seq_lens + [0, 0], np.int32)
     q = rng.standard_normal((8, N, H)).astype(np.float32)
-    items = decode_items(kv_lens, page_table, page, 32)
+    items = decode_items(kv_lens, page_table, page, 32, pages_per_item)
     out = np.asarray(decode_attention_by_pages(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
                                                jnp.asarray(kv_lens), *map(jnp.asarray, items),
                                                sliding_window=window))
@@ -106,4 +107,4 @@ def test_decode_by_page_items_matches_numpy(window):
         np.testing.assert_allclose(out[s:s + 1], want, atol=1e-5, rtol=1e-5)
     assert not out[6:].any()
     with pytest.raises(ValueError, match="exceed"):
-        decode_items(kv_lens, page_table, page, 8)
+        decode_items(kv_lens, page_table, page, 4, pages_per_item)
