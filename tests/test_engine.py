@@ -319,3 +319,29 @@ def test_page_count_follows_the_budget_and_is_logged(tiny, caplog):
         engine = make_engine(tiny, num_pages=None, kv_cache_memory=200 * page_bytes + 5)
     assert engine.num_pages == 200 and engine.runner.kv_cache.k.shape[1] == 200
     assert "KV cache: 199 pages x 4 tokens" in caplog.text
+
+
+def test_async_engine_survives_a_failing_step(tiny):
+    from jaxinfer.async_engine import AsyncEngine
+
+    engine = make_engine(tiny)
+    real_execute = engine.runner.execute
+    calls = []
+
+    def flaky(out, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device fell over")
+        return real_execute(out, requests)
+
+    engine.runner.execute = flaky
+    async_engine = AsyncEngine(engine)
+    try:
+        doomed = async_engine.submit([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        with pytest.raises(RuntimeError, match="device fell over"):
+            doomed.result(timeout=60)
+        fine = async_engine.submit([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        assert len(fine.result(timeout=60).outputs[0].token_ids) == 3
+        assert_no_pages_held(engine)
+    finally:
+        async_engine.shutdown()
