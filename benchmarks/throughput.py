@@ -65,11 +65,8 @@ def bench_reference(llm, prompts, output_len, concurrency):
     ref = ReferenceGenerator(llm.config, runner.graphdef, runner.params)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     batches = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)]
-    longest = max(batches, key=lambda b: max(map(len, b)))
-    # Compile the largest shapes outside the timing: the same batch and prompt buckets, two tokens
-    # (the cache bucket, a power of two >= prompt + max_tokens, is the same here for 2 and 128).
-    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    ref.generate(longest, [warm] * len(longest))
+    for batch in batches:  # compile every batch's shapes outside the timing
+        ref.warmup(batch_size=len(batch), prompt_len=max(map(len, batch)), max_tokens=output_len)
     t0 = time.perf_counter()
     generated = 0
     for batch in batches:

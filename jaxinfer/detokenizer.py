@@ -39,17 +39,22 @@ class IncrementalDetokenizer:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def _unread_text(self) -> str:
+        """Text the tokens after read_offset add, decoded with the window before them as context."""
+        prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self._tokens[self._prefix_offset:])
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+
     def add_token(self, token_id: int) -> str | None:
         """Appends a token; returns the stop string if the text now contains one (text cut before it)."""
         if self.stop_string is not None:
             return self.stop_string
         self._tokens.append(token_id)
-        prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._tokens[self._prefix_offset:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        delta = self._unread_text()
+        if not delta or delta.endswith("\ufffd"):
             return None  # nothing final yet (an incomplete character, or a token with no text)
         old_len = len(self.text)
-        self.text += new_text[len(prefix_text):]
+        self.text += delta
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         found = [(i, stop) for stop in self.stop
                  if (i := self.text.find(stop, max(0, old_len - len(stop) + 1))) >= 0]
@@ -61,9 +66,7 @@ class IncrementalDetokenizer:
     def flush(self) -> None:
         """At the end: text still held back as a possibly incomplete character becomes final."""
         if self.stop_string is None and self._read_offset < len(self._tokens):
-            prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
-            new_text = self._decode(self._tokens[self._prefix_offset:])
-            self.text += new_text[len(prefix_text):]
+            self.text += self._unread_text()
             self._prefix_offset = self._read_offset = len(self._tokens)
 
     def visible_text(self, finished: bool) -> str:

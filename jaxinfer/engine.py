@@ -233,6 +233,7 @@ class LLMEngine:
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids)
         self._states: dict[str, _RequestState] = {}
         self._sample_owner: dict[str, tuple[_RequestState, int]] = {}  # child request id -> (state, index)
+        self._holding: dict[str, _RequestState] = {}  # n > 1 requests whose other samples wait
         self._rng = random.Random(ec.seed)
         self._ids = itertools.count()
         self.counters = dict(steps=0, prompt_tokens=0, generation_tokens=0, computed_tokens=0, finished=0,
@@ -292,6 +293,8 @@ class LLMEngine:
             self._sample_owner[s.request.request_id] = (state, i)
         self.scheduler.add_request(samples[0].request)
         state.held = [s.request for s in samples[1:]]
+        if state.held:
+            self._holding[request_id] = state
         self.counters["prompt_tokens"] += len(ids)
         return request_id
 
@@ -386,16 +389,17 @@ class LLMEngine:
 
     def _release_held(self) -> None:
         """Admits the other samples of n > 1 requests once sample 0's prompt is computed."""
-        for state in self._states.values():
-            if state.held:
-                first = state.samples[0].request
-                if first.num_computed_tokens >= first.num_prompt_tokens - 1 or first.is_finished:
-                    for request in state.held:
-                        self.scheduler.add_request(request)
-                    state.held = []
+        for rid, state in list(self._holding.items()):
+            first = state.samples[0].request
+            if first.num_computed_tokens >= first.num_prompt_tokens - 1 or first.is_finished:
+                for request in state.held:
+                    self.scheduler.add_request(request)
+                state.held = []
+                del self._holding[rid]
 
     def _retire(self, state: _RequestState) -> None:
         self._states.pop(state.request_id, None)
+        self._holding.pop(state.request_id, None)
         for s in state.samples:
             self._sample_owner.pop(s.request.request_id, None)
 

@@ -274,7 +274,9 @@ class Runner:
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slots = np.zeros(T, np.int32)  # padding writes into the null page
-        page_table = np.zeros((S, W), np.int32)
+        # Every page of every chunk; mixed steps see the first W columns (W covers them all), decode
+        # steps turn it into work items instead.
+        table = np.zeros((S, max(W, max(len(c.block_ids) for c in out.chunks))), np.int32)
         kv_lens = np.zeros(S, np.int32)
         cu = np.zeros(S + 1, np.int32)
         t = 0
@@ -285,19 +287,15 @@ class Runner:
             tokens[t:t + n] = chunk.token_ids
             positions[t:t + n] = pos
             slots[t:t + n] = blocks[pos // page] * page + pos % page
-            if not shape.is_decode:
-                page_table[s, :len(blocks)] = blocks
+            table[s, :len(blocks)] = blocks
             kv_lens[s] = start + n
             t += n
             cu[s + 1] = t
         cu[len(out.chunks) + 1:] = t
         items = None
         if shape.is_decode:
-            full = np.zeros((S, max(len(c.block_ids) for c in out.chunks)), np.int32)
-            for s, chunk in enumerate(out.chunks):
-                full[s, :len(chunk.block_ids)] = chunk.block_ids
-            items = DecodeItems(*decode_items(kv_lens, full, page, shape.I, self.rc.pages_per_item))
-        meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
+            items = DecodeItems(*decode_items(kv_lens, table, page, shape.I, self.rc.pages_per_item))
+        meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=table[:, :W], cu_q_lens=cu,
                                   num_seqs=np.int32(len(out.chunks)), decode_items=items)
         logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
         return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta, logits_indices=logits_indices)
