@@ -37,6 +37,7 @@ from jaxinfer.runner import Runner, RunnerConfig, StepResult
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.tokenizer import Tokenizer
+from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ class LLMEngine:
         page_size = ec.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
-                                                 num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                                                 num_kv_heads=config.num_kv_heads,
+                                                 head_dim=ops.kv_cache_head_dim(config.head_dim, ec.attention_backend),
                                                  dtype=jnp.dtype(config.dtype))
         if ec.num_pages is not None:
             num_pages = ec.num_pages

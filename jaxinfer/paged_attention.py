@@ -7,8 +7,8 @@ so prefill chunks and decodes share one step:
     positions [1, T]  absolute position of each token (RoPE)
     meta              slot_mapping [T], kv_lens [S], page_table [S, max_pages], cu_q_lens [S + 1], num_seqs
 
-Attention goes through `pallas_kernels.ops` (the jnp reference on CPU; the kernels issue adds the
-Pallas kernels behind the same arguments).
+Attention goes through `pallas_kernels.ops`: the Pallas kernels on TPU and GPU, the jnp
+reference on CPU (and wherever `attention_backend="reference"`).
 """
 
 from __future__ import annotations

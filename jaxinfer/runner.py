@@ -8,8 +8,10 @@
 
 Two kinds of step, every shape compiled at warm-up, none after:
 
-    decode step  every chunk is one token: T = S = a sequence bucket; attention over a flat list
-                 of (sequence, page) items, I = an item bucket >= the pages of all sequences.
+    decode step  every chunk is one token: T = S = a sequence bucket; on the reference backend
+                 attention over a flat list of (sequence, page) items, I = an item bucket >= the
+                 pages of all sequences; on the Pallas kernels the ragged kernel with one query
+                 row per block and a page table of width W (I = 0).
     mixed step   prefill chunks (and decodes): T = a token bucket, S = the largest sequence
                  bucket, page table W = a width bucket; decodes attend per token, prefill chunks
                  in query blocks of up to `q_block` rows.
@@ -119,9 +121,9 @@ class RunnerConfig:
 class StepShape(NamedTuple):
     T: int  # tokens
     S: int  # sequence slots
-    W: int  # page-table width (mixed steps; 1 on decode steps)
+    W: int  # page-table width (1 on decode steps with work items)
     q_block: int  # query rows per prefill block (mixed steps; 1 on decode steps)
-    I: int  # (sequence, page) work items (decode steps; 0 on mixed steps)
+    I: int  # (sequence, page) work items (reference decode steps; else 0)
 
     @property
     def is_decode(self) -> bool:
@@ -208,7 +210,9 @@ class Runner:
         self.params = params_for_layer_loop(config, params)
         self.kv_cache = PagedKVCache.zeros(num_layers=config.num_layers, num_pages=runner_config.num_pages,
                                            page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
-                                           head_dim=config.head_dim, dtype=jnp.dtype(config.dtype))
+                                           head_dim=ops.kv_cache_head_dim(config.head_dim,
+                                                                          runner_config.attention_backend),
+                                           dtype=jnp.dtype(config.dtype))
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,), static_argnames=("q_block",))
         self._sample = jax.jit(self._sample_fn)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
@@ -248,19 +252,24 @@ class Runner:
         """The padded shape of the step that runs `out`."""
         rc, page = self.rc, self.rc.page_size
         num_tokens = sum(len(c.token_ids) for c in out.chunks)
+        width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
         if num_tokens == len(out.chunks):  # all decodes
             S = _bucket(rc.seq_buckets, num_tokens, "sequences")
+            if not ops.uses_decode_items(rc.attention_backend):  # the kernels: one query row per block
+                return StepShape(S, S, width, 1, 0)
             per_item = page * rc.pages_per_item
             items = sum(-(-(c.start_pos + 1) // per_item) for c in out.chunks)
             return StepShape(S, S, 1, 1, _bucket(rc.item_buckets(S), items, "decode work items"))
         _bucket(rc.seq_buckets, len(out.chunks), "sequences")
         T = _bucket(rc.token_buckets, num_tokens, "tokens")
-        width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
         return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
 
     def all_step_shapes(self) -> list[StepShape]:
         rc = self.rc
-        shapes = [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
+        if ops.uses_decode_items(rc.attention_backend):
+            shapes = [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
+        else:
+            shapes = [StepShape(S, S, W, 1, 0) for S in rc.seq_buckets for W in rc.page_buckets]
         shapes += [StepShape(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T), 0) for T in rc.token_buckets
                    for W in rc.page_buckets]
         return shapes

@@ -2,47 +2,111 @@
 
     write_kv(k_cache, v_cache, k, v, slot_mapping, layer=None) -> (k_cache, v_cache)
     ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *,
-                           layer=None, sliding_window=None, q_block=1, max_prefill_seqs=None,
-                           backend="auto") -> [T, N, H]
+                           layer=None, sliding_window=None, soft_cap=None, sm_scale=None, q_block=1,
+                           max_prefill_seqs=None, backend="auto") -> [T, N, H]
     decode_attention_by_pages(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos, *,
-                              layer=None, sliding_window=None, backend="auto") -> [S, N, H]
+                              layer=None, sliding_window=None, soft_cap=None, sm_scale=None,
+                              backend="auto") -> [S, N, H]
 
-Arguments are described in `paged_attention_reference`. `backend` is "auto" (the platform's
-default), or "reference" (pure jnp, any platform). The Pallas kernels (TPU Mosaic, GPU Triton)
-are added behind the same signature by the kernels issue; until then every platform runs the
-reference.
+Arguments are described in `paged_attention_reference`. Backends:
+
+    auto         the platform's kernel: pallas_tpu on TPU, pallas_gpu on GPU, reference on CPU
+    reference    pure jnp (XLA), any platform
+    pallas       the platform's Pallas kernel; on CPU the GPU kernel in interpret mode
+    pallas_tpu   the Mosaic kernel (interpret mode off TPU)
+    pallas_gpu   the Triton kernel (interpret mode off GPU)
+
+Head dims the hardware does not tile (64 on TPU, where lanes are 128; non-powers of two on the
+Triton kernel) are padded with zeros: the cache is allocated with `kv_cache_head_dim` lanes,
+`write_kv` pads new keys/values, attention pads q and slices the output. Zero lanes change no dot
+product, and the logit scale stays the model's head dim.
+
+`decode_attention_by_pages` (decode steps as (sequence, page-group) work items) is the reference
+path's decode specialisation; the kernels take decode steps through `ragged_paged_attention`
+with q_block=1 (`uses_decode_items`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.paged_attention_reference import (decode_attention_by_pages as _decode_reference,
-                                                     ragged_paged_attention_reference, write_kv)
+                                                     ragged_paged_attention_reference, write_kv as _write_kv)
 
-__all__ = ["BACKENDS", "decode_attention_by_pages", "ragged_paged_attention", "resolve_backend", "write_kv"]
+__all__ = ["BACKENDS", "decode_attention_by_pages", "kv_cache_head_dim", "ragged_paged_attention",
+           "resolve_backend", "uses_decode_items", "write_kv"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "pallas_gpu")
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """The implementation `backend` names on this platform."""
+def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:
+    """The implementation `backend` names on `platform` (default: JAX's default backend):
+    "reference", "pallas_tpu" or "pallas_gpu"."""
     if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    return "reference"
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
+    platform = platform or jax.default_backend()
+    if backend in ("auto", "pallas"):
+        if platform == "tpu":
+            return "pallas_tpu"
+        if platform == "gpu":
+            return "pallas_gpu"
+        return "reference" if backend == "auto" else "pallas_gpu"
+    return backend
+
+
+def uses_decode_items(backend: str = "auto") -> bool:
+    """Whether decode steps go through `decode_attention_by_pages` (else the ragged kernel)."""
+    return resolve_backend(backend) == "reference"
+
+
+def kv_cache_head_dim(head_dim: int, backend: str = "auto") -> int:
+    """Lanes per KV head in the cache: the head dim padded to what the kernel tiles."""
+    impl = resolve_backend(backend)
+    if impl == "pallas_tpu":
+        return -(-head_dim // 128) * 128
+    if impl == "pallas_gpu":
+        return max(16, 1 << (head_dim - 1).bit_length())
+    return head_dim
+
+
+def _pad_lanes(x, lanes: int):
+    return x if x.shape[-1] == lanes else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, lanes - x.shape[-1])])
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping, layer=None):
+    lanes = k_cache.shape[-1]
+    return _write_kv(k_cache, v_cache, _pad_lanes(k, lanes), _pad_lanes(v, lanes), slot_mapping, layer=layer)
 
 
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
-                           sliding_window: int | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           sm_scale: float | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
                            backend: str = "auto") -> jax.Array:
-    resolve_backend(backend)
-    return ragged_paged_attention_reference(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs,
-                                            sliding_window=sliding_window, layer=layer, q_block=q_block,
-                                            max_prefill_seqs=max_prefill_seqs)
+    impl = resolve_backend(backend)
+    H = q.shape[-1]
+    sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    args = (_pad_lanes(q, k_cache.shape[-1]), k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs)
+    common = dict(layer=layer, sliding_window=sliding_window, soft_cap=soft_cap, sm_scale=sm_scale)
+    if impl == "reference":
+        out = ragged_paged_attention_reference(*args, q_block=q_block, max_prefill_seqs=max_prefill_seqs, **common)
+    elif impl == "pallas_tpu":
+        from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
+
+        out = ragged_paged_attention_tpu(*args, q_block=q_block, interpret=jax.default_backend() != "tpu",
+                                         **common)
+    else:
+        from pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+
+        out = ragged_paged_attention_gpu(*args, q_block=q_block, max_prefill_seqs=max_prefill_seqs,
+                                         interpret=jax.default_backend() != "gpu", **common)
+    return out[..., :H]
 
 
 def decode_attention_by_pages(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos, *, layer=None,
-                              sliding_window: int | None = None, backend: str = "auto") -> jax.Array:
-    resolve_backend(backend)
+                              sliding_window: int | None = None, soft_cap: float | None = None,
+                              sm_scale: float | None = None, backend: str = "auto") -> jax.Array:
+    if not uses_decode_items(backend):
+        raise ValueError(f"attention backend {backend!r} takes decode steps through ragged_paged_attention")
     return _decode_reference(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos, layer=layer,
-                             sliding_window=sliding_window)
+                             sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)

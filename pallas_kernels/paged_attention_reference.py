@@ -55,7 +55,9 @@ def query_blocks(cu_q_lens, num_seqs, num_tokens: int, q_block: int, *, min_q_le
     per_seq = (q_lens + q_block - 1) // q_block
     ends = jnp.cumsum(per_seq)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right"), S - 1).astype(jnp.int32)
+    # compare_all: one fused comparison; the default binary search is a while loop, which on GPU
+    # syncs with the host every iteration (~7 round trips for 100 sequences).
+    seq = jnp.minimum(jnp.searchsorted(ends, b, side="right", method="compare_all"), S - 1).astype(jnp.int32)
     local = b - (ends[seq] - per_seq[seq])
     rows = (cu_q_lens[seq] + local * q_block)[:, None] + jnp.arange(q_block, dtype=jnp.int32)[None]
     row_valid = (b < ends[-1])[:, None] & (rows < cu_q_lens[seq + 1][:, None])
@@ -71,7 +73,14 @@ def single_token_rows(cu_q_lens, num_seqs):
     return seq, cu_q_lens[:-1][:, None], valid[:, None]
 
 
-def _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, *, layer, sliding_window):
+def _logits(q, keys, eq, *, sm_scale, soft_cap):
+    """Scaled (and soft-capped: cap * tanh(s / cap)) attention logits in f32."""
+    scores = jnp.einsum(eq, q, keys, preferred_element_type=jnp.float32) * sm_scale
+    return scores if soft_cap is None else soft_cap * jnp.tanh(scores / soft_cap)
+
+
+def _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, *, layer, sliding_window,
+                   sm_scale, soft_cap):
     """Attention of query blocks (from query_blocks) over their sequences' pages.
     Returns (out [NB * q_block, N, H] f32, destination row of each, T where invalid)."""
     T, N, H = q.shape
@@ -90,8 +99,10 @@ def _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, 
     keys = keys.reshape(NB, max_pages * page_size, K, H)
     values = values.reshape(NB, max_pages * page_size, K, H)
     qb = q[jnp.minimum(rows, T - 1)].reshape(NB, q_block, K, N // K, H)
-    scores = jnp.einsum("BQKGH,BSKH->BKGQS", qb, keys, preferred_element_type=jnp.float32) * (H ** -0.5)
+    scores = _logits(qb, keys, "BQKGH,BSKH->BKGQS", sm_scale=sm_scale, soft_cap=soft_cap)
     k_pos = jnp.arange(max_pages * page_size, dtype=jnp.int32)
+    # Slots past a sequence's end may hold anything (NaN included): 0 * NaN would leak through probs @ V.
+    values = jnp.where((k_pos[None, :] < kv_lens[seq][:, None])[:, :, None, None], values, 0)
     mask = (k_pos[None, None, :] <= pos[:, :, None]) & (k_pos[None, None, :] < kv_lens[seq][:, None, None])
     if sliding_window is not None:
         mask &= k_pos[None, None, :] > pos[:, :, None] - sliding_window
@@ -104,7 +115,8 @@ def _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, 
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                                      sliding_window: int | None = None, layer=None, q_block: int = 1,
-                                     max_prefill_seqs: int | None = None):
+                                     max_prefill_seqs: int | None = None, sm_scale: float | None = None,
+                                     soft_cap: float | None = None):
     """Causal GQA attention of a ragged batch over paged K/V. Returns [T, N, H] (zeros for padding).
 
     q: [T, N, H]; k_pages, v_pages: [P, page_size, K, H], or [L, P, page_size, K, H] read at
@@ -116,9 +128,11 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
     token and sequences with more (prefill chunks) in blocks of q_block rows, of which there are
     at most ceil(T / q_block) + max_prefill_seqs (the caller guarantees at most that many
     multi-token sequences; None: every sequence slot may be one).
+    sm_scale: logit scale (default H ** -0.5); soft_cap: logits become cap * tanh(logits / cap).
     """
     T, N, H = q.shape
-    common = dict(layer=layer, sliding_window=sliding_window)
+    sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    common = dict(layer=layer, sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)
     if q_block == 1:
         parts = [query_blocks(cu_q_lens, num_seqs, T, 1)]
     else:
@@ -132,7 +146,8 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
 
 
 def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_pages, item_pos, *, layer=None,
-                              sliding_window: int | None = None):
+                              sliding_window: int | None = None, sm_scale: float | None = None,
+                              soft_cap: float | None = None):
     """Decode attention (one query per sequence) over a flat list of (sequence, pages) work items.
 
     Every sequence's pages are listed once, in groups of a few pages per item, so the work is the
@@ -158,10 +173,12 @@ def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_pages
     keys = keys.reshape(I, group * page_size, K, H)
     values = values.reshape(I, group * page_size, K, H)
     qi = q.reshape(S, K, G, H)[item_seq]  # [I, K, G, H]
-    scores = jnp.einsum("IKGH,IPKH->IKGP", qi, keys, preferred_element_type=jnp.float32) * (H ** -0.5)
+    sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    scores = _logits(qi, keys, "IKGH,IPKH->IKGP", sm_scale=sm_scale, soft_cap=soft_cap)
     k_pos = item_pos[:, None] + jnp.arange(group * page_size, dtype=jnp.int32)[None]  # [I, P]
     q_pos = kv_lens[item_seq] - 1
     mask = k_pos <= q_pos[:, None]
+    values = jnp.where(mask[:, :, None, None], values, 0)  # slots past the end may hold NaN
     if sliding_window is not None:
         mask &= k_pos > q_pos[:, None] - sliding_window
     mask = mask[:, None, None, :]
