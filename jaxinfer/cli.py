@@ -7,6 +7,7 @@ text goes to stdout. User errors print one line and exit with status 2, never a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -30,6 +31,10 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="devices to split the model's heads, MLP and vocabulary over (all of them must be used)")
+    p.add_argument("--attention-backend", default="auto",
+                   help="auto, reference, pallas, pallas_tpu or pallas_gpu (pallas_kernels.ops)")
 
 
 def _load(args):
@@ -42,7 +47,8 @@ def _load(args):
     _status(f"loading {args.model} ...")
     # One conversation at a time: a one-sequence engine compiles the fewest step shapes.
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=1, max_num_batched_tokens=256, warmup=False, progress=False)
+              max_num_seqs=1, max_num_batched_tokens=256, warmup=False, progress=False,
+              tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend)
     t1 = time.perf_counter()
     _status(f"loaded in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, {llm.config.dtype}); "
             "compiling ...")
@@ -102,6 +108,23 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """GGUF (a path or registered name) -> jaxinfer orbax checkpoint directory."""
+    from checkpoints import orbax_io
+    from checkpoints.gguf import GGUFFile
+    from jaxinfer.registry import resolve_model_path
+
+    t0 = time.perf_counter()
+    path = resolve_model_path(args.model)
+    gguf = GGUFFile(path)
+    cfg = gguf.model_config(dtype=args.dtype, scan_layers=True)
+    weights = gguf.load_params(cfg, progress=True)  # tqdm bar over the tensors
+    out = orbax_io.save(args.out_dir, cfg, weights, gguf.metadata, source=os.path.abspath(path))
+    _status(f"wrote {out} ({cfg.num_params() / 1e6:.0f}M parameters, {cfg.dtype}) in "
+            f"{time.perf_counter() - t0:.1f}s; load it with LLM(model={out!r}) or --model {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system message")
     _add_common(c, temperature=0.0, max_tokens=256)
     c.set_defaults(func=cmd_chat)
+    v = sub.add_parser("convert", help="convert a GGUF model to a jaxinfer orbax checkpoint directory")
+    v.add_argument("model", help="a .gguf path or a registered model name")
+    v.add_argument("out_dir", help="the checkpoint directory to create (must be new or empty)")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="stored parameter dtype (loading can cast to another)")
+    v.set_defaults(func=cmd_convert)
     return parser
 
 

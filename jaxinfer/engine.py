@@ -38,6 +38,7 @@ from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import ops
+from sharding.mesh import ParallelConfig, make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class EngineConfig:
       max_prefill_seqs: most requests given a multi-token (prefill) chunk per step.
       pages_per_item: KV pages per work item of decode attention.
       attention_backend: `pallas_kernels.ops` backend.
+      tensor_parallel_size: devices the heads, MLP columns and vocabulary are split over
+        (`sharding/`; vLLM's name). data_parallel_size, sequence_parallel_size: the other mesh
+        axes; only 1 is supported so far.
       compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
         JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
       seed: seeds requests that set none.
@@ -95,6 +99,9 @@ class EngineConfig:
     max_prefill_seqs: int = 4
     pages_per_item: int = 2
     attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    sequence_parallel_size: int = 1
     compilation_cache_dir: str | None = None
     seed: int = 0
 
@@ -120,6 +127,19 @@ class EngineConfig:
                 f"{self.q_block}, {self.pages_per_item}")
         if self.policy not in ("fcfs", "priority"):
             bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        try:
+            self.parallel_config
+        except ValueError as e:
+            bad(str(e))
+        if self.data_parallel_size > 1 or self.sequence_parallel_size > 1:
+            bad("data_parallel_size and sequence_parallel_size > 1 are not supported yet: use "
+                "tensor_parallel_size to spread a model over devices")
+
+    @property
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(data_parallel_size=self.data_parallel_size,
+                              sequence_parallel_size=self.sequence_parallel_size,
+                              tensor_parallel_size=self.tensor_parallel_size)
 
 
 def enable_compilation_cache(path: str | None) -> str | None:
@@ -185,8 +205,21 @@ class LLMEngine:
     """
 
     def __init__(self, config: ModelConfig, graphdef, params, tokenizer: Tokenizer,
-                 engine_config: EngineConfig = EngineConfig(), *, warmup: bool = False):
+                 engine_config: EngineConfig = EngineConfig(), *, warmup: bool = False, devices=None):
         ec = engine_config
+        pc = ec.parallel_config
+        self.mesh = None
+        if not pc.is_single_device or devices is not None:
+            # Raises if the sizes do not multiply to the device count; heads re-laid out so every
+            # `model` shard owns whole GQA groups (sharding/heads.py).
+            try:
+                self.mesh = make_mesh(pc, devices)
+            except ValueError as e:
+                raise InvalidRequestError(str(e)) from None
+            if pc.tensor_parallel_size > 1:
+                from sharding.heads import relayout_model
+
+                config, graphdef, params = relayout_model(config, params, pc.tensor_parallel_size)
         self.config = config
         self.engine_config = ec
         self.tokenizer = tokenizer
@@ -196,7 +229,7 @@ class LLMEngine:
         page_size = ec.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
-                                                 num_kv_heads=config.num_kv_heads,
+                                                 num_kv_heads=config.num_kv_heads // pc.tensor_parallel_size,
                                                  head_dim=ops.kv_cache_head_dim(config.head_dim, ec.attention_backend),
                                                  dtype=jnp.dtype(config.dtype))
         if ec.num_pages is not None:
@@ -232,7 +265,7 @@ class LLMEngine:
             SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
                             max_model_len=self.max_model_len, policy=ec.policy, max_prefill_seqs=ec.max_prefill_seqs),
             self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
-        self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids)
+        self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh)
         self._states: dict[str, _RequestState] = {}
         self._sample_owner: dict[str, tuple[_RequestState, int]] = {}  # child request id -> (state, index)
         self._holding: dict[str, _RequestState] = {}  # n > 1 requests whose other samples wait

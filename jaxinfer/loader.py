@@ -58,14 +58,16 @@ def build_model(cfg: ModelConfig, weights: dict) -> tuple[nnx.GraphDef, nnx.Stat
 
 
 def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layers: bool | None = None,
-               progress: bool = True) -> LoadedModel:
-    """Loads a registered model name or a .gguf path.
+               progress: bool = True, mesh=None) -> LoadedModel:
+    """Loads a registered model name, a .gguf path, or a jaxinfer orbax checkpoint directory.
 
     Args:
       model: registry name (e.g. "smollm2-135m") or path to a .gguf file.
       dtype: parameter dtype; None picks float32 on CPU, bfloat16 on GPU/TPU.
       scan_layers: scan over layers; None picks scan on CPU, unrolled on GPU/TPU.
       progress: show a progress bar while reading tensors.
+      mesh: restore an orbax checkpoint straight into this mesh's shardings (GGUF files are read
+        on the host and placed by the engine).
 
     Raises:
       ModelNotFoundError, CheckpointError, UnsupportedModelError, TokenizerError.
@@ -74,6 +76,14 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
     backend = jax.default_backend()
     dtype = dtype or default_dtype(backend)
     scan_layers = default_scan_layers(backend) if scan_layers is None else scan_layers
+    if os.path.isdir(path):  # an orbax checkpoint directory
+        from checkpoints import orbax_io
+
+        cfg, weights = orbax_io.restore(path, dtype=dtype, scan_layers=scan_layers, mesh=mesh)
+        tok = tokenizer_lib.from_gguf_metadata(orbax_io.read_tokenizer_metadata(path), source=path)
+        graphdef, params = build_model(cfg, weights)
+        logger.info("loaded orbax checkpoint %s: %.1fM parameters, %s", path, cfg.num_params() / 1e6, cfg.dtype)
+        return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)
     gguf_file = GGUFFile(path)
     cfg = gguf_file.model_config(dtype=dtype, scan_layers=scan_layers)
     tok = tokenizer_lib.from_gguf_metadata(gguf_file.metadata, source=path)

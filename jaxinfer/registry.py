@@ -49,7 +49,8 @@ def known_models_help() -> str:
 
 
 def resolve_model_path(model: str | os.PathLike) -> str:
-    """Path of the weights file for a registered name or a path to a .gguf file.
+    """Path of the weights for a registered name, a .gguf file, or a directory holding one .gguf
+    file or a jaxinfer orbax checkpoint (`jaxinfer convert`).
 
     Raises:
       ModelNotFoundError: unknown name, missing file, or a registered model not installed.
@@ -71,6 +72,10 @@ def resolve_model_path(model: str | os.PathLike) -> str:
             raise ModelNotFoundError(f"{model}: jaxinfer loads GGUF files (*.gguf); convert the checkpoint first")
         return model
     if os.path.isdir(model):
+        from checkpoints.orbax_io import is_orbax_checkpoint
+
+        if is_orbax_checkpoint(model):
+            return model
         ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
         if len(ggufs) == 1:
             return os.path.join(model, ggufs[0])

@@ -191,6 +191,18 @@ class StepResult:
     device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
 
 
+@dataclasses.dataclass
+class StepPlan:
+    """Everything the device part of a step needs (host numpy arrays): what process 0 sends to
+    the others in a multi-host run."""
+
+    shape: StepShape
+    model_input: ModelInput
+    sampling_input: SamplingInput
+    prompt_rows: np.ndarray  # [R] int32 hidden-state rows whose next-token logprobs are wanted
+    prompt_targets: np.ndarray  # [R] int32 the prompt token each row predicts
+
+
 class Runner:
     """Owns the device KV cache and the jit steps.
 
@@ -202,17 +214,26 @@ class Runner:
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
-                 *, eos_token_ids: Iterable[int] = ()):
+                 *, eos_token_ids: Iterable[int] = (), mesh=None):
         self.config = config
         self.rc = runner_config
         self.graphdef = graphdef
         self.eos_token_ids = tuple(eos_token_ids)
+        self.mesh = mesh
+        self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
         self.params = params_for_layer_loop(config, params)
-        self.kv_cache = PagedKVCache.zeros(num_layers=config.num_layers, num_pages=runner_config.num_pages,
-                                           page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
-                                           head_dim=ops.kv_cache_head_dim(config.head_dim,
-                                                                          runner_config.attention_backend),
-                                           dtype=jnp.dtype(config.dtype))
+        make_cache = functools.partial(
+            PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
+            page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
+            head_dim=ops.kv_cache_head_dim(config.head_dim, runner_config.attention_backend),
+            dtype=jnp.dtype(config.dtype))
+        if mesh is None:
+            self.kv_cache = make_cache()
+        else:  # parameters and cache placed by the sharding rules; the cache is allocated sharded
+            from sharding.rules import kv_cache_sharding, shard_params
+
+            self.params = shard_params(self.params, mesh)
+            self.kv_cache = jax.jit(make_cache, out_shardings=kv_cache_sharding(jax.eval_shape(make_cache), mesh))()
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,), static_argnames=("q_block",))
         self._sample = jax.jit(self._sample_fn)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
@@ -224,6 +245,10 @@ class Runner:
         attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
                                    max_prefill_seqs=self.rc.max_prefill_seqs,
                                    backend=self.rc.attention_backend)
+        if self.mesh is not None:
+            from sharding.attention import shard_attend
+
+            attend = shard_attend(attend, self.mesh)
         hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attend)
         return hidden[0], hidden[0, inp.logits_indices], kv_cache
 
@@ -369,24 +394,13 @@ class Runner:
         if out.is_empty:
             return StepResult({}, {})
         shape = self.step_shape(out)
-        model_input = self.build_model_input(out, shape)
-        sampling_input = self.build_sampling_input(out, requests, shape.S)
-        hidden, rows, self.kv_cache = self._forward(self.params, self.kv_cache, model_input, q_block=shape.q_block)
-        tokens, lps = self._sample(self.params, rows, sampling_input)
         rows, targets, owners = self._prompt_logprob_rows(out, requests)
-        prompt_lps = None
-        if rows:
-            pad = (0, shape.T - len(rows))  # one graph per hidden-state shape (rows <= T)
-            prompt_lps = self._prompt_logprobs(self.params, hidden, np.pad(np.asarray(rows, np.int32), pad),
-                                               np.pad(np.asarray(targets, np.int32), pad))
-        start = time.perf_counter()
-        tokens = np.asarray(tokens)
-        if lps is not None:
-            lps = [np.asarray(a) for a in lps]
-        if prompt_lps is not None:
-            prompt_lps = [np.asarray(a) for a in prompt_lps]
-        device_seconds = time.perf_counter() - start
-
+        plan = StepPlan(shape=shape, model_input=self.build_model_input(out, shape),
+                        sampling_input=self.build_sampling_input(out, requests, shape.S),
+                        prompt_rows=np.asarray(rows, np.int32), prompt_targets=np.asarray(targets, np.int32))
+        if self.step_hook is not None:  # multi-host: the other processes run the same plan
+            self.step_hook(plan)
+        tokens, lps, prompt_lps, device_seconds = self.run_plan(plan)
         sampled = {}
         for s, chunk in enumerate(out.chunks):
             if not chunk.samples:
@@ -404,6 +418,27 @@ class Runner:
                 pos, target, float(prompt_lps[0][r]),
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
         return StepResult(sampled, prompt, device_seconds)
+
+    def run_plan(self, plan: "StepPlan"):
+        """The device part of a step (every process of a multi-host run executes it on the same
+        plan): forward, sample, prompt logprobs -> (tokens, logprobs, prompt logprobs, seconds
+        spent waiting for the device), as numpy arrays."""
+        shape = plan.shape
+        hidden, rows, self.kv_cache = self._forward(self.params, self.kv_cache, plan.model_input,
+                                                    q_block=shape.q_block)
+        tokens, lps = self._sample(self.params, rows, plan.sampling_input)
+        prompt_lps = None
+        if len(plan.prompt_rows):
+            pad = (0, shape.T - len(plan.prompt_rows))  # one graph per hidden-state shape (rows <= T)
+            prompt_lps = self._prompt_logprobs(self.params, hidden, np.pad(plan.prompt_rows, pad),
+                                               np.pad(plan.prompt_targets, pad))
+        start = time.perf_counter()
+        tokens = np.asarray(tokens)
+        if lps is not None:
+            lps = [np.asarray(a) for a in lps]
+        if prompt_lps is not None:
+            prompt_lps = [np.asarray(a) for a in prompt_lps]
+        return tokens, lps, prompt_lps, time.perf_counter() - start
 
     def warmup(self, progress: bool = False) -> int:
         """Compiles every step shape and sampler variant; returns how many graphs were run."""

@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+# Eight virtual CPU devices for the sharding tests, set before anything imports jax. Single-device
+# code is unaffected: it runs on device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import numpy as np
 import pytest
 

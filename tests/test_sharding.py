@@ -1,0 +1,121 @@
+"""Tensor parallelism on 8 virtual CPU devices (tests/conftest.py sets the device count): the
+engine on a (1, 1, M) mesh gives the single-device run's greedy tokens and prompt logprobs, with
+parameters and KV cache actually split; head layouts; configuration errors."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from jaxinfer.engine import EngineConfig, LLMEngine
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.sampling_params import SamplingParams
+from sharding.heads import head_layout
+from sharding.mesh import ParallelConfig, make_mesh
+from tests.test_engine import assert_no_pages_held, random_prompts, run
+
+PARAMS = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=20)
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (virtual CPU devices)")
+
+
+@pytest.mark.parametrize("N, K, M", [(9, 3, 2), (9, 3, 4), (9, 3, 8), (4, 2, 8), (32, 8, 4), (8, 8, 2), (6, 1, 4)])
+def test_head_layout_gives_every_shard_whole_groups(N, K, M):
+    layout = head_layout(N, K, M)
+    Np, Kp = layout.num_heads, layout.num_kv_heads
+    assert Np % M == 0 and Kp % M == 0 and Np % Kp == 0
+    G, Gp = N // K, Np // Kp
+    real = [q for q in layout.q_source if q >= 0]
+    assert sorted(real) == list(range(N)), "every query head exactly once"
+    assert {k for k in layout.kv_source if k >= 0} == set(range(K))
+    for slot, q in enumerate(layout.q_source):
+        if q >= 0:  # the slot's KV head (on the same shard) is the head this query reads
+            assert layout.kv_source[slot // Gp] == q // G
+    if K % M == 0:
+        assert layout.is_identity
+
+
+def _engine(model, tp, **kw):
+    cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="",
+               tensor_parallel_size=tp)
+    cfg.update(kw)
+    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig(**cfg),
+                     devices=jax.devices()[:tp])
+
+
+def _assert_same(base, outs, tol=1e-4):
+    for a, b in zip(base, outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):  # top-20 logprobs per position
+            assert pa.keys() == pb.keys() or len(pa.keys() ^ pb.keys()) <= 2  # ties at the 20th may swap
+            for t in pa.keys() & pb.keys():
+                assert abs(pa[t].logprob - pb[t].logprob) < tol
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import tempfile
+
+    from jaxinfer.loader import load_model
+    from jaxinfer.testing import tiny_gguf
+
+    path = tempfile.mkdtemp() + "/tiny.gguf"
+    tiny_gguf(path)
+    return load_model(path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_single(tiny):
+    prompts = random_prompts(tiny.config, [1, 3, 4, 5, 12, 21], seed=3)
+    outs = run(_engine(tiny, 1), {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
+    return prompts, [outs[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_tiny_model_matches_one_device(tiny, tiny_single, tp):
+    prompts, base = tiny_single
+    engine = _engine(tiny, tp)
+    outs = run(engine, {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
+    _assert_same(base, [outs[str(i)] for i in range(len(prompts))])
+    assert_no_pages_held(engine)
+    # The arrays really are split: each device holds 1/tp of the heads, MLP columns and KV heads.
+    params, cache = engine.runner.params, engine.runner.kv_cache
+    wq = params["layers"]["wq"].get_value()
+    assert len(wq.sharding.device_set) == tp
+    assert wq.addressable_shards[0].data.shape[2] == engine.config.num_heads // tp
+    w_up = params["layers"]["w_up"].get_value()
+    assert w_up.addressable_shards[0].data.shape[-1] == tiny.config.intermediate_size // tp
+    assert cache.k.addressable_shards[0].data.shape[3] == engine.config.num_kv_heads // tp
+    assert cache.k.sharding.spec[3] == "model" and engine.config.num_kv_heads % tp == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_smollm2_matches_one_device(smollm2, tp):
+    runner = smollm2.engine.runner
+    model = type("M", (), dict(config=smollm2.config, graphdef=runner.graphdef, params=runner.params,
+                               tokenizer=smollm2.tokenizer))
+    prompts = [smollm2.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):")]
+    base = run(_engine(model, 1, num_pages=32), {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
+    engine = _engine(model, tp, num_pages=32)
+    outs = run(engine, {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
+    _assert_same([base[str(i)] for i in range(2)], [outs[str(i)] for i in range(2)])
+    assert engine.config.num_heads % tp == 0 and engine.config.num_kv_heads % tp == 0  # 9 / 3 heads re-laid out
+
+
+def test_bad_parallel_configurations_say_what_to_change():
+    with pytest.raises(ValueError, match=r"2 x 1 x 2 = 4, but 8 devices .* product is 8"):
+        make_mesh(ParallelConfig(data_parallel_size=2, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        ParallelConfig(tensor_parallel_size=0)
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be a positive integer"):
+        EngineConfig(tensor_parallel_size=-1)
+    with pytest.raises(InvalidRequestError, match="sequence_parallel_size > 1 are not supported yet"):
+        EngineConfig(sequence_parallel_size=2)
+    assert make_mesh(ParallelConfig(tensor_parallel_size=8)).shape == {"data": 1, "seq": 1, "model": 8}
+
+
+def test_engine_refuses_a_mesh_that_does_not_use_every_device(tiny):
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size = 1 x 1 x 2 = 2, but 8 devices"):
+        LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
+                  EngineConfig(tensor_parallel_size=2, num_pages=16, compilation_cache_dir=""))
