@@ -33,6 +33,8 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model's heads, MLP and vocabulary over (all of them must be used)")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="model replicas (not available yet)")
+    p.add_argument("--sequence-parallel-size", type=int, default=1, help="sequence split (not available yet)")
     p.add_argument("--attention-backend", default="auto",
                    help="auto, reference, pallas, pallas_tpu or pallas_gpu (pallas_kernels.ops)")
 
@@ -48,7 +50,8 @@ def _load(args):
     # One conversation at a time: a one-sequence engine compiles the fewest step shapes.
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=1, max_num_batched_tokens=256, warmup=False, progress=False,
-              tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend)
+              tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+              sequence_parallel_size=args.sequence_parallel_size, attention_backend=args.attention_backend)
     t1 = time.perf_counter()
     _status(f"loaded in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, {llm.config.dtype}); "
             "compiling ...")

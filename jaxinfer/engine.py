@@ -129,6 +129,7 @@ class EngineConfig:
             bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         try:
             self.parallel_config
+            ops.resolve_backend(self.attention_backend)
         except ValueError as e:
             bad(str(e))
         if self.data_parallel_size > 1 or self.sequence_parallel_size > 1:

@@ -72,6 +72,13 @@ def test_restore_into_any_mesh_and_save_from_a_sharded_one(converted, tmp_path):
         np.testing.assert_array_equal(np.asarray(on1[k]), np.asarray(plain[k]))
 
 
+def test_cli_runs_a_converted_checkpoint(converted, capsys):
+    _, ckpt = converted
+    argv = ["generate", "hello", "--model", ckpt, "--max-tokens", "3", "--tensor-parallel-size", "1"]
+    assert cli_main(argv) == 0
+    assert f"loading {ckpt}" in capsys.readouterr().err
+
+
 def test_bad_checkpoints_and_destinations_are_typed_errors(converted, tmp_path):
     gguf, ckpt = converted
     with pytest.raises(CheckpointError, match="not empty"):
