@@ -93,7 +93,8 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, 
     elif impl == "pallas_tpu":
         from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 
-        out = ragged_paged_attention_tpu(*args, q_block=q_block, interpret=jax.default_backend() != "tpu",
+        out = ragged_paged_attention_tpu(*args, q_block=q_block, max_prefill_seqs=max_prefill_seqs,
+                                         interpret=jax.default_backend() != "tpu",
                                          **common)
     else:
         from pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu

@@ -3,9 +3,10 @@
 
 The queries are packed into uniform blocks (`ragged_blocks.pack_queries`) and the kernel runs one
 program per (query block, KV head). A program computes the G query heads of its KV head together,
-so every KV page it needs is copied into VMEM once for all of them. The caches stay in HBM and the
-program copies the pages itself, because which pages it needs is data (the page table) while a
-BlockSpec can only follow the grid:
+so every KV page it needs is copied into VMEM once for all of them. A mixed batch launches the
+kernel twice, decodes one token per block and prefill chunks q_block tokens per block. The caches
+stay in HBM and the program copies the pages itself, because which pages it needs is data (the
+page table) while a BlockSpec can only follow the grid:
 
     scalar prefetch (SMEM): seq, first_pos, num_rows, kv_len [NB]; pages [S * max_pages]; layer [1]
     q, out  [R = q_block * Gp, H] per program   (VMEM, by BlockSpec)
@@ -45,6 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.paged_attention_reference import query_blocks, single_token_rows
 from pallas_kernels.ragged_blocks import pack_queries, unpack_outputs
 
 # Finite, so that exp(MASK_VALUE - running max) is 0 rather than NaN while every key is masked.
@@ -186,12 +188,41 @@ def ragged_paged_attention_kernel(
     o_ref[...] = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
 
+def _attend_blocks(blocks, k_cache, v_cache, page_table, layer, *, padded_group: int, pages_per_block: int,
+                   sm_scale: float, sliding_window, soft_cap, interpret):
+    """The kernel over packed query blocks [NB, K, R, H] -> [NB, K, R, H]."""
+    NB, K, R, H = blocks.q.shape
+    BK = pages_per_block * k_cache.shape[2]
+    kernel = functools.partial(ragged_paged_attention_kernel, padded_group=padded_group,
+                               max_pages=page_table.shape[1], sm_scale=sm_scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    block_spec = pl.BlockSpec((None, None, R, H), lambda b, kh, *_: (b, kh, 0, 0))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=6,
+        grid=(NB, K),
+        in_specs=[block_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=block_spec,
+        scratch_shapes=[pltpu.VMEM((2, BK, H), k_cache.dtype), pltpu.VMEM((2, BK, H), v_cache.dtype),
+                        pltpu.SemaphoreType.DMA((2, 2))],
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((NB, K, R, H), blocks.q.dtype),
+        # Programs share no state (each waits for all its copies), so both axes can be split across cores.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=pltpu.InterpretParams() if interpret is True else interpret,
+    )(blocks.seq, blocks.first_pos, blocks.num_rows, blocks.kv_len, page_table.reshape(-1).astype(jnp.int32),
+      jnp.asarray(layer, jnp.int32).reshape(1), blocks.q, k_cache, v_cache)
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("sliding_window", "sm_scale", "soft_cap", "q_block", "pages_per_block",
-                                             "interpret"))
+                                             "max_prefill_seqs", "interpret"))
 def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
                                sliding_window: int | None = None, sm_scale: float | None = None,
                                soft_cap: float | None = None, q_block: int = 8, pages_per_block: int = 4,
-                               interpret=False) -> jax.Array:
+                               max_prefill_seqs: int | None = None, interpret=False) -> jax.Array:
     """Causal GQA attention of a ragged batch over paged K/V on TPU. Returns [T, N, H] in q's dtype
     (zeros for padding tokens).
 
@@ -206,7 +237,8 @@ def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
         sliding_window: a query at position i sees keys at positions > i - sliding_window.
         sm_scale: logit scale (default H ** -0.5).
         soft_cap: logits become soft_cap * tanh(logits / soft_cap).
-        q_block: query tokens per program.
+        q_block: query tokens per program of a prefill chunk (decodes: one token per program).
+        max_prefill_seqs: most sequences with more than one query (None: any).
         pages_per_block: pages per compute block (one double-buffered copy).
         interpret: False, True or a `pltpu.InterpretParams` (True: default parameters) to run the
             kernel in the TPU interpreter (on CPU).
@@ -223,29 +255,20 @@ def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
     if q_block < 1 or pages_per_block < 1 or (sliding_window is not None and sliding_window < 1):
         raise ValueError(f"block sizes and the window must be positive: {q_block=}, {pages_per_block=}, "
                          f"{sliding_window=}")
-    Gp = padded_group(N // K, q_block)
-    blocks = pack_queries(q, kv_lens, cu_q_lens, num_seqs, num_kv_heads=K, q_block=q_block, padded_group=Gp)
-    NB, _, R, _ = blocks.q.shape
-    BK = pages_per_block * page_size
-    kernel = functools.partial(ragged_paged_attention_kernel, padded_group=Gp, max_pages=page_table.shape[1],
-                               sm_scale=H ** -0.5 if sm_scale is None else sm_scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap)
-    block_spec = pl.BlockSpec((None, None, R, H), lambda b, kh, *_: (b, kh, 0, 0))
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6,
-        grid=(NB, K),
-        in_specs=[block_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
-        out_specs=block_spec,
-        scratch_shapes=[pltpu.VMEM((2, BK, H), k_cache.dtype), pltpu.VMEM((2, BK, H), v_cache.dtype),
-                        pltpu.SemaphoreType.DMA((2, 2))],
-    )
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((NB, K, R, H), q.dtype),
-        # Programs share no state (each waits for all its copies), so both axes can be split across cores.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret is True else interpret,
-    )(blocks.seq, blocks.first_pos, blocks.num_rows, blocks.kv_len, page_table.reshape(-1).astype(jnp.int32),
-      jnp.asarray(layer, jnp.int32).reshape(1), blocks.q, k_cache, v_cache)
-    return unpack_outputs(out, blocks, T, N, q.dtype)
+    # A mixed batch runs twice: decodes one token per block, prefill chunks q_block tokens per
+    # block, so a decode never pays for a prefill block's rows (as the GPU kernel does).
+    if q_block == 1:
+        parts = [(1, None)]
+    else:
+        parts = [(1, single_token_rows(cu_q_lens, num_seqs)),
+                 (q_block, query_blocks(cu_q_lens, num_seqs, T, q_block, min_q_len=2, max_seqs=max_prefill_seqs))]
+    out = None
+    for rows, layout in parts:
+        Gp = padded_group(N // K, rows)
+        blocks = pack_queries(q, kv_lens, cu_q_lens, num_seqs, num_kv_heads=K, q_block=rows, padded_group=Gp,
+                              layout=layout)
+        part = _attend_blocks(blocks, k_cache, v_cache, page_table, layer, padded_group=Gp,
+                              pages_per_block=pages_per_block, sm_scale=H ** -0.5 if sm_scale is None else sm_scale,
+                              sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+        out = unpack_outputs(part, blocks, T, N, q.dtype, into=out)
+    return out
