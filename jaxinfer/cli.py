@@ -32,8 +32,10 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="devices to split the model's heads, MLP and vocabulary over (all of them must be used)")
-    p.add_argument("--data-parallel-size", type=int, default=1, help="model replicas (not available yet)")
+                   help="devices to split the model's heads, MLP and vocabulary over (data x sequence x "
+                        "tensor parallel sizes must multiply to the device count)")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="model replicas, each with its own KV cache and batch")
     p.add_argument("--sequence-parallel-size", type=int, default=1, help="sequence split (not available yet)")
     p.add_argument("--attention-backend", default="auto",
                    help="auto, reference, pallas, pallas_tpu or pallas_gpu (pallas_kernels.ops)")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.config import ModelConfig
+from jaxinfer.data_parallel import DataParallelScheduler
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -76,8 +77,10 @@ class EngineConfig:
       pages_per_item: KV pages per work item of decode attention.
       attention_backend: `pallas_kernels.ops` backend.
       tensor_parallel_size: devices the heads, MLP columns and vocabulary are split over
-        (`sharding/`; vLLM's name). data_parallel_size, sequence_parallel_size: the other mesh
-        axes; only 1 is supported so far.
+        (`sharding/`; vLLM's name).
+      data_parallel_size: model replicas, each with its own KV pages (num_pages / the memory
+        budget apply per replica) and its own max_num_seqs / max_num_batched_tokens.
+      sequence_parallel_size: only 1 is supported so far.
       compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
         JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
       seed: seeds requests that set none.
@@ -132,9 +135,9 @@ class EngineConfig:
             ops.resolve_backend(self.attention_backend)
         except ValueError as e:
             bad(str(e))
-        if self.data_parallel_size > 1 or self.sequence_parallel_size > 1:
-            bad("data_parallel_size and sequence_parallel_size > 1 are not supported yet: use "
-                "tensor_parallel_size to spread a model over devices")
+        if self.sequence_parallel_size > 1:
+            bad("sequence_parallel_size > 1 is not supported yet: use tensor_parallel_size and "
+                "data_parallel_size to spread a model over devices")
 
     @property
     def parallel_config(self) -> ParallelConfig:
@@ -250,7 +253,8 @@ class LLMEngine:
         self.num_pages, self.page_size = num_pages, page_size
 
         max_tokens = ec.max_num_batched_tokens
-        rc = RunnerConfig(page_size=page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+        rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size,
+                          max_pages_per_seq=max_pages_per_seq,
                           token_buckets=ec.token_buckets or _pow2_buckets(min(16, max_tokens), max_tokens),
                           seq_buckets=ec.seq_buckets or _pow2_buckets(1, ec.max_num_seqs),
                           page_buckets=ec.page_buckets, q_block=ec.q_block, max_prefill_seqs=ec.max_prefill_seqs,
@@ -260,12 +264,19 @@ class LLMEngine:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                       f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
                                       f"max_num_seqs ({ec.max_num_seqs})")
-        self.kv_manager = KVCacheManager(num_blocks=num_pages, page_size=page_size,
-                                         enable_prefix_caching=ec.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
-                            max_model_len=self.max_model_len, policy=ec.policy, max_prefill_seqs=ec.max_prefill_seqs),
-            self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
+        # One page pool per data-parallel replica (num_pages each, local ids), one scheduler over them.
+        self.kv_managers = [KVCacheManager(num_blocks=num_pages, page_size=page_size,
+                                           enable_prefix_caching=ec.enable_prefix_caching)
+                            for _ in range(pc.data_parallel_size)]
+        self.kv_manager = self.kv_managers[0]
+        sched_config = SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
+                                       max_model_len=self.max_model_len, policy=ec.policy,
+                                       max_prefill_seqs=ec.max_prefill_seqs)
+        if pc.data_parallel_size == 1:
+            self.scheduler = Scheduler(sched_config, self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
+        else:
+            self.scheduler = DataParallelScheduler(sched_config, self.kv_managers,
+                                                   eos_token_ids=tokenizer.eos_token_ids)
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh)
         self._states: dict[str, _RequestState] = {}
         self._sample_owner: dict[str, tuple[_RequestState, int]] = {}  # child request id -> (state, index)
@@ -470,10 +481,11 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         """Running/waiting counts, KV pages, prefix-cache hit rate, preemptions and totals."""
         s = self.scheduler.stats()
-        total = self.num_pages - 1
-        s.update(kv_pages_total=total, kv_pages_used=total - self.kv_manager.num_free_blocks,
-                 kv_pages_cached=self.kv_manager.pool.num_cached_blocks,
-                 prefix_cache_hit_tokens=self.kv_manager.prefix_cache_hits,
-                 prefix_cache_query_tokens=self.kv_manager.prefix_cache_queries,
+        kvs = self.kv_managers
+        total = (self.num_pages - 1) * len(kvs)
+        s.update(kv_pages_total=total, kv_pages_used=total - sum(kv.num_free_blocks for kv in kvs),
+                 kv_pages_cached=sum(kv.pool.num_cached_blocks for kv in kvs),
+                 prefix_cache_hit_tokens=sum(kv.prefix_cache_hits for kv in kvs),
+                 prefix_cache_query_tokens=sum(kv.prefix_cache_queries for kv in kvs),
                  num_unfinished=len(self._states), **self.counters)
         return s

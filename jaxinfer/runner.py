@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer import data_parallel
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import params_for_layer_loop
 from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta, PagedKVCache, paged_attend
@@ -220,6 +221,7 @@ class Runner:
         self.graphdef = graphdef
         self.eos_token_ids = tuple(eos_token_ids)
         self.mesh = mesh
+        self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
         self.params = params_for_layer_loop(config, params)
         make_cache = functools.partial(
@@ -310,7 +312,7 @@ class Runner:
         slots = np.zeros(T, np.int32)  # padding writes into the null page
         # Every page of every chunk; mixed steps see the first W columns (W covers them all), decode
         # steps turn it into work items instead.
-        table = np.zeros((S, max(W, max(len(c.block_ids) for c in out.chunks))), np.int32)
+        table = np.zeros((S, max(W, max((len(c.block_ids) for c in out.chunks), default=0))), np.int32)
         kv_lens = np.zeros(S, np.int32)
         cu = np.zeros(S + 1, np.int32)
         t = 0
@@ -390,19 +392,33 @@ class Runner:
     # ---- running ------------------------------------------------------------------------------
 
     def execute(self, out: SchedulerOutput, requests: Mapping[str, Request]) -> StepResult:
-        """Runs one step: the sampled token of every chunk that samples (and logprobs)."""
+        """Runs one step: the sampled token of every chunk that samples (and logprobs). `out` may
+        be a `data_parallel.DataParallelOutput`: every replica's chunks run in one step."""
         if out.is_empty:
             return StepResult({}, {})
-        shape = self.step_shape(out)
-        rows, targets, owners = self._prompt_logprob_rows(out, requests)
-        plan = StepPlan(shape=shape, model_input=self.build_model_input(out, shape),
-                        sampling_input=self.build_sampling_input(out, requests, shape.S),
+        outs = getattr(out, "replicas", (out,))
+        shape = self.step_shape(out) if len(outs) == 1 else data_parallel.common_shape(self, outs)
+        inputs, sampling, rows, targets, owners, chunk_rows = [], [], [], [], [], []
+        for r, o in enumerate(outs):  # replica r owns rows r*T.. of the tokens and r*S.. of the sequences
+            inputs.append(self.build_model_input(o, shape))
+            sampling.append(self.build_sampling_input(o, requests, shape.S))
+            rr, tt, oo = self._prompt_logprob_rows(o, requests)
+            rows += [x + r * shape.T for x in rr]
+            targets += tt
+            owners += oo
+            chunk_rows += [(chunk, r * shape.S + s) for s, chunk in enumerate(o.chunks)]
+        if len(outs) == 1:
+            model_input, sampling_input = inputs[0], sampling[0]
+        else:
+            model_input = data_parallel.stack_model_inputs(inputs, shape.T)
+            sampling_input = data_parallel.stack_sampling_inputs(sampling, self.config.vocab_size)
+        plan = StepPlan(shape=shape, model_input=model_input, sampling_input=sampling_input,
                         prompt_rows=np.asarray(rows, np.int32), prompt_targets=np.asarray(targets, np.int32))
         if self.step_hook is not None:  # multi-host: the other processes run the same plan
             self.step_hook(plan)
         tokens, lps, prompt_lps, device_seconds = self.run_plan(plan)
         sampled = {}
-        for s, chunk in enumerate(out.chunks):
+        for chunk, s in chunk_rows:
             if not chunk.samples:
                 continue
             result = SampledToken(int(tokens[s]))
@@ -429,7 +445,7 @@ class Runner:
         tokens, lps = self._sample(self.params, rows, plan.sampling_input)
         prompt_lps = None
         if len(plan.prompt_rows):
-            pad = (0, shape.T - len(plan.prompt_rows))  # one graph per hidden-state shape (rows <= T)
+            pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
             prompt_lps = self._prompt_logprobs(self.params, hidden, np.pad(plan.prompt_rows, pad),
                                                np.pad(plan.prompt_targets, pad))
         start = time.perf_counter()
@@ -450,6 +466,7 @@ class Runner:
 
             it = tqdm(shapes, desc="Compiling steps", unit="shape")
         count = 0
+        D = self.num_replicas  # data-parallel steps stack D replicas' inputs
         hidden, sample_rows = {}, {}
         for shape in it:
             T, S, W = shape.T, shape.S, shape.W
@@ -463,6 +480,8 @@ class Runner:
                                                      cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.int32(0),
                                                      decode_items=items),
                              logits_indices=np.zeros(S, np.int32))
+            if D > 1:
+                inp = data_parallel.stack_model_inputs([inp] * D, T)
             hidden[T], rows, self.kv_cache = self._forward(self.params, self.kv_cache, inp, q_block=shape.q_block)
             sample_rows[S] = rows
             count += 1
@@ -481,10 +500,13 @@ class Runner:
                                        min_p=np.zeros(S, np.float32), seeds=np.zeros(S, np.uint32),
                                        num_generated=np.zeros(S, np.int32), penalties=pen,
                                        num_logprobs=num_logprobs)
+                    if D > 1:
+                        si = data_parallel.stack_sampling_inputs([si] * D, V)
                     jax.block_until_ready(self._sample(self.params, h, si))
                     count += 1
         for T, h in hidden.items():
-            jax.block_until_ready(self._prompt_logprobs(self.params, h, np.zeros(T, np.int32), np.zeros(T, np.int32)))
+            rows = np.zeros(T * D, np.int32)
+            jax.block_until_ready(self._prompt_logprobs(self.params, h, rows, rows))
             count += 1
         jax.block_until_ready(self.kv_cache)
         return count

@@ -31,9 +31,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "mlp": "model",
     "vocab": "model",
+    "pages": "data",  # the KV pool: each data-parallel replica owns its own pages
 }
 
-# The paged KV cache [L, P, page, K, H]: KV heads over `model` (pages stay whole per device).
+# The paged KV cache [L, P, page, K, H]: KV heads over `model`, pages over `data` (whole pages).
 KV_CACHE_AXES = ("layers", "pages", "page_slot", "kv_heads", "head_dim")
 
 

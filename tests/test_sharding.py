@@ -89,6 +89,35 @@ def test_tensor_parallel_tiny_model_matches_one_device(tiny, tiny_single, tp):
     assert cache.k.sharding.spec[3] == "model" and engine.config.num_kv_heads % tp == 0
 
 
+def _assert_all_pages_free(engine):
+    stats = engine.stats()
+    assert stats["kv_pages_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert all(b.ref_cnt == 0 for kv in engine.kv_managers for b in kv.pool.blocks)
+
+
+@pytest.mark.parametrize("dp, tp", [(2, 1), (2, 4), (8, 1)])
+def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
+    """Replicas with their own pages and batch slices; more requests than one replica's
+    max_num_seqs, so every replica works; an n = 2 sampled request stays reproducible."""
+    prompts = random_prompts(tiny.config, [1, 3, 4, 5, 12, 21, 7, 30, 2], seed=3)
+    sampled = SamplingParams(n=2, max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
+    requests = {str(i): (p, PARAMS) for i, p in enumerate(prompts)} | {"s": (prompts[4], sampled)}
+    small = dict(max_num_seqs=4, num_pages=32)
+    base_engine = _engine(tiny, 1, **small)
+    base = run(base_engine, requests)
+    engine = LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
+                       EngineConfig(max_num_batched_tokens=16, page_size=4, compilation_cache_dir="",
+                                    tensor_parallel_size=tp, data_parallel_size=dp, **small),
+                       devices=jax.devices()[:dp * tp])
+    outs = run(engine, requests)
+    _assert_same([base[str(i)] for i in range(len(prompts))], [outs[str(i)] for i in range(len(prompts))])
+    assert [o.token_ids for o in outs["s"].outputs] == [o.token_ids for o in base["s"].outputs]
+    assert engine.stats()["steps"] < base_engine.stats()["steps"]  # the replicas ran side by side
+    _assert_all_pages_free(engine)
+    cache = engine.runner.kv_cache.k
+    assert cache.sharding.spec[1] == "data" and cache.addressable_shards[0].data.shape[1] == 32
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_tensor_parallel_smollm2_matches_one_device(smollm2, tp):
@@ -103,6 +132,25 @@ def test_tensor_parallel_smollm2_matches_one_device(smollm2, tp):
     assert engine.config.num_heads % tp == 0 and engine.config.num_kv_heads % tp == 0  # 9 / 3 heads re-laid out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dp, tp", [(2, 4), (8, 1)])
+def test_data_parallel_smollm2_matches_one_device(smollm2, dp, tp):
+    runner = smollm2.engine.runner
+    model = type("M", (), dict(config=smollm2.config, graphdef=runner.graphdef, params=runner.params,
+                               tokenizer=smollm2.tokenizer))
+    texts = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,")
+    prompts = [smollm2.tokenizer.encode(t) for t in texts]
+    requests = {str(i): (p, PARAMS) for i, p in enumerate(prompts)}
+    base = run(_engine(model, 1, num_pages=32), requests)
+    engine = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
+                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=32,
+                                    compilation_cache_dir="", tensor_parallel_size=tp, data_parallel_size=dp),
+                       devices=jax.devices()[:dp * tp])
+    outs = run(engine, requests)
+    _assert_same([base[str(i)] for i in range(len(texts))], [outs[str(i)] for i in range(len(texts))])
+    _assert_all_pages_free(engine)
+
+
 def test_bad_parallel_configurations_say_what_to_change():
     with pytest.raises(ValueError, match=r"2 x 1 x 2 = 4, but 8 devices .* product is 8"):
         make_mesh(ParallelConfig(data_parallel_size=2, tensor_parallel_size=2))
@@ -110,7 +158,7 @@ def test_bad_parallel_configurations_say_what_to_change():
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be a positive integer"):
         EngineConfig(tensor_parallel_size=-1)
-    with pytest.raises(InvalidRequestError, match="sequence_parallel_size > 1 are not supported yet"):
+    with pytest.raises(InvalidRequestError, match="sequence_parallel_size > 1 is not supported yet"):
         EngineConfig(sequence_parallel_size=2)
     assert make_mesh(ParallelConfig(tensor_parallel_size=8)).shape == {"data": 1, "seq": 1, "model": 8}
 
