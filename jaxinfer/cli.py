@@ -36,7 +36,8 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
                         "tensor parallel sizes must multiply to the device count)")
     p.add_argument("--data-parallel-size", type=int, default=1,
                    help="model replicas, each with its own KV cache and batch")
-    p.add_argument("--sequence-parallel-size", type=int, default=1, help="sequence split (not available yet)")
+    p.add_argument("--sequence-parallel-size", type=int, default=1,
+                   help="devices each step's tokens and the KV pages are split over (long prompts)")
     p.add_argument("--attention-backend", default="auto",
                    help="auto, reference, pallas, pallas_tpu or pallas_gpu (pallas_kernels.ops)")
 

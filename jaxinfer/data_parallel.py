@@ -130,7 +130,6 @@ class DataParallelScheduler:
 def common_shape(runner, outs: tuple[SchedulerOutput, ...]):
     """One step shape that fits every replica's chunks (decode-shaped only if all are decodes)."""
     from jaxinfer.runner import StepShape, _bucket
-    from pallas_kernels import ops
 
     rc = runner.rc
     tokens = [sum(len(c.token_ids) for c in o.chunks) for o in outs]
@@ -138,7 +137,7 @@ def common_shape(runner, outs: tuple[SchedulerOutput, ...]):
     width = _bucket(rc.page_buckets, max(len(c.block_ids) for o in outs for c in o.chunks), "pages per sequence")
     if tokens == seqs:  # every replica decodes only
         S = _bucket(rc.seq_buckets, max(seqs), "sequences")
-        if not ops.uses_decode_items(rc.attention_backend):
+        if not rc.use_decode_items:
             return StepShape(S, S, width, 1, 0)
         per_item = rc.page_size * rc.pages_per_item
         items = max(sum(-(-(c.start_pos + 1) // per_item) for c in o.chunks) for o in outs)

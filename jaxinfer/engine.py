@@ -80,7 +80,8 @@ class EngineConfig:
         (`sharding/`; vLLM's name).
       data_parallel_size: model replicas, each with its own KV pages (num_pages / the memory
         budget apply per replica) and its own max_num_seqs / max_num_batched_tokens.
-      sequence_parallel_size: only 1 is supported so far.
+      sequence_parallel_size: devices each step's tokens and the KV pages are split over (long
+        prompts; num_pages / the memory budget apply per device); the reference attention backend.
       compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
         JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
       seed: seeds requests that set none.
@@ -136,8 +137,14 @@ class EngineConfig:
         except ValueError as e:
             bad(str(e))
         if self.sequence_parallel_size > 1:
-            bad("sequence_parallel_size > 1 is not supported yet: use tensor_parallel_size and "
-                "data_parallel_size to spread a model over devices")
+            if self.data_parallel_size > 1:
+                bad("sequence_parallel_size > 1 together with data_parallel_size > 1 is not supported: use one")
+            if ops.resolve_backend(self.attention_backend) != "reference":
+                bad("sequence_parallel_size > 1 needs attention_backend='reference': the Pallas kernels do not "
+                    "return the log-sum-exp that combines the sequence shards yet")
+            if self.max_num_batched_tokens % self.sequence_parallel_size:
+                bad(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be a multiple of "
+                    f"sequence_parallel_size ({self.sequence_parallel_size}): each step's tokens split evenly")
 
     @property
     def parallel_config(self) -> ParallelConfig:
@@ -253,20 +260,23 @@ class LLMEngine:
         self.num_pages, self.page_size = num_pages, page_size
 
         max_tokens = ec.max_num_batched_tokens
-        rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size,
+        sp = pc.sequence_parallel_size
+        rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size * sp,
                           max_pages_per_seq=max_pages_per_seq,
                           token_buckets=ec.token_buckets or _pow2_buckets(min(16, max_tokens), max_tokens),
-                          seq_buckets=ec.seq_buckets or _pow2_buckets(1, ec.max_num_seqs),
+                          # sequence parallel: decode steps (T = S) split their tokens over `seq` too
+                          seq_buckets=ec.seq_buckets or _pow2_buckets(sp, -(-max(sp, ec.max_num_seqs) // sp) * sp),
                           page_buckets=ec.page_buckets, q_block=ec.q_block, max_prefill_seqs=ec.max_prefill_seqs,
                           pages_per_item=ec.pages_per_item,
-                          attention_backend=ec.attention_backend)
+                          attention_backend=ec.attention_backend, sequence_parallel_size=sp)
         if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < ec.max_num_seqs:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                       f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
                                       f"max_num_seqs ({ec.max_num_seqs})")
         # One page pool per data-parallel replica (num_pages each, local ids), one scheduler over them.
-        self.kv_managers = [KVCacheManager(num_blocks=num_pages, page_size=page_size,
-                                           enable_prefix_caching=ec.enable_prefix_caching)
+        # With sequence parallelism one pool of num_pages per `seq` device, striped (BlockPool).
+        self.kv_managers = [KVCacheManager(num_blocks=num_pages * sp, page_size=page_size,
+                                           enable_prefix_caching=ec.enable_prefix_caching, num_stripes=sp)
                             for _ in range(pc.data_parallel_size)]
         self.kv_manager = self.kv_managers[0]
         sched_config = SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
@@ -482,7 +492,7 @@ class LLMEngine:
         """Running/waiting counts, KV pages, prefix-cache hit rate, preemptions and totals."""
         s = self.scheduler.stats()
         kvs = self.kv_managers
-        total = (self.num_pages - 1) * len(kvs)
+        total = sum(kv.pool.num_blocks - 1 for kv in kvs)
         s.update(kv_pages_total=total, kv_pages_used=total - sum(kv.num_free_blocks for kv in kvs),
                  kv_pages_cached=sum(kv.pool.num_cached_blocks for kv in kvs),
                  prefix_cache_hit_tokens=sum(kv.prefix_cache_hits for kv in kvs),

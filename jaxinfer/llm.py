@@ -63,7 +63,15 @@ class LLM:
             raise InvalidRequestError(f"unknown LLM arguments {unknown}; engine settings are {sorted(fields)}")
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, seed=seed, **engine_kwargs)
-        loaded: LoadedModel = load_model(model, dtype=dtype, scan_layers=scan_layers, progress=progress)
+        mesh = None
+        if not engine_config.parallel_config.is_single_device:  # orbax checkpoints restore straight into it
+            from sharding.mesh import make_mesh
+
+            try:
+                mesh = make_mesh(engine_config.parallel_config)
+            except ValueError as e:
+                raise InvalidRequestError(str(e)) from None
+        loaded: LoadedModel = load_model(model, dtype=dtype, scan_layers=scan_layers, progress=progress, mesh=mesh)
         self.config = loaded.config
         if max_model_len is not None and max_model_len > self.config.max_position_embeddings:
             raise InvalidRequestError(

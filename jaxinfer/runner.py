@@ -74,6 +74,7 @@ class RunnerConfig:
       pages_per_item: pages per work item of decode attention (bigger items make bigger matmuls
         but waste part of each sequence's last item).
       attention_backend: `pallas_kernels.ops` backend name.
+      sequence_parallel_size: devices of the `seq` mesh axis (tokens and KV pages split over them).
     """
 
     page_size: int
@@ -86,6 +87,13 @@ class RunnerConfig:
     max_prefill_seqs: int = 4
     pages_per_item: int = 2
     attention_backend: str = "auto"
+    sequence_parallel_size: int = 1
+
+    @property
+    def use_decode_items(self) -> bool:
+        """Decode steps as (sequence, page-group) work items: the reference backend without
+        sequence parallelism (else the ragged path, one query per block)."""
+        return ops.uses_decode_items(self.attention_backend) and self.sequence_parallel_size == 1
 
     def __post_init__(self):
         if self.page_buckets is None:
@@ -247,7 +255,11 @@ class Runner:
         attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
                                    max_prefill_seqs=self.rc.max_prefill_seqs,
                                    backend=self.rc.attention_backend)
-        if self.mesh is not None:
+        if self.mesh is not None and self.mesh.shape["seq"] > 1:
+            from sharding.attention import seq_parallel_attend
+
+            attend = seq_parallel_attend(self.mesh, sliding_window=self.config.sliding_window)
+        elif self.mesh is not None:
             from sharding.attention import shard_attend
 
             attend = shard_attend(attend, self.mesh)
@@ -282,7 +294,7 @@ class Runner:
         width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
         if num_tokens == len(out.chunks):  # all decodes
             S = _bucket(rc.seq_buckets, num_tokens, "sequences")
-            if not ops.uses_decode_items(rc.attention_backend):  # the kernels: one query row per block
+            if not rc.use_decode_items:  # the kernels (and sequence parallelism): one query row per block
                 return StepShape(S, S, width, 1, 0)
             per_item = page * rc.pages_per_item
             items = sum(-(-(c.start_pos + 1) // per_item) for c in out.chunks)
@@ -293,7 +305,7 @@ class Runner:
 
     def all_step_shapes(self) -> list[StepShape]:
         rc = self.rc
-        if ops.uses_decode_items(rc.attention_backend):
+        if rc.use_decode_items:
             shapes = [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
         else:
             shapes = [StepShape(S, S, W, 1, 0) for S in rc.seq_buckets for W in rc.page_buckets]

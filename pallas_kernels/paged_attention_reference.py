@@ -219,3 +219,52 @@ def decode_items(kv_lens, page_table, page_size: int, num_items: int, pages_per_
     item_pages[:n] = np.where(in_seq, padded[seq[:, None], j], 0)
     item_pos[:n] = g * pages_per_item * page_size
     return item_seq, item_pages, item_pos
+
+
+NEG_LSE = -1e30  # log-sum-exp of a query that sees no key here
+
+
+def ragged_paged_attention_partial(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, stripe,
+                                   num_stripes: int, layer=None, sliding_window: int | None = None,
+                                   sm_scale: float | None = None, soft_cap: float | None = None):
+    """Attention of every query over one stripe of the KV pool only: the sequence-parallel
+    building block. Stripe `stripe` (traced) of `num_stripes` holds pool pages
+    [stripe * P_local, (stripe + 1) * P_local) in k_pages / v_pages, and of every sequence the
+    pages j with j % num_stripes == stripe (`jaxinfer.cache.BlockPool` stripes), so only those
+    page-table columns are read: the work divides by the number of stripes.
+
+    Returns (out [T, N, H] f32 normalised over this stripe's keys, lse [T, N] f32, NEG_LSE where
+    the stripe holds none of a query's keys). Stripes combine exactly by log-sum-exp weights.
+    """
+    T, N, H = q.shape
+    P_local, page_size, K = k_pages.shape[-4], k_pages.shape[-3], k_pages.shape[-2]
+    sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    seq, rows, row_valid = query_blocks(cu_q_lens, num_seqs, T, 1)
+    rows, row_valid = rows[:, 0], row_valid[:, 0]  # one query per block
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])  # [T]
+    max_pages = page_table.shape[1]
+    cols = stripe + num_stripes * jnp.arange(-(-max_pages // num_stripes), dtype=jnp.int32)  # this stripe's columns
+    local = page_table[seq][:, jnp.minimum(cols, max_pages - 1)] - stripe * P_local  # [T, C]
+    here = (local >= 0) & (local < P_local) & (cols < max_pages)[None]
+    local = jnp.clip(local, 0, P_local - 1)
+    keys = k_pages[layer, local] if layer is not None else k_pages[local]  # [T, C, page, K, H]
+    values = v_pages[layer, local] if layer is not None else v_pages[local]
+    W = local.shape[1] * page_size
+    keys, values = keys.reshape(T, W, K, H), values.reshape(T, W, K, H)
+    k_pos = (cols[:, None] * page_size + jnp.arange(page_size, dtype=jnp.int32)[None]).reshape(W)
+    mask = (jnp.repeat(here, page_size, axis=1) & (k_pos[None] <= pos[:, None])
+            & (k_pos[None] < kv_lens[seq][:, None]) & row_valid[:, None])
+    if sliding_window is not None:
+        mask &= k_pos[None] > pos[:, None] - sliding_window
+    values = jnp.where(mask[:, :, None, None], values, 0)
+    scores = _logits(q.reshape(T, K, N // K, H), keys, "TKGH,TWKH->TKGW", sm_scale=sm_scale, soft_cap=soft_cap)
+    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(mask[:, None, None, :], jnp.exp(scores - m), 0.0)
+    denom = e.sum(-1)  # [T, K, G]
+    out = jnp.einsum("TKGW,TWKH->TKGH", e.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    out = jnp.where(denom[..., None] > 0, out / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(jnp.where(denom > 0, denom, 1.0)), NEG_LSE)
+    return out.reshape(T, N, H), lse.reshape(T, N)

@@ -12,6 +12,7 @@ on its own query heads and its own KV heads of the cache.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxinfer.paged_attention import PagedKVCache
@@ -38,5 +39,57 @@ def shard_attend(attend, mesh: Mesh):
         else:  # scanned layers: a traced index, replicated
             args, specs = (q, k, v, kv_cache, meta, layer), (heads, heads, heads, cache, meta_spec, P())
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(heads, cache), check_vma=False)(*args)
+
+    return sharded
+
+
+def seq_parallel_attend(mesh: Mesh, *, sliding_window: int | None = None):
+    """Paged attention with the step's tokens and the KV pool's pages split over `seq` (and heads
+    over `model`): sequence parallelism for long prompts.
+
+        each seq shard:  its T / seq tokens' q, k, v      its stripe of pages (pages j % seq == s
+                                                          of every sequence, `BlockPool` stripes)
+        all-gather the step's q, k, v over `seq`; write the new keys that land in this stripe
+        attention of every query over this stripe's keys -> (out, lse)
+        combine the stripes by log-sum-exp (pmax, psum), keep this shard's tokens
+
+    KV memory and attention work both divide by the `seq` size; the price is the all-gathers of
+    the step's q/k/v and one psum of the outputs per layer. The jnp reference computes the
+    stripes (the kernels do not return a log-sum-exp yet).
+    """
+    from jax import lax
+
+    from pallas_kernels import ops
+    from pallas_kernels.paged_attention_reference import NEG_LSE, ragged_paged_attention_partial
+
+    tokens = P(None, "seq", "model", None)
+    cache = PagedKVCache(k=P(None, "seq", None, "model", None), v=P(None, "seq", None, "model", None))
+
+    def local(q, k, v, kv_cache, meta, layer):
+        s = lax.axis_index("seq")
+        q_all, k_all, v_all = (lax.all_gather(x, "seq", axis=1, tiled=True)[0] for x in (q, k, v))
+        P_local, page_size = kv_cache.k.shape[1], kv_cache.k.shape[2]
+        first_page = s * P_local
+        page = meta.slot_mapping // page_size - first_page
+        # Keys of other stripes get an out-of-range slot: scatter updates out of bounds are dropped.
+        slots = jnp.where((page >= 0) & (page < P_local), page * page_size + meta.slot_mapping % page_size,
+                          P_local * page_size)
+        new_k, new_v = ops.write_kv(kv_cache.k, kv_cache.v, k_all, v_all, slots, layer=layer)
+        out, lse = ragged_paged_attention_partial(q_all, new_k, new_v, meta.kv_lens, meta.page_table, meta.cu_q_lens,
+                                                  meta.num_seqs, stripe=s, num_stripes=mesh.shape["seq"],
+                                                  layer=layer, sliding_window=sliding_window)
+        m = lax.pmax(lse, "seq")
+        w = jnp.where(lse > NEG_LSE / 2, jnp.exp(lse - m), 0.0)
+        num, den = lax.psum(w[..., None] * out, "seq"), lax.psum(w, "seq")
+        full = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+        T_local = q.shape[1]
+        mine = lax.dynamic_slice_in_dim(full, s * T_local, T_local, axis=0)
+        return mine[None].astype(q.dtype), PagedKVCache(k=new_k, v=new_v)
+
+    def sharded(q, k, v, kv_cache, layer, meta):
+        meta_spec = jax.tree.map(lambda _: P(), meta)
+        layer = jnp.asarray(layer, jnp.int32)
+        return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, cache, meta_spec, P()),
+                             out_specs=(tokens, cache), check_vma=False)(q, k, v, kv_cache, meta, layer)
 
     return sharded

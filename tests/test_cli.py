@@ -27,7 +27,8 @@ def test_chat_reads_messages_from_stdin(capsys, monkeypatch):
     (["generate", "hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["generate", "hi", "--model", "nope"], "unknown model 'nope'"),
     (["generate", "hi", "--tensor-parallel-size", "3"], "choose sizes whose product is 8"),
-    (["generate", "hi", "--sequence-parallel-size", "2"], "is not supported yet"),
+    (["generate", "hi", "--sequence-parallel-size", "2", "--attention-backend", "pallas_gpu"],
+     "needs attention_backend"),
     (["generate", "hi", "--attention-backend", "flash"], "attention_backend must be one of"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):

@@ -89,3 +89,19 @@ def test_bad_checkpoints_and_destinations_are_typed_errors(converted, tmp_path):
     with pytest.raises(CheckpointError, match="convert the model again"):
         load_model(str(broken), progress=False)
     assert cli_main(["convert", gguf, ckpt]) == 2  # the CLI reports the error and exits 2
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (virtual CPU devices)")
+def test_llm_restores_a_checkpoint_straight_onto_its_mesh(converted):
+    from jaxinfer import LLM
+
+    _, ckpt = converted
+    kw = dict(warmup=False, progress=False, max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_pages=32,
+              compilation_cache_dir="")
+    prompt = {"prompt_token_ids": [5, 17, 42, 7, 99]}
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    want = LLM(ckpt, **kw).generate([prompt], params)[0].outputs[0].token_ids
+    llm = LLM(ckpt, tensor_parallel_size=8, **kw)
+    w_up = llm.engine.runner.params["layers"]["w_up"].get_value()
+    assert len(w_up.sharding.device_set) == 8 and w_up.sharding.spec[-1] == "model"
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == want

@@ -1,6 +1,7 @@
-"""Tensor parallelism on 8 virtual CPU devices (tests/conftest.py sets the device count): the
-engine on a (1, 1, M) mesh gives the single-device run's greedy tokens and prompt logprobs, with
-parameters and KV cache actually split; head layouts; configuration errors."""
+"""Tensor, data and sequence parallelism on 8 virtual CPU devices (tests/conftest.py sets the
+device count): the engine on (data, seq, model) meshes gives the single-device run's greedy tokens
+and prompt logprobs, with parameters and KV cache actually split; head layouts; configuration
+errors."""
 
 from __future__ import annotations
 
@@ -118,6 +119,41 @@ def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
     assert cache.sharding.spec[1] == "data" and cache.addressable_shards[0].data.shape[1] == 32
 
 
+@pytest.mark.parametrize("sp, tp", [(2, 4), (8, 1)])
+def test_sequence_parallel_tiny_model_matches_one_device(tiny, tiny_single, sp, tp):
+    prompts, base = tiny_single
+    engine = LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
+                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64,
+                                    compilation_cache_dir="", tensor_parallel_size=tp, sequence_parallel_size=sp),
+                       devices=jax.devices()[:sp * tp])
+    outs = run(engine, {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
+    _assert_same(base, [outs[str(i)] for i in range(len(prompts))])
+    _assert_all_pages_free(engine)
+    cache = engine.runner.kv_cache.k
+    assert cache.sharding.spec[1] == "seq" and cache.addressable_shards[0].data.shape[1] == 64
+
+
+def test_sequence_parallel_prefill_of_a_4k_prompt_matches_one_device(tmp_path):
+    """A 4096-token prompt prefilled in 512-token chunks, tokens and KV pages split over 8
+    devices: every position's logprobs match one device, and so do the decoded tokens."""
+    from jaxinfer.loader import load_model
+    from jaxinfer.testing import tiny_gguf
+
+    tiny_gguf(tmp_path / "long.gguf", max_position_embeddings=8192)
+    model = load_model(str(tmp_path / "long.gguf"), progress=False)
+    prompt = random_prompts(model.config, [4096], seed=9)[0]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=5)
+    common = dict(max_num_seqs=8, max_num_batched_tokens=512, page_size=16, compilation_cache_dir="")
+    one = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
+                    EngineConfig(num_pages=300, **common))
+    sp = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
+                   EngineConfig(num_pages=40, sequence_parallel_size=8, **common))  # 40 pages per device
+    base, outs = run(one, {"long": (prompt, params)}), run(sp, {"long": (prompt, params)})
+    assert len(base["long"].prompt_logprobs) == 4096
+    _assert_same([base["long"]], [outs["long"]])
+    assert sp.stats()["steps"] >= 8  # chunked: the later chunks attend across every device's pages
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_tensor_parallel_smollm2_matches_one_device(smollm2, tp):
@@ -133,8 +169,8 @@ def test_tensor_parallel_smollm2_matches_one_device(smollm2, tp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dp, tp", [(2, 4), (8, 1)])
-def test_data_parallel_smollm2_matches_one_device(smollm2, dp, tp):
+@pytest.mark.parametrize("dp, sp, tp", [(2, 1, 4), (8, 1, 1), (1, 2, 4), (1, 8, 1)])
+def test_data_and_sequence_parallel_smollm2_match_one_device(smollm2, dp, sp, tp):
     runner = smollm2.engine.runner
     model = type("M", (), dict(config=smollm2.config, graphdef=runner.graphdef, params=runner.params,
                                tokenizer=smollm2.tokenizer))
@@ -144,8 +180,9 @@ def test_data_parallel_smollm2_matches_one_device(smollm2, dp, tp):
     base = run(_engine(model, 1, num_pages=32), requests)
     engine = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
                        EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=32,
-                                    compilation_cache_dir="", tensor_parallel_size=tp, data_parallel_size=dp),
-                       devices=jax.devices()[:dp * tp])
+                                    compilation_cache_dir="", tensor_parallel_size=tp, data_parallel_size=dp,
+                                    sequence_parallel_size=sp),
+                       devices=jax.devices()[:dp * sp * tp])
     outs = run(engine, requests)
     _assert_same([base[str(i)] for i in range(len(texts))], [outs[str(i)] for i in range(len(texts))])
     _assert_all_pages_free(engine)
@@ -158,8 +195,12 @@ def test_bad_parallel_configurations_say_what_to_change():
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be a positive integer"):
         EngineConfig(tensor_parallel_size=-1)
-    with pytest.raises(InvalidRequestError, match="sequence_parallel_size > 1 is not supported yet"):
-        EngineConfig(sequence_parallel_size=2)
+    with pytest.raises(InvalidRequestError, match="needs attention_backend='reference'"):
+        EngineConfig(sequence_parallel_size=2, attention_backend="pallas_gpu")
+    with pytest.raises(InvalidRequestError, match="together with data_parallel_size > 1 is not supported"):
+        EngineConfig(sequence_parallel_size=2, data_parallel_size=2)
+    with pytest.raises(InvalidRequestError, match="must be a multiple of sequence_parallel_size"):
+        EngineConfig(sequence_parallel_size=8, max_num_batched_tokens=100)
     assert make_mesh(ParallelConfig(tensor_parallel_size=8)).shape == {"data": 1, "seq": 1, "model": 8}
 
 

@@ -96,19 +96,39 @@ class BlockPool:
       enable_caching: keep full pages in the prefix cache after release.
     """
 
-    def __init__(self, num_blocks: int, *, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, *, enable_caching: bool = True, num_stripes: int = 1):
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 pages (one is the null page), got {num_blocks}")
+        if num_stripes < 1 or num_blocks % num_stripes:
+            raise ValueError(f"{num_blocks} pages do not split into {num_stripes} equal stripes")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks[1:])  # page 0 is the null page
+        # Stripes (sequence parallelism): pages [s * size, (s + 1) * size) live on device s of the
+        # `seq` axis, and a sequence's page j comes from stripe j % num_stripes, so a long
+        # sequence's KV spreads evenly. One stripe: a single LRU free queue.
+        self.stripe_size = num_blocks // num_stripes
+        self.free_queues = [FreeBlockQueue(self.blocks[max(1, i * self.stripe_size):(i + 1) * self.stripe_size])
+                            for i in range(num_stripes)]  # page 0 is the null page
         self.cached: dict[int, KVCacheBlock] = {}
+
+    def _queue(self, block: KVCacheBlock) -> FreeBlockQueue:
+        return self.free_queues[block.block_id // self.stripe_size]
 
     @property
     def num_free_blocks(self) -> int:
         """Pages that can be handed out now (free, cached-free included)."""
-        return self.free_queue.num_free_blocks
+        return sum(q.num_free_blocks for q in self.free_queues)
+
+    def can_allocate(self, num_blocks: int, first_index: int = 0, reclaimed: Iterable[KVCacheBlock] = ()) -> bool:
+        """Whether `num_blocks` new pages for a sequence's pages first_index.. fit, after taking the
+        cached-free pages `reclaimed` (prefix hits) off the free queues."""
+        need = [0] * len(self.free_queues)
+        for i in range(num_blocks):
+            need[(first_index + i) % len(need)] += 1
+        for block in reclaimed:
+            need[block.block_id // self.stripe_size] += 1
+        return all(n <= q.num_free_blocks for n, q in zip(need, self.free_queues))
 
     @property
     def num_cached_blocks(self) -> int:
@@ -127,16 +147,17 @@ class BlockPool:
         """Takes a reference on prefix-cache hits (a cached-free page leaves the free queue)."""
         for block in blocks:
             if block.ref_cnt == 0:
-                self.free_queue.remove(block)
+                self._queue(block).remove(block)
             block.ref_cnt += 1
 
-    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        """Pops `num_blocks` pages, least recently freed first, evicting their cached hashes."""
-        if num_blocks > self.num_free_blocks:
+    def get_new_blocks(self, num_blocks: int, first_index: int = 0) -> list[KVCacheBlock]:
+        """Pops `num_blocks` pages (a sequence's pages first_index..), least recently freed first,
+        evicting their cached hashes."""
+        if not self.can_allocate(num_blocks, first_index):
             raise RuntimeError(f"asked for {num_blocks} KV pages, {self.num_free_blocks} are free")
         out = []
-        for _ in range(num_blocks):
-            block = self.free_queue.popleft()
+        for i in range(num_blocks):
+            block = self.free_queues[(first_index + i) % len(self.free_queues)].popleft()
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)
@@ -164,7 +185,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 if not self.enable_caching:
                     block.block_hash = None
-                self.free_queue.append(block)
+                self._queue(block).append(block)
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached hash; only possible when no request holds a page."""

@@ -38,12 +38,13 @@ class KVCacheManager:
       enable_prefix_caching: reuse full pages across requests.
     """
 
-    def __init__(self, *, num_blocks: int, page_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, *, num_blocks: int, page_size: int, enable_prefix_caching: bool = True,
+                 num_stripes: int = 1):
         if page_size <= 0:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, num_stripes=num_stripes)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self._req_to_hashes: dict[str, list[int]] = {}
         self._num_cached_blocks: dict[str, int] = {}
@@ -138,11 +139,11 @@ class KVCacheManager:
         num_required = self.num_blocks_for(num_computed + num_new_tokens)
         num_new = max(0, num_required - len(blocks) - len(new_computed_blocks))
         # A hit on a cached-free page takes it off the free queue: it costs a free page too.
-        num_reclaimed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        if num_new + num_reclaimed > self.pool.num_free_blocks:
+        first_new = len(blocks) + len(new_computed_blocks)  # the sequence's index of the first new page
+        if not self.pool.can_allocate(num_new, first_new, [b for b in new_computed_blocks if b.ref_cnt == 0]):
             return None
         self.pool.touch(new_computed_blocks)
-        new_blocks = self.pool.get_new_blocks(num_new)
+        new_blocks = self.pool.get_new_blocks(num_new, first_new)
         blocks = self.req_to_blocks.setdefault(rid, [])
         blocks.extend(new_computed_blocks)
         blocks.extend(new_blocks)
