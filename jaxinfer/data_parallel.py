@@ -6,8 +6,8 @@
       ...
     schedule() -> DataParallelOutput            every replica's chunks for this step
 
-    Runner.execute (D > 1): every replica's chunks are packed with one common step shape and
-    concatenated, replica r owning the r-th slice of every array:
+    Runner.execute (D > 1): every replica's chunks are packed with one common step shape
+    (`Runner.step_shape`) and concatenated, replica r owning the r-th slice of every array:
 
     tokens [1, D*T]    replica 0's T tokens | replica 1's T tokens | ...     (split over `data`)
     page table [D*S, W], kv_lens [D*S], cu_q_lens [D*(S+1)], num_seqs [D]   (local page ids)
@@ -23,6 +23,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 from typing import Iterable, Mapping
+
+import numpy as np
 
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
@@ -127,36 +129,12 @@ class DataParallelScheduler:
 
 # ---- packing the replicas' steps into one (used by Runner.execute) -------------------------------
 
-def common_shape(runner, outs: tuple[SchedulerOutput, ...]):
-    """One step shape that fits every replica's chunks (decode-shaped only if all are decodes)."""
-    from jaxinfer.runner import StepShape, _bucket
-
-    rc = runner.rc
-    tokens = [sum(len(c.token_ids) for c in o.chunks) for o in outs]
-    seqs = [len(o.chunks) for o in outs]
-    width = _bucket(rc.page_buckets, max(len(c.block_ids) for o in outs for c in o.chunks), "pages per sequence")
-    if tokens == seqs:  # every replica decodes only
-        S = _bucket(rc.seq_buckets, max(seqs), "sequences")
-        if not rc.use_decode_items:
-            return StepShape(S, S, width, 1, 0)
-        per_item = rc.page_size * rc.pages_per_item
-        items = max(sum(-(-(c.start_pos + 1) // per_item) for c in o.chunks) for o in outs)
-        return StepShape(S, S, 1, 1, _bucket(rc.item_buckets(S), items, "decode work items"))
-    _bucket(rc.seq_buckets, max(seqs), "sequences")
-    T = _bucket(rc.token_buckets, max(tokens), "tokens")
-    return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
-
-
 def _cat(arrays, axis=0):
-    import numpy as np
-
     return np.concatenate([np.asarray(a) for a in arrays], axis=axis)
 
 
 def stack_model_inputs(inputs, T: int):
     """Per-replica ModelInputs of one shape -> one, replica r in the r-th slice of every array."""
-    import numpy as np
-
     from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
     from jaxinfer.runner import ModelInput
 
@@ -177,8 +155,6 @@ def stack_model_inputs(inputs, T: int):
 
 def stack_sampling_inputs(inputs, vocab_size: int):
     """Per-replica SamplingInputs -> one (penalties everywhere if any replica needs them)."""
-    import numpy as np
-
     from jaxinfer.runner import Penalties, SamplingInput
 
     penalties = None

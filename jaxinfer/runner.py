@@ -252,17 +252,18 @@ class Runner:
 
     def _forward_fn(self, params, kv_cache, inp: ModelInput, *, q_block: int):
         model = nnx.merge(self.graphdef, params)
-        attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
-                                   max_prefill_seqs=self.rc.max_prefill_seqs,
-                                   backend=self.rc.attention_backend)
         if self.mesh is not None and self.mesh.shape["seq"] > 1:
             from sharding.attention import seq_parallel_attend
 
             attend = seq_parallel_attend(self.mesh, sliding_window=self.config.sliding_window)
-        elif self.mesh is not None:
-            from sharding.attention import shard_attend
+        else:
+            attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
+                                       max_prefill_seqs=self.rc.max_prefill_seqs,
+                                       backend=self.rc.attention_backend)
+            if self.mesh is not None:
+                from sharding.attention import shard_attend
 
-            attend = shard_attend(attend, self.mesh)
+                attend = shard_attend(attend, self.mesh)
         hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attend)
         return hidden[0], hidden[0, inp.logits_indices], kv_cache
 
@@ -288,19 +289,22 @@ class Runner:
     # ---- shapes -------------------------------------------------------------------------------
 
     def step_shape(self, out: SchedulerOutput) -> StepShape:
-        """The padded shape of the step that runs `out`."""
-        rc, page = self.rc, self.rc.page_size
-        num_tokens = sum(len(c.token_ids) for c in out.chunks)
-        width = _bucket(rc.page_buckets, max(len(c.block_ids) for c in out.chunks), "pages per sequence")
-        if num_tokens == len(out.chunks):  # all decodes
-            S = _bucket(rc.seq_buckets, num_tokens, "sequences")
+        """The padded shape of the step that runs `out` (with data parallelism one shape that fits
+        every replica's chunks: decode-shaped only if every replica only decodes)."""
+        rc = self.rc
+        outs = getattr(out, "replicas", (out,))
+        tokens = [sum(len(c.token_ids) for c in o.chunks) for o in outs]
+        seqs = [len(o.chunks) for o in outs]
+        width = _bucket(rc.page_buckets, max(len(c.block_ids) for o in outs for c in o.chunks), "pages per sequence")
+        if tokens == seqs:  # all decodes
+            S = _bucket(rc.seq_buckets, max(seqs), "sequences")
             if not rc.use_decode_items:  # the kernels (and sequence parallelism): one query row per block
                 return StepShape(S, S, width, 1, 0)
-            per_item = page * rc.pages_per_item
-            items = sum(-(-(c.start_pos + 1) // per_item) for c in out.chunks)
+            per_item = rc.page_size * rc.pages_per_item
+            items = max(sum(-(-(c.start_pos + 1) // per_item) for c in o.chunks) for o in outs)
             return StepShape(S, S, 1, 1, _bucket(rc.item_buckets(S), items, "decode work items"))
-        _bucket(rc.seq_buckets, len(out.chunks), "sequences")
-        T = _bucket(rc.token_buckets, num_tokens, "tokens")
+        _bucket(rc.seq_buckets, max(seqs), "sequences")
+        T = _bucket(rc.token_buckets, max(tokens), "tokens")
         return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
 
     def all_step_shapes(self) -> list[StepShape]:
@@ -409,7 +413,7 @@ class Runner:
         if out.is_empty:
             return StepResult({}, {})
         outs = getattr(out, "replicas", (out,))
-        shape = self.step_shape(out) if len(outs) == 1 else data_parallel.common_shape(self, outs)
+        shape = self.step_shape(out)
         inputs, sampling, rows, targets, owners, chunk_rows = [], [], [], [], [], []
         for r, o in enumerate(outs):  # replica r owns rows r*T.. of the tokens and r*S.. of the sequences
             inputs.append(self.build_model_input(o, shape))

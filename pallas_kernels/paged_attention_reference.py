@@ -73,6 +73,19 @@ def single_token_rows(cu_q_lens, num_seqs):
     return seq, cu_q_lens[:-1][:, None], valid[:, None]
 
 
+def block_layouts(cu_q_lens, num_seqs, num_tokens: int, q_block: int, max_prefill_seqs: int | None = None):
+    """How a ragged batch splits into query blocks: [(tokens per block, layout)], layouts as from
+    `query_blocks`. q_block == 1: every token is a block ((1, None): block b is token b). Larger:
+    the single-query sequences (decodes) one per block, then the others (at most
+    `max_prefill_seqs`; None: any) in blocks of q_block tokens, so no decode pays for a prefill
+    block's rows. The reference and both kernels split batches this way."""
+    if q_block == 1:
+        return [(1, None)]
+    return [(1, single_token_rows(cu_q_lens, num_seqs)),
+            (q_block, query_blocks(cu_q_lens, num_seqs, num_tokens, q_block, min_q_len=2,
+                                   max_seqs=max_prefill_seqs))]
+
+
 def _logits(q, keys, eq, *, sm_scale, soft_cap):
     """Scaled (and soft-capped: cap * tanh(s / cap)) attention logits in f32."""
     scores = jnp.einsum(eq, q, keys, preferred_element_type=jnp.float32) * sm_scale
@@ -133,13 +146,9 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
     T, N, H = q.shape
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
     common = dict(layer=layer, sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)
-    if q_block == 1:
-        parts = [query_blocks(cu_q_lens, num_seqs, T, 1)]
-    else:
-        parts = [single_token_rows(cu_q_lens, num_seqs),
-                 query_blocks(cu_q_lens, num_seqs, T, q_block, min_q_len=2, max_seqs=max_prefill_seqs)]
     result = jnp.zeros((T, N, H), jnp.float32)
-    for blocks in parts:
+    for _, layout in block_layouts(cu_q_lens, num_seqs, T, q_block, max_prefill_seqs):
+        blocks = layout or query_blocks(cu_q_lens, num_seqs, T, 1)
         out, dest = _attend_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, blocks, **common)
         result = result.at[dest].set(out, mode="drop")  # invalid rows land out of range and are dropped
     return result.astype(q.dtype)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_attention_reference import query_blocks, single_token_rows
+from pallas_kernels.paged_attention_reference import block_layouts
 from pallas_kernels.ragged_blocks import QueryBlocks, pack_queries, unpack_outputs
 
 NEG = -1e30  # finite mask value: exp(NEG - m) underflows to 0 without inf - inf NaNs
@@ -179,14 +179,9 @@ def ragged_paged_attention_gpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
         # Both dots have block_kv as a dimension; below 16 the bf16 MMA path computes garbage.
         raise ValueError(f"block_kv must be a power of two >= {MIN_DOT_ROWS}, got {block_kv}")
     q_block = _next_pow2(q_block)
-    if q_block == 1:
-        parts = [(1, None)]
-    else:
-        parts = [(1, single_token_rows(cu_q_lens, num_seqs)),
-                 (q_block, query_blocks(cu_q_lens, num_seqs, T, q_block, min_q_len=2, max_seqs=max_prefill_seqs))]
     max_kv_blocks = -(-page_table.shape[1] * k_cache.shape[-3] // block_kv)
     out = None
-    for rows, layout in parts:
+    for rows, layout in block_layouts(cu_q_lens, num_seqs, T, q_block, max_prefill_seqs):
         blocks = pack_queries(q, kv_lens, cu_q_lens, num_seqs, num_kv_heads=K, q_block=rows,
                               padded_group=padded_group(rows, N // K), layout=layout)
         NB, _, R, _ = blocks.q.shape

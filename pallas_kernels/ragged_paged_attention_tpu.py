@@ -46,7 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.paged_attention_reference import query_blocks, single_token_rows
+from pallas_kernels.paged_attention_reference import block_layouts
 from pallas_kernels.ragged_blocks import pack_queries, unpack_outputs
 
 # Finite, so that exp(MASK_VALUE - running max) is 0 rather than NaN while every key is masked.
@@ -255,15 +255,8 @@ def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
     if q_block < 1 or pages_per_block < 1 or (sliding_window is not None and sliding_window < 1):
         raise ValueError(f"block sizes and the window must be positive: {q_block=}, {pages_per_block=}, "
                          f"{sliding_window=}")
-    # A mixed batch runs twice: decodes one token per block, prefill chunks q_block tokens per
-    # block, so a decode never pays for a prefill block's rows (as the GPU kernel does).
-    if q_block == 1:
-        parts = [(1, None)]
-    else:
-        parts = [(1, single_token_rows(cu_q_lens, num_seqs)),
-                 (q_block, query_blocks(cu_q_lens, num_seqs, T, q_block, min_q_len=2, max_seqs=max_prefill_seqs))]
     out = None
-    for rows, layout in parts:
+    for rows, layout in block_layouts(cu_q_lens, num_seqs, T, q_block, max_prefill_seqs):
         Gp = padded_group(N // K, rows)
         blocks = pack_queries(q, kv_lens, cu_q_lens, num_seqs, num_kv_heads=K, q_block=rows, padded_group=Gp,
                               layout=layout)
