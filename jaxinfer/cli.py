@@ -1,4 +1,4 @@
-"""Command line: `jaxinfer generate "..."` and `jaxinfer chat`.
+"""Command line: `jaxinfer generate "..."`, `jaxinfer chat`, `jaxinfer serve`, `jaxinfer convert`.
 
 A status line on stderr says what is happening while the model loads and compiles; generated
 text goes to stdout. User errors print one line and exit with status 2, never a traceback.
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system message")
     _add_common(c, temperature=0.0, max_tokens=256)
     c.set_defaults(func=cmd_chat)
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server (same flags as python server.py; see serve --help)",
+                   add_help=False)
     v = sub.add_parser("convert", help="convert a GGUF model to a jaxinfer orbax checkpoint directory")
     v.add_argument("model", help="a .gguf path or a registered model name")
     v.add_argument("out_dir", help="the checkpoint directory to create (must be new or empty)")
@@ -153,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the HTTP server has its own flags (python server.py --help)
+        from server import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -436,10 +436,12 @@ class LLMEngine:
         self.counters["computed_tokens"] += out.num_scheduled_tokens
         self.counters["device_seconds"] += result.device_seconds
         self.counters["host_seconds"] += time.perf_counter() - start - result.device_seconds
-        outputs = [self._output(state) for state in touched.values()]
         for state in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
+        outputs = [self._output(state) for state in touched.values()]
+        for state in touched.values():
+            if state.finished:
                 self.counters["finished"] += 1
                 self._retire(state)
         return outputs

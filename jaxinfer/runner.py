@@ -363,7 +363,8 @@ class Runner:
                 continue
             request = requests[chunk.request_id]
             p = request.sampling_params
-            temperature[s], top_p[s], top_k[s], min_p[s] = p.temperature, p.top_p, p.top_k, p.min_p
+            temperature[s], top_p[s], min_p[s] = p.temperature, p.top_p, p.min_p
+            top_k[s] = p.top_k if 0 < p.top_k < V else 0  # k >= vocab keeps every token: disabled
             seeds[s] = request.seed % (1 << 32)
             num_generated[s] = len(request.output_token_ids)
             want_logprobs |= p.logprobs is not None

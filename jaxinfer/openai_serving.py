@@ -1,0 +1,458 @@
+"""OpenAI completions and chat completions over an `AsyncEngine`, independent of the web framework.
+
+    body bytes -> parse_request (UTF-8, JSON, pydantic)        -> CompletionRequest / ChatCompletionRequest
+              -> OpenAIServing.prepare (tokenize, template,     -> Prepared: engine PromptSpecs, one per prompt
+                 context check, SamplingParams)
+              -> AsyncEngine.submit_many                       -> RequestStream
+              -> respond (wait for the finals) or events (SSE) -> JSON / "data: ..." lines
+
+Every refusal is an `ApiError` carrying its HTTP status and the OpenAI error body; `server.py`
+only maps routes to these calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from typing import Callable, Iterator
+
+import pydantic
+
+from jaxinfer.async_engine import AsyncEngine, EngineDeadError, PromptSpec, RequestStream
+from jaxinfer.errors import ChatTemplateError, InvalidRequestError, PromptTooLongError
+from jaxinfer.metrics import ServerMetrics
+from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxinfer.protocol import (UNSUPPORTED_FIELDS, AssistantMessage, ChatChoice, ChatChunkChoice,
+                               ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+                               CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Delta,
+                               ErrorInfo, ErrorResponse, PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# What a field must be, for union-typed fields whose pydantic errors list every alternative.
+_FIELD_HINTS = {
+    "prompt": "must be a non-empty string, a non-empty list of token ids, or a list of either",
+    "stop": "must be a non-empty string or a list of non-empty strings",
+    "content": "must be a string or a list of {'type': 'text', 'text': ...} parts",
+}
+
+
+class ApiError(Exception):
+    """A refused request: HTTP status plus the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+
+
+def _param_path(loc: tuple, body) -> tuple[str, bool]:
+    """('messages', 0, 'content', 'str') -> ('messages[0].content', True): the path through the
+    request body, without pydantic's union-member tags (the bool: some were dropped)."""
+    out, cur, tagged = "", body, False
+    for part in loc:
+        if isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            out, cur = out + f"[{part}]", cur[part]
+        elif isinstance(cur, dict) and isinstance(part, str) and (part in cur or part.isidentifier()):
+            out = f"{out}.{part}" if out else part
+            if part not in cur:  # a missing field: nothing below it
+                break
+            cur = cur[part]
+        else:
+            tagged = True
+    return out, tagged
+
+
+def _pydantic_error(e: pydantic.ValidationError, body: dict) -> ApiError:
+    first = e.errors(include_url=False)[0]
+    param, tagged = _param_path(first["loc"], body)
+    leaf = param.rsplit(".", 1)[-1].split("[")[0]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown field {param!r}; remove it (see GET /openapi.json for the accepted fields)"
+    elif first["type"] == "missing":
+        message = f"{param} is required"
+    elif tagged and leaf in _FIELD_HINTS:
+        message = f"{param} {_FIELD_HINTS[leaf]}"
+    else:
+        got = repr(first.get("input"))
+        message = f"{param}: {first['msg']} (got {got[:80] + '...' if len(got) > 80 else got})"
+    return ApiError(400, message, param=param)
+
+
+def parse_request(raw: bytes, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
+    """Body bytes -> validated request, or ApiError(400) naming what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON") from None
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    for field, unused in UNSUPPORTED_FIELDS.items():
+        if field in body and body[field] not in unused:
+            raise ApiError(400, f"{field} is not supported by this server; remove it", param=field)
+        body.pop(field, None)
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as e:
+        raise _pydantic_error(e, body) from None
+
+
+@dataclasses.dataclass
+class Prepared:
+    """An accepted request, ready to submit."""
+
+    kind: str  # "completion" or "chat"
+    request: CompletionRequest | ChatCompletionRequest
+    specs: list[PromptSpec]
+    prompt_texts: list[str]
+    request_id: str
+    created: int
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int,
+                 metrics: ServerMetrics | None = None, poll_interval: float = 0.25):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+        self.poll_interval = poll_interval
+
+    # ---- request -> engine ----------------------------------------------------------------------
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None):
+        try:
+            return SamplingParams(
+                n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=req.temperature,
+                top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e)) from None
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str, where: str) -> int:
+        room = self.max_model_len - prompt_len
+        if room <= 0:
+            raise ApiError(400, f"{where} has {prompt_len} tokens but this model's context is {self.max_model_len} "
+                                f"tokens; shorten it to at most {self.max_model_len - 1}", param=prompt_param,
+                           code="context_length_exceeded")
+        if requested is None:
+            return room
+        if requested > room:
+            raise ApiError(400, f"this model's context is {self.max_model_len} tokens and {where} has {prompt_len}; "
+                                f"max_tokens={requested} does not fit: ask for at most {room}", param="max_tokens",
+                           code="context_length_exceeded")
+        return requested
+
+    def _validated_ids(self, ids: list[int], param: str, where: str) -> list[int]:
+        try:
+            return self.engine.engine.validate_prompt(ids, where)
+        except PromptTooLongError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        self._check_model(req.model)
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, f"best_of={req.best_of} is not supported: leave it out, or set it equal to n",
+                           param="best_of")
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        specs, texts = [], []
+        for i, prompt in enumerate(prompts):
+            where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            if isinstance(prompt, str):
+                ids, text = self.tokenizer.encode(prompt), prompt
+            else:
+                ids, text = list(prompt), None
+            ids = self._validated_ids(ids, "prompt", where)
+            if text is None and req.echo:
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", where)
+            params = self._sampling_params(req, max_tokens, req.logprobs,
+                                           req.logprobs if req.echo and req.logprobs is not None else None)
+            specs.append(PromptSpec(ids, params, prompt=text))
+            texts.append(text or "")
+        return Prepared("completion", req, specs, texts, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        self._check_model(req.model)
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree; give one of them",
+                           param="max_completion_tokens")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        # The template writes the special tokens itself: no BOS on top (as LLM.chat does).
+        ids = self._validated_ids(self.tokenizer.encode(text, add_special_tokens=False), "messages",
+                                  "the conversation")
+        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), "messages",
+                                      "the conversation")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling_params(req, max_tokens, logprobs, None)
+        return Prepared("chat", req, [PromptSpec(ids, params, prompt=text)], [text],
+                        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+
+    def submit(self, prepared: Prepared) -> RequestStream:
+        try:
+            return self.engine.submit_many(prepared.specs)
+        except EngineDeadError as e:
+            raise ApiError(503, str(e), type="service_unavailable") from None
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e)) from None
+
+    # ---- engine -> response -----------------------------------------------------------------------
+
+    def _wait(self, stream: RequestStream, disconnected: Callable[[], bool]) -> Iterator[RequestOutput]:
+        """The stream's outputs; aborts the requests (freeing their pages) if the client goes away."""
+        try:
+            while not stream.done:
+                out = stream.get(timeout=self.poll_interval)
+                if out is None:
+                    if disconnected():
+                        return
+                    continue
+                if out.finished and self.metrics is not None:
+                    self.metrics.observe_finished(out)
+                yield out
+        finally:
+            if not stream.done:
+                stream.cancel()
+
+    def respond(self, prepared: Prepared, stream: RequestStream, disconnected: Callable[[], bool]) -> dict | None:
+        """The whole response once every request finished (None if the client went away)."""
+        finals: dict[str, RequestOutput] = {}
+        try:
+            for out in self._wait(stream, disconnected):
+                if out.finished:
+                    finals[out.request_id] = out
+        except EngineDeadError as e:
+            raise ApiError(503, str(e), type="service_unavailable") from None
+        except Exception as e:
+            logger.exception("request %s failed in the engine", prepared.request_id)
+            raise ApiError(500, f"the engine failed while serving this request: {e}", type="server_error") from None
+        if not stream.done:
+            return None
+        outs = [finals[rid] for rid in stream.request_ids]
+        req, n = prepared.request, prepared.n
+        usage = _usage(outs)
+        if prepared.kind == "completion":
+            choices = []
+            for i, out in enumerate(outs):
+                echo = prepared.prompt_texts[i] if req.echo else ""
+                for c in out.outputs:
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = _completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, len(echo))
+                        if req.echo:
+                            lp = _join(_prompt_logprobs(out, req.logprobs, self.tokenizer), lp)
+                    choices.append(CompletionChoice(index=i * n + c.index, text=echo + c.text, logprobs=lp,
+                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            resp = CompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
+                                      choices=choices, usage=usage)
+        else:
+            choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                                  logprobs=_chat_logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
+                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                       for c in outs[0].outputs]
+            resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
+                                          choices=choices, usage=usage)
+        return resp.model_dump(exclude_none=False)
+
+    def events(self, prepared: Prepared, stream: RequestStream, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+        """Server-sent events: one chunk per choice that moved, then usage (if asked) and [DONE]."""
+        req, n = prepared.request, prepared.n
+        base = {rid: i * n for i, rid in enumerate(stream.request_ids)}
+        sent_chars: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finals = []
+        chat = prepared.kind == "chat"
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+        def chunk(index: int, text: str, finish, stop_reason, logprobs) -> bytes:
+            if chat:
+                body = ChatCompletionChunk(
+                    id=prepared.request_id, created=prepared.created, model=self.model_name,
+                    choices=[ChatChunkChoice(index=index, delta=Delta(content=text) if text or not finish else Delta(),
+                                             logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)])
+            else:
+                body = CompletionResponse(
+                    id=prepared.request_id, created=prepared.created, model=self.model_name,
+                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
+                                              stop_reason=stop_reason)])
+            return _sse(body.model_dump_json(exclude_unset=False))
+
+        if chat:
+            for i in range(n):
+                first = ChatCompletionChunk(id=prepared.request_id, created=prepared.created, model=self.model_name,
+                                            choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant",
+                                                                                          content=""))])
+                yield _sse(first.model_dump_json())
+        elif req.echo:
+            for i, text in enumerate(prepared.prompt_texts):
+                for j in range(n):
+                    sent_chars[i * n + j] = 0
+                    yield chunk(i * n + j, text, None, None, None)
+        try:
+            for out in self._wait(stream, disconnected):
+                if out.finished:
+                    finals.append(out)
+                for c in out.outputs:
+                    index = base[out.request_id] + c.index
+                    chars, toks = sent_chars.get(index, 0), sent_tokens.get(index, 0)
+                    if chars < 0:  # this choice already finished
+                        continue
+                    text = c.text[chars:]
+                    wants_logprobs = req.logprobs if chat else req.logprobs is not None
+                    moved = text or (wants_logprobs and len(c.token_ids) > toks)
+                    if not moved and c.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if chat and wants_logprobs:
+                        logprobs = _chat_logprobs(c, req.top_logprobs or 0, start=toks)
+                    elif wants_logprobs:
+                        logprobs = _completion_logprobs(c.token_ids[toks:], (c.logprobs or [])[toks:], req.logprobs,
+                                                        chars)
+                    sent_chars[index] = -1 if c.finish_reason else len(c.text)
+                    sent_tokens[index] = len(c.token_ids)
+                    yield chunk(index, text, c.finish_reason, c.stop_reason, logprobs)
+        except Exception as e:
+            status = "service_unavailable" if isinstance(e, EngineDeadError) else "server_error"
+            if not isinstance(e, EngineDeadError):
+                logger.exception("streamed request %s failed in the engine", prepared.request_id)
+            yield _sse(json.dumps(error_body(f"the engine stopped serving this request: {e}", status)))
+            yield b"data: [DONE]\n\n"
+            return
+        if not stream.done:  # the client went away: nothing more to say
+            return
+        if include_usage:
+            outs = sorted(finals, key=lambda o: base[o.request_id])
+            cls = ChatCompletionChunk if chat else CompletionResponse
+            yield _sse(cls(id=prepared.request_id, created=prepared.created, model=self.model_name, choices=[],
+                           usage=_usage(outs)).model_dump_json())
+        yield b"data: [DONE]\n\n"
+
+
+def _sse(data: str) -> bytes:
+    return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+def _usage(outs: list[RequestOutput]) -> Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics is not None)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def _ranked(d: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely entries of one position's logprob dict, best first."""
+    ranked = sorted(((i, lp) for i, lp in d.items() if lp.rank is not None), key=lambda x: x[1].rank)
+    return ranked[:k]
+
+
+def _top_dict(d: dict[int, Logprob], k: int, token_id: int, text: str) -> dict[str, float]:
+    """The legacy {token text: logprob} map: the k best and the sampled token. Tokens whose texts
+    collide (e.g. partial UTF-8 bytes all decode to U+FFFD) keep the best one's logprob."""
+    top: dict[str, float] = {}
+    for _, lp in _ranked(d, k):
+        top.setdefault(lp.decoded_token or "", lp.logprob)
+    if token_id in d:
+        top.setdefault(text, d[token_id].logprob)
+    return top
+
+
+def _token_text(d: dict[int, Logprob], token_id: int) -> str:
+    lp = d.get(token_id)
+    return lp.decoded_token if lp is not None and lp.decoded_token is not None else ""
+
+
+def _completion_logprobs(token_ids, logprobs: list[dict[int, Logprob]], k: int, offset: int) -> CompletionLogprobs:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, d in zip(token_ids, logprobs):
+        text = _token_text(d, tid)
+        tokens.append(text)
+        token_lps.append(d[tid].logprob if tid in d else None)
+        tops.append(_top_dict(d, k, tid, text))
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
+
+
+def _prompt_logprobs(out: RequestOutput, k: int, tokenizer: Tokenizer) -> CompletionLogprobs:
+    """Echoed prompt tokens: the first has no log-probability (nothing precedes it)."""
+    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+    plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    for tid, d in zip(out.prompt_token_ids, plps):
+        text = tokenizer.decode([tid], skip_special_tokens=False)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if d is None:
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(d[tid].logprob if tid in d else None)
+            tops.append(_top_dict(d, k, tid, text))
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
+
+
+def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _chat_logprobs(c: CompletionOutput, k: int, start: int = 0) -> ChatLogprobs:
+    content = []
+    for tid, d in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        text = _token_text(d, tid)
+        top = [TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=_bytes(lp.decoded_token or ""))
+               for _, lp in _ranked(d, k)]
+        content.append(TokenLogprob(token=text, logprob=d[tid].logprob if tid in d else float("-inf"),
+                                    bytes=_bytes(text), top_logprobs=top))
+    return ChatLogprobs(content=content)

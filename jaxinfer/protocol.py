@@ -1,0 +1,259 @@
+"""The OpenAI-compatible HTTP schema: request validation and response shapes (pydantic).
+
+Requests are validated strictly: unknown fields, wrong types ("0.5" for a number, 1 for a bool)
+and out-of-range values are refused with the field named, as OpenAI's API does. The response
+models are what the server serialises, and, with the requests, what `/openapi.json` describes.
+
+Fields beyond OpenAI's (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+stop_token_ids, skip_special_tokens) take the meanings of `jaxinfer.SamplingParams`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+from jaxinfer.sampling_params import MAX_LOGPROBS
+
+MAX_N = 16  # most samples per prompt
+MAX_PROMPTS = 64  # most prompts in one /v1/completions request
+MAX_STOP = 16  # most stop strings
+INT64 = 2**63 - 1
+
+# OpenAI fields this server knows but does not implement: refused with a message naming them,
+# rather than as "unknown field". Each maps to the values that mean "not used".
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="send a last chunk with the token usage")
+
+
+PositiveTokens = Annotated[int, Field(ge=1, le=INT64)]
+TokenId = Annotated[int, Field(ge=0, le=INT64)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by both generation endpoints."""
+
+    model: str | None = Field(None, description="the served model's name (GET /v1/models); optional")
+    n: int = Field(1, ge=1, le=MAX_N, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: str | None = Field(None, max_length=256)
+    # Beyond OpenAI's fields:
+    top_k: int = Field(0, ge=-1, le=INT64, description="keep the k most likely tokens; 0 or -1 disables it")
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=INT64)
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=256)] | None = None
+    skip_special_tokens: bool = True
+
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: Union[Annotated[str, Field(min_length=1)], TokenIds,
+                  Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]] = Field(
+        description="a string, a list of token ids, or a list of either (one choice set per prompt)")
+    max_tokens: PositiveTokens | None = Field(16, description="most new tokens; None: the rest of the context")
+    echo: bool = Field(False, description="return the prompt before the completion")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="log-probabilities of the sampled and this many most likely tokens")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
+    name: str | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: PositiveTokens | None = Field(None, description="most new tokens; None: the rest of the context")
+    max_completion_tokens: PositiveTokens | None = Field(None, description="OpenAI's newer name for max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant turn's header")
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(description="prompt tokens served from the prefix cache")
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = Field(None, description="the stop token id or string that ended it")
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class Delta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+    @field_serializer("delta")
+    def _delta(self, delta: Delta) -> dict:  # {"content": "..."}: no "role": null after the first chunk
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "jaxinfer"
+    max_model_len: int
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Out):
+    error: ErrorInfo
+
+
+class Health(_Out):
+    status: Literal["ok", "draining", "dead"]
