@@ -55,16 +55,36 @@ def sample(logits, temperature, top_k, top_p, keys, min_p=None):
     logits [B, V] f32; temperature, top_p [B] f32; top_k [B] int32; keys [B, 2] uint32 raw keys;
     min_p [B] f32 or None.
     Returns [B] int32 token ids.
-    """
 
-    def draw(_):
-        sorted_logits, sorted_ids = mask_logits(logits, temperature, top_k, top_p, min_p)
-        choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)  # [B] index into the order
-        drawn = jnp.take_along_axis(sorted_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    The draw is always made over the vocabulary in its own order (the filters only mask tokens
+    out), so a row's token depends on its key and its own parameters, never on which branch its
+    batch took. Batches where no row filters (top-k, top-p, min-p all off) skip the sort over the
+    vocabulary: on SmolLM2 (V = 49152) on CPU the sort took about twice the model's step time.
+    """
+    V = logits.shape[-1]
+    scaled = lambda: logits / jnp.maximum(temperature, 1e-6)[:, None]  # noqa: E731  (inside the branches)
+
+    def draw(masked):
+        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy(logits))
 
-    # All-greedy batches skip the sort over the vocabulary entirely.
-    return jax.lax.cond(jnp.all(temperature == 0), lambda _: greedy(logits), draw, None)
+    filters = (top_k > 0) & (top_k < V) | (top_p < 1)
+    if min_p is not None:
+        filters |= min_p > 0
+
+    def filtered(_):
+        sorted_logits, _ = mask_logits(logits, temperature, top_k, top_p, min_p)
+        # The kept tokens are a prefix of the descending order: keep every token at least as likely
+        # as the last kept one (rows without filters keep everything, as in the unfiltered branch).
+        n_keep = jnp.sum(jnp.isfinite(sorted_logits), axis=-1)
+        threshold = jnp.take_along_axis(sorted_logits, jnp.maximum(n_keep - 1, 0)[:, None], axis=-1)
+        threshold = jnp.where(filters[:, None], threshold, -jnp.inf)
+        x = scaled()
+        return draw(jnp.where(x >= threshold, x, -jnp.inf))
+    sampled = temperature > 0
+    return jax.lax.cond(
+        jnp.all(~sampled), lambda _: greedy(logits),
+        lambda _: jax.lax.cond(jnp.any(filters & sampled), filtered, lambda _: draw(scaled()), None), None)
 
 
 def step_keys(seeds, num_generated):

@@ -63,3 +63,20 @@ def test_seeded_rows_do_not_depend_on_the_batch():
                             jnp.zeros((4,), jnp.int32), jnp.ones((4,)), keys))
     assert out[1] == alone and out[3] == alone
     assert out[2] == logits.argmax()
+
+
+def test_a_row_draws_the_same_whether_or_not_its_batch_filters():
+    """Filtering in one row (the sorted branch) leaves an unfiltered row's draw unchanged, and a
+    top-k row draws only among its k best tokens."""
+    logits = np.random.default_rng(3).standard_normal((2, 300))
+    keys = step_keys(jnp.array([11, 12], jnp.uint32), jnp.array([0, 0], jnp.int32))
+    run = lambda top_k: np.asarray(sample(jnp.asarray(logits, jnp.float32), jnp.ones((2,)),  # noqa: E731
+                                          jnp.array(top_k, jnp.int32), jnp.ones((2,)), keys))
+    plain, mixed = run([0, 0]), run([0, 5])
+    assert mixed[0] == plain[0]
+    assert mixed[1] in np.argsort(-logits[1])[:5]
+    for seed in range(50):  # and over many keys: the top-5 row never leaves its top 5
+        k = step_keys(jnp.array([seed, seed], jnp.uint32), jnp.array([0, 1], jnp.int32))
+        out = np.asarray(sample(jnp.asarray(logits, jnp.float32), jnp.ones((2,)), jnp.array([0, 5], jnp.int32),
+                                jnp.ones((2,)), k))
+        assert out[1] in np.argsort(-logits[1])[:5]
