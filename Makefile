@@ -28,7 +28,8 @@ run: $(STAMP)
 chat: $(STAMP)
 	$(BIN)/jaxinfer chat
 
-test: $(STAMP) chromium
+# The tests compare against HF transformers (torch CPU): the `ref` extra is installed for them.
+test: $(VENV)/.installed-ref chromium
 	$(BIN)/python -m pytest -q
 
 # The chat-page test drives Debian's chromium through playwright (no browser download needed).
@@ -39,7 +40,7 @@ chromium:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "no chromium and no apt-get: tests/test_chat_page.py will be skipped"; fi
 
-# HF transformers (torch CPU) is the fidelity oracle and benchmark baseline, not a dependency.
+# HF transformers (torch CPU) is the fidelity oracle and benchmark baseline, not a runtime dependency.
 $(VENV)/.installed-ref: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,ref]'
 	touch $@

@@ -2,7 +2,8 @@
 
     out_dir/
       jaxinfer.json     format version, the ModelConfig, where it came from
-      tokenizer.json    the tokenizer's GGUF metadata (vocabulary, merges, special ids, template)
+      tokenizer.json    the tokenizer's GGUF metadata (vocabulary, merges, special ids, template), or
+      hf_tokenizer/     the HF tokenizer files, for checkpoints converted from a HF directory
       params/           orbax checkpoint of {"embed": [V, D], "layers.wq": [L, D, N, H], ...}
 
 Parameters are stored in the model's own (stacked, unsharded) layout, so a checkpoint does not
@@ -45,14 +46,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save(path: str | os.PathLike, cfg: ModelConfig, weights: dict, tokenizer_metadata: dict, *,
-         source: str = "") -> str:
+HF_TOKENIZER_DIR = "hf_tokenizer"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "chat_template.jinja")
+
+
+def save(path: str | os.PathLike, cfg: ModelConfig, weights: dict, tokenizer_metadata: dict | None = None, *,
+         source: str = "", hf_tokenizer_dir: str | None = None) -> str:
     """Writes a checkpoint directory (which must not exist yet) and returns its path.
 
     Args:
       cfg: the model's config.
       weights: arrays keyed like the model state ("embed", "layers.wq", ...), stacked layout.
-      tokenizer_metadata: the GGUF "tokenizer.*" metadata the tokenizer is rebuilt from.
+      tokenizer_metadata: the GGUF "tokenizer.*" metadata the tokenizer is rebuilt from, or
+      hf_tokenizer_dir: a HF directory whose tokenizer files are copied in.
       source: where the weights came from (recorded, informational).
     """
     import orbax.checkpoint as ocp
@@ -65,9 +72,17 @@ def save(path: str | os.PathLike, cfg: ModelConfig, weights: dict, tokenizer_met
         ckpt.save(os.path.join(path, "params"), {k: np.asarray(v) if not isinstance(v, jax.Array) else v
                                                   for k, v in weights.items()})
         ckpt.wait_until_finished()
-    meta = {k: _jsonable(v) for k, v in tokenizer_metadata.items() if k.startswith("tokenizer.")}
-    with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        json.dump(meta, f)
+    if hf_tokenizer_dir is not None:
+        import shutil
+
+        os.makedirs(os.path.join(path, HF_TOKENIZER_DIR))
+        for name in HF_TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(hf_tokenizer_dir, name)):
+                shutil.copyfile(os.path.join(hf_tokenizer_dir, name), os.path.join(path, HF_TOKENIZER_DIR, name))
+    else:
+        meta = {k: _jsonable(v) for k, v in (tokenizer_metadata or {}).items() if k.startswith("tokenizer.")}
+        with open(os.path.join(path, "tokenizer.json"), "w") as f:
+            json.dump(meta, f)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, "source": source, "config": dataclasses.asdict(cfg)}, f,
                   indent=1)
@@ -90,6 +105,17 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if raw.get("rope_freq_factors") is not None:
         raw["rope_freq_factors"] = tuple(raw["rope_freq_factors"])
     return ModelConfig(**raw)
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer (from its GGUF metadata or its copied HF tokenizer files)."""
+    from jaxinfer import tokenizer as tokenizer_lib
+
+    path = os.fspath(path)
+    hf_dir = os.path.join(path, HF_TOKENIZER_DIR)
+    if os.path.isdir(hf_dir):
+        return tokenizer_lib.from_hf_directory(hf_dir)
+    return tokenizer_lib.from_gguf_metadata(read_tokenizer_metadata(path), source=path)
 
 
 def read_tokenizer_metadata(path: str | os.PathLike) -> dict:

@@ -115,17 +115,28 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    """GGUF (a path or registered name) -> jaxinfer orbax checkpoint directory."""
-    from checkpoints import orbax_io
+    """GGUF (a path or registered name) or HF directory -> jaxinfer orbax checkpoint directory."""
+    from checkpoints import hf, orbax_io
     from checkpoints.gguf import GGUFFile
+    from jaxinfer.errors import CheckpointError
     from jaxinfer.registry import resolve_model_path
 
     t0 = time.perf_counter()
     path = resolve_model_path(args.model)
-    gguf = GGUFFile(path)
-    cfg = gguf.model_config(dtype=args.dtype, scan_layers=True)
-    weights = gguf.load_params(cfg, progress=True)  # tqdm bar over the tensors
-    out = orbax_io.save(args.out_dir, cfg, weights, gguf.metadata, source=os.path.abspath(path))
+    if os.path.isdir(path) and hf.is_hf_directory(path):
+        ckpt = hf.HFCheckpoint(path)
+        cfg = ckpt.model_config(dtype=args.dtype, scan_layers=True)
+        _status(f"{path}: HF checkpoint ({ckpt.architecture})")
+        weights = ckpt.load_params(cfg, progress=True)  # tqdm bar over the tensors
+        out = orbax_io.save(args.out_dir, cfg, weights, source=os.path.abspath(path), hf_tokenizer_dir=path)
+    elif os.path.isdir(path):
+        raise CheckpointError(f"{path} is already a jaxinfer orbax checkpoint")
+    else:
+        gguf = GGUFFile(path)
+        cfg = gguf.model_config(dtype=args.dtype, scan_layers=True)
+        _status(f"{path}: GGUF ({gguf.architecture})")
+        weights = gguf.load_params(cfg, progress=True)
+        out = orbax_io.save(args.out_dir, cfg, weights, gguf.metadata, source=os.path.abspath(path))
     _status(f"wrote {out} ({cfg.num_params() / 1e6:.0f}M parameters, {cfg.dtype}) in "
             f"{time.perf_counter() - t0:.1f}s; load it with LLM(model={out!r}) or --model {out}")
     return 0
@@ -145,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
     sub.add_parser("serve", help="OpenAI-compatible HTTP server (same flags as python server.py; see serve --help)",
                    add_help=False)
-    v = sub.add_parser("convert", help="convert a GGUF model to a jaxinfer orbax checkpoint directory")
-    v.add_argument("model", help="a .gguf path or a registered model name")
+    v = sub.add_parser("convert", help="convert a GGUF model or a HF directory to a jaxinfer orbax checkpoint")
+    v.add_argument("model", help="a .gguf path, a HF checkpoint directory or a registered model name")
     v.add_argument("out_dir", help="the checkpoint directory to create (must be new or empty)")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="stored parameter dtype (loading can cast to another)")

@@ -62,7 +62,8 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
     """Loads a registered model name, a .gguf path, or a jaxinfer orbax checkpoint directory.
 
     Args:
-      model: registry name (e.g. "smollm2-135m") or path to a .gguf file.
+      model: registry name (e.g. "smollm2-135m"), a .gguf file, a HF directory (config.json +
+        safetensors + tokenizer files) or a jaxinfer orbax checkpoint directory.
       dtype: parameter dtype; None picks float32 on CPU, bfloat16 on GPU/TPU.
       scan_layers: scan over layers; None picks scan on CPU, unrolled on GPU/TPU.
       progress: show a progress bar while reading tensors.
@@ -76,11 +77,22 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
     backend = jax.default_backend()
     dtype = dtype or default_dtype(backend)
     scan_layers = default_scan_layers(backend) if scan_layers is None else scan_layers
+    if os.path.isdir(path):
+        from checkpoints import hf
+
+        if hf.is_hf_directory(path):  # config.json + safetensors + tokenizer files
+            ckpt = hf.HFCheckpoint(path)
+            cfg = ckpt.model_config(dtype=dtype, scan_layers=scan_layers)
+            tok = tokenizer_lib.from_hf_directory(path)
+            graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=progress))
+            logger.info("loaded HF checkpoint %s (%s): %.1fM parameters, %s", path, ckpt.architecture,
+                        cfg.num_params() / 1e6, cfg.dtype)
+            return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)
     if os.path.isdir(path):  # an orbax checkpoint directory
         from checkpoints import orbax_io
 
         cfg, weights = orbax_io.restore(path, dtype=dtype, scan_layers=scan_layers, mesh=mesh)
-        tok = tokenizer_lib.from_gguf_metadata(orbax_io.read_tokenizer_metadata(path), source=path)
+        tok = orbax_io.read_tokenizer(path)
         graphdef, params = build_model(cfg, weights)
         logger.info("loaded orbax checkpoint %s: %.1fM parameters, %s", path, cfg.num_params() / 1e6, cfg.dtype)
         return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)

@@ -50,7 +50,7 @@ def known_models_help() -> str:
 
 def resolve_model_path(model: str | os.PathLike) -> str:
     """Path of the weights for a registered name, a .gguf file, or a directory holding one .gguf
-    file or a jaxinfer orbax checkpoint (`jaxinfer convert`).
+    file, a HF checkpoint (config.json + safetensors) or a jaxinfer orbax checkpoint (`jaxinfer convert`).
 
     Raises:
       ModelNotFoundError: unknown name, missing file, or a registered model not installed.
@@ -72,15 +72,17 @@ def resolve_model_path(model: str | os.PathLike) -> str:
             raise ModelNotFoundError(f"{model}: jaxinfer loads GGUF files (*.gguf); convert the checkpoint first")
         return model
     if os.path.isdir(model):
+        from checkpoints.hf import is_hf_directory
         from checkpoints.orbax_io import is_orbax_checkpoint
 
-        if is_orbax_checkpoint(model):
+        if is_orbax_checkpoint(model) or is_hf_directory(model):
             return model
         ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
         if len(ggufs) == 1:
             return os.path.join(model, ggufs[0])
         raise ModelNotFoundError(
-            f"{model}: a directory with {len(ggufs)} .gguf files; pass the path of one .gguf file"
+            f"{model}: a directory with {len(ggufs)} .gguf files and no HF or orbax checkpoint; pass the path "
+            "of one .gguf file, or a directory with config.json and *.safetensors"
         )
     raise ModelNotFoundError(
         f"unknown model {model!r}: not a registered name and no such file. Known models: "

@@ -1,0 +1,154 @@
+"""HF safetensors checkpoints: tiny random Llama 3 (rope scaling), Mistral (sliding window) and Qwen2
+(qkv bias) models built by HF transformers inside the test, saved with `save_pretrained`, read by
+checkpoints/hf.py, must give transformers' logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from checkpoints import hf
+from jaxinfer.errors import CheckpointError, UnsupportedModelError
+from jaxinfer.loader import build_model
+from jaxinfer.reference import ReferenceGenerator
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+FAMILIES = {
+    "llama3": (transformers.LlamaConfig, dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True, head_dim=32)),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=8)),
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
+}
+
+
+def _save(tmp_path, family: str, seed: int = 0, **save_kwargs):
+    config_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**COMMON, **extra), torch_dtype=torch.float32)
+    with torch.no_grad():  # norms and biases away from their 1 / 0 init, so a swap would show
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    out = tmp_path / family
+    model.save_pretrained(out, safe_serialization=True, **save_kwargs)
+    return model, out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers(tmp_path, family):
+    model, path = _save(tmp_path, family)
+    ckpt = hf.HFCheckpoint(path)
+    cfg = ckpt.model_config(dtype="float32", scan_layers=True)
+    graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=False))
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 40).tolist()  # past the Mistral window
+    ours = ReferenceGenerator(cfg, graphdef, params).logits(tokens)
+    with torch.no_grad():
+        theirs = model(torch.tensor([tokens])).logits[0].numpy()
+    assert theirs.std() > 0.05  # logits far above the tolerance
+    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-4)
+    if family == "mistral":
+        assert cfg.sliding_window == 8
+    if family == "llama3":
+        assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 8.0
+    if family == "qwen2":
+        assert cfg.attention_bias
+
+
+def test_sharded_checkpoint_with_an_index(tmp_path):
+    model, path = _save(tmp_path, "llama3", max_shard_size="100KB")
+    assert os.path.isfile(path / hf.INDEX_FILE) and len(list(path.glob("*.safetensors"))) > 1
+    ckpt = hf.HFCheckpoint(path)
+    cfg = ckpt.model_config()
+    weights = ckpt.load_params(cfg, progress=False)
+    q0 = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(weights["layers.wq"][0], q0.T.reshape(64, 4, 16))
+
+
+def test_bfloat16_weights_load(tmp_path):
+    model, path = _save(tmp_path, "qwen2")
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    ckpt = hf.HFCheckpoint(path)
+    cfg = ckpt.model_config(dtype="float32")
+    w = ckpt.load_params(cfg, progress=False)["embed"]
+    want = model.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(w, want)
+
+
+def test_bad_checkpoints_raise_typed_errors(tmp_path):
+    model, path = _save(tmp_path, "llama3")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(UnsupportedModelError, match="GPTNeoXForCausalLM"):
+        hf.HFCheckpoint(path).model_config()
+    (path / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
+    ckpt = hf.HFCheckpoint(path)
+    with pytest.raises(CheckpointError, match="shape"):
+        ckpt.load_params(ckpt.model_config(), progress=False)
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = next(path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt = hf.HFCheckpoint(path)
+        ckpt.load_params(ckpt.model_config(), progress=False)
+    (path / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="config.json"):
+        hf.HFCheckpoint(path)
+
+
+def _write_byte_level_tokenizer(path):
+    """tokenizer.json + tokenizer_config.json (with a chat template) for the test vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from jaxinfer.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, byte_level_vocab
+
+    vocab = {t: i for i, t in enumerate(byte_level_vocab())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[2], "chat_template": CHAT_TEMPLATE}))
+
+
+def test_llm_loads_a_hf_directory_and_generates_transformers_tokens(tmp_path):
+    from jaxinfer import LLM, SamplingParams
+
+    model, path = _save(tmp_path, "qwen2")
+    _write_byte_level_tokenizer(path)
+    llm = LLM(str(path), dtype="float32", progress=False, warmup=False, max_num_seqs=2, max_num_batched_tokens=64,
+              num_pages=64, page_size=8, compilation_cache_dir="")
+    ids = llm.get_tokenizer().encode("hello world", add_special_tokens=False)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert out.outputs[0].token_ids == want
+    assert "<|im_start|>assistant" in llm.chat_prompts([{"role": "user", "content": "hi"}])[0]["prompt"]
+
+
+def test_convert_hf_to_orbax_keeps_weights_tokenizer_and_tokens(tmp_path):
+    from jaxinfer import LLM, SamplingParams
+    from jaxinfer.cli import main
+
+    _, path = _save(tmp_path, "llama3")
+    _write_byte_level_tokenizer(path)
+    out = tmp_path / "converted"
+    assert main(["convert", str(path), str(out)]) == 0
+    kw = dict(dtype="float32", progress=False, warmup=False, max_num_seqs=2, max_num_batched_tokens=64, num_pages=64,
+              page_size=8, compilation_cache_dir="")
+    a, b = LLM(str(path), **kw), LLM(str(out), **kw)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    assert a.generate("abc", params)[0].outputs[0].token_ids == b.generate("abc", params)[0].outputs[0].token_ids
+    assert b.get_tokenizer().encode("hello") == a.get_tokenizer().encode("hello")
+    assert b.get_tokenizer().chat_template == a.get_tokenizer().chat_template
