@@ -59,8 +59,12 @@ class Tokenizer:
     """
 
     def __init__(self, backend, *, kind: str, bos_token_id: int | None, eos_token_ids: Sequence[int],
-                 add_bos: bool, chat_template: str | None, vocab_size: int):
+                 add_bos: bool, chat_template: str | None, vocab_size: int, user_defined: Sequence[str] = ()):
         self._backend = backend  # tokenizers.Tokenizer or sentencepiece.SentencePieceProcessor
+        # SentencePiece user-defined pieces holding raw spaces (Gemma's runs of spaces): SentencePiece
+        # matches user-defined pieces only after spaces became "▁", so it never finds these; they
+        # are split out of the raw text first, as HF's added tokens are. Others it matches itself.
+        self._user_defined = tuple(p for p in user_defined if " " in p)
         self.kind = kind
         self.bos_token_id = bos_token_id
         self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
@@ -103,6 +107,7 @@ class Tokenizer:
         """One regex over every control piece, longest first (vocabularies can hold thousands)."""
         sp = self._backend
         pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i)} - {""}
+        pieces |= set(self._user_defined)
         if not pieces:
             return None
         return re.compile("|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True)))
@@ -197,7 +202,8 @@ def from_gguf_metadata(meta: dict[str, Any], *, source: str = "GGUF") -> Tokeniz
                                  unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
                                  add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        return Tokenizer(backend, kind="spm", add_bos=add_bos, **common)
+        user_defined = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+        return Tokenizer(backend, kind="spm", add_bos=add_bos, user_defined=user_defined, **common)
     raise TokenizerError(f"{source}: tokenizer model {model!r} is not supported; jaxinfer builds 'gpt2' "
                          "(byte-level BPE) and 'llama' (SentencePiece) vocabularies")
 

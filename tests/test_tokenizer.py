@@ -130,3 +130,24 @@ def test_hf_directory_with_tokenizer_model(trained_spm, tmp_path):
 def test_hf_directory_without_tokenizer_files(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model"):
         tokenizer_lib.from_hf_directory(tmp_path)
+
+
+def test_user_defined_pieces_with_raw_spaces_are_split_out_first(trained_spm):
+    """Gemma-style vocabularies hold user-defined runs of spaces ("  "); SentencePiece only sees
+    "▁" and would never match them, so they are matched in the raw text, as HF's added tokens are."""
+    sp = trained_spm
+    n = sp.get_piece_size()
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)] + ["  "],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)] + [0.0],
+        "tokenizer.ggml.token_type": [3 if sp.is_control(i) else 6 if sp.is_byte(i) else 2 if sp.is_unknown(i)
+                                      else 1 for i in range(n)] + [4],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    tok = tokenizer_lib.from_gguf_metadata(meta)
+    ids = tok.encode("hello  world", add_special_tokens=False)
+    assert ids == tok.encode("hello", add_special_tokens=False) + [n] + tok.encode("world", add_special_tokens=False)
+    assert tok.decode(ids) == "hello  world"
+    assert n not in tok.encode("hello world", add_special_tokens=False)
