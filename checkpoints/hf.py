@@ -1,10 +1,12 @@
 """HF checkpoints: `config.json` + `*.safetensors` (one file, or shards listed in
 `model.safetensors.index.json`) + the tokenizer files, for Llama 2/3/3.1, Mistral and Qwen2.
 
-Tensors are read through a memory map of each safetensors file (its format is an 8-byte header
-length, a JSON header of {name: dtype, shape, byte offsets}, then the raw little-endian data), so
-converting one tensor touches only that tensor's bytes: host memory holds the stacked [L, ...]
-result plus about one source tensor. bfloat16 is read through ml_dtypes.
+Each tensor is read on its own from its safetensors file (the format is an 8-byte header length,
+a JSON header of {name: dtype, shape, byte offsets}, then the raw little-endian data), so
+converting one tensor touches only that tensor's bytes; bfloat16 is read through ml_dtypes. With
+`to_device=True` each stacked [L, ...] parameter is allocated on the device and filled layer by
+layer (a donated in-place update), so host memory holds about one source tensor at a time
+instead of a second copy of the model (tests/test_hf.py measures it on a 2+ GB checkpoint).
 
 HF stores Llama-family Q/K rows in the rotate-half layout jaxinfer uses, so no permutation is
 needed (unlike GGUF); linear weights are [out, in] and are transposed to jaxinfer's [in, out].
@@ -55,9 +57,10 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.header: dict[str, dict] = header
         self._data_start = 8 + n
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self._size = os.path.getsize(path)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or only its rows [r0, r1) along the first axis."""
         info = self.header[name]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
@@ -65,11 +68,18 @@ class _SafetensorsFile:
                                         f"not load; use one of {sorted(_DTYPES)}")
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        raw = self._map[self._data_start + start:self._data_start + end]
-        if raw.size != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise CheckpointError(f"{self.path}: tensor {name} has {raw.size} bytes, not the {shape} {info['dtype']} "
-                                  "its header says (truncated file?)")
-        return raw.view(dtype).reshape(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - start != nbytes or self._data_start + end > self._size:
+            raise CheckpointError(f"{self.path}: tensor {name} does not have the {nbytes} bytes of the {shape} "
+                                  f"{info['dtype']} its header says (truncated file?)")
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            start, shape = start + rows[0] * row_bytes, (rows[1] - rows[0], *shape[1:])
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:  # read(), not a memory map: no file pages stay mapped
+            f.seek(self._data_start + start)
+            f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        return out
 
 
 class HFCheckpoint:
@@ -151,8 +161,37 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {name} has shape {w.shape}, expected {shape}")
         return w
 
-    def load_params(self, cfg: ModelConfig, *, progress: bool = True) -> dict[str, np.ndarray]:
-        """All weights in jaxinfer's layout, keyed like the model state (as GGUFFile.load_params)."""
+    def _matrix(self, name: str, shape: tuple[int, ...], dtype, to_device: bool, transpose: bool = False):
+        """A whole (possibly transposed) tensor; on the device it is written in blocks of rows read
+        straight from the file, so the host never holds more than one block of it."""
+        if not to_device:
+            w = self._tensor(name, shape)
+            w = w.T if transpose else w
+            return w.astype(dtype, copy=transpose or w.dtype != dtype)
+        import jax.numpy as jnp
+
+        self._tensor_info(name, shape)
+        out = jnp.zeros(shape[::-1] if transpose else shape, dtype)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
+        step = max(1, (32 << 20) // max(row_bytes, 1))  # about 32 MB of float32 per block
+        for r0 in range(0, shape[0], step):
+            block = self._where[name].get(name, rows=(r0, min(shape[0], r0 + step)))
+            at = (0, r0) if transpose else (r0,) + (0,) * (len(shape) - 1)
+            out = _set_block(out, block.T if transpose else block, at)
+            del block
+        return out
+
+    def _tensor_info(self, name: str, shape: tuple[int, ...]) -> None:
+        sf = self._where.get(name)
+        if sf is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        if tuple(sf.header[name]["shape"]) != shape:
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {tuple(sf.header[name]['shape'])}, "
+                                  f"expected {shape}")
+
+    def load_params(self, cfg: ModelConfig, *, progress: bool = True, to_device: bool = False) -> dict:
+        """All weights in jaxinfer's layout, keyed like the model state (as GGUFFile.load_params):
+        numpy arrays, or with `to_device` jax arrays on the default device, filled tensor by tensor."""
         L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = _NUMPY_DTYPES[cfg.dtype]
@@ -182,17 +221,49 @@ class HFCheckpoint:
         bar = tqdm(total=total, desc=f"Loading {os.path.basename(self.path)}", unit="tensor", disable=not progress,
                    leave=False)
         with bar:
-            params["embed"] = self._tensor("model.embed_tokens.weight", (V, D)).astype(dt)
+            params["embed"] = self._matrix("model.embed_tokens.weight", (V, D), dt, to_device)
             bar.update()
             for name, (suffix, shape, convert) in per_layer.items():
-                stacked = np.empty((L, *convert(np.empty(shape, np.float32)).shape), dtype=dt)
+                layer_shape = convert(np.empty(shape, np.float32)).shape
+                if to_device:
+                    import jax.numpy as jnp
+
+                    stacked = jnp.zeros((L, *layer_shape), dt)
+                else:
+                    stacked = np.empty((L, *layer_shape), dtype=dt)
                 for i in range(L):  # one source tensor at a time, written into the stacked array
-                    stacked[i] = convert(self._tensor(f"model.layers.{i}.{suffix}", shape))
+                    w = convert(self._tensor(f"model.layers.{i}.{suffix}", shape))
+                    if to_device:
+                        stacked = _set_layer(stacked, i, w)
+                    else:
+                        stacked[i] = w
+                    del w
                     bar.update()
                 params[f"layers.{name}"] = stacked
-            params["final_norm"] = self._tensor("model.norm.weight", (D,)).astype(dt)
+            params["final_norm"] = self._matrix("model.norm.weight", (D,), dt, to_device)
             bar.update()
             if not tied:
-                params["lm_head"] = self._tensor("lm_head.weight", (V, D)).T.astype(dt)
+                params["lm_head"] = self._matrix("lm_head.weight", (V, D), dt, to_device, transpose=True)
                 bar.update()
         return params
+
+
+def _set_layer(stacked, i, w):
+    """stacked[i] = w on the device, in place (the stacked buffer is donated)."""
+    return _set_block(stacked, w[None], (i,) + (0,) * w.ndim)
+
+
+def _set_block(out, block, start: tuple):
+    """out[start:start + block.shape] = block on the device, in place (`out` is donated). An explicit
+    dynamic_update_slice stays in place on every backend; `out.at[...].set` lowers to a scatter,
+    which XLA:CPU runs into a fresh copy of the whole buffer."""
+    global _SET_BLOCK
+    if _SET_BLOCK is None:
+        import jax
+
+        _SET_BLOCK = jax.jit(lambda o, b, s: jax.lax.dynamic_update_slice(o, b.astype(o.dtype), s),
+                             donate_argnums=0)
+    return _SET_BLOCK(out, block, tuple(np.int32(x) for x in start))
+
+
+_SET_BLOCK = None

@@ -49,7 +49,8 @@ def test_logits_match_transformers(tmp_path, family):
     model, path = _save(tmp_path, family)
     ckpt = hf.HFCheckpoint(path)
     cfg = ckpt.model_config(dtype="float32", scan_layers=True)
-    graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=False))
+    to_device = family in ("llama3", "qwen2")  # both paths: host numpy, and streamed onto the device
+    graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=False, to_device=to_device))
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 40).tolist()  # past the Mistral window
     ours = ReferenceGenerator(cfg, graphdef, params).logits(tokens)
     with torch.no_grad():
@@ -152,3 +153,93 @@ def test_convert_hf_to_orbax_keeps_weights_tokenizer_and_tokens(tmp_path):
     assert a.generate("abc", params)[0].outputs[0].token_ids == b.generate("abc", params)[0].outputs[0].token_ids
     assert b.get_tokenizer().encode("hello") == a.get_tokenizer().encode("hello")
     assert b.get_tokenizer().chat_template == a.get_tokenizer().chat_template
+
+
+_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from checkpoints import hf
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+jnp.ones(4).block_until_ready()
+base = status("VmRSS")
+ckpt = hf.HFCheckpoint(sys.argv[1])
+cfg = ckpt.model_config(dtype="bfloat16")
+params = ckpt.load_params(cfg, progress=False, to_device=True)
+jax.block_until_ready(params)
+model = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in params.values())
+checks = [float(params["lm_head"][5, 7]), float(params["embed"][-1, 3]), float(params["layers.w_down"][-1, 9, 1])]
+print(json.dumps({"base": base, "peak": status("VmHWM"), "model": model, "checks": checks}))
+"""
+
+
+def _write_synthetic_checkpoint(path, L=13, D=2048, F=8192, N=16, K=4, H=128, V=65536, shard_bytes=600 << 20):
+    """A Llama-shaped bfloat16 checkpoint in several safetensors shards, written tensor by tensor
+    (tensor t holds the value (t % 7 + 1) / 8 everywhere). Returns (total bytes, largest tensor bytes)."""
+    import ml_dtypes
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], hidden_size=D, intermediate_size=F, num_attention_heads=N,
+        num_key_value_heads=K, head_dim=H, vocab_size=V, num_hidden_layers=L, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False)))
+    tensors = [("model.embed_tokens.weight", (V, D)), ("lm_head.weight", (V, D)), ("model.norm.weight", (D,))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,)),
+                    (p + "self_attn.q_proj.weight", (N * H, D)), (p + "self_attn.k_proj.weight", (K * H, D)),
+                    (p + "self_attn.v_proj.weight", (K * H, D)), (p + "self_attn.o_proj.weight", (D, N * H)),
+                    (p + "mlp.gate_proj.weight", (F, D)), (p + "mlp.up_proj.weight", (F, D)),
+                    (p + "mlp.down_proj.weight", (D, F))]
+    shards, current, size = [], [], 0
+    for t, (name, shape) in enumerate(tensors):
+        nbytes = int(np.prod(shape)) * 2
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((t, name, shape))
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for s, shard in enumerate(shards):
+        fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for _, name, shape in shard:
+            nbytes = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = fname
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(path / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for t, _, shape in shard:
+                f.write(np.full(shape, (t % 7 + 1) / 8, ml_dtypes.bfloat16).tobytes())
+        total += offset
+    (path / hf.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total, max(int(np.prod(shape)) * 2 for _, shape in tensors), tensors
+
+
+@pytest.mark.slow
+def test_streaming_a_2gb_sharded_checkpoint_keeps_host_memory_bounded(tmp_path):
+    """Peak resident memory beyond the loaded model stays under 2x the largest tensor (read in a fresh
+    process: VmHWM over the baseline after importing jax, minus the model's own bytes)."""
+    import subprocess
+    import sys
+
+    total, largest, tensors = _write_synthetic_checkpoint(tmp_path / "big")
+    assert total >= 2 * 10**9 and len(list((tmp_path / "big").glob("*.safetensors"))) >= 2
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path / "big")], capture_output=True, text=True,
+                          cwd=repo, timeout=600, env=dict(os.environ, PYTHONPATH=repo))
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    extra = r["peak"] - r["base"] - r["model"]
+    assert r["model"] == total
+    assert extra < 2 * largest, f"peak extra host memory {extra / 2**20:.0f} MiB >= 2 x {largest / 2**20:.0f} MiB"
+    value = {name: (t % 7 + 1) / 8 for t, (name, _) in enumerate(tensors)}
+    assert r["checks"] == [value["lm_head.weight"], value["model.embed_tokens.weight"],
+                           value["model.layers.12.mlp.down_proj.weight"]]
