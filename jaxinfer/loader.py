@@ -84,7 +84,7 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
             ckpt = hf.HFCheckpoint(path)
             cfg = ckpt.model_config(dtype=dtype, scan_layers=scan_layers)
             tok = tokenizer_lib.from_hf_directory(path)
-            graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=progress))
+            graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=progress, to_device=True))
             logger.info("loaded HF checkpoint %s (%s): %.1fM parameters, %s", path, ckpt.architecture,
                         cfg.num_params() / 1e6, cfg.dtype)
             return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)
