@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from checkpoints.stacking import stack_layers
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 
@@ -213,14 +214,12 @@ class GGUFFile:
             params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
             bar.update()
             for name, (suffix, shape, convert) in per_layer.items():
-                stacked = None
-                for i in range(L):
+                def read_layer(i, suffix=suffix, shape=shape, convert=convert):
                     w = convert(self._tensor(f"blk.{i}.{suffix}", shape))
-                    if stacked is None:  # preallocate [L, ...] rather than stacking copies
-                        stacked = np.empty((L, *w.shape), dtype=dt)
-                    stacked[i] = w
                     bar.update()
-                params[f"layers.{name}"] = stacked
+                    return w
+
+                params[f"layers.{name}"] = stack_layers(read_layer, L, dt)
             params["final_norm"] = self._tensor("output_norm.weight", (D,)).astype(dt)
             bar.update()
             if not cfg.tie_word_embeddings:

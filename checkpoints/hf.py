@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from checkpoints.stacking import set_block, stack_layers
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 
@@ -153,13 +154,8 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: config.json is incomplete or inconsistent: {e!r}") from None
 
     def _tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        sf = self._where.get(name)
-        if sf is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-        w = sf.get(name)
-        if w.shape != shape:
-            raise CheckpointError(f"{self.path}: tensor {name} has shape {w.shape}, expected {shape}")
-        return w
+        self._tensor_info(name, shape)
+        return self._where[name].get(name)
 
     def _matrix(self, name: str, shape: tuple[int, ...], dtype, to_device: bool, transpose: bool = False):
         """A whole (possibly transposed) tensor; on the device it is written in blocks of rows read
@@ -177,7 +173,7 @@ class HFCheckpoint:
         for r0 in range(0, shape[0], step):
             block = self._where[name].get(name, rows=(r0, min(shape[0], r0 + step)))
             at = (0, r0) if transpose else (r0,) + (0,) * (len(shape) - 1)
-            out = _set_block(out, block.T if transpose else block, at)
+            out = set_block(out, block.T if transpose else block, at)
             del block
         return out
 
@@ -224,46 +220,15 @@ class HFCheckpoint:
             params["embed"] = self._matrix("model.embed_tokens.weight", (V, D), dt, to_device)
             bar.update()
             for name, (suffix, shape, convert) in per_layer.items():
-                layer_shape = convert(np.empty(shape, np.float32)).shape
-                if to_device:
-                    import jax.numpy as jnp
-
-                    stacked = jnp.zeros((L, *layer_shape), dt)
-                else:
-                    stacked = np.empty((L, *layer_shape), dtype=dt)
-                for i in range(L):  # one source tensor at a time, written into the stacked array
+                def read_layer(i, suffix=suffix, shape=shape, convert=convert):
                     w = convert(self._tensor(f"model.layers.{i}.{suffix}", shape))
-                    if to_device:
-                        stacked = _set_layer(stacked, i, w)
-                    else:
-                        stacked[i] = w
-                    del w
                     bar.update()
-                params[f"layers.{name}"] = stacked
+                    return w
+
+                params[f"layers.{name}"] = stack_layers(read_layer, L, dt, to_device=to_device)
             params["final_norm"] = self._matrix("model.norm.weight", (D,), dt, to_device)
             bar.update()
             if not tied:
                 params["lm_head"] = self._matrix("lm_head.weight", (V, D), dt, to_device, transpose=True)
                 bar.update()
         return params
-
-
-def _set_layer(stacked, i, w):
-    """stacked[i] = w on the device, in place (the stacked buffer is donated)."""
-    return _set_block(stacked, w[None], (i,) + (0,) * w.ndim)
-
-
-def _set_block(out, block, start: tuple):
-    """out[start:start + block.shape] = block on the device, in place (`out` is donated). An explicit
-    dynamic_update_slice stays in place on every backend; `out.at[...].set` lowers to a scatter,
-    which XLA:CPU runs into a fresh copy of the whole buffer."""
-    global _SET_BLOCK
-    if _SET_BLOCK is None:
-        import jax
-
-        _SET_BLOCK = jax.jit(lambda o, b, s: jax.lax.dynamic_update_slice(o, b.astype(o.dtype), s),
-                             donate_argnums=0)
-    return _SET_BLOCK(out, block, tuple(np.int32(x) for x in start))
-
-
-_SET_BLOCK = None
