@@ -14,10 +14,17 @@ llama.cpp names and layouts onto the stacked parameters of `jaxinfer.model.Trans
     blk.i.ffn_down.weight [D, F]       -> layers.w_down[i] [F, D]
     blk.i.{attn,ffn}_norm.weight [D]   -> layers.{attn,mlp}_norm[i]
     output_norm.weight, output.weight  -> final_norm, lm_head [D, V] (absent: tied embeddings)
+    Gemma 3 also: blk.i.attn_{q,k}_norm [H] -> layers.{q,k}_norm[i]; blk.i.post_attention_norm,
+    blk.i.post_ffw_norm [D] -> layers.post_{attn,mlp}_norm[i].
 
 llama.cpp's converter interleaves each Llama Q/K head's rows so that its GPT-J style rotary applies;
 the model here uses the rotate-half (NeoX / HF) layout, so the rows are put back. Qwen2 files are
 written in the NeoX layout already and are not touched.
+
+llama.cpp's Gemma converter stores every norm weight as 1 + w (llama.cpp multiplies by the weight);
+jaxinfer keeps Gemma's form, x * (1 + w), so 1 is subtracted here, as transformers' GGUF reader does.
+The file does not record Gemma 3's layer pattern, local RoPE base or attention scale; they are
+llama.cpp's fixed values for the arch (`GEMMA3_*` below).
 """
 
 from __future__ import annotations
@@ -37,8 +44,15 @@ from jaxinfer.errors import CheckpointError, UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 # llama.cpp architecture name -> jaxinfer arch. Mistral files use "llama".
-_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3"}
 _PERMUTED_QK = {"llama", "mistral"}  # written with GPT-J style interleaved rotary rows
+
+# Gemma 3 values the GGUF leaves out (llama.cpp hard-codes them for the arch): every 6th layer is
+# global, local layers use RoPE base 10000, logits are scaled by head_dim ** -0.5 except for the 27B
+# (62 layers) whose query_pre_attn_scalar is hidden_size / num_heads.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GEMMA3_27B_LAYERS = 62
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -126,6 +140,18 @@ class GGUFFile:
         if "rope_freqs.weight" in self.tensors:
             freq_factors = tuple(float(x) for x in self._dequantize(self.tensors["rope_freqs.weight"]))
         window = m.get(f"{arch}.attention.sliding_window")
+        gemma: dict[str, Any] = {}
+        if arch == "gemma3":
+            pattern = int(m.get(f"{arch}.attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN))
+            layers = int(get("block_count"))
+            cap = m.get(f"{arch}.final_logit_softcapping")
+            gemma = dict(
+                layer_types=tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                  for i in range(layers)),
+                local_rope_theta=float(m.get(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA)),
+                query_pre_attn_scalar=float(d // n if layers == GEMMA3_27B_LAYERS else head_dim),
+                final_logit_softcap=float(cap) if cap else None,
+            )
         try:
             return ModelConfig(
                 arch=_ARCHITECTURES[arch],
@@ -145,6 +171,7 @@ class GGUFFile:
                 sliding_window=int(window) if window else None,
                 dtype=dtype,
                 scan_layers=scan_layers,
+                **gemma,
             )
         except ValueError as e:
             raise CheckpointError(f"{self.path}: inconsistent model metadata: {e}") from None
@@ -182,6 +209,10 @@ class GGUFFile:
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = _NUMPY_DTYPES[cfg.dtype]
         unpermute = cfg.arch in _PERMUTED_QK and self.architecture in _PERMUTED_QK
+        norm_offset = cfg.norm_offset  # Gemma: the file holds offset + w
+
+        def norm(w):
+            return w - norm_offset if norm_offset else w
 
         def qk(w, heads):  # [heads*H, ...] rows interleaved -> rotate-half layout
             if not unpermute:
@@ -189,16 +220,23 @@ class GGUFFile:
             return w.reshape(heads, H // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
         per_layer = {  # name -> (gguf suffix, torch shape, convert to jaxinfer layout)
-            "attn_norm": ("attn_norm.weight", (D,), lambda w: w),
+            "attn_norm": ("attn_norm.weight", (D,), norm),
             "wq": ("attn_q.weight", (N * H, D), lambda w: qk(w, N).T.reshape(D, N, H)),
             "wk": ("attn_k.weight", (K * H, D), lambda w: qk(w, K).T.reshape(D, K, H)),
             "wv": ("attn_v.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
             "wo": ("attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
-            "mlp_norm": ("ffn_norm.weight", (D,), lambda w: w),
+            "mlp_norm": ("ffn_norm.weight", (D,), norm),
             "w_gate": ("ffn_gate.weight", (F, D), lambda w: w.T),
             "w_up": ("ffn_up.weight", (F, D), lambda w: w.T),
             "w_down": ("ffn_down.weight", (D, F), lambda w: w.T),
         }
+        if cfg.is_gemma:
+            per_layer |= {
+                "q_norm": ("attn_q_norm.weight", (H,), norm),
+                "k_norm": ("attn_k_norm.weight", (H,), norm),
+                "post_attn_norm": ("post_attention_norm.weight", (D,), norm),
+                "post_mlp_norm": ("post_ffw_norm.weight", (D,), norm),
+            }
         if cfg.attention_bias:
             per_layer |= {
                 "bq": ("attn_q.bias", (N * H,), lambda w: qk(w, N).reshape(N, H)),
@@ -220,7 +258,7 @@ class GGUFFile:
                     return w
 
                 params[f"layers.{name}"] = stack_layers(read_layer, L, dt)
-            params["final_norm"] = self._tensor("output_norm.weight", (D,)).astype(dt)
+            params["final_norm"] = norm(self._tensor("output_norm.weight", (D,))).astype(dt)
             bar.update()
             if not cfg.tie_word_embeddings:
                 params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt)

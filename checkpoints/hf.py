@@ -1,5 +1,6 @@
 """HF checkpoints: `config.json` + `*.safetensors` (one file, or shards listed in
-`model.safetensors.index.json`) + the tokenizer files, for Llama 2/3/3.1, Mistral and Qwen2.
+`model.safetensors.index.json`) + the tokenizer files, for Llama 2/3/3.1, Mistral, Qwen2 and Gemma 3
+(text-only `Gemma3ForCausalLM`, and the language model of a `Gemma3ForConditionalGeneration`).
 
 Each tensor is read on its own from its safetensors file (the format is an 8-byte header length,
 a JSON header of {name: dtype, shape, byte offsets}, then the raw little-endian data), so
@@ -10,6 +11,7 @@ instead of a second copy of the model (tests/test_hf.py measures it on a 2+ GB c
 
 HF stores Llama-family Q/K rows in the rotate-half layout jaxinfer uses, so no permutation is
 needed (unlike GGUF); linear weights are [out, in] and are transposed to jaxinfer's [in, out].
+Gemma's norm weights are stored as offsets from 1, the form jaxinfer keeps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,20 @@ from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 
 # HF `architectures` entry -> jaxinfer arch.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3"}
+
+# Gemma3TextConfig's defaults: saved configs (above all a multimodal checkpoint's `text_config`)
+# leave out the fields that equal them.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+    "tie_word_embeddings": True, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+}
+# Where the decoder's tensors live: a causal LM, or the language model inside a multimodal Gemma 3
+# (as transformers 5 saves it, and as the original checkpoints are laid out).
+_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -125,33 +140,63 @@ class HFCheckpoint:
     def model_config(self, *, dtype: str = "float32", scan_layers: bool = True) -> ModelConfig:
         c = self.config
         arch = ARCHITECTURES[self.architecture]
+        extra: dict[str, Any] = {}
+        if arch == "gemma3":
+            c = GEMMA3_TEXT_DEFAULTS | dict(c.get("text_config") or c)
+            extra = self._gemma3_fields(c)
         n = int(c["num_attention_heads"])
         d = int(c["hidden_size"])
         rope = c.get("rope_parameters") or {}  # newer configs keep rope_theta and the scaling here
+        if arch == "gemma3" and "full_attention" in rope:
+            rope = rope["full_attention"] or {}
         scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        rope_scaling = None
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind != "llama3":
-                raise UnsupportedModelError(f"{self.path}: rope scaling {kind!r} is not supported (llama3 is)")
-            rope_scaling = RopeScaling(
-                factor=float(scaling["factor"]), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
-        window = c.get("sliding_window") if arch == "mistral" or c.get("use_sliding_window") else None
+        window = c.get("sliding_window") if arch in ("mistral", "gemma3") or c.get("use_sliding_window") else None
         try:
             return ModelConfig(
                 arch=arch, vocab_size=int(c["vocab_size"]), hidden_size=d,
                 intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
                 num_heads=n, num_kv_heads=int(c.get("num_key_value_heads") or n),
                 head_dim=int(c.get("head_dim") or d // n), rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
+                rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+                rope_scaling=self._rope_scaling(scaling),
                 max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                 attention_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
-                sliding_window=int(window) if window else None, dtype=dtype, scan_layers=scan_layers)
+                sliding_window=int(window) if window else None, dtype=dtype, scan_layers=scan_layers, **extra)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: config.json is incomplete or inconsistent: {e!r}") from None
+
+    def _rope_scaling(self, scaling: dict | None) -> RopeScaling | None:
+        if not scaling:
+            return None
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear":
+            return RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
+        if kind != "llama3":
+            raise UnsupportedModelError(f"{self.path}: rope scaling {kind!r} is not supported (llama3 and linear are)")
+        return RopeScaling(
+            factor=float(scaling["factor"]), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
+
+    def _gemma3_fields(self, c: dict) -> dict[str, Any]:
+        """Gemma 3's local/global layers, local RoPE base, attention scale and final soft cap.
+
+        transformers' Gemma 3 attention does not apply `attn_logit_softcapping` (every released
+        config sets it to null), so neither does jaxinfer; `final_logit_softcapping` is applied."""
+        layers = int(c["num_hidden_layers"])
+        types = c.get("layer_types")
+        if types is None:
+            pattern = int(c.get("sliding_window_pattern") or 6)
+            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        local = (c.get("rope_parameters") or {}).get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"{self.path}: scaled RoPE on Gemma 3's local layers is not supported")
+        cap = c.get("final_logit_softcapping")
+        return dict(layer_types=tuple(types),
+                    local_rope_theta=float(local.get("rope_theta", c.get("rope_local_base_freq", 10_000.0))),
+                    query_pre_attn_scalar=float(c["query_pre_attn_scalar"]),
+                    final_logit_softcap=float(cap) if cap else None)
 
     def _tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         self._tensor_info(name, shape)
@@ -185,6 +230,13 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {name} has shape {tuple(sf.header[name]['shape'])}, "
                                   f"expected {shape}")
 
+    def _prefix(self) -> str:
+        for prefix in _PREFIXES:
+            if f"{prefix}embed_tokens.weight" in self._where:
+                return prefix
+        raise CheckpointError(f"{self.path}: no embedding tensor (looked for "
+                              f"{[p + 'embed_tokens.weight' for p in _PREFIXES]})")
+
     def load_params(self, cfg: ModelConfig, *, progress: bool = True, to_device: bool = False) -> dict:
         """All weights in jaxinfer's layout, keyed like the model state (as GGUFFile.load_params):
         numpy arrays, or with `to_device` jax arrays on the default device, filled tensor by tensor."""
@@ -197,11 +249,21 @@ class HFCheckpoint:
             "wk": ("self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
             "wv": ("self_attn.v_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
             "wo": ("self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
-            "mlp_norm": ("post_attention_layernorm.weight", (D,), lambda w: w),
+            # Gemma's post_attention_layernorm normalises the attention output; its pre-MLP norm is
+            # pre_feedforward_layernorm.
+            "mlp_norm": ("pre_feedforward_layernorm.weight" if cfg.is_gemma else "post_attention_layernorm.weight",
+                         (D,), lambda w: w),
             "w_gate": ("mlp.gate_proj.weight", (F, D), lambda w: w.T),
             "w_up": ("mlp.up_proj.weight", (F, D), lambda w: w.T),
             "w_down": ("mlp.down_proj.weight", (D, F), lambda w: w.T),
         }
+        if cfg.is_gemma:
+            per_layer |= {
+                "q_norm": ("self_attn.q_norm.weight", (H,), lambda w: w),
+                "k_norm": ("self_attn.k_norm.weight", (H,), lambda w: w),
+                "post_attn_norm": ("post_attention_layernorm.weight", (D,), lambda w: w),
+                "post_mlp_norm": ("post_feedforward_layernorm.weight", (D,), lambda w: w),
+            }
         if cfg.attention_bias:
             per_layer |= {
                 "bq": ("self_attn.q_proj.bias", (N * H,), lambda w: w.reshape(N, H)),
@@ -217,16 +279,17 @@ class HFCheckpoint:
         bar = tqdm(total=total, desc=f"Loading {os.path.basename(self.path)}", unit="tensor", disable=not progress,
                    leave=False)
         with bar:
-            params["embed"] = self._matrix("model.embed_tokens.weight", (V, D), dt, to_device)
+            prefix = self._prefix()
+            params["embed"] = self._matrix(f"{prefix}embed_tokens.weight", (V, D), dt, to_device)
             bar.update()
             for name, (suffix, shape, convert) in per_layer.items():
                 def read_layer(i, suffix=suffix, shape=shape, convert=convert):
-                    w = convert(self._tensor(f"model.layers.{i}.{suffix}", shape))
+                    w = convert(self._tensor(f"{prefix}layers.{i}.{suffix}", shape))
                     bar.update()
                     return w
 
                 params[f"layers.{name}"] = stack_layers(read_layer, L, dt, to_device=to_device)
-            params["final_norm"] = self._matrix("model.norm.weight", (D,), dt, to_device)
+            params["final_norm"] = self._matrix(f"{prefix}norm.weight", (D,), dt, to_device)
             bar.update()
             if not tied:
                 params["lm_head"] = self._matrix("lm_head.weight", (V, D), dt, to_device, transpose=True)

@@ -104,7 +104,12 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
     if raw.get("rope_freq_factors") is not None:
         raw["rope_freq_factors"] = tuple(raw["rope_freq_factors"])
-    return ModelConfig(**raw)
+    if raw.get("layer_types") is not None:
+        raw["layer_types"] = tuple(raw["layer_types"])
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model config in {CONFIG_FILE} ({e})") from None
 
 
 def read_tokenizer(path: str | os.PathLike):

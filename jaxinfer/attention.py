@@ -39,12 +39,17 @@ class DenseAttentionMeta:
 
 
 class Attend(Protocol):
-    def __call__(self, q, k, v, kv_cache, layer, meta):
-        """q: [B, T, N, H]; k, v: [B, T, K, H]; layer: scalar int -> (out [B, T, N, H], kv_cache)."""
+    def __call__(self, q, k, v, kv_cache, layer, meta, *, sliding_window=None, sm_scale=None, soft_cap=None):
+        """q: [B, T, N, H]; k, v: [B, T, K, H]; layer: scalar int -> (out [B, T, N, H], kv_cache).
+
+        sliding_window: None (full attention), an int, or a traced int32 scalar (the layer's window
+        under a scanned layer loop); a query at p sees keys in (p - window, p]. sm_scale: the logit
+        scale (None: H ** -0.5). soft_cap: logits become cap * tanh(logits / cap) (None: off).
+        """
 
 
 def dense_attend(q, k, v, kv_cache: DenseKVCache, layer, meta: DenseAttentionMeta, *,
-                 sliding_window: int | None = None):
+                 sliding_window=None, sm_scale: float | None = None, soft_cap: float | None = None):
     """Writes k/v of the chunk into `kv_cache` at `layer`, then causal attention over the cache."""
     B, T, N, H = q.shape
     K = k.shape[2]
@@ -57,7 +62,9 @@ def dense_attend(q, k, v, kv_cache: DenseKVCache, layer, meta: DenseAttentionMet
 
     qg = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
+    scores = scores * (H ** -0.5 if sm_scale is None else sm_scale)
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     k_pos = jnp.arange(S, dtype=jnp.int32)
     mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if sliding_window is not None:

@@ -61,7 +61,8 @@ class EngineConfig:
     """How the engine uses the device.
 
     Attributes:
-      max_model_len: context limit in tokens (None: the model's own).
+      max_model_len: context limit in tokens (None: the model's own, lowered with a warning to what
+        the KV-cache budget holds when that is less).
       max_num_seqs: most requests running at once.
       max_num_batched_tokens: most tokens computed per step (prefill chunks are cut to fit).
       page_size: tokens per KV page (None: 16 on CPU/GPU, 64 on TPU).
@@ -248,6 +249,15 @@ class LLMEngine:
         else:
             budget = kv_cache_budget(ec, device)
             num_pages = budget // page_bytes
+            if ec.max_model_len is None and num_pages < max_pages_per_seq + 1 and num_pages >= 2:
+                # No context limit was asked for: use what the budget holds rather than refuse
+                # (Gemma 3's 32k context in f32 needs 1.2 GB of cache), and say so.
+                fit = (num_pages - 1) * page_size
+                logger.warning("the KV-cache budget (%.0f MiB) holds %d tokens, fewer than the model's %d-token "
+                               "context: max_model_len set to %d (raise kv_cache_memory for more)",
+                               budget / 2**20, fit, self.max_model_len, fit)
+                self.max_model_len = fit
+                max_pages_per_seq = -(-fit // page_size)
             if num_pages < max_pages_per_seq + 1:
                 raise InvalidRequestError(
                     f"a KV-cache budget of {budget / 2**20:.0f} MiB holds {num_pages} pages of {page_size} tokens "

@@ -1,4 +1,4 @@
-"""Pure functions the decoder is made of: RMSNorm, rotary embeddings, SwiGLU.
+"""Pure functions the decoder is made of: RMSNorm, rotary embeddings, the gated MLP (SwiGLU / GeGLU).
 
 Shapes: B batch, T tokens, D model dim, N query heads, K kv heads, H head dim, F mlp dim.
 All math that is sensitive to precision (norm statistics, rotary angles, softmax) runs in float32
@@ -16,23 +16,28 @@ import numpy as np
 from jaxinfer.config import RopeScaling
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x: [..., D], weight: [D] -> [..., D] in x.dtype."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """x: [..., D], weight: [D] -> [..., D] in x.dtype, scaled by (offset + weight).
+
+    Gemma stores its norm weights as offsets from one (offset=1): the sum is taken in float32, as HF
+    does, so a bfloat16 weight near zero keeps its precision."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+    return (x32 * (offset + weight.astype(jnp.float32))).astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,
                   freq_factors: tuple[float, ...] | None = None) -> np.ndarray:
-    """Inverse frequencies [H // 2] (float32), with Llama 3 scaling applied when given.
+    """Inverse frequencies [H // 2] (float32), with `scaling` applied when given.
 
-    Llama 3 scaling keeps high frequencies, divides low frequencies by `factor`, and interpolates
-    smoothly in between (the "llama3" rope_type of HF transformers). GGUF files store the same
+    Linear scaling divides every frequency by `factor`. Llama 3 scaling keeps high frequencies,
+    divides low frequencies by `factor`, and interpolates smoothly in between (the "llama3" rope_type of HF transformers). GGUF files store the same
     thing precomputed as per-frequency divisors (`rope_freqs.weight`): `freq_factors`.
     """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if scaling is not None:
+    if scaling is not None and scaling.rope_type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling is not None:
         old_len = scaling.original_max_position_embeddings
         low_freq_wavelen = old_len / scaling.low_freq_factor
         high_freq_wavelen = old_len / scaling.high_freq_factor
@@ -69,8 +74,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [B, T, D]; w_gate, w_up: [D, F]; w_down: [F, D] -> [B, T, D]."""
+ACTIVATIONS = {
+    "silu": jax.nn.silu,  # SwiGLU (Llama)
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GeGLU (Gemma's gelu_pytorch_tanh)
+}
+
+
+def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act: str = "silu") -> jax.Array:
+    """act(x @ w_gate) * (x @ w_up) @ w_down. x: [B, T, D]; w_gate, w_up: [D, F]; w_down: [F, D] -> [B, T, D]."""
     gate = jnp.einsum("BTD,DF->BTF", x, w_gate)
     up = jnp.einsum("BTD,DF->BTF", x, w_up)
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down)
+    return jnp.einsum("BTF,FD->BTD", ACTIVATIONS[act](gate) * up, w_down)

@@ -1,12 +1,19 @@
-"""The Llama-family decoder as a Flax NNX module with layer parameters stacked on a leading axis.
+"""The decoder (Llama family and Gemma 3) as a Flax NNX module with layer parameters stacked on a leading axis.
 
     tokens [B, T] -> embed -> L x (RMSNorm -> GQA attention (RoPE) -> + -> RMSNorm -> SwiGLU -> +)
                   -> RMSNorm -> lm_head (or tied embedding) -> logits [B, M, V] (float32)
 
+Gemma 3 is the same skeleton with: embed * sqrt(D); RMSNorm of q and k per head before RoPE; a norm
+on the attention output and on the MLP output before each residual add; GeGLU; norms x * (1 + w);
+and two kinds of layer, local (sliding window, its own RoPE base) and global (full attention).
+
 Every layer parameter has shape [L, ...] and logical axis names (`logical_axes` metadata) that
 `sharding/` maps to mesh axes. The layer loop either scans (`config.scan_layers=True`: one layer is
 traced and compiled, so compile time does not grow with depth) or is unrolled in Python (each layer
-reads its weights in place; faster steps on GPU/TPU, see docs/ARCHITECTURE.md).
+reads its weights in place; faster steps on GPU/TPU, see docs/ARCHITECTURE.md). A layer's window
+and RoPE table are static in the unrolled loop; under scan, when the layers differ (Gemma 3), they
+are per-layer data indexed by the traced layer: the window is passed to attention as a traced
+scalar (`NO_WINDOW` for global layers) and the RoPE table is selected with a `where`.
 
 Attention is delegated to an `Attend` function (`jaxinfer.attention`) so the same model runs with a
 dense cache (reference generator) or a paged cache (engine) without changes here.
@@ -20,7 +27,10 @@ from flax import nnx
 
 from jaxinfer.attention import Attend
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from jaxinfer.layers import apply_rope, gated_mlp, rms_norm, rope_cos_sin, rope_inv_freq
+
+# A window no context reaches: full attention for a layer whose window is traced data.
+NO_WINDOW = 1 << 30
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, std=0.02, ones=False) -> nnx.Param:
@@ -38,7 +48,8 @@ class DecoderLayers(nnx.Module):
         L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
-        self.attn_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=True)
+        norm_init = cfg.norm_offset == 0  # Gemma's norm weights are offsets from 1: zeros is identity
+        self.attn_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
         self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), dt)
         self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
         self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
@@ -47,7 +58,12 @@ class DecoderLayers(nnx.Module):
             self.bq = _param(rngs, (L, N, H), ("layers", "heads", "head_dim"), dt)
             self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dt)
             self.bv = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dt)
-        self.mlp_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=True)
+        if cfg.is_gemma:
+            self.q_norm = _param(rngs, (L, H), ("layers", "head_dim"), dt, ones=norm_init)
+            self.k_norm = _param(rngs, (L, H), ("layers", "head_dim"), dt, ones=norm_init)
+            self.post_attn_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
+            self.post_mlp_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
+        self.mlp_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
         self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
         self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
         self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt)
@@ -86,8 +102,9 @@ def unstack_layers(params: nnx.State) -> nnx.State:
 
 
 def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, attend: Attend,
-                  cfg: ModelConfig):
-    """One decoder block. p: this layer's parameters (no leading L axis); x: [B, T, D].
+                  cfg: ModelConfig, window):
+    """One decoder block. p: this layer's parameters (no leading L axis); x: [B, T, D]; window: the
+    layer's attention window (None, an int, or a traced int32 scalar).
 
     The projections are 2-D matmuls over the flattened head axes (a free reshape of the [D, N, H]
     parameters): unrolled on XLA:CPU, the same products as 4-D einsums ('BTD,DNH->BTNH') took 3x
@@ -95,29 +112,34 @@ def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, a
     """
     B, T, D = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    h = rms_norm(x, p["attn_norm"], eps, off)
     q = (h @ p["wq"].reshape(D, N * H)).reshape(B, T, N, H)
     k = (h @ p["wk"].reshape(D, K * H)).reshape(B, T, K, H)
     v = (h @ p["wv"].reshape(D, K * H)).reshape(B, T, K, H)
     if cfg.attention_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    if cfg.is_gemma:
+        q, k = rms_norm(q, p["q_norm"], eps, off), rms_norm(k, p["k_norm"], eps, off)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn, kv_cache = attend(q, k, v, kv_cache, layer, meta)  # [B, T, N, H]
-    x = x + attn.reshape(B, T, N * H) @ p["wo"].reshape(N * H, D)
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+    attn, kv_cache = attend(q, k, v, kv_cache, layer, meta, sliding_window=window, sm_scale=cfg.attn_scale,
+                            soft_cap=cfg.attn_logit_softcap)  # [B, T, N, H]
+    h = attn.reshape(B, T, N * H) @ p["wo"].reshape(N * H, D)
+    x = x + (rms_norm(h, p["post_attn_norm"], eps, off) if cfg.is_gemma else h)
+    h = gated_mlp(rms_norm(x, p["mlp_norm"], eps, off), p["w_gate"], p["w_up"], p["w_down"], cfg.hidden_act)
+    x = x + (rms_norm(h, p["post_mlp_norm"], eps, off) if cfg.is_gemma else h)
     return x, kv_cache
 
 
 class Transformer(nnx.Module):
-    """Decoder-only language model of the Llama family."""
+    """Decoder-only language model (Llama family, Gemma 3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dt = jnp.dtype(cfg.dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         self.layers = DecoderLayers(cfg, rngs=rngs)
-        self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), dt, ones=True)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), dt, ones=cfg.norm_offset == 0)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
@@ -145,14 +167,34 @@ class Transformer(nnx.Module):
         """The decoder blocks: (hidden states [B, T, D] before the final norm, kv_cache)."""
         cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        if cfg.is_gemma:  # HF multiplies by the scale rounded to the embedding's dtype
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
-        cos, sin = rope_cos_sin(positions, inv_freq)
+        rope = rope_cos_sin(positions, inv_freq)
+        is_local = cfg.layer_is_local()
+        if any(is_local):
+            local_rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None))
+        windows = cfg.layer_windows()
         params = self.layers.arrays()
+
+        def layer_rope(layer):
+            if not any(is_local):
+                return rope
+            if isinstance(layer, int):
+                return local_rope if is_local[layer] else rope
+            local = jnp.asarray(is_local)[layer]
+            return tuple(jnp.where(local, a, b) for a, b in zip(local_rope, rope))
+
+        def layer_window(layer):
+            if isinstance(layer, int) or len(set(windows)) == 1:
+                return windows[layer if isinstance(layer, int) else 0]
+            return jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)[layer]
 
         def body(carry, xs):
             x, kv_cache = carry
             p, layer = xs
-            x, kv_cache = decoder_layer(p, x, cos, sin, kv_cache, layer, meta, attend, cfg)
+            cos, sin = layer_rope(layer)
+            x, kv_cache = decoder_layer(p, x, cos, sin, kv_cache, layer, meta, attend, cfg, layer_window(layer))
             return (x, kv_cache), None
 
         if cfg.scan_layers:
@@ -167,7 +209,11 @@ class Transformer(nnx.Module):
     def compute_logits(self, x):
         """Hidden states [..., D] from `forward` -> float32 logits [..., V] (final norm, then head)."""
         cfg = self.cfg
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_offset)
         if cfg.tie_word_embeddings:
-            return jnp.einsum("...D,VD->...V", x, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...D,VD->...V", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return logits

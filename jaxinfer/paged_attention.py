@@ -55,8 +55,8 @@ class PagedAttentionMeta:
 
 
 def paged_attend(q, k, v, kv_cache: PagedKVCache, layer, meta: PagedAttentionMeta, *,
-                 sliding_window: int | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
-                 backend: str = "auto"):
+                 sliding_window=None, sm_scale: float | None = None, soft_cap: float | None = None,
+                 q_block: int = 1, max_prefill_seqs: int | None = None, backend: str = "auto"):
     """q: [1, T, N, H]; k, v: [1, T, K, H] (one ragged row) -> (out [1, T, N, H], kv_cache).
 
     The write and the read index the whole [L, ...] cache with `layer`: slicing one layer's pool
@@ -66,9 +66,11 @@ def paged_attend(q, k, v, kv_cache: PagedKVCache, layer, meta: PagedAttentionMet
     if meta.decode_items is not None:
         items = meta.decode_items
         out = ops.decode_attention_by_pages(q[0], new_k, new_v, meta.kv_lens, items.seq, items.page, items.pos,
-                                            layer=layer, sliding_window=sliding_window, backend=backend)
+                                            layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
+                                            soft_cap=soft_cap, backend=backend)
         return out[None], PagedKVCache(k=new_k, v=new_v)
     out = ops.ragged_paged_attention(q[0], new_k, new_v, meta.kv_lens, meta.page_table, meta.cu_q_lens,
-                                     meta.num_seqs, layer=layer, sliding_window=sliding_window, q_block=q_block,
+                                     meta.num_seqs, layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
+                                     soft_cap=soft_cap, q_block=q_block,
                                      max_prefill_seqs=max_prefill_seqs, backend=backend)
     return out[None], PagedKVCache(k=new_k, v=new_v)

@@ -15,7 +15,6 @@ strings, max_tokens, context end), which keeps every request's text exact.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Callable, Sequence
 
@@ -76,8 +75,7 @@ class ReferenceGenerator:
         self.params = params_for_layer_loop(config, params)
         self.max_model_len = min(max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
-        attend = functools.partial(dense_attend, sliding_window=config.sliding_window)
-        self._attend = attend
+        self._attend = dense_attend
         self._prefill = jax.jit(self._prefill_step, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_step, donate_argnums=(1,))
         self._forward = jax.jit(self._forward_all)

@@ -255,10 +255,9 @@ class Runner:
         if self.mesh is not None and self.mesh.shape["seq"] > 1:
             from sharding.attention import seq_parallel_attend
 
-            attend = seq_parallel_attend(self.mesh, sliding_window=self.config.sliding_window)
+            attend = seq_parallel_attend(self.mesh)
         else:
-            attend = functools.partial(paged_attend, sliding_window=self.config.sliding_window, q_block=q_block,
-                                       max_prefill_seqs=self.rc.max_prefill_seqs,
+            attend = functools.partial(paged_attend, q_block=q_block, max_prefill_seqs=self.rc.max_prefill_seqs,
                                        backend=self.rc.attention_backend)
             if self.mesh is not None:
                 from sharding.attention import shard_attend

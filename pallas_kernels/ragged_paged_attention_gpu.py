@@ -58,10 +58,11 @@ def choose_num_splits(programs: int, max_kv_blocks: int, target_programs: int = 
     return max(1, min(max_kv_blocks, -(-target_programs // max(programs, 1))))
 
 
-def _kernel(seq_ref, first_pos_ref, num_rows_ref, kv_len_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref,
-            o_ref, lse_ref, *, page_size, block_kv, group, sm_scale, soft_cap, window, num_splits, stacked,
+def _kernel(seq_ref, first_pos_ref, num_rows_ref, kv_len_ref, layer_ref, window_ref, page_table_ref, q_ref, k_ref,
+            v_ref, o_ref, lse_ref, *, page_size, block_kv, group, sm_scale, soft_cap, windowed, num_splits, stacked,
             precision):
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    window = window_ref[0] if windowed else None  # data: one compiled kernel serves every window
     seq, first, kv_len = seq_ref[b], first_pos_ref[b], kv_len_ref[b]
     R, H = q_ref.shape
     max_pages = page_table_ref.shape[1]
@@ -124,7 +125,7 @@ def attend_blocks_gpu(blocks: QueryBlocks, k_cache, v_cache, page_table, layer, 
     group = R // blocks.dest.shape[1]
     kernel = functools.partial(
         _kernel, page_size=page_size, block_kv=block_kv, group=group, sm_scale=sm_scale, soft_cap=soft_cap,
-        window=sliding_window, num_splits=num_splits, stacked=stacked,
+        windowed=sliding_window is not None, num_splits=num_splits, stacked=stacked,
         # HIGHEST: IEEE f32 dots for f32 (not TF32), and the native bf16 MMA for bf16. The default
         # asks Triton for TF32 input precision, which with bf16 operands gave wrong results on H100.
         precision=jax.lax.Precision.HIGHEST)
@@ -133,7 +134,7 @@ def attend_blocks_gpu(blocks: QueryBlocks, k_cache, v_cache, page_table, layer, 
     o, lse = pl.pallas_call(
         kernel,
         grid=(NB, K, num_splits),
-        in_specs=[whole] * 6 + [pl.BlockSpec((None, None, R, H), lambda b, h, s: (b, h, 0, 0)), whole, whole],
+        in_specs=[whole] * 7 + [pl.BlockSpec((None, None, R, H), lambda b, h, s: (b, h, 0, 0)), whole, whole],
         out_specs=[pl.BlockSpec((None, None, None, R, H), lambda b, h, s: (s, b, h, 0, 0)),
                    pl.BlockSpec((None, None, None, R), lambda b, h, s: (s, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((num_splits, NB, K, R, H), out_dtype),
@@ -142,14 +143,15 @@ def attend_blocks_gpu(blocks: QueryBlocks, k_cache, v_cache, page_table, layer, 
         interpret=interpret,
         name=f"ragged_paged_attention_bq{R // group}_bkv{block_kv}",
     )(blocks.seq, blocks.first_pos, blocks.num_rows, blocks.kv_len, jnp.asarray(layer, jnp.int32).reshape(1),
-      page_table, blocks.q, k_cache, v_cache)
+      jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32).reshape(1), page_table, blocks.q,
+      k_cache, v_cache)
     if num_splits == 1:
         return o[0]
     return _combine_splits(o, lse).astype(blocks.q.dtype)
 
 
 def ragged_paged_attention_gpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
-                               sliding_window: int | None = None, sm_scale: float | None = None,
+                               sliding_window=None, sm_scale: float | None = None,
                                soft_cap: float | None = None, q_block: int = 16, max_prefill_seqs: int | None = None,
                                block_kv: int = 64, num_splits: int | None = None, num_warps: int | None = None,
                                num_stages: int = 2, interpret: bool = False) -> jax.Array:

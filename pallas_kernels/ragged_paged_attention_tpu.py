@@ -137,6 +137,7 @@ def ragged_paged_attention_kernel(
     kv_len_ref,  # [NB] SMEM: the sequence's tokens in the cache
     pages_ref,  # [S * max_pages] SMEM: the page table, flattened
     layer_ref,  # [1] SMEM: the cache layer to read
+    window_ref,  # [1] SMEM: the sliding window (read when `windowed`)
     q_ref,  # [R, H] VMEM: row r is token r // Gp, query head r % Gp of this KV head
     k_hbm_ref,  # [L, P, page, K, H] HBM
     v_hbm_ref,  # [L, P, page, K, H] HBM
@@ -148,11 +149,12 @@ def ragged_paged_attention_kernel(
     padded_group: int,
     max_pages: int,
     sm_scale: float,
-    sliding_window: int | None,
+    windowed: bool,
     soft_cap: float | None,
 ):
     """Attention of one query block over its sequence's pages, for one KV head."""
     b, kv_head = pl.program_id(0), pl.program_id(1)
+    sliding_window = window_ref[0] if windowed else None  # data: one compiled kernel serves every window
     first_pos, num_rows = first_pos_ref[b], num_rows_ref[b]
     R, H = q_ref.shape
     BK = k_buf.shape[1]
@@ -194,11 +196,11 @@ def _attend_blocks(blocks, k_cache, v_cache, page_table, layer, *, padded_group:
     NB, K, R, H = blocks.q.shape
     BK = pages_per_block * k_cache.shape[2]
     kernel = functools.partial(ragged_paged_attention_kernel, padded_group=padded_group,
-                               max_pages=page_table.shape[1], sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               max_pages=page_table.shape[1], sm_scale=sm_scale,
+                               windowed=sliding_window is not None, soft_cap=soft_cap)
     block_spec = pl.BlockSpec((None, None, R, H), lambda b, kh, *_: (b, kh, 0, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6,
+        num_scalar_prefetch=7,
         grid=(NB, K),
         in_specs=[block_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=block_spec,
@@ -213,14 +215,15 @@ def _attend_blocks(blocks, k_cache, v_cache, page_table, layer, *, padded_group:
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
     )(blocks.seq, blocks.first_pos, blocks.num_rows, blocks.kv_len, page_table.reshape(-1).astype(jnp.int32),
-      jnp.asarray(layer, jnp.int32).reshape(1), blocks.q, k_cache, v_cache)
+      jnp.asarray(layer, jnp.int32).reshape(1),
+      jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32).reshape(1), blocks.q, k_cache, v_cache)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "sm_scale", "soft_cap", "q_block", "pages_per_block",
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "q_block", "pages_per_block",
                                              "max_prefill_seqs", "interpret"))
 def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
-                               sliding_window: int | None = None, sm_scale: float | None = None,
+                               sliding_window=None, sm_scale: float | None = None,
                                soft_cap: float | None = None, q_block: int = 8, pages_per_block: int = 4,
                                max_prefill_seqs: int | None = None, interpret=False) -> jax.Array:
     """Causal GQA attention of a ragged batch over paged K/V on TPU. Returns [T, N, H] in q's dtype
@@ -234,7 +237,8 @@ def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
         cu_q_lens: [S + 1] int32 cumulative query lengths.
         num_seqs: scalar int32, sequences in use.
         layer: traced int, the layer of a stacked cache (None for a single-layer cache).
-        sliding_window: a query at position i sees keys at positions > i - sliding_window.
+        sliding_window: a query at position i sees keys at positions > i - sliding_window; an int or
+            a traced int32 scalar (it is data to the kernel), None for full attention.
         sm_scale: logit scale (default H ** -0.5).
         soft_cap: logits become soft_cap * tanh(logits / soft_cap).
         q_block: query tokens per program of a prefill chunk (decodes: one token per program).
@@ -252,7 +256,7 @@ def ragged_paged_attention_tpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
     _, _, page_size, K, H_kv = k_cache.shape
     if H_kv != H or N % K or v_cache.shape != k_cache.shape:
         raise ValueError(f"q {q.shape} does not fit the caches {k_cache.shape}, {v_cache.shape}")
-    if q_block < 1 or pages_per_block < 1 or (sliding_window is not None and sliding_window < 1):
+    if q_block < 1 or pages_per_block < 1 or (isinstance(sliding_window, int) and sliding_window < 1):
         raise ValueError(f"block sizes and the window must be positive: {q_block=}, {pages_per_block=}, "
                          f"{sliding_window=}")
     out = None

@@ -11,6 +11,8 @@ on its own query heads and its own KV heads of the cache.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -26,24 +28,29 @@ def shard_attend(attend, mesh: Mesh):
     heads = P(None, data, "model", None)
     cache = PagedKVCache(k=P(None, data, None, "model", None), v=P(None, data, None, "model", None))
 
-    def sharded(q, k, v, kv_cache, layer, meta):
+    def sharded(q, k, v, kv_cache, layer, meta, *, sliding_window=None, sm_scale=None, soft_cap=None):
         meta_spec = jax.tree.map(lambda _: P(data) if data else P(), meta)
+        # Static values (unrolled layers) are closed over; traced ones (a scanned layer's index and
+        # window) enter the shard_map as replicated arguments.
+        traced = {name: x for name, x in (("layer", layer), ("sliding_window", sliding_window))
+                  if isinstance(x, jax.Array)}
+        static = {"layer": layer, "sliding_window": sliding_window}
 
-        def local(q, k, v, kv_cache, meta, layer=layer):
+        def local(q, k, v, kv_cache, meta, traced):
             if data is not None:  # this replica's sequence count: a [1] slice -> a scalar
                 meta = meta.replace(num_seqs=meta.num_seqs.reshape(()))
-            return attend(q, k, v, kv_cache, layer, meta)
+            kw = static | traced
+            return attend(q, k, v, kv_cache, kw["layer"], meta, sliding_window=kw["sliding_window"],
+                          sm_scale=sm_scale, soft_cap=soft_cap)
 
-        if isinstance(layer, int):  # unrolled layers: a static index
-            args, specs = (q, k, v, kv_cache, meta), (heads, heads, heads, cache, meta_spec)
-        else:  # scanned layers: a traced index, replicated
-            args, specs = (q, k, v, kv_cache, meta, layer), (heads, heads, heads, cache, meta_spec, P())
-        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(heads, cache), check_vma=False)(*args)
+        specs = (heads, heads, heads, cache, meta_spec, {name: P() for name in traced})
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(heads, cache),
+                             check_vma=False)(q, k, v, kv_cache, meta, traced)
 
     return sharded
 
 
-def seq_parallel_attend(mesh: Mesh, *, sliding_window: int | None = None):
+def seq_parallel_attend(mesh: Mesh):
     """Paged attention with the step's tokens and the KV pool's pages split over `seq` (and heads
     over `model`): sequence parallelism for long prompts.
 
@@ -65,8 +72,9 @@ def seq_parallel_attend(mesh: Mesh, *, sliding_window: int | None = None):
     tokens = P(None, "seq", "model", None)
     cache = PagedKVCache(k=P(None, "seq", None, "model", None), v=P(None, "seq", None, "model", None))
 
-    def local(q, k, v, kv_cache, meta, layer):
+    def local(q, k, v, kv_cache, meta, layer, sliding_window, *, windowed, sm_scale, soft_cap):
         s = lax.axis_index("seq")
+        sliding_window = sliding_window if windowed else None
         q_all, k_all, v_all = (lax.all_gather(x, "seq", axis=1, tiled=True)[0] for x in (q, k, v))
         P_local, page_size = kv_cache.k.shape[1], kv_cache.k.shape[2]
         first_page = s * P_local
@@ -77,7 +85,8 @@ def seq_parallel_attend(mesh: Mesh, *, sliding_window: int | None = None):
         new_k, new_v = ops.write_kv(kv_cache.k, kv_cache.v, k_all, v_all, slots, layer=layer)
         out, lse = ragged_paged_attention_partial(q_all, new_k, new_v, meta.kv_lens, meta.page_table, meta.cu_q_lens,
                                                   meta.num_seqs, stripe=s, num_stripes=mesh.shape["seq"],
-                                                  layer=layer, sliding_window=sliding_window)
+                                                  layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
+                                                  soft_cap=soft_cap)
         m = lax.pmax(lse, "seq")
         w = jnp.where(lse > NEG_LSE / 2, jnp.exp(lse - m), 0.0)
         num, den = lax.psum(w[..., None] * out, "seq"), lax.psum(w, "seq")
@@ -86,10 +95,12 @@ def seq_parallel_attend(mesh: Mesh, *, sliding_window: int | None = None):
         mine = lax.dynamic_slice_in_dim(full, s * T_local, T_local, axis=0)
         return mine[None].astype(q.dtype), PagedKVCache(k=new_k, v=new_v)
 
-    def sharded(q, k, v, kv_cache, layer, meta):
+    def sharded(q, k, v, kv_cache, layer, meta, *, sliding_window=None, sm_scale=None, soft_cap=None):
         meta_spec = jax.tree.map(lambda _: P(), meta)
         layer = jnp.asarray(layer, jnp.int32)
-        return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, cache, meta_spec, P()),
-                             out_specs=(tokens, cache), check_vma=False)(q, k, v, kv_cache, meta, layer)
+        window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32)
+        body = functools.partial(local, windowed=sliding_window is not None, sm_scale=sm_scale, soft_cap=soft_cap)
+        return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, cache, meta_spec, P(), P()),
+                             out_specs=(tokens, cache), check_vma=False)(q, k, v, kv_cache, meta, layer, window)
 
     return sharded

@@ -1,9 +1,11 @@
-"""HF safetensors checkpoints: tiny random Llama 3 (rope scaling), Mistral (sliding window) and Qwen2
-(qkv bias) models built by HF transformers inside the test, saved with `save_pretrained`, read by
-checkpoints/hf.py, must give transformers' logits."""
+"""HF safetensors checkpoints: tiny random Llama 3 (rope scaling), Mistral (sliding window), Qwen2
+(qkv bias) and Gemma 3 (local/global layers, qk-norm, GeGLU, soft cap) models built by HF transformers
+inside the test, saved with `save_pretrained`, read by checkpoints/hf.py, must give transformers'
+logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -27,13 +29,22 @@ FAMILIES = {
     "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True, head_dim=32)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=8)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
+    # Every Gemma 3 feature, each away from its default: MQA, head_dim 32 with a query_pre_attn_scalar
+    # of 24, local layers (window 8, RoPE base 100) around a global one with linear RoPE scaling,
+    # and a final soft cap low enough to bend these logits.
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        num_hidden_layers=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+        final_logit_softcapping=0.5)),
 }
 
 
 def _save(tmp_path, family: str, seed: int = 0, **save_kwargs):
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config_cls(**COMMON, **extra), torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**(COMMON | extra)), dtype=torch.float32)
     with torch.no_grad():  # norms and biases away from their 1 / 0 init, so a swap would show
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -63,6 +74,15 @@ def test_logits_match_transformers(tmp_path, family):
         assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 8.0
     if family == "qwen2":
         assert cfg.attention_bias
+    if family == "gemma3":
+        assert cfg.layer_windows() == (8, 8, None, 8) and cfg.local_rope_theta == 100.0
+        assert cfg.rope_scaling.rope_type == "linear" and cfg.final_logit_softcap == 0.5
+        assert np.abs(theirs).max() < 0.5  # the cap is in force
+        # The unrolled layer loop takes each layer's window and RoPE statically; scan takes them as data.
+        unrolled = dataclasses.replace(cfg, scan_layers=False)
+        graphdef, params = build_model(unrolled, ckpt.load_params(unrolled, progress=False))
+        np.testing.assert_allclose(ReferenceGenerator(unrolled, graphdef, params).logits(tokens), theirs,
+                                   atol=2e-5, rtol=1e-4)
 
 
 def test_sharded_checkpoint_with_an_index(tmp_path):
@@ -122,19 +142,26 @@ def _write_byte_level_tokenizer(path):
         "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[2], "chat_template": CHAT_TEMPLATE}))
 
 
-def test_llm_loads_a_hf_directory_and_generates_transformers_tokens(tmp_path):
+@pytest.mark.parametrize("family,scan,backend", [("qwen2", True, "auto"), ("gemma3", True, "auto"),
+                                                  ("gemma3", False, "pallas_tpu")])
+def test_llm_loads_a_hf_directory_and_generates_transformers_tokens(tmp_path, family, scan, backend):
+    """Through the paged engine: chunked prefill (chunks of 16 tokens) and decode with the 8-token
+    window of Gemma's local layers crossed many times; for Gemma also unrolled on the TPU kernel
+    (interpret mode)."""
     from jaxinfer import LLM, SamplingParams
 
-    model, path = _save(tmp_path, "qwen2")
+    model, path = _save(tmp_path, family)
     _write_byte_level_tokenizer(path)
-    llm = LLM(str(path), dtype="float32", progress=False, warmup=False, max_num_seqs=2, max_num_batched_tokens=64,
-              num_pages=64, page_size=8, compilation_cache_dir="")
-    ids = llm.get_tokenizer().encode("hello world", add_special_tokens=False)
-    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
-    with torch.no_grad():
-        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    assert out.outputs[0].token_ids == want
+    llm = LLM(str(path), dtype="float32", scan_layers=scan, progress=False, warmup=False, max_num_seqs=2,
+              max_num_batched_tokens=16, num_pages=64, page_size=8, compilation_cache_dir="", attention_backend=backend)
+    prompts = ["hello world, this prompt is longer than one chunk of sixteen", "hi"]
+    for text in prompts:
+        ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert out[0].outputs[0].token_ids == want, text
     assert "<|im_start|>assistant" in llm.chat_prompts([{"role": "user", "content": "hi"}])[0]["prompt"]
 
 

@@ -3,7 +3,6 @@ the dense reference gives for each sequence alone."""
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ def test_ragged_paged_steps_match_dense_logits(overrides):
     expected = [dense.logits(p) for p in prompts]  # [n, V] each
 
     run_params = dense.params  # in the layout the runner uses (per-layer arrays when unrolled)
-    attend = functools.partial(paged_attend, sliding_window=cfg.sliding_window)
+    attend = paged_attend
 
     @jax.jit
     def step(cache, tokens, positions, meta):
