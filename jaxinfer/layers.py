@@ -31,8 +31,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,
     """Inverse frequencies [H // 2] (float32), with `scaling` applied when given.
 
     Linear scaling divides every frequency by `factor`. Llama 3 scaling keeps high frequencies,
-    divides low frequencies by `factor`, and interpolates smoothly in between (the "llama3" rope_type of HF transformers). GGUF files store the same
-    thing precomputed as per-frequency divisors (`rope_freqs.weight`): `freq_factors`.
+    divides low frequencies by `factor`, and interpolates smoothly in between (the "llama3"
+    rope_type of HF transformers). GGUF files store the same thing precomputed as per-frequency
+    divisors (`rope_freqs.weight`): `freq_factors`.
     """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if scaling is not None and scaling.rope_type == "linear":
