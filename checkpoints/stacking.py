@@ -7,19 +7,19 @@ from typing import Callable
 import numpy as np
 
 
-def stack_layers(read_layer: Callable[[int], np.ndarray], num_layers: int, dtype, *, to_device: bool = False):
+def stack_layers(read_layer: Callable[[int], np.ndarray], num_layers: int, dtype, *, to_device: bool = False,
+                 sharding=None):
     """[L, ...] array of `read_layer(0..L-1)`, allocated once from the first layer's shape.
 
-    On the host it is a numpy array; with `to_device` a jax array on the default device, filled
-    in place, so the host holds one layer's tensor at a time."""
+    On the host it is a numpy array; with `to_device` a jax array filled in place, so the host
+    holds one layer's tensor at a time: on the default device, or laid out by `sharding` (a
+    jax.sharding.Sharding of the full [L, ...] array), each device receiving only its shard."""
     stacked = None
     for i in range(num_layers):
         w = read_layer(i)
         if stacked is None:  # preallocate [L, ...] rather than stacking copies
             if to_device:
-                import jax.numpy as jnp
-
-                stacked = jnp.zeros((num_layers, *w.shape), dtype)
+                stacked = device_zeros((num_layers, *w.shape), dtype, sharding)
             else:
                 stacked = np.empty((num_layers, *w.shape), dtype=dtype)
         if to_device:
@@ -30,17 +30,29 @@ def stack_layers(read_layer: Callable[[int], np.ndarray], num_layers: int, dtype
     return stacked
 
 
+def device_zeros(shape: tuple, dtype, sharding=None):
+    """A zero array on the default device, or created in place with `sharding` (no full copy on
+    any one device)."""
+    import jax
+    import jax.numpy as jnp
+
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
 def set_block(out, block, start: tuple):
-    """out[start:start + block.shape] = block on the device, in place (`out` is donated). An explicit
-    dynamic_update_slice stays in place on every backend; `out.at[...].set` lowers to a scatter,
-    which XLA:CPU runs into a fresh copy of the whole buffer."""
-    global _SET_BLOCK
-    if _SET_BLOCK is None:
+    """out[start:start + block.shape] = block on the device, in place (`out` is donated), keeping
+    out's sharding. An explicit dynamic_update_slice stays in place on every backend;
+    `out.at[...].set` lowers to a scatter, which XLA:CPU runs into a fresh copy of the whole buffer."""
+    fn = _SET_BLOCK.get(out.sharding)
+    if fn is None:
         import jax
 
-        _SET_BLOCK = jax.jit(lambda o, b, s: jax.lax.dynamic_update_slice(o, b.astype(o.dtype), s),
-                             donate_argnums=0)
-    return _SET_BLOCK(out, block, tuple(np.int32(x) for x in start))
+        fn = _SET_BLOCK[out.sharding] = jax.jit(
+            lambda o, b, s: jax.lax.dynamic_update_slice(o, b.astype(o.dtype), s), donate_argnums=0,
+            out_shardings=out.sharding)
+    return fn(out, block, tuple(np.int32(x) for x in start))
 
 
-_SET_BLOCK = None
+_SET_BLOCK: dict = {}  # one jit per output sharding

@@ -56,8 +56,8 @@ def _load(args):
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
               sequence_parallel_size=args.sequence_parallel_size, attention_backend=args.attention_backend)
     t1 = time.perf_counter()
-    _status(f"loaded in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, {llm.config.dtype}); "
-            "compiling ...")
+    _status(f"loaded {llm.model_source} in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, "
+            f"{llm.config.dtype}); compiling ...")
     llm.warmup()
     _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; ready")
     return llm, params

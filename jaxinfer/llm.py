@@ -80,6 +80,7 @@ class LLM:
         self.tokenizer: Tokenizer = from_hf_directory(tokenizer) if tokenizer else loaded.tokenizer
         self.engine = LLMEngine(self.config, loaded.graphdef, loaded.params, self.tokenizer, engine_config)
         self.model_path = loaded.path
+        self.model_source = loaded.source  # what `model` resolved to, e.g. "GGUF file (gemma3)"
         self.max_model_len = self.engine.max_model_len
         self.max_num_seqs = max_num_seqs
         self._request_counter = itertools.count()

@@ -32,6 +32,7 @@ class LoadedModel:
     params: nnx.State | None  # None once a runner took them over (it may re-layout them)
     tokenizer: tokenizer_lib.Tokenizer
     path: str
+    source: str = ""  # what was found at `path`: "GGUF file (gemma3)", "HF checkpoint (...)", "orbax checkpoint"
 
 
 def build_model(cfg: ModelConfig, weights: dict) -> tuple[nnx.GraphDef, nnx.State]:
@@ -57,6 +58,19 @@ def build_model(cfg: ModelConfig, weights: dict) -> tuple[nnx.GraphDef, nnx.Stat
     return graphdef, nnx.from_flat_state(flat)
 
 
+def target_shardings(cfg: ModelConfig, mesh) -> dict:
+    """Parameter key -> NamedSharding the sharding rules give it on `mesh` (what the engine's
+    `shard_params` would place), for loaders that write each tensor straight into its layout."""
+    from jax.sharding import NamedSharding
+
+    from sharding.rules import logical_to_spec
+
+    _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return {".".join(map(str, path)): NamedSharding(mesh, logical_to_spec(var.get_metadata()["logical_axes"],
+                                                                          var.get_value().shape, mesh))
+            for path, var in nnx.to_flat_state(state)}
+
+
 def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layers: bool | None = None,
                progress: bool = True, mesh=None) -> LoadedModel:
     """Loads a registered model name, a .gguf path, or a jaxinfer orbax checkpoint directory.
@@ -67,8 +81,8 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
       dtype: parameter dtype; None picks float32 on CPU, bfloat16 on GPU/TPU.
       scan_layers: scan over layers; None picks scan on CPU, unrolled on GPU/TPU.
       progress: show a progress bar while reading tensors.
-      mesh: restore an orbax checkpoint straight into this mesh's shardings (GGUF files are read
-        on the host and placed by the engine).
+      mesh: restore an orbax checkpoint, or stream a HF checkpoint, straight into this mesh's
+        shardings (GGUF files are dequantized on the host and placed by the engine).
 
     Raises:
       ModelNotFoundError, CheckpointError, UnsupportedModelError, TokenizerError.
@@ -84,10 +98,13 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
             ckpt = hf.HFCheckpoint(path)
             cfg = ckpt.model_config(dtype=dtype, scan_layers=scan_layers)
             tok = tokenizer_lib.from_hf_directory(path)
-            graphdef, params = build_model(cfg, ckpt.load_params(cfg, progress=progress, to_device=True))
+            shardings = target_shardings(cfg, mesh) if mesh is not None and jax.process_count() == 1 else None
+            weights = ckpt.load_params(cfg, progress=progress, to_device=True, shardings=shardings)
+            graphdef, params = build_model(cfg, weights)
             logger.info("loaded HF checkpoint %s (%s): %.1fM parameters, %s", path, ckpt.architecture,
                         cfg.num_params() / 1e6, cfg.dtype)
-            return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)
+            return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path,
+                               source=f"HF checkpoint ({ckpt.architecture})")
     if os.path.isdir(path):  # an orbax checkpoint directory
         from checkpoints import orbax_io
 
@@ -95,7 +112,8 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
         tok = orbax_io.read_tokenizer(path)
         graphdef, params = build_model(cfg, weights)
         logger.info("loaded orbax checkpoint %s: %.1fM parameters, %s", path, cfg.num_params() / 1e6, cfg.dtype)
-        return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)
+        return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path,
+                           source=f"orbax checkpoint ({cfg.arch})")
     gguf_file = GGUFFile(path)
     cfg = gguf_file.model_config(dtype=dtype, scan_layers=scan_layers)
     tok = tokenizer_lib.from_gguf_metadata(gguf_file.metadata, source=path)
@@ -103,4 +121,5 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
     graphdef, params = build_model(cfg, weights)
     logger.info("loaded %s: %.1fM parameters, %s, scan_layers=%s", path, cfg.num_params() / 1e6,
                 cfg.dtype, cfg.scan_layers)
-    return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path)
+    return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path,
+                       source=f"GGUF file ({gguf_file.architecture})")

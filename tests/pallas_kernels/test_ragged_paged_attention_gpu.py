@@ -6,6 +6,7 @@ Pages are randomly permuted and everything outside the sequences is NaN (tests/p
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -70,3 +71,16 @@ def test_rejects_bad_head_layout():
     case = make_case(**BATCHES["decode"], num_heads=4, num_kv_heads=4, head_dim=64)
     with pytest.raises(ValueError, match="block_kv must be a power of two >= 16"):
         ragged_paged_attention_gpu(*case.args(), layer=case.layer, block_kv=8, interpret=True)
+
+
+def test_window_is_data_one_kernel_serves_every_layer():
+    """Under a scanned layer loop a layer's window is a traced scalar (`jaxinfer.model.NO_WINDOW` for
+    global layers): one compiled kernel, each call masking by the value it is handed."""
+    from jaxinfer.model import NO_WINDOW
+
+    case = make_case(**BATCHES["mixed"], num_heads=4, num_kv_heads=1, head_dim=64)
+    run = jax.jit(lambda w: ragged_paged_attention_gpu(*case.args(), layer=case.layer, sliding_window=w, q_block=4,
+                                                       block_kv=4 * PAGE, interpret=True))
+    for window, want_window in [(3, 3), (NO_WINDOW, None), (6, 6)]:
+        check_close(run(jnp.int32(window)), case, case.reference(sliding_window=want_window), jnp.float32)
+    assert run._cache_size() == 1

@@ -119,3 +119,16 @@ def test_rejects_mismatched_heads():
     case = make_case(**BATCHES["decode"], num_heads=3, num_kv_heads=2, head_dim=64)
     with pytest.raises(ValueError, match="does not fit"):
         ragged_paged_attention_tpu(*case.args(), layer=case.layer, interpret=True)
+
+
+def test_window_is_data_one_kernel_serves_every_layer():
+    """Under a scanned layer loop a layer's window is a traced scalar (`jaxinfer.model.NO_WINDOW` for
+    global layers): read from SMEM, so one compiled kernel serves local and global layers."""
+    from jaxinfer.model import NO_WINDOW
+
+    case = make_case(**BATCHES["mixed"], num_heads=4, num_kv_heads=1, head_dim=64)
+    run = jax.jit(lambda w: ragged_paged_attention_tpu(*case.args(), layer=case.layer, sliding_window=w, q_block=4,
+                                                       interpret=True))
+    for window, want_window in [(3, 3), (NO_WINDOW, None)]:
+        check_close(run(jnp.int32(window)), case, case.reference(sliding_window=want_window), F32)
+    assert run._cache_size() == 1
