@@ -165,11 +165,12 @@ def test_llm_loads_a_hf_directory_and_generates_transformers_tokens(tmp_path, fa
     assert "<|im_start|>assistant" in llm.chat_prompts([{"role": "user", "content": "hi"}])[0]["prompt"]
 
 
-def test_convert_hf_to_orbax_keeps_weights_tokenizer_and_tokens(tmp_path):
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_convert_hf_to_orbax_keeps_weights_tokenizer_and_tokens(tmp_path, family):
     from jaxinfer import LLM, SamplingParams
     from jaxinfer.cli import main
 
-    _, path = _save(tmp_path, "llama3")
+    _, path = _save(tmp_path, family)
     _write_byte_level_tokenizer(path)
     out = tmp_path / "converted"
     assert main(["convert", str(path), str(out)]) == 0
@@ -180,6 +181,8 @@ def test_convert_hf_to_orbax_keeps_weights_tokenizer_and_tokens(tmp_path):
     assert a.generate("abc", params)[0].outputs[0].token_ids == b.generate("abc", params)[0].outputs[0].token_ids
     assert b.get_tokenizer().encode("hello") == a.get_tokenizer().encode("hello")
     assert b.get_tokenizer().chat_template == a.get_tokenizer().chat_template
+    assert b.config == a.config  # rope scaling, layer types, ... survive the JSON round trip
+    assert b.model_source.startswith("orbax checkpoint") and a.model_source.startswith("HF checkpoint")
 
 
 _PROBE = """
