@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from checkpoints.stacking import stack_layers
+from checkpoints.stacking import stack_per_layer
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 
@@ -251,13 +251,8 @@ class GGUFFile:
         with bar:
             params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
             bar.update()
-            for name, (suffix, shape, convert) in per_layer.items():
-                def read_layer(i, suffix=suffix, shape=shape, convert=convert):
-                    w = convert(self._tensor(f"blk.{i}.{suffix}", shape))
-                    bar.update()
-                    return w
-
-                params[f"layers.{name}"] = stack_layers(read_layer, L, dt)
+            params |= stack_per_layer(per_layer, lambda i, suffix, shape: self._tensor(f"blk.{i}.{suffix}", shape),
+                                      L, dt, progress=bar)
             params["final_norm"] = norm(self._tensor("output_norm.weight", (D,))).astype(dt)
             bar.update()
             if not cfg.tie_word_embeddings:

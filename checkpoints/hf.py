@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from checkpoints.stacking import device_zeros, set_block, stack_layers
+from checkpoints.stacking import device_zeros, set_block, stack_per_layer
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 
@@ -286,14 +286,9 @@ class HFCheckpoint:
             params["embed"] = self._matrix(f"{prefix}embed_tokens.weight", (V, D), dt, to_device,
                                            sharding=shardings.get("embed"))
             bar.update()
-            for name, (suffix, shape, convert) in per_layer.items():
-                def read_layer(i, suffix=suffix, shape=shape, convert=convert):
-                    w = convert(self._tensor(f"{prefix}layers.{i}.{suffix}", shape))
-                    bar.update()
-                    return w
-
-                params[f"layers.{name}"] = stack_layers(read_layer, L, dt, to_device=to_device,
-                                                        sharding=shardings.get(f"layers.{name}"))
+            params |= stack_per_layer(
+                per_layer, lambda i, suffix, shape: self._tensor(f"{prefix}layers.{i}.{suffix}", shape), L, dt,
+                progress=bar, to_device=to_device, shardings=shardings)
             params["final_norm"] = self._matrix(f"{prefix}norm.weight", (D,), dt, to_device,
                                                 sharding=shardings.get("final_norm"))
             bar.update()

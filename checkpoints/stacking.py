@@ -30,6 +30,24 @@ def stack_layers(read_layer: Callable[[int], np.ndarray], num_layers: int, dtype
     return stacked
 
 
+def stack_per_layer(per_layer: dict, read: Callable[[int, str, tuple], np.ndarray], num_layers: int, dtype, *,
+                    progress=None, to_device: bool = False, shardings: dict | None = None) -> dict:
+    """{"layers.<name>": stacked [L, ...]} for a reader's table name -> (source suffix, source shape,
+    convert to jaxinfer's layout); `read(i, suffix, shape)` returns layer i's source tensor. Each
+    tensor read ticks `progress` (a tqdm bar); `shardings` maps keys to the stacked arrays' layout."""
+    out = {}
+    for name, (suffix, shape, convert) in per_layer.items():
+        def read_layer(i, suffix=suffix, shape=shape, convert=convert):
+            w = convert(read(i, suffix, shape))
+            if progress is not None:
+                progress.update()
+            return w
+
+        key = f"layers.{name}"
+        out[key] = stack_layers(read_layer, num_layers, dtype, to_device=to_device, sharding=(shardings or {}).get(key))
+    return out
+
+
 def device_zeros(shape: tuple, dtype, sharding=None):
     """A zero array on the default device, or created in place with `sharding` (no full copy on
     any one device)."""

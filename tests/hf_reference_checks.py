@@ -15,7 +15,7 @@ def _logsumexp(x):
     return m + np.log(np.exp(x - m[:, None]).sum(-1))
 
 
-def check_logits(reference, meta, arrays) -> float:
+def check_logits(reference, meta, arrays, vocab_size: int | None = None) -> float:
     """Logits of the reference generator at every position of every fixture prompt against HF's:
     within 1e-3 on the sampled columns, the top 16 and the log-sum-exp over the vocabulary, and the
     same argmax. Where the fixture records that HF's own float32 result is further than that from
@@ -25,6 +25,7 @@ def check_logits(reference, meta, arrays) -> float:
     worst = 0.0
     for i, prompt in enumerate(meta["prompts"]):
         logits = reference.logits(prompt["prompt_token_ids"])  # [T, V]
+        assert logits.shape[0] == len(prompt["prompt_token_ids"]) and logits.shape[1] == (vocab_size or logits.shape[1])
         error = np.max([np.abs(logits[:, columns] - arrays[f"p{i}_sampled"]).max(-1),
                         np.abs(np.take_along_axis(logits, arrays[f"p{i}_top_ids"], -1)
                                - arrays[f"p{i}_top_values"]).max(-1),
@@ -37,6 +38,15 @@ def check_logits(reference, meta, arrays) -> float:
         assert logits.argmax(-1).tolist() == arrays[f"p{i}_top_ids"][:, 0].tolist(), i
         worst = max(worst, float(error.max()))
     return worst
+
+
+def check_tokenizer_cases(tok, meta) -> None:
+    """At least 30 hard strings: HF's ids from encode, HF's text from decode (specials kept)."""
+    cases = meta["tokenizer_cases"]
+    assert len(cases) >= 30
+    for case in cases:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]
+        assert tok.decode(case["ids"], skip_special_tokens=False) == case["decoded"], case["text"]
 
 
 def greedy(llm, meta, max_tokens: int = 32) -> list[list[int]]:

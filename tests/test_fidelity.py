@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from jaxinfer import SamplingParams
+from tests.hf_reference_checks import LOGIT_TOLERANCE, check_logits
 
-LOGIT_TOLERANCE = 1e-3  # float32
-
-
-def _logsumexp(x):
-    m = x.max(-1)
-    return m + np.log(np.exp(x - m[:, None]).sum(-1))
 
 
 def test_fixture_covers_raw_and_chat_prompts(hf_reference):
@@ -22,19 +17,7 @@ def test_fixture_covers_raw_and_chat_prompts(hf_reference):
 
 
 def test_logits_match_hf_at_every_prompt_position(smollm2, smollm2_reference, hf_reference):
-    meta, arrays = hf_reference
-    columns = arrays["columns"]
-    for i, prompt in enumerate(meta["prompts"]):
-        logits = smollm2_reference.logits(prompt["prompt_token_ids"])  # [T, V]
-        assert logits.shape == (len(prompt["prompt_token_ids"]), smollm2.config.vocab_size)
-        sampled = np.abs(logits[:, columns] - arrays[f"p{i}_sampled"]).max()
-        top = np.abs(np.take_along_axis(logits, arrays[f"p{i}_top_ids"], -1) - arrays[f"p{i}_top_values"]).max()
-        lse = np.abs(_logsumexp(logits) - arrays[f"p{i}_logsumexp"]).max()
-        assert sampled <= LOGIT_TOLERANCE, (i, sampled)
-        assert top <= LOGIT_TOLERANCE, (i, top)
-        assert lse <= LOGIT_TOLERANCE, (i, lse)
-        # HF's top-16 ordering is ours too (ties aside: require the argmax to agree).
-        assert logits.argmax(-1).tolist() == arrays[f"p{i}_top_ids"][:, 0].tolist()
+    check_logits(smollm2_reference, *hf_reference, vocab_size=smollm2.config.vocab_size)
 
 
 def test_engine_prompt_logprobs_match_hf(smollm2, hf_reference):

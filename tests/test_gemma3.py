@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hf_reference_checks import check_logits, greedy, hf_greedy
+from tests.hf_reference_checks import check_logits, check_tokenizer_cases, greedy, hf_greedy
 
 
 def test_fixture_covers_the_window(gemma3, gemma3_hf_reference):
@@ -22,13 +22,7 @@ def test_fixture_covers_the_window(gemma3, gemma3_hf_reference):
 
 
 def test_tokenizer_matches_hf(gemma3, gemma3_hf_reference):
-    meta, _ = gemma3_hf_reference
-    cases = meta["tokenizer_cases"]
-    assert len(cases) >= 30
-    tok = gemma3.get_tokenizer()
-    for case in cases:
-        assert tok.encode(case["text"]) == case["ids"], case["text"]
-        assert tok.decode(case["ids"], skip_special_tokens=False) == case["decoded"], case["text"]
+    check_tokenizer_cases(gemma3.get_tokenizer(), gemma3_hf_reference[0])
 
 
 def test_chat_prompts_match_hf(gemma3, gemma3_hf_reference):
@@ -49,7 +43,7 @@ def test_logits_match_hf_at_every_prompt_position(gemma3, gemma3_hf_reference):
 
     runner = gemma3.engine.runner
     reference = ReferenceGenerator(gemma3.config, runner.graphdef, runner.params, max_model_len=2048)
-    check_logits(reference, *gemma3_hf_reference)
+    check_logits(reference, *gemma3_hf_reference, vocab_size=gemma3.config.vocab_size)
 
 
 def test_paged_engine_greedy_matches_hf(gemma3, gemma3_hf_reference):

@@ -57,4 +57,5 @@ def test_hf_directory_matches_transformers(exported):
             assert llm.chat_prompts([prompt["messages"]])[0]["prompt_token_ids"] == prompt["prompt_token_ids"]
     assert greedy(llm, meta) == hf_greedy(meta)
     runner = llm.engine.runner
-    check_logits(ReferenceGenerator(llm.config, runner.graphdef, runner.params, max_model_len=2048), meta, arrays)
+    check_logits(ReferenceGenerator(llm.config, runner.graphdef, runner.params, max_model_len=2048), meta, arrays,
+                 vocab_size=llm.config.vocab_size)
