@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # OpenAI-compatible server on http://127.0.0.1:8000 (chat page at /); Ctrl-C drains and stops it.
+# ARGS passes flags through, e.g. make run ARGS="--port 9000 --model gemma3-270m" (python server.py --help).
+ARGS ?=
 run: $(STAMP)
-	$(BIN)/python server.py
+	$(BIN)/python server.py $(ARGS)
 
 chat: $(STAMP)
-	$(BIN)/jaxinfer chat
+	$(BIN)/jaxinfer chat $(ARGS)
 
 # The tests compare against HF transformers (torch CPU): the `ref` extra is installed for them.
 test: $(VENV)/.installed-ref $(VENV)/.installed-models chromium

@@ -30,8 +30,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+VOCAB = 49152  # token ids are drawn below min(40000, VOCAB): set from the model in main()
+
+
 def _prompt(batch, prompt_len):
-    return np.random.default_rng(0).integers(100, 40000, (batch, prompt_len))
+    hi = min(40000, VOCAB)
+    return np.random.default_rng(0).integers(min(100, hi // 2), hi, (batch, prompt_len))
 
 
 def jaxinfer_runner(path, scan_layers):
@@ -131,9 +135,12 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     args = ap.parse_args()
 
+    from checkpoints.gguf import GGUFFile
     from jaxinfer.registry import resolve_model_path
 
+    global VOCAB
     path = resolve_model_path(args.model)
+    VOCAB = GGUFFile(path).model_config().vocab_size
     runners = {
         "jaxinfer f32, scanned layers (CPU default)": jaxinfer_runner(path, True),
         "jaxinfer f32, unrolled layers (scan_layers=False)": jaxinfer_runner(path, False),

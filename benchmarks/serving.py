@@ -199,10 +199,11 @@ async def send_request(session, url: str, payload: dict, input_len: int) -> Requ
 
 async def run_workload(url: str, model: str, prompts: list[Prompt], *, request_rate: float = math.inf,
                        burstiness: float = 1.0, max_concurrency: int | None = None, warmups: list[Prompt] = (),
-                       ignore_eos: bool = False, sampling: dict | None = None,
-                       seed: int = 0) -> tuple[list[RequestResult], float]:
+                       ignore_eos: bool = False, sampling: dict | None = None, seed: int = 0,
+                       api_key: str | None = None) -> tuple[list[RequestResult], float]:
     """Sends `prompts` at their arrival times (at most `max_concurrency` in flight) after the
-    uncounted `warmups`; returns the results and the run's duration in s."""
+    uncounted `warmups`, with `api_key` as the bearer token if given; returns the results and the
+    run's duration in s."""
     import aiohttp
 
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
@@ -214,7 +215,9 @@ async def run_workload(url: str, model: str, prompts: list[Prompt], *, request_r
             return await send_request(session, url, payload, p.input_len)
 
     connector = aiohttp.TCPConnector(limit=max_concurrency or 0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=6 * 3600)) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=6 * 3600),
+                                     headers=headers) as session:
         if warmups:
             warm = await asyncio.gather(*(one(session, p) for p in warmups))
             if not any(r.success for r in warm):
@@ -461,6 +464,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=None, help="default 8000 (--compare-offline: a free port)")
     a("--endpoint", default="/v1/completions")
+    a("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+      help="bearer key for a server started with --api-key (default: $OPENAI_API_KEY)")
     a("--model", default="smollm2-135m", help="registered name or .gguf path: vocabulary, launched server")
     a("--served-model-name", default=None, help="request model field (default: the basename of --model)")
     a("--tokenizer", default=None, help="model whose vocabulary makes the prompts (default: --model)")
@@ -529,7 +534,7 @@ def serve_runs(args, base: str, workload, model_name: str, first_variant: int = 
         results, duration = asyncio.run(run_workload(
             base.rstrip("/") + args.endpoint, model_name, workload(first_variant + i), request_rate=args.request_rate,
             burstiness=args.burstiness, max_concurrency=conc, warmups=warmups, ignore_eos=args.ignore_eos,
-            sampling=sampling, seed=args.seed))
+            sampling=sampling, seed=args.seed, api_key=args.api_key))
         m = compute_metrics(results, duration, pcts, sel)
         print(format_table(m, pcts, sel, conc), flush=True)
         if m["failed"]:

@@ -35,9 +35,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def workload(n, lo, hi, seed=0):
+def workload(n, lo, hi, seed=0, vocab=49152):
+    """n prompts of random ordinary token ids (below min(40000, vocab)), lengths uniform in [lo, hi]."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(100, 40000, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+    top = min(40000, vocab)
+    return [rng.integers(min(100, top // 2), top, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
 def bench_engine(llm, prompts, output_len):
@@ -81,7 +83,7 @@ def bench_hf(gguf_path, prompts, output_len, concurrency):
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     model.eval()
 
     def run(batch):
@@ -102,12 +104,14 @@ def bench_hf(gguf_path, prompts, output_len, concurrency):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="registered name or .gguf path (HF reads the same file)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=1024, help="engine context (raised to fit the workload)")
     ap.add_argument("--scan-layers", type=int, default=None, help="1 scanned, 0 unrolled (default: by backend)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
@@ -118,21 +122,22 @@ def main():
 
     from jaxinfer import LLM
 
-    prompts = workload(args.num_requests, args.min_prompt, args.max_prompt)
     max_len = args.max_prompt + args.output_len
     t0 = time.perf_counter()
     scan = None if args.scan_layers is None else bool(args.scan_layers)
-    llm = LLM("smollm2-135m", dtype="float32", scan_layers=scan, max_num_seqs=args.concurrency,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max(1024, max_len), progress=False)
+    llm = LLM(args.model, dtype="float32", scan_layers=scan, max_num_seqs=args.concurrency,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max(args.max_model_len, max_len),
+              progress=False)
     warm = time.perf_counter() - t0
     results = dict(date=datetime.date.today().isoformat(), device=f"{platform.processor() or platform.machine()}, "
                    f"{os.cpu_count()} cores, jax {jax.__version__} {jax.default_backend()}",
                    args=vars(args), load_and_warmup_s=warm, warmup_graphs=llm.engine.counters["warmup_graphs"],
                    scan_layers=llm.config.scan_layers)
     print(f"# loaded and warmed up in {warm:.0f} s ({results['warmup_graphs']} graphs)", flush=True)
+    prompts = workload(args.num_requests, args.min_prompt, args.max_prompt, vocab=llm.config.vocab_size)
     results["engine"] = bench_engine(llm, prompts, args.output_len)
     print("engine", results["engine"], flush=True)
-    short = workload(args.concurrency, args.min_prompt, args.min_prompt, seed=1)
+    short = workload(args.concurrency, args.min_prompt, args.min_prompt, seed=1, vocab=llm.config.vocab_size)
     results["decode"] = bench_engine(llm, short, args.output_len)
     print("decode", results["decode"], flush=True)
     if not args.skip_reference:

@@ -40,6 +40,8 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
                    help="devices each step's tokens and the KV pages are split over (long prompts)")
     p.add_argument("--attention-backend", default="auto",
                    help="auto, reference, pallas, pallas_tpu or pallas_gpu (pallas_kernels.ops)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step shape before the first prompt (default: each shape on first use)")
 
 
 def _load(args):
@@ -56,8 +58,12 @@ def _load(args):
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
               sequence_parallel_size=args.sequence_parallel_size, attention_backend=args.attention_backend)
     t1 = time.perf_counter()
-    _status(f"loaded {llm.model_source} in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, "
-            f"{llm.config.dtype}); compiling ...")
+    loaded = (f"loaded {llm.model_source} in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, "
+              f"{llm.config.dtype})")
+    if not args.warmup:  # a prompt needs one or two step shapes: compile those on first use, not all of them
+        _status(f"{loaded}; ready (step shapes compile on first use)")
+        return llm, params
+    _status(f"{loaded}; compiling ...")
     llm.warmup()
     _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; ready")
     return llm, params

@@ -217,8 +217,10 @@ class LLMEngine:
     """
 
     def __init__(self, config: ModelConfig, graphdef, params, tokenizer: Tokenizer,
-                 engine_config: EngineConfig = EngineConfig(), *, warmup: bool = False, devices=None):
-        ec = engine_config
+                 engine_config: EngineConfig | None = None, *, warmup: bool = False, devices=None):
+        # Built here, not as a default argument: EngineConfig() asks JAX for its backend, and importing
+        # this module must not start the backend before a multi-host run's jax.distributed.initialize.
+        ec = engine_config if engine_config is not None else EngineConfig()
         pc = ec.parallel_config
         self.mesh = None
         if not pc.is_single_device or devices is not None:
@@ -237,7 +239,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = min(ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.compilation_cache_dir = enable_compilation_cache(ec.compilation_cache_dir)
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]  # in a multi-process run jax.devices()[0] may live on another host
         page_size = ec.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
@@ -248,6 +250,10 @@ class LLMEngine:
             num_pages = ec.num_pages
         else:
             budget = kv_cache_budget(ec, device)
+            if jax.process_count() > 1:  # every process must build the same pool: the smallest budget wins
+                from jax.experimental import multihost_utils
+
+                budget = int(multihost_utils.process_allgather(budget).min())
             num_pages = budget // page_bytes
             if ec.max_model_len is None and num_pages < max_pages_per_seq + 1 and num_pages >= 2:
                 # No context limit was asked for: use what the budget holds rather than refuse

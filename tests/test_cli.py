@@ -1,25 +1,22 @@
-"""The command line, end to end on the real model."""
+"""The command line: flags, errors and start-up (the README's commands run in tests/test_docs.py)."""
 
 from __future__ import annotations
-
-import io
 
 import pytest
 
 from jaxinfer import cli
 
 
-def test_generate_prints_text_and_status(capsys):
-    assert cli.main(["generate", "The capital of France is", "--max-tokens", "6"]) == 0
-    captured = capsys.readouterr()
-    assert "Paris" in captured.out
-    assert "[jaxinfer] loading smollm2-135m" in captured.err and "ready" in captured.err
+def test_generate_compiles_on_first_use_unless_warmup_is_asked(capsys, tmp_path):
+    from jaxinfer.testing import tiny_gguf
 
-
-def test_chat_reads_messages_from_stdin(capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
-    assert cli.main(["chat", "--max-tokens", "32"]) == 0
-    assert "Paris" in capsys.readouterr().out
+    model = tmp_path / "tiny.gguf"
+    tiny_gguf(model)
+    for flags, compiled in (([], False), (["--warmup"], True)):
+        assert cli.main(["generate", "hi", "--model", str(model), "--max-tokens", "3", *flags]) == 0
+        err = capsys.readouterr().err
+        assert "ready" in err and "3 tokens in" in err
+        assert ("compiled" in err) == compiled and ("compile on first use" in err) != compiled
 
 
 @pytest.mark.parametrize("argv, message", [

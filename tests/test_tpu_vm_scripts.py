@@ -51,6 +51,13 @@ def fake(tmp_path):
            "HOME": str(home), "USER": "tpuuser", "FAKE_ROOT": str(root), "TMPDIR": str(tmp_path)}
     env.pop("CLOUDSDK_COMPUTE_ZONE", None)
 
+    def shell(script_text):
+        """A docs block run as written by bash, from the repository root, against the fakes."""
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script_text], cwd=ROOT, capture_output=True,
+                              text=True, env={**env, "GCLOUD_RUN_SSH": "0"}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
     def run(script, *args, run_ssh=False, check=True):
         proc = subprocess.run(["bash", os.path.join(SCRIPTS, script), *args], capture_output=True, text=True,
                               env={**env, "GCLOUD_RUN_SSH": "1" if run_ssh else "0"}, timeout=60)
@@ -62,6 +69,7 @@ def fake(tmp_path):
         log = tmp_path / "gcloud.log"
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
+    run.shell = shell
     return run, calls, root
 
 
@@ -146,3 +154,35 @@ def test_bad_flags_exit_2_with_one_line_and_call_nothing(fake, args, message):
         proc = run(script, *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert calls() == []
+
+
+def _doc_blocks(doc):
+    from tests.test_docs import doc_snippets
+
+    return [text for rel, kind, text in doc_snippets() if rel == doc and kind == "bash block"]
+
+
+def test_readme_dry_run_as_written(fake):
+    run, calls, _ = fake
+    (block,) = [b for b in _doc_blocks("README.md") if "scripts/tpu_vm/" in b]
+    proc = run.shell(block)
+    assert proc.stdout.strip() == ("gcloud compute tpus tpu-vm create jaxinfer --accelerator-type=v5litepod-8 "
+                                   "--version=v2-alpha-tpuv5-lite --zone=us-west4-a")
+    assert calls() == []
+
+
+def test_tpu_md_walkthrough_as_written(fake):
+    """docs/TPU.md's step-by-step block, run as written: create, install on every worker, serve,
+    benchmark, delete, on a v5e-8 (one host, 8 chips) in the block's zone."""
+    run, calls, _ = fake
+    (block,) = _doc_blocks("docs/TPU.md")
+    run.shell(block)
+    verbs = [c[3] for c in calls()]
+    assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "delete"], calls()
+    assert all("--zone=us-west4-a" in c for c in calls())
+    assert [c[4] for c in calls() if c[3] != "scp"] == ["jaxinfer"] * 5 and calls()[1][5] == "jaxinfer:jaxinfer.tar.gz"
+    assert "--accelerator-type=v5litepod-8" in calls()[0]
+    assert "pip install -q -e '.[tpu]'" in _command(calls()[2]) and "--worker=all" in calls()[2]
+    serve = _command(calls()[3])
+    assert "--worker=0" in calls()[3] and "--tensor-parallel-size 1 --data-parallel-size 8" in serve
+    assert "benchmarks/bench_attention.py" in _command(calls()[4])
