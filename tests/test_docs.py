@@ -104,7 +104,8 @@ COVERAGE = [
      [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
     (r"jaxinfer (generate|chat)|jaxinfer generate .*|jaxinfer chat --system .*|"
      r"jaxinfer chat --model /path/to/model\.gguf|\.venv/bin/jaxinfer generate .* --model gemma3-270m",
-     [THIS + "test_readme_cli_commands_as_written"]),
+     [THIS + "test_readme_cli_commands_as_written",
+      "tests/test_cli.py::test_generate_compiles_on_first_use_unless_warmup_is_asked"]),
     (r"jaxinfer convert( .*)?|jaxinfer chat --model \./smollm2-orbax .*", [THIS + "test_readme_convert_then_chat"]),
     (r"scripts/tpu_vm/create\.sh .*--dry-run", ["tests/test_tpu_vm_scripts.py::test_readme_dry_run_as_written"]),
     (r"scripts/tpu_vm/\w+\.sh( --zone \$Z.*)?", ["tests/test_tpu_vm_scripts.py::test_tpu_md_walkthrough_as_written"]),
