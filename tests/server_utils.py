@@ -88,3 +88,10 @@ def wait_until(predicate, timeout: float = 60, interval: float = 0.05) -> bool:
 def all_pages_free(engine) -> bool:
     """Every KV page of every replica is free or cached-free (none held by a request)."""
     return all(kv.num_free_blocks == kv.pool.num_blocks - 1 for kv in engine.kv_managers)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -26,6 +26,8 @@ import pytest
 
 from playwright import sync_api  # noqa: E402  (a dev dependency)
 
+from tests.server_utils import free_port
+
 expect = sync_api.expect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,12 +42,6 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("JAXINFE
                                 reason="no chromium on PATH (make chromium, or apt-get install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, api_key: str | None = None, timeout: float = 5.0):
     """(status, Content-Type, body) of a GET."""
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
@@ -56,7 +52,7 @@ def _get(url: str, api_key: str | None = None, timeout: float = 5.0):
 @contextmanager
 def _serve(model: Path, log_path: Path, *extra: str, api_key: str | None = None):
     """Runs `server.py` on a free port until /health answers 200; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, str(REPO / "server.py"), "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--max-num-seqs", "4", "--max-num-batched-tokens", "64", *extra]  # few shapes
     if api_key:

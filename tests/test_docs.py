@@ -24,12 +24,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.server_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -370,12 +371,6 @@ def test_readme_python_api_block(smollm2, capsys):
 # ---- make run: the server, the README's client and the serving benchmark against it ---------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_make_run_serves_the_readme_client_and_benchmark(tmp_path):
     """`make run` (with ARGS: tensor parallel over 4 virtual devices as the README's second server
@@ -383,7 +378,7 @@ def test_make_run_serves_the_readme_client_and_benchmark(tmp_path):
     serving-benchmark runs against it, then Ctrl-C: the server drains and exits."""
     from tests.server_utils import request
 
-    port = _free_port()
+    port = free_port()
     args = f"--port {port} --tensor-parallel-size 4 --max-num-seqs 2 --max-num-batched-tokens 32 --max-model-len 256"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
     env.pop("JAXINFER_API_KEY", None)

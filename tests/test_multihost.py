@@ -4,13 +4,13 @@ parallel across them, generate the tokens one process generates alone."""
 from __future__ import annotations
 
 import json
-import re
 import os
-import socket
+import re
 import subprocess
 import sys
 
 from jaxinfer.sampling_params import SamplingParams
+from tests.server_utils import free_port
 from tests.test_engine import random_prompts
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -20,12 +20,6 @@ WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
 def prompts_for(config):
     return random_prompts(config, PROMPT_LENGTHS, seed=11)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_generate_what_one_process_generates(tmp_path):
@@ -39,7 +33,7 @@ def test_two_processes_generate_what_one_process_generates(tmp_path):
     outs = run(make_engine(model), {str(i): (p, PARAMS) for i, p in enumerate(prompts_for(model.config))})
     want = [outs[str(i)].outputs[0].token_ids for i in range(len(PROMPT_LENGTHS))]
 
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     out_json = str(tmp_path / "tokens.json")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
@@ -79,7 +73,7 @@ def test_multihost_server_serves_from_process_0(tmp_path):
     (prompt,) = prompts_for(model.config)[2:3]
     want = run(make_engine(model), {"a": (prompt, PARAMS)})["a"].outputs[0].token_ids
 
-    port, coordinator = _free_port(), f"127.0.0.1:{_free_port()}"
+    port, coordinator = free_port(), f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXINFER_API_KEY")}
     env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
             "JAXINFER_COMPILATION_CACHE": ""}
