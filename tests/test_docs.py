@@ -195,9 +195,17 @@ def test_doc_commands_parse():
 # ---- make targets --------------------------------------------------------------------------------
 
 
+def _make_env(**extra) -> dict:
+    """A top-level make's environment: when the suite itself runs under `make test` (as CI does), the
+    parent's MAKEFLAGS/MAKELEVEL would make the child print 'Entering directory' lines and inherit flags."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    return dict(env, **extra)
+
+
 def _make_n(target: str) -> str:
     """The recipe `make TARGET` runs, every prerequisite included (-B: as on a fresh machine)."""
-    return subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=ROOT, env=_make_env(),
+                          capture_output=True, text=True, check=True).stdout
 
 
 def test_make_targets_run_what_the_docs_say():
@@ -333,8 +341,8 @@ def test_readme_convert_then_chat(capsys, monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_make_chat_answers_from_stdin():
     _doc("make chat")
-    done = subprocess.run(["make", "--no-print-directory", "chat"], cwd=ROOT, input="What is the capital of France?\n",
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["make", "--no-print-directory", "chat"], cwd=ROOT, env=_make_env(),
+                          input="What is the capital of France?\n", capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "> What is the capital of France?" in done.stdout and "Paris" in done.stdout
 
@@ -380,7 +388,7 @@ def test_make_run_serves_the_readme_client_and_benchmark(tmp_path):
 
     port = free_port()
     args = f"--port {port} --tensor-parallel-size 4 --max-num-seqs 2 --max-num-batched-tokens 32 --max-model-len 256"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
+    env = _make_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
     env.pop("JAXINFER_API_KEY", None)
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(["make", "--no-print-directory", "run", f"ARGS={args}"], cwd=ROOT, env=env,
