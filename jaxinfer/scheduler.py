@@ -169,7 +169,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
             if request.num_tokens > 1 and prefills >= self.config.max_prefill_seqs:
-                break  # (checked before the prefix-cache lookup, which counts hits)
+                break  # (checked before the prefix-cache lookup, which hashes the prompt)
             hits, num_cached = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_cached, budget)
             if self.kv.allocate_slots(request, n, hits) is None:

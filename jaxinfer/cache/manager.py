@@ -99,8 +99,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_cache_queries += num_tokens
-        self.prefix_cache_hits += len(hits) * self.page_size
         return hits, len(hits) * self.page_size
 
     def _cache_computed_pages(self, request: CacheRequest, num_computed_tokens: int) -> None:
@@ -144,6 +142,8 @@ class KVCacheManager:
             return None
         self.pool.touch(new_computed_blocks)
         new_blocks = self.pool.get_new_blocks(num_new, first_new)
+        if rid not in self.req_to_blocks:
+            self._count_prefix_lookup(request, len(new_computed_blocks))
         blocks = self.req_to_blocks.setdefault(rid, [])
         blocks.extend(new_computed_blocks)
         blocks.extend(new_blocks)
@@ -151,6 +151,14 @@ class KVCacheManager:
             self._num_cached_blocks[rid] = len(blocks) - len(new_blocks)
         self._cache_computed_pages(request, num_computed)
         return new_blocks
+
+    def _count_prefix_lookup(self, request: CacheRequest, num_hit_pages: int) -> None:
+        """Counted once per admission, when its first allocation succeeds: a request that waits for
+        pages looks its prefix up again every step, and those retries are not new queries."""
+        if (self.enable_prefix_caching and not request.num_computed_tokens
+                and not getattr(request, "skip_prefix_cache", False)):
+            self.prefix_cache_queries += len(request.all_token_ids)
+            self.prefix_cache_hits += num_hit_pages * self.page_size
 
     def free(self, request: CacheRequest) -> None:
         """Releases the request's pages (its full computed pages stay in the prefix cache)."""

@@ -188,6 +188,26 @@ def test_cached_free_hits_count_against_the_free_budget():
     assert all(h.ref_cnt == 0 and h.in_free_queue for h in hits)
 
 
+def test_a_request_waiting_for_pages_is_counted_once_in_the_hit_rate():
+    m = KVCacheManager(num_blocks=6, page_size=4)  # 5 usable
+    a, c = make_request("a", 8), make_request("c", 8, start=100)
+    for r in (a, c):
+        m.allocate_slots(r, 8)
+        r.num_computed_tokens = 8
+    m.allocate_slots(a, 0)  # a's 2 pages are computed and cached, and a still holds them
+    b = FakeRequest("b", list(range(8)) + list(range(50, 62)))  # 20 tokens: 2 hits + 3 new pages
+    for _ in range(3):  # 1 page free: b stays waiting, looking its prefix up each step
+        hits, n = m.get_computed_blocks(b)
+        assert n == 8 and m.allocate_slots(b, 12, hits) is None
+    assert (m.prefix_cache_queries, m.prefix_cache_hits) == (16, 0)  # a's and c's admissions only
+    m.free(c)
+    hits, n = m.get_computed_blocks(b)
+    assert m.allocate_slots(b, 12, hits) is not None
+    m.allocate_slots(b, 0)  # later allocations of an admitted request are not lookups
+    assert (m.prefix_cache_queries, m.prefix_cache_hits) == (16 + 20, 8)
+    assert m.prefix_cache_hit_rate == 8 / 36
+
+
 def test_randomized_workload_leaks_nothing():
     rng = random.Random(0)
     m = KVCacheManager(num_blocks=40, page_size=4)
