@@ -59,6 +59,7 @@ $(VENV)/.installed-ref: $(STAMP)
 bench: $(VENV)/.installed-ref
 	$(BIN)/python benchmarks/bench_compile.py
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_sampler.py
 
 fixtures: $(VENV)/.installed-ref $(VENV)/.installed-models
 	$(BIN)/python tests/fixtures/make_hf_reference.py

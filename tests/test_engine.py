@@ -361,3 +361,32 @@ def test_async_engine_survives_a_failing_step(tiny):
         assert_no_pages_held(engine)
     finally:
         async_engine.shutdown()
+
+
+def test_async_engine_stats_are_published_by_the_engine_thread(tiny):
+    """Callers (the /metrics scrape) read a snapshot the engine thread took between steps, never the
+    scheduler or page pool mid-step; a finished request is in the snapshot before its caller hears."""
+    import threading
+
+    from jaxinfer.async_engine import AsyncEngine
+
+    engine = make_engine(tiny)
+    real_stats, readers = engine.stats, set()
+
+    def stats():
+        readers.add(threading.current_thread().name)
+        return real_stats()
+
+    engine.stats = stats
+    async_engine = AsyncEngine(engine)
+    try:
+        assert async_engine.stats()["finished"] == 0
+        readers.clear()
+        for n in range(1, 4):
+            out = async_engine.submit([5, 6, 7, 8], SamplingParams(max_tokens=2, temperature=0.0)).result(timeout=60)
+            s = async_engine.stats()
+            assert out.finished and s["finished"] == n and s["prompt_tokens"] == 4 * n
+            assert s["num_running"] == 0 and s["kv_pages_used"] == 0
+        assert readers == {"jaxinfer-engine"}
+    finally:
+        async_engine.shutdown()

@@ -80,3 +80,67 @@ def test_a_row_draws_the_same_whether_or_not_its_batch_filters():
         out = np.asarray(sample(jnp.asarray(logits, jnp.float32), jnp.ones((2,)), jnp.array([0, 5], jnp.int32),
                                 jnp.ones((2,)), k))
         assert out[1] in np.argsort(-logits[1])[:5]
+
+
+def _kept_by_sorting(logits, temperature, top_k, top_p, min_p):
+    """mask_logits' kept set, widened to every token tied with the last kept one (as the sampler keeps)."""
+    masked, _ = mask_logits(logits, temperature, top_k, top_p, min_p)
+    masked = np.asarray(masked)
+    last = np.where(np.isfinite(masked), masked, np.inf).min(axis=-1, keepdims=True)
+    return np.asarray(logits / np.maximum(np.asarray(temperature), 1e-6)[:, None]) >= last
+
+
+def _random_filters(rng, B, V):
+    return (jnp.asarray(rng.uniform(0.2, 2.0, B), jnp.float32),
+            jnp.asarray(rng.choice([0, 1, 2, 7, 40, V - 1, V, V + 5], B), jnp.int32),
+            jnp.asarray(rng.choice([1.0, 0.999, 0.9, 0.5, 0.1, 1e-6], B), jnp.float32),
+            jnp.asarray(rng.choice([0.0, 0.0, 0.01, 0.2, 0.9], B), jnp.float32))
+
+
+def test_keep_mask_keeps_what_sorting_keeps():
+    """The sampler's sort-free thresholds against the sorted definition, over random filters, with
+    -inf logits (suppressed tokens), ties, a flat row and large values."""
+    keep_mask = jax.jit(sampling.keep_mask)
+    rng = np.random.default_rng(4)
+    for trial in range(6):
+        B, V = 64, int(rng.choice([5, 97, 1000]))
+        logits = rng.standard_normal((B, V)).astype(np.float32) * rng.choice([0.1, 3.0, 30.0])
+        logits[:8] = np.round(logits[:8])  # ties
+        logits[8] = 0.0  # a flat row
+        logits[9:16, : V // 3] = -np.inf  # suppressed tokens (penalties, min_tokens)
+        logits[16] *= 1e4
+        temperature, top_k, top_p, min_p = _random_filters(rng, B, V)
+        logits = jnp.asarray(logits)
+        finite = np.isfinite(np.asarray(logits))  # (keeping a -inf logit changes nothing)
+        # as drawn, then with no row using top-k, then none using top-p (each search is skipped)
+        for filters in ((top_k, top_p), (jnp.zeros_like(top_k), top_p), (top_k, jnp.ones_like(top_p))):
+            got = np.asarray(keep_mask(logits, temperature, *filters, min_p))
+            want = _kept_by_sorting(logits, temperature, *filters, min_p)
+            np.testing.assert_array_equal(got & finite, want & finite, err_msg=f"trial {trial}")
+        assert got.any(axis=-1).all()  # the best token always stays
+
+
+def test_keep_mask_matches_hf_warpers():
+    """Temperature, top-k, top-p, min-p in HF transformers' order, one row at a time, against the
+    kept set of the sampler's thresholds."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    rng = np.random.default_rng(5)
+    B, V = 48, 2000
+    logits = (rng.standard_normal((B, V)) * 4).astype(np.float32)
+    temperature, top_k, top_p, min_p = _random_filters(rng, B, V)
+    got = np.asarray(jax.jit(sampling.keep_mask)(jnp.asarray(logits), temperature, top_k, top_p, min_p))
+    for b in range(B):
+        scores = torch.from_numpy(logits[b:b + 1].copy())
+        warpers = [lp.TemperatureLogitsWarper(float(temperature[b]))]
+        if 0 < int(top_k[b]) < V:
+            warpers.append(lp.TopKLogitsWarper(int(top_k[b])))
+        if float(top_p[b]) < 1:
+            warpers.append(lp.TopPLogitsWarper(float(top_p[b])))
+        if float(min_p[b]) > 0:
+            warpers.append(lp.MinPLogitsWarper(float(min_p[b])))
+        for w in warpers:
+            scores = w(None, scores)
+        np.testing.assert_array_equal(got[b], torch.isfinite(scores)[0].numpy(), err_msg=f"row {b}")
