@@ -38,7 +38,8 @@ def create_scheduler(*, num_blocks=64, page_size=4, max_num_seqs=8, max_num_batc
 
 def create_requests(lengths, max_tokens=8, seed=0, prefix=()):
     rng = random.Random(seed)
-    return [Request(f"r{i}", [*prefix, *(rng.randrange(2, 99) for _ in range(n))], SamplingParams(max_tokens=max_tokens))
+    return [Request(f"r{i}", [*prefix, *(rng.randrange(2, 99) for _ in range(n))],
+                    SamplingParams(max_tokens=max_tokens))
             for i, n in enumerate(lengths)]
 
 
@@ -82,7 +83,8 @@ def test_mixed_lengths_match_each_request_alone_with_chunking():
         assert r.status is RequestStatus.FINISHED_LENGTH
     chunked = [c for o in outputs for c in o.chunks if c.request_id == "r6" and not c.samples]
     assert chunked, "the 70-token prompt is prefilled in several chunks"
-    mixed = [o for o in outputs if any(len(c.token_ids) == 1 for c in o.chunks) and any(len(c.token_ids) > 1 for c in o.chunks)]
+    mixed = [o for o in outputs
+             if any(len(c.token_ids) == 1 for c in o.chunks) and any(len(c.token_ids) > 1 for c in o.chunks)]
     assert mixed, "some steps mix decodes with prefill chunks"
     assert_no_pages_held(scheduler)
 
