@@ -73,8 +73,8 @@ def main() -> None:
             print("(torch / transformers not installed: no HF column)")
     platform = jax.devices()[0].platform
     tdev = "cuda" if torch is not None and platform == "gpu" and torch.cuda.is_available() else "cpu"
-    print(f"device: {jax.devices()[0].device_kind} ({platform}); jax {jax.__version__}; torch on {tdev}"
-          if torch is not None else f"device: {jax.devices()[0].device_kind} ({platform}); jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind} ({platform}); jax {jax.__version__}"
+          + (f"; torch on {tdev}" if torch is not None else ""))
     cols = list(variants) + (["HF warpers (torch)"] if torch is not None else [])
     print("\n| V | B | " + " | ".join(f"{c} ms" for c in cols) + " | argsort / threshold |")
     print("|---" * (len(cols) + 3) + "|")

@@ -123,7 +123,9 @@ class DataParallelScheduler:
         per = [r.stats() for r in self.replicas]
         out = {k: sum(s[k] for s in per) for k in ("num_running", "num_waiting", "kv_pages_free", "num_preemptions")}
         out["kv_usage"] = sum(s["kv_usage"] for s in per) / len(per)
-        out["prefix_cache_hit_rate"] = sum(s["prefix_cache_hit_rate"] for s in per) / len(per)
+        hits = sum(r.kv.prefix_cache_hits for r in self.replicas)
+        queries = sum(r.kv.prefix_cache_queries for r in self.replicas)
+        out["prefix_cache_hit_rate"] = hits / queries if queries else 0.0  # by tokens, over all replicas
         return out
 
 

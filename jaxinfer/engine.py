@@ -511,10 +511,9 @@ class LLMEngine:
         s = self.scheduler.stats()
         kvs = self.kv_managers
         total = sum(kv.pool.num_blocks - 1 for kv in kvs)
-        hits, queries = sum(kv.prefix_cache_hits for kv in kvs), sum(kv.prefix_cache_queries for kv in kvs)
         s.update(kv_pages_total=total, kv_pages_used=total - sum(kv.num_free_blocks for kv in kvs),
                  kv_pages_cached=sum(kv.pool.num_cached_blocks for kv in kvs),
-                 prefix_cache_hit_tokens=hits, prefix_cache_query_tokens=queries,
-                 prefix_cache_hit_rate=hits / queries if queries else 0.0,  # over all replicas, by tokens
+                 prefix_cache_hit_tokens=sum(kv.prefix_cache_hits for kv in kvs),
+                 prefix_cache_query_tokens=sum(kv.prefix_cache_queries for kv in kvs),
                  num_unfinished=len(self._states), **self.counters)
         return s

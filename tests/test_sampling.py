@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxinfer import sampling
 
@@ -123,8 +124,6 @@ def test_keep_mask_keeps_what_sorting_keeps():
 def test_keep_mask_matches_hf_warpers():
     """Temperature, top-k, top-p, min-p in HF transformers' order, one row at a time, against the
     kept set of the sampler's thresholds."""
-    import pytest
-
     torch = pytest.importorskip("torch")
     lp = pytest.importorskip("transformers.generation.logits_process")
     rng = np.random.default_rng(5)

@@ -195,3 +195,16 @@ def test_randomized_200_requests_with_aborts_leak_no_pages():
     assert len(done) > 50
     for r in done.values():
         assert r.output_token_ids == expected_output(r.prompt_token_ids, r.sampling_params.max_tokens)
+
+
+def test_data_parallel_hit_rate_is_weighted_by_tokens():
+    """Two replicas, one with a 1-of-4 hit, one with no lookups: the rate is hits / looked-up
+    tokens over both, not the mean of the replicas' rates."""
+    from jaxinfer.data_parallel import DataParallelScheduler
+
+    kvs = [KVCacheManager(num_blocks=16, page_size=4) for _ in range(2)]
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
+    dp = DataParallelScheduler(config, kvs, eos_token_ids=[EOS])
+    kvs[0].prefix_cache_queries, kvs[0].prefix_cache_hits = 16, 4
+    kvs[1].prefix_cache_queries, kvs[1].prefix_cache_hits = 48, 0
+    assert dp.stats()["prefix_cache_hit_rate"] == 4 / 64

@@ -88,8 +88,7 @@ class KVCacheManager:
         The last prompt token is always left to compute (its logits start the generation), so a
         prompt that is entirely cached still runs one token.
         """
-        skip = getattr(request, "skip_prefix_cache", False)  # e.g. prompt logprobs need every token computed
-        if not self.enable_prefix_caching or request.num_computed_tokens or skip:
+        if not self._looks_up_prefix(request):
             return [], 0
         num_tokens = len(request.all_token_ids)
         max_pages = (num_tokens - 1) // self.page_size
@@ -152,11 +151,16 @@ class KVCacheManager:
         self._cache_computed_pages(request, num_computed)
         return new_blocks
 
+    def _looks_up_prefix(self, request: CacheRequest) -> bool:
+        """Whether a request's start is looked up in the prefix cache: a new one (nothing computed),
+        unless it asks to skip it (e.g. prompt logprobs need every token computed)."""
+        return (self.enable_prefix_caching and not request.num_computed_tokens
+                and not getattr(request, "skip_prefix_cache", False))
+
     def _count_prefix_lookup(self, request: CacheRequest, num_hit_pages: int) -> None:
         """Counted once per admission, when its first allocation succeeds: a request that waits for
         pages looks its prefix up again every step, and those retries are not new queries."""
-        if (self.enable_prefix_caching and not request.num_computed_tokens
-                and not getattr(request, "skip_prefix_cache", False)):
+        if self._looks_up_prefix(request):
             self.prefix_cache_queries += len(request.all_token_ids)
             self.prefix_cache_hits += num_hit_pages * self.page_size
 
