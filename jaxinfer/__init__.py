@@ -1,10 +1,10 @@
 """jaxinfer: LLM inference in JAX (Flax NNX models, Pallas paged attention, continuous batching)."""
 
 from jaxinfer.outputs import CompletionOutput, RequestOutput
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput"]
 
 
 def __getattr__(name):

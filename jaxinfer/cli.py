@@ -81,7 +81,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    import dataclasses
+
+    from jaxinfer.sampling_params import RequestOutputKind
+
     llm, params = _load(args)
+    stream_params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     if args.system:
@@ -107,10 +112,11 @@ def cmd_chat(args) -> int:
         try:
             (prompt,) = llm.chat_prompts(history)
             shown = ""
-            for out in llm.stream(prompt, params):  # print the answer as it is generated
-                text = out.outputs[0].text.lstrip()
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+            for out in llm.stream(prompt, stream_params):  # print the answer as it is generated (deltas)
+                piece = "".join(c.text for c in out.outputs)
+                piece = piece if shown else piece.lstrip()
+                print(piece, end="", flush=True)
+                shown += piece
             print(flush=True)
         except JaxinferError as e:  # e.g. the conversation outgrew the context: say so, keep going
             history.pop()

@@ -7,7 +7,8 @@
     schedule() -> DataParallelOutput            every replica's chunks for this step
 
     Runner.execute (D > 1): every replica's chunks are packed with one common step shape
-    (`Runner.step_shape`) and concatenated, replica r owning the r-th slice of every array:
+    (`runner.buckets.step_shape`) and concatenated (`runner.inputs.stack_*`), replica r owning
+    the r-th slice of every array:
 
     tokens [1, D*T]    replica 0's T tokens | replica 1's T tokens | ...     (split over `data`)
     page table [D*S, W], kv_lens [D*S], cu_q_lens [D*(S+1)], num_seqs [D]   (local page ids)
@@ -22,13 +23,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable, Mapping
-
-import numpy as np
+from typing import Iterable, Mapping, Sequence
 
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
-from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerUpdate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +47,14 @@ class DataParallelOutput:
         return tuple(i for out in self.replicas for i in out.preempted_ids)
 
     @property
+    def new_requests(self):
+        return tuple(n for out in self.replicas for n in out.new_requests)
+
+    @property
+    def finished_ids(self) -> tuple[str, ...]:
+        return tuple(i for out in self.replicas for i in out.finished_ids)
+
+    @property
     def is_empty(self) -> bool:
         return all(out.is_empty for out in self.replicas)
 
@@ -61,7 +68,8 @@ class DataParallelScheduler:
         self.replicas = [Scheduler(config, kv, eos_token_ids=eos_token_ids) for kv in kv_managers]
         self.requests = collections.ChainMap(*[r.requests for r in self.replicas])
         self._replica_of: dict[str, int] = {}
-        self._groups: dict[str, list] = {}  # "id" of "id#i" samples -> [replica, live members]
+        self._parent_of: dict[str, str] = {}
+        self._groups: dict[str, list] = {}  # parent id of n > 1 samples -> [replica, live members]
 
     def _load(self, i: int) -> int:
         r = self.replicas[i]
@@ -70,12 +78,13 @@ class DataParallelScheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        group = request.request_id.split("#", 1)[0]  # n > 1 samples share their prompt's pages
+        group = request.parent_id  # n > 1 samples share their prompt's pages
         if group not in self._groups:
             self._groups[group] = [min(range(len(self.replicas)), key=self._load), 0]
         self._groups[group][1] += 1
         i = self._groups[group][0]
         self._replica_of[request.request_id] = i
+        self._parent_of[request.request_id] = group
         self.replicas[i].add_request(request)
 
     def replica_of(self, request_id: str) -> int:
@@ -87,7 +96,7 @@ class DataParallelScheduler:
     def _forget(self, request_id: str) -> None:
         if request_id in self.requests or self._replica_of.pop(request_id, None) is None:
             return
-        group = request_id.split("#", 1)[0]
+        group = self._parent_of.pop(request_id)
         self._groups[group][1] -= 1
         if not self._groups[group][1]:
             del self._groups[group]
@@ -107,13 +116,14 @@ class DataParallelScheduler:
     def schedule(self) -> DataParallelOutput:
         return DataParallelOutput(tuple(r.schedule() for r in self.replicas))
 
-    def update(self, output: DataParallelOutput, sampled: Mapping[str, int]) -> list[Request]:
-        finished = []
+    def update(self, output: DataParallelOutput, sampled: Mapping[str, Sequence[int]]) -> SchedulerUpdate:
+        updates = []
         for replica, out in zip(self.replicas, output.replicas):
-            finished += replica.update(out, sampled)
-        for request in finished:
-            self._forget(request.request_id)
-        return finished
+            updates += replica.update(out, sampled).requests
+        for u in updates:
+            if u.finished:
+                self._forget(u.request_id)
+        return SchedulerUpdate(updates)
 
     @property
     def num_preemptions(self) -> int:
@@ -127,48 +137,3 @@ class DataParallelScheduler:
         queries = sum(r.kv.prefix_cache_queries for r in self.replicas)
         out["prefix_cache_hit_rate"] = hits / queries if queries else 0.0  # by tokens, over all replicas
         return out
-
-
-# ---- packing the replicas' steps into one (used by Runner.execute) -------------------------------
-
-def _cat(arrays, axis=0):
-    return np.concatenate([np.asarray(a) for a in arrays], axis=axis)
-
-
-def stack_model_inputs(inputs, T: int):
-    """Per-replica ModelInputs of one shape -> one, replica r in the r-th slice of every array."""
-    from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
-    from jaxinfer.runner import ModelInput
-
-    metas = [m.meta for m in inputs]
-    items = None
-    if metas[0].decode_items is not None:
-        items = DecodeItems(seq=_cat([m.decode_items.seq for m in metas]),
-                            page=_cat([m.decode_items.page for m in metas]),
-                            pos=_cat([m.decode_items.pos for m in metas]))
-    meta = PagedAttentionMeta(slot_mapping=_cat([m.slot_mapping for m in metas]),
-                              kv_lens=_cat([m.kv_lens for m in metas]), page_table=_cat([m.page_table for m in metas]),
-                              cu_q_lens=_cat([m.cu_q_lens for m in metas]),
-                              num_seqs=np.asarray([m.num_seqs for m in metas], np.int32), decode_items=items)
-    return ModelInput(tokens=_cat([m.tokens for m in inputs], axis=1),
-                      positions=_cat([m.positions for m in inputs], axis=1), meta=meta,
-                      logits_indices=_cat([m.logits_indices + r * T for r, m in enumerate(inputs)]))
-
-
-def stack_sampling_inputs(inputs, vocab_size: int):
-    """Per-replica SamplingInputs -> one (penalties everywhere if any replica needs them)."""
-    from jaxinfer.runner import Penalties, SamplingInput
-
-    penalties = None
-    if any(s.penalties is not None for s in inputs):
-        def neutral(S):
-            return Penalties(seen=np.zeros((S, vocab_size), bool),
-                             output_counts=np.zeros((S, vocab_size), np.float32),
-                             repetition=np.ones(S, np.float32), presence=np.zeros(S, np.float32),
-                             frequency=np.zeros(S, np.float32), suppress=np.zeros((S, vocab_size), bool))
-        parts = [s.penalties or neutral(len(s.temperature)) for s in inputs]
-        penalties = Penalties(**{f.name: _cat([getattr(p, f.name) for p in parts])
-                                 for f in dataclasses.fields(Penalties)})
-    fields = ("temperature", "top_k", "top_p", "min_p", "seeds", "num_generated")
-    return SamplingInput(**{f: _cat([getattr(s, f) for s in inputs]) for f in fields}, penalties=penalties,
-                         num_logprobs=max(s.num_logprobs for s in inputs))

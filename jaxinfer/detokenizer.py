@@ -11,6 +11,10 @@ A delta ending in U+FFFD (an incomplete UTF-8 sequence) is held back until the n
 completes it. Stop strings are searched in the text as it grows; the text is cut before the first
 one found, and while streaming the last len(longest stop) - 1 characters are held back so a
 partial stop string is never shown.
+
+Work per token is O(1) in the length of the output: the text is kept as the pieces already handed
+out (`take_delta`) plus a short pending tail (held-back characters and what came since the last
+delta); a stop string is searched only where it can newly appear (the pending tail).
 """
 
 from __future__ import annotations
@@ -33,8 +37,14 @@ class IncrementalDetokenizer:
         self._tokens = context
         self._prefix_offset = 0
         self._read_offset = len(context)
-        self.text = ""
+        self._emitted: list[str] = []  # text handed out by take_delta, in order
+        self._pending = ""  # final text not handed out yet (the hold-back and the newest deltas)
         self.stop_string: str | None = None  # the stop string that ended the text, once found
+
+    @property
+    def text(self) -> str:
+        """All final text so far (O(length): for the end of a request, not every step)."""
+        return "".join(self._emitted) + self._pending
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -50,27 +60,44 @@ class IncrementalDetokenizer:
         if self.stop_string is not None:
             return self.stop_string
         self._tokens.append(token_id)
+        if self._prefix_offset > 64:  # drop the tokens no decode window reads any more
+            drop = self._prefix_offset
+            del self._tokens[:drop]
+            self._prefix_offset, self._read_offset = 0, self._read_offset - drop
         delta = self._unread_text()
         if not delta or delta.endswith("\ufffd"):
             return None  # nothing final yet (an incomplete character, or a token with no text)
-        old_len = len(self.text)
-        self.text += delta
+        # The hold-back keeps the last len(longest stop) - 1 characters pending, so a stop string
+        # that straddles the old text and the delta lies inside the pending tail.
+        old_len = len(self._pending)
+        self._pending += delta
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         found = [(i, stop) for stop in self.stop
-                 if (i := self.text.find(stop, max(0, old_len - len(stop) + 1))) >= 0]
+                 if (i := self._pending.find(stop, max(0, old_len - len(stop) + 1))) >= 0]
         if found:
             i, self.stop_string = min(found)  # the earliest stop string in the text wins
-            self.text = self.text[:i]
+            self._pending = self._pending[:i]
         return self.stop_string
 
     def flush(self) -> None:
         """At the end: text still held back as a possibly incomplete character becomes final."""
         if self.stop_string is None and self._read_offset < len(self._tokens):
-            self.text += self._unread_text()
+            self._pending += self._unread_text()
             self._prefix_offset = self._read_offset = len(self._tokens)
+
+    def _num_visible_pending(self, finished: bool) -> int:
+        if finished or not self._holdback:
+            return len(self._pending)
+        return max(0, len(self._pending) - self._holdback)
+
+    def take_delta(self, finished: bool) -> str:
+        """The text safe to show that was not handed out yet (everything once finished)."""
+        n = self._num_visible_pending(finished)
+        delta, self._pending = self._pending[:n], self._pending[n:]
+        if delta:
+            self._emitted.append(delta)
+        return delta
 
     def visible_text(self, finished: bool) -> str:
         """The text safe to show: all of it once finished, else without a possible partial stop string."""
-        if finished or not self._holdback:
-            return self.text
-        return self.text[:max(0, len(self.text) - self._holdback)]
+        return "".join(self._emitted) + self._pending[:self._num_visible_pending(finished)]

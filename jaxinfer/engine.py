@@ -29,12 +29,13 @@ import jax.numpy as jnp
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.config import ModelConfig
 from jaxinfer.data_parallel import DataParallelScheduler
-from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
-from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxinfer.output_processor import OutputProcessor
+from jaxinfer.outputs import RequestOutput
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.request import Request, RequestStatus
-from jaxinfer.runner import Runner, RunnerConfig, StepResult
+from jaxinfer.runner import Runner, RunnerConfig
+from jaxinfer.runner.buckets import pow2_buckets
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.tokenizer import Tokenizer
@@ -46,14 +47,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = {"cpu": 16, "gpu": 16, "tpu": 64}
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # XLA:CPU reports no memory limit: 1 GiB unless told
 DEFAULT_MEMORY_FRACTION = 0.9  # of the accelerator memory left free after the weights
-
-
-def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= 2
-    return tuple(out + [hi])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,8 +76,9 @@ class EngineConfig:
         budget apply per replica) and its own max_num_seqs / max_num_batched_tokens.
       sequence_parallel_size: devices each step's tokens and the KV pages are split over (long
         prompts; num_pages / the memory budget apply per device); the reference attention backend.
-      compilation_cache_dir: persistent XLA compilation cache ("" disables; None: the
-        JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla).
+      compilation_cache_dir: persistent XLA compilation cache for the entry points to set
+        (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
+        variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.
       seed: seeds requests that set none.
     """
 
@@ -132,17 +126,14 @@ class EngineConfig:
                 f"{self.q_block}, {self.pages_per_item}")
         if self.policy not in ("fcfs", "priority"):
             bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        try:
+        try:  # names only: building a config never starts a JAX backend
             self.parallel_config
-            ops.resolve_backend(self.attention_backend)
+            ops.check_backend_name(self.attention_backend)
         except ValueError as e:
             bad(str(e))
         if self.sequence_parallel_size > 1:
             if self.data_parallel_size > 1:
                 bad("sequence_parallel_size > 1 together with data_parallel_size > 1 is not supported: use one")
-            if ops.resolve_backend(self.attention_backend) != "reference":
-                bad("sequence_parallel_size > 1 needs attention_backend='reference': the Pallas kernels do not "
-                    "return the log-sum-exp that combines the sequence shards yet")
             if self.max_num_batched_tokens % self.sequence_parallel_size:
                 bad(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be a multiple of "
                     f"sequence_parallel_size ({self.sequence_parallel_size}): each step's tokens split evenly")
@@ -154,18 +145,32 @@ class EngineConfig:
                               tensor_parallel_size=self.tensor_parallel_size)
 
 
-def enable_compilation_cache(path: str | None) -> str | None:
-    """Points JAX's persistent compilation cache at `path` (see EngineConfig.compilation_cache_dir)."""
+def set_compilation_cache(path: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `path`, or turns it off; returns the directory
+    in use (None: off). The entry points call it (`LLM`, the CLI, the server): the cache is a
+    process-wide JAX setting, so an engine never changes it behind its caller's back.
+
+    Args:
+      path: a directory; "" disables the cache (also after an earlier call enabled it); None: the
+        JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla.
+    """
+    from jax._src import compilation_cache  # reset_cache: JAX reads the setting once, then caches it
+
     if path is None:
         path = os.environ.get("JAXINFER_COMPILATION_CACHE",
                               os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
     if not path:
+        if jax.config.jax_enable_compilation_cache:
+            jax.config.update("jax_enable_compilation_cache", False)
+            compilation_cache.reset_cache()
         return None
-    if jax.config.jax_compilation_cache_dir is None:
-        os.makedirs(path, exist_ok=True)
+    os.makedirs(path, exist_ok=True)
+    if not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    return jax.config.jax_compilation_cache_dir
+        compilation_cache.reset_cache()
+    return path
 
 
 def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
@@ -177,32 +182,6 @@ def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
         return DEFAULT_CPU_KV_CACHE_BYTES
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return int(free * config.memory_fraction)
-
-
-@dataclasses.dataclass
-class _Sample:
-    """One of a request's n samples: its scheduler request and its text so far."""
-
-    request: Request
-    detok: IncrementalDetokenizer
-    logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None
-
-
-@dataclasses.dataclass
-class _RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[_Sample]
-    metrics: RequestMetrics
-    held: list[Request] = dataclasses.field(default_factory=list)  # n > 1: wait for sample 0's prompt
-    prompt_logprobs: dict[int, dict[int, Logprob]] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
 
 
 class LLMEngine:
@@ -222,6 +201,9 @@ class LLMEngine:
         # this module must not start the backend before a multi-host run's jax.distributed.initialize.
         ec = engine_config if engine_config is not None else EngineConfig()
         pc = ec.parallel_config
+        if pc.sequence_parallel_size > 1 and ops.resolve_backend(ec.attention_backend) != "reference":
+            raise InvalidRequestError("sequence_parallel_size > 1 needs attention_backend='reference': the Pallas "
+                                      "kernels do not return the log-sum-exp that combines the sequence shards yet")
         self.mesh = None
         if not pc.is_single_device or devices is not None:
             # Raises if the sizes do not multiply to the device count; heads re-laid out so every
@@ -238,7 +220,6 @@ class LLMEngine:
         self.engine_config = ec
         self.tokenizer = tokenizer
         self.max_model_len = min(ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        self.compilation_cache_dir = enable_compilation_cache(ec.compilation_cache_dir)
         device = jax.local_devices()[0]  # in a multi-process run jax.devices()[0] may live on another host
         page_size = ec.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
@@ -279,9 +260,9 @@ class LLMEngine:
         sp = pc.sequence_parallel_size
         rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size * sp,
                           max_pages_per_seq=max_pages_per_seq,
-                          token_buckets=ec.token_buckets or _pow2_buckets(min(16, max_tokens), max_tokens),
+                          token_buckets=ec.token_buckets or pow2_buckets(min(16, max_tokens), max_tokens),
                           # sequence parallel: decode steps (T = S) split their tokens over `seq` too
-                          seq_buckets=ec.seq_buckets or _pow2_buckets(sp, -(-max(sp, ec.max_num_seqs) // sp) * sp),
+                          seq_buckets=ec.seq_buckets or pow2_buckets(sp, -(-max(sp, ec.max_num_seqs) // sp) * sp),
                           page_buckets=ec.page_buckets, q_block=ec.q_block, max_prefill_seqs=ec.max_prefill_seqs,
                           pages_per_item=ec.pages_per_item,
                           attention_backend=ec.attention_backend, sequence_parallel_size=sp)
@@ -304,9 +285,10 @@ class LLMEngine:
             self.scheduler = DataParallelScheduler(sched_config, self.kv_managers,
                                                    eos_token_ids=tokenizer.eos_token_ids)
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh)
-        self._states: dict[str, _RequestState] = {}
-        self._sample_owner: dict[str, tuple[_RequestState, int]] = {}  # child request id -> (state, index)
-        self._holding: dict[str, _RequestState] = {}  # n > 1 requests whose other samples wait
+        self.output_processor = OutputProcessor(tokenizer)
+        self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
+        self._holding: dict[str, list[Request]] = {}  # n > 1: samples waiting for sample 0's prompt
+        self._stopped: list[str] = []  # samples a stop string ended: aborted in the core at the next step
         self._rng = random.Random(ec.seed)
         self._ids = itertools.count()
         self.counters = dict(steps=0, prompt_tokens=0, generation_tokens=0, computed_tokens=0, finished=0,
@@ -347,27 +329,18 @@ class LLMEngine:
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         ids = self.validate_prompt(prompt_token_ids)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._states:
+        sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if request_id in self._samples or any(sid in self.scheduler.requests for sid in sample_ids):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        samples = []
-        for i in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            request = Request(child_id, ids, params, priority=priority, arrival_time=arrival, seed=seed + i)
-            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
-                                           stop=params.stop)
-            samples.append(_Sample(request, detok, [] if params.logprobs is not None else None))
-        state = _RequestState(request_id, prompt, ids, params, samples,
-                              RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(ids)),
-                              prompt_logprobs={} if params.prompt_logprobs is not None else None)
-        self._states[request_id] = state
-        for i, s in enumerate(samples):
-            self._sample_owner[s.request.request_id] = (state, i)
-        self.scheduler.add_request(samples[0].request)
-        state.held = [s.request for s in samples[1:]]
-        if state.held:
-            self._holding[request_id] = state
+        samples = [Request(sid, ids, params, priority=priority, arrival_time=arrival, seed=seed + i,
+                           parent_id=request_id, sample_index=i) for i, sid in enumerate(sample_ids)]
+        self.output_processor.add_request(request_id, prompt, ids, params, sample_ids, arrival)
+        self._samples[request_id] = sample_ids
+        self.scheduler.add_request(samples[0])
+        if samples[1:]:
+            self._holding[request_id] = samples[1:]
         self.counters["prompt_tokens"] += len(ids)
         return request_id
 
@@ -377,132 +350,67 @@ class LLMEngine:
         Returns its final output (unfinished samples with finish_reason "abort"), or None if the
         id is unknown or already finished.
         """
-        state = self._states.get(request_id)
-        if state is None:
+        sample_ids = self._samples.pop(request_id, None)
+        if sample_ids is None:
             return None
-        state.held = []
-        for s in state.samples:
-            self.scheduler.abort(s.request.request_id)
-            if s.finish_reason is None:
-                s.finish_reason = "abort"
-        state.metrics.finished_time = time.monotonic()
-        self._retire(state)
+        self._holding.pop(request_id, None)
+        for sid in sample_ids:
+            self.scheduler.abort(sid)
         self.counters["aborted"] += 1
-        return self._output(state)
+        return self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states)
+        return bool(self._samples or self._stopped)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._states)
+        return len(self._samples)
 
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step; returns an output for every request that made progress."""
         start = time.perf_counter()
-        self._release_held()
+        self._admit_and_stop()
         out = self.scheduler.schedule()
-        if out.is_empty:
-            if self.scheduler.has_unfinished_requests():
-                raise RuntimeError("the scheduler could not place any request; the KV cache is too small for "
-                                   "the smallest waiting request")
-            return []
-        now = time.monotonic()
-        for chunk in out.chunks:
-            state, _ = self._sample_owner[chunk.request_id]
-            if state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = now
-        result: StepResult = self.runner.execute(out, self.scheduler.requests)
-        finished = {r.request_id: r for r in
-                    self.scheduler.update(out, {rid: s.token_id for rid, s in result.sampled.items()})}
-        now = time.monotonic()
-        touched: dict[str, _RequestState] = {}
-        for rid, lps in result.prompt_logprobs.items():
-            state, _ = self._sample_owner[rid]
-            for p in lps:
-                state.prompt_logprobs[p.position] = self._logprob_dict(p.token_id, p.logprob, p.top_logprobs)
-        for rid, sampled in result.sampled.items():
-            owner = self._sample_owner.get(rid)
-            if owner is None:
-                continue
-            state, index = owner
-            sample = state.samples[index]
-            request = sample.request
-            if sample.finish_reason is not None:
-                continue
-            if rid not in finished and request.status is not RequestStatus.RUNNING:
-                continue
-            touched[state.request_id] = state
-            state.metrics.first_token_time = state.metrics.first_token_time or now
-            state.metrics.last_token_time = now
-            state.metrics.num_generation_tokens += 1
-            self.counters["generation_tokens"] += 1
-            if sample.logprobs is not None:
-                sample.logprobs.append(self._logprob_dict(sampled.token_id, sampled.logprob, sampled.top_logprobs))
-            stop_string = sample.detok.add_token(sampled.token_id)
-            if rid in finished:
-                sample.finish_reason = "stop" if request.status is RequestStatus.FINISHED_STOPPED else "length"
-                sample.detok.flush()
-            elif stop_string is not None:
-                self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED, stop_string)
-                sample.finish_reason = "stop"
-        self.counters["steps"] += 1
-        self.counters["computed_tokens"] += out.num_scheduled_tokens
-        self.counters["device_seconds"] += result.device_seconds
-        self.counters["host_seconds"] += time.perf_counter() - start - result.device_seconds
-        for state in touched.values():
-            if state.finished:
-                state.metrics.finished_time = now
-        outputs = [self._output(state) for state in touched.values()]
-        for state in touched.values():
-            if state.finished:
-                self.counters["finished"] += 1
-                self._retire(state)
-        return outputs
+        result = self.runner.execute(out)
+        update = self.scheduler.update(out, result.token_ids)
+        processed = self.output_processor.process(update, result)
+        self._account(out, result, processed, start)
+        return processed.outputs
 
-    def _release_held(self) -> None:
-        """Admits the other samples of n > 1 requests once sample 0's prompt is computed."""
-        for rid, state in list(self._holding.items()):
-            first = state.samples[0].request
-            if first.num_computed_tokens >= first.num_prompt_tokens - 1 or first.is_finished:
-                for request in state.held:
+    def _admit_and_stop(self) -> None:
+        """Before scheduling: ends the samples stop strings finished in the last step (the core
+        never saw those strings), and admits the other samples of n > 1 requests once sample 0's
+        prompt is computed (they then find the prompt's pages in the prefix cache)."""
+        for sid in self._stopped:
+            self.scheduler.finish_request(sid, RequestStatus.FINISHED_STOPPED)
+        self._stopped = []
+        for rid, held in list(self._holding.items()):
+            first = self.scheduler.requests.get(self._samples[rid][0])
+            if first is None or first.num_computed_tokens >= first.num_prompt_tokens - 1:
+                for request in held:
                     self.scheduler.add_request(request)
-                state.held = []
                 del self._holding[rid]
 
-    def _retire(self, state: _RequestState) -> None:
-        self._states.pop(state.request_id, None)
-        self._holding.pop(state.request_id, None)
-        for s in state.samples:
-            self._sample_owner.pop(s.request.request_id, None)
-
-    def _logprob_dict(self, token_id, logprob, top) -> dict[int, Logprob]:
-        d = {int(i): Logprob(lp, rank + 1, self.tokenizer.decode([int(i)], skip_special_tokens=False))
-             for rank, (i, lp) in enumerate(top or [])}
-        if token_id not in d:
-            rank = None
-            d[token_id] = Logprob(logprob, rank, self.tokenizer.decode([token_id], skip_special_tokens=False))
-        return d
-
-    def _output(self, state: _RequestState) -> RequestOutput:
-        m = state.metrics
-        if state.samples[0].request.num_cached_tokens > 0:
-            m.num_cached_tokens = state.samples[0].request.num_cached_tokens
-        completions = []
-        for i, s in enumerate(state.samples):
-            r = s.request
-            completions.append(CompletionOutput(
-                index=i, text=s.detok.visible_text(s.finish_reason is not None), token_ids=list(r.output_token_ids),
-                finish_reason=s.finish_reason, stop_reason=r.stop_reason,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None))
-        prompt_lps = None
-        if state.prompt_logprobs is not None:
-            prompt_lps = [None] + [state.prompt_logprobs.get(p) for p in range(1, len(state.prompt_token_ids))]
-        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
-                             prompt_token_ids=list(state.prompt_token_ids), outputs=completions,
-                             finished=state.finished, prompt_logprobs=prompt_lps, metrics=dataclasses.replace(m))
+    def _account(self, out, result, processed, start: float) -> None:
+        """Counters, the samples to stop at the next step, and the requests that ended."""
+        if out.is_empty and self.scheduler.has_unfinished_requests():
+            raise RuntimeError("the scheduler could not place any request; the KV cache is too small for the "
+                               "smallest waiting request")
+        self._stopped += processed.abort_ids
+        for output in processed.outputs:
+            if output.finished:
+                self._samples.pop(output.request_id, None)
+                self._holding.pop(output.request_id, None)
+        c = self.counters
+        c["generation_tokens"] += processed.num_new_tokens
+        c["finished"] += processed.num_finished
+        if not out.is_empty:
+            c["steps"] += 1
+            c["computed_tokens"] += out.num_scheduled_tokens
+            c["device_seconds"] += result.device_seconds
+            c["host_seconds"] += time.perf_counter() - start - result.device_seconds
 
     # ---- stats --------------------------------------------------------------------------------
 
@@ -515,5 +423,5 @@ class LLMEngine:
                  kv_pages_cached=sum(kv.pool.num_cached_blocks for kv in kvs),
                  prefix_cache_hit_tokens=sum(kv.prefix_cache_hits for kv in kvs),
                  prefix_cache_query_tokens=sum(kv.prefix_cache_queries for kv in kvs),
-                 num_unfinished=len(self._states), **self.counters)
+                 num_unfinished=len(self._samples), **self.counters)
         return s

@@ -17,12 +17,12 @@ import logging
 import os
 from typing import Any, Iterator, Sequence, Union
 
-from jaxinfer.engine import EngineConfig, LLMEngine
+from jaxinfer.engine import EngineConfig, LLMEngine, set_compilation_cache
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.registry import DEFAULT_MODEL
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer, from_hf_directory
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class LLM:
             raise InvalidRequestError(f"unknown LLM arguments {unknown}; engine settings are {sorted(fields)}")
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, seed=seed, **engine_kwargs)
+        # The entry point owns the process-wide compilation cache setting ("" turns it off).
+        self.compilation_cache_dir = set_compilation_cache(engine_config.compilation_cache_dir)
         mesh = None
         if not engine_config.parallel_config.is_single_device:  # orbax checkpoints restore straight into it
             from sharding.mesh import make_mesh
@@ -112,7 +114,7 @@ class LLM:
         Raises:
           EmptyPromptError, PromptTooLongError, InvalidRequestError: before any work starts.
         """
-        ids = self._add_requests(prompts, sampling_params)
+        ids = self._add_requests(prompts, sampling_params, RequestOutputKind.FINAL_ONLY)
         if not ids:
             return []
         bar = None
@@ -138,7 +140,9 @@ class LLM:
         return [finished[rid] for rid in ids]
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yields the request's output as it grows (cumulative text; the last has `finished`).
+        """Yields the request's output as it grows; the last has `finished`. Each output carries
+        everything so far, or, with `SamplingParams(output_kind=RequestOutputKind.DELTA)`, only
+        what is new (O(1) per token however long the output).
 
         Other requests already on the engine keep running meanwhile. Closing the iterator early
         aborts the request.
@@ -176,8 +180,9 @@ class LLM:
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _add_requests(self, prompts, sampling_params) -> list[str]:
-        """Validates everything first, then queues all (a bad prompt queues nothing)."""
+    def _add_requests(self, prompts, sampling_params, output_kind: RequestOutputKind | None = None) -> list[str]:
+        """Validates everything first, then queues all (a bad prompt queues nothing); `output_kind`
+        overrides the params' own."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -198,6 +203,8 @@ class LLM:
         parsed = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
         ids = []
         for (text, token_ids), params in zip(parsed, sampling_params):
+            if output_kind is not None and params.output_kind is not output_kind:
+                params = dataclasses.replace(params, output_kind=output_kind)
             ids.append(self.engine.add_request(f"llm-{next(self._request_counter)}", token_ids, params, prompt=text))
         return ids
 

@@ -98,13 +98,14 @@ class ServerMetrics:
     def observe_finished(self, out: RequestOutput) -> None:
         """One engine request's end (each prompt of an HTTP request is one)."""
         name = self.model_name
-        for c in out.outputs:
+        for c in out.outputs:  # a request's last output lists every sample, whatever its kind
             self.finished.labels(name, c.finish_reason or "abort").inc()
-            self.generation_tokens.labels(name).inc(len(c.token_ids))
         self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
         m = out.metrics
         if m is None:
+            self.generation_tokens.labels(name).inc(sum(len(c.token_ids) for c in out.outputs))
             return
+        self.generation_tokens.labels(name).inc(m.num_generation_tokens)
         for hist, value in ((self.ttft, m.time_to_first_token), (self.tpot, m.time_per_output_token),
                             (self.e2e, m.e2e_latency), (self.queue_time, m.queue_time)):
             if value is not None:

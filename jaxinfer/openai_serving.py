@@ -29,7 +29,7 @@ from jaxinfer.protocol import (UNSUPPORTED_FIELDS, AssistantMessage, ChatChoice,
                                ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Delta,
                                ErrorInfo, ErrorResponse, PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,9 @@ class OpenAIServing:
                 top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens)
+                ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+                # streamed: each output carries only what is new; else one output at the end
+                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
 
@@ -304,8 +306,8 @@ class OpenAIServing:
         """Server-sent events: one chunk per choice that moved, then usage (if asked) and [DONE]."""
         req, n = prepared.request, prepared.n
         base = {rid: i * n for i, rid in enumerate(stream.request_ids)}
-        sent_chars: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        sent_chars: dict[int, int] = {}  # text offset of each choice (its outputs are deltas)
+        finished: set[int] = set()
         finals = []
         chat = prepared.kind == "chat"
         include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -338,25 +340,24 @@ class OpenAIServing:
             for out in self._wait(stream, disconnected):
                 if out.finished:
                     finals.append(out)
-                for c in out.outputs:
+                for c in out.outputs:  # deltas (RequestOutputKind.DELTA): only what is new
                     index = base[out.request_id] + c.index
-                    chars, toks = sent_chars.get(index, 0), sent_tokens.get(index, 0)
-                    if chars < 0:  # this choice already finished
+                    if index in finished:
                         continue
-                    text = c.text[chars:]
+                    chars = sent_chars.get(index, 0)
                     wants_logprobs = req.logprobs if chat else req.logprobs is not None
-                    moved = text or (wants_logprobs and len(c.token_ids) > toks)
+                    moved = c.text or (wants_logprobs and c.token_ids)
                     if not moved and c.finish_reason is None:
                         continue
                     logprobs = None
                     if chat and wants_logprobs:
-                        logprobs = _chat_logprobs(c, req.top_logprobs or 0, start=toks)
+                        logprobs = _chat_logprobs(c, req.top_logprobs or 0)
                     elif wants_logprobs:
-                        logprobs = _completion_logprobs(c.token_ids[toks:], (c.logprobs or [])[toks:], req.logprobs,
-                                                        chars)
-                    sent_chars[index] = -1 if c.finish_reason else len(c.text)
-                    sent_tokens[index] = len(c.token_ids)
-                    yield chunk(index, text, c.finish_reason, c.stop_reason, logprobs)
+                        logprobs = _completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, chars)
+                    sent_chars[index] = chars + len(c.text)
+                    if c.finish_reason:
+                        finished.add(index)
+                    yield chunk(index, c.text, c.finish_reason, c.stop_reason, logprobs)
         except Exception as e:
             status = "service_unavailable" if isinstance(e, EngineDeadError) else "server_error"
             if not isinstance(e, EngineDeadError):
@@ -379,8 +380,10 @@ def _sse(data: str) -> bytes:
 
 
 def _usage(outs: list[RequestOutput]) -> Usage:
+    """Token counts of finished requests (from their metrics: a streamed output is only a delta)."""
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    completion = sum(o.metrics.num_generation_tokens if o.metrics is not None else
+                     sum(len(c.token_ids) for c in o.outputs) for o in outs)
     cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics is not None)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
@@ -447,9 +450,9 @@ def _bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def _chat_logprobs(c: CompletionOutput, k: int, start: int = 0) -> ChatLogprobs:
+def _chat_logprobs(c: CompletionOutput, k: int) -> ChatLogprobs:
     content = []
-    for tid, d in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+    for tid, d in zip(c.token_ids, c.logprobs or []):
         text = _token_text(d, tid)
         top = [TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=_bytes(lp.decoded_token or ""))
                for _, lp in _ranked(d, k)]

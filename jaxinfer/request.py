@@ -33,11 +33,16 @@ class Request:
       num_computed_tokens: tokens whose KV is in the cache (prompt and generated alike).
       num_cached_tokens: prompt tokens found in the prefix cache when first scheduled (-1 before).
       stop_reason: the stop token id or stop string that finished it, if any.
+      parent_id, sample_index: the request id the caller knows, and which of its n samples this is
+        (a request with n = 1 is its own parent, sample 0).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams, *,
-                 priority: int = 0, arrival_time: float | None = None, seed: int | None = None):
+                 priority: int = 0, arrival_time: float | None = None, seed: int | None = None,
+                 parent_id: str | None = None, sample_index: int = 0):
         self.request_id = request_id
+        self.parent_id = request_id if parent_id is None else parent_id  # n > 1: the request it samples for
+        self.sample_index = sample_index
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.priority = priority
@@ -49,6 +54,7 @@ class Request:
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
+        self.was_admitted = False  # its data went to the runner (NewRequestData)
         self.stop_reason: int | str | None = None
         # The sampling seed: the params' seed, else one the engine draws.
         self.seed = seed if seed is not None else (sampling_params.seed or 0)

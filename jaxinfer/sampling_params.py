@@ -7,11 +7,20 @@ before the request reaches the scheduler or the device.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 
 from jaxinfer.errors import InvalidSamplingParamsError
 
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = "cumulative"  # everything so far, every step (O(n) per step: for small outputs)
+    DELTA = "delta"  # only what is new since the previous output (streaming: O(1) per step)
+    FINAL_ONLY = "final_only"  # one output, when the request finishes (LLM.generate)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +48,7 @@ class SamplingParams:
       stop_token_ids: extra token ids that end generation (kept in token_ids, not in text).
       ignore_eos: keep generating past the model's end-of-sequence tokens.
       skip_special_tokens: leave control tokens out of the returned text.
+      output_kind: what each output of the request carries (`RequestOutputKind`).
     """
 
     n: int = 1
@@ -58,6 +68,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         def bad(msg):
@@ -108,6 +119,11 @@ class SamplingParams:
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            try:
+                object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
+            except ValueError:
+                bad(f"output_kind must be one of {[k.value for k in RequestOutputKind]}, got {self.output_kind!r}")
 
     @property
     def is_greedy(self) -> bool:

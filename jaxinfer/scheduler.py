@@ -18,10 +18,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
+from jaxinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +63,69 @@ class ScheduledChunk:
     block_ids: tuple[int, ...]  # the request's whole page table after allocation
     samples: bool  # the chunk reaches the end of the known tokens: sample the next one
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewRequestData:
+    """A request's data, sent to the runner once, in the step that first admits it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    seed: int
+
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
+    """The only thing the runner sees of a step.
+
+    Attributes:
+      chunks: what each scheduled request computes.
+      num_scheduled_tokens: tokens of all chunks.
+      preempted_ids: requests preempted in this step (they recompute later; the runner keeps them).
+      new_requests: data of the requests admitted for the first time in this step.
+      finished_ids: requests that ended since the previous step (the runner forgets them).
+    """
+
     chunks: tuple[ScheduledChunk, ...]
     num_scheduled_tokens: int
     preempted_ids: tuple[str, ...] = ()
+    new_requests: tuple[NewRequestData, ...] = ()
+    finished_ids: tuple[str, ...] = ()
 
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+@dataclasses.dataclass
+class RequestUpdate:
+    """What one request got in a step: its new tokens (a list: a step may add several) and, if it
+    ended, why (`RequestStatus.FINISHED_*`) and what stopped it (a stop token id)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    status: RequestStatus
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return self.status.is_finished
+
+
+@dataclasses.dataclass
+class SchedulerUpdate:
+    """The typed result of `Scheduler.update`: one entry per request that ran a chunk."""
+
+    requests: list[RequestUpdate]
+
+    @property
+    def finished(self) -> list[RequestUpdate]:
+        return [r for r in self.requests if r.finished]
 
 
 class Scheduler:
@@ -85,6 +139,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by _queue_key
         self.running: list[Request] = []  # admission order
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # ended since the last schedule (told to the runner)
 
     # ---- queue --------------------------------------------------------------------------------
 
@@ -125,6 +180,8 @@ class Scheduler:
         self.kv.free(request)
         request.status = status
         del self.requests[request.request_id]
+        if request.was_admitted:
+            self._finished_ids.append(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -141,6 +198,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        new: list[NewRequestData] = []
         prefills = 0  # chunks of more than one token
 
         # Running requests first, in admission order; preempt from the back when pages run out.
@@ -181,11 +239,16 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if not request.was_admitted:
+                request.was_admitted = True
+                new.append(NewRequestData(request.request_id, tuple(request.prompt_token_ids),
+                                          request.sampling_params, request.seed))
             chunks.append(self._chunk(request, num_cached, n))
             budget -= n
 
+        finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(chunks=tuple(chunks), num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
-                               preempted_ids=tuple(preempted))
+                               preempted_ids=tuple(preempted), new_requests=tuple(new), finished_ids=finished)
 
     def _chunk(self, request: Request, start: int, n: int) -> ScheduledChunk:
         return ScheduledChunk(request_id=request.request_id, start_pos=start,
@@ -193,31 +256,33 @@ class Scheduler:
                               block_ids=tuple(self.kv.get_block_ids(request.request_id)),
                               samples=start + n == request.num_tokens)
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> SchedulerUpdate:
         """Applies a step's results: advances computed tokens, appends sampled tokens, finishes.
 
         Args:
           output: the SchedulerOutput the step ran.
-          sampled: request id -> sampled token, for the chunks with `samples` set.
+          sampled: request id -> the tokens it sampled (one for a chunk with `samples` set).
 
         Returns:
-          The requests that finished in this step (their pages are already freed).
+          Per request that ran: its new tokens and its status (finished ones already freed).
         """
-        finished = []
+        updates = []
         for chunk in output.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted after scheduling: its results are dropped
-            request.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
-            if not chunk.samples:
-                continue
-            token = sampled[chunk.request_id]
-            request.append_output_token(token)
-            status = self._stop_status(request, token)
-            if status is not None:
-                self._finish(request, status)
-                finished.append(request)
-        return finished
+            request.num_computed_tokens = chunk.start_pos + chunk.num_tokens
+            new_tokens, status = [], None
+            for token in sampled.get(chunk.request_id, ()) if chunk.samples else ():
+                request.append_output_token(token)
+                new_tokens.append(token)
+                status = self._stop_status(request, token)
+                if status is not None:
+                    self._finish(request, status)
+                    break
+            updates.append(RequestUpdate(request.request_id, new_tokens, request.status, request.stop_reason,
+                                         max(0, request.num_cached_tokens)))
+        return SchedulerUpdate(updates)
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         p = request.sampling_params

@@ -34,17 +34,24 @@ import jax.numpy as jnp
 from pallas_kernels.paged_attention_reference import (decode_attention_by_pages as _decode_reference,
                                                      ragged_paged_attention_reference, write_kv as _write_kv)
 
-__all__ = ["BACKENDS", "decode_attention_by_pages", "kv_cache_head_dim", "ragged_paged_attention",
+__all__ = ["BACKENDS", "check_backend_name", "decode_attention_by_pages", "kv_cache_head_dim", "ragged_paged_attention",
            "resolve_backend", "uses_decode_items", "write_kv"]
 
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "pallas_gpu")
 
 
+def check_backend_name(backend: str) -> str:
+    """`backend` if it names a backend (ValueError otherwise); asks nothing of JAX, so configs can
+    validate it without starting a JAX backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:
     """The implementation `backend` names on `platform` (default: JAX's default backend):
     "reference", "pallas_tpu" or "pallas_gpu"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     platform = platform or jax.default_backend()
     if backend in ("auto", "pallas"):
         if platform == "tpu":

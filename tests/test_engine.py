@@ -344,11 +344,11 @@ def test_async_engine_survives_a_failing_step(tiny):
     real_execute = engine.runner.execute
     calls = []
 
-    def flaky(out, requests):
+    def flaky(out):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device fell over")
-        return real_execute(out, requests)
+        return real_execute(out)
 
     engine.runner.execute = flaky
     async_engine = AsyncEngine(engine)

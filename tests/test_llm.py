@@ -75,5 +75,5 @@ def test_engine_uses_a_persistent_compilation_cache(smollm2):
 
     import jax
 
-    path = smollm2.engine.compilation_cache_dir
+    path = smollm2.compilation_cache_dir
     assert path and os.path.isdir(path) and jax.config.jax_compilation_cache_dir == path

@@ -59,9 +59,11 @@ def run_to_completion(scheduler: Scheduler, max_steps=10_000) -> tuple[dict[str,
             assert tuple(request.all_token_ids[c.start_pos:c.start_pos + len(c.token_ids)]) == c.token_ids
             assert len(c.block_ids) * scheduler.kv.page_size >= c.start_pos + len(c.token_ids)
             if c.samples:
-                sampled[c.request_id] = mock_next_token(request.all_token_ids)
-        for r in scheduler.update(out, sampled):
-            done[r.request_id] = list(r.output_token_ids)
+                sampled[c.request_id] = [mock_next_token(request.all_token_ids)]
+        live = dict(scheduler.requests)
+        for u in scheduler.update(out, sampled).finished:
+            done[u.request_id] = list(live[u.request_id].output_token_ids)
+            assert u.new_token_ids == done[u.request_id][-1:]
     assert not scheduler.has_unfinished_requests()
     return done, outputs
 
@@ -134,7 +136,7 @@ def test_results_of_a_request_aborted_after_scheduling_are_dropped():
     scheduler.add_request(r)
     out = scheduler.schedule()
     scheduler.abort("r0")
-    assert scheduler.update(out, {"r0": 7}) == [] and r.output_token_ids == []
+    assert scheduler.update(out, {"r0": [7]}).requests == [] and r.output_token_ids == []
     assert_no_pages_held(scheduler)
 
 
@@ -145,7 +147,9 @@ def test_stops_on_eos_stop_token_and_context_end():
     c = Request("c", [6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
     for r in (a, b, c):
         scheduler.add_request(r)
-    scheduler.update(scheduler.schedule(), {"a": EOS, "b": 9, "c": EOS})
+    update = scheduler.update(scheduler.schedule(), {"a": [EOS], "b": [9], "c": [EOS]})
+    assert [(u.request_id, u.new_token_ids, u.finished) for u in update.requests] == [
+        ("a", [EOS], True), ("b", [9], True), ("c", [EOS], False)]
     assert a.status is RequestStatus.FINISHED_STOPPED and a.stop_reason is None
     assert b.status is RequestStatus.FINISHED_STOPPED and b.stop_reason == 9
     assert c.status is RequestStatus.RUNNING
@@ -187,10 +191,11 @@ def test_randomized_200_requests_with_aborts_leak_no_pages():
         if scheduler.requests and rng.random() < 0.15:  # abort anything: waiting, mid-prefill, decoding
             scheduler.abort(rng.choice(sorted(scheduler.requests)))
         out = scheduler.schedule()
-        sampled = {c.request_id: mock_next_token(scheduler.requests[c.request_id].all_token_ids)
+        sampled = {c.request_id: [mock_next_token(scheduler.requests[c.request_id].all_token_ids)]
                    for c in out.chunks if c.samples}
-        for r in scheduler.update(out, sampled):
-            done[r.request_id] = r
+        live = dict(scheduler.requests)
+        for u in scheduler.update(out, sampled).finished:
+            done[u.request_id] = live[u.request_id]
     assert_no_pages_held(scheduler)
     assert len(done) > 50
     for r in done.values():

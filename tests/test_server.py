@@ -435,10 +435,17 @@ def test_sampling_params_from_requests_match_the_python_api(live):
                                     "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": 0.3,
                                     "frequency_penalty": -0.4, "seed": 11, "stop": "zz", "ignore_eos": True,
                                     "n": 2, "logprobs": 2}).encode(), CompletionRequest)
+    from jaxinfer.sampling_params import RequestOutputKind
+
     (spec,) = serving.prepare_completion(req).specs
-    assert spec.params == SamplingParams(n=2, max_tokens=9, temperature=0.5, top_p=0.9, top_k=7, min_p=0.1,
-                                         repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=-0.4,
-                                         seed=11, stop=("zz",), ignore_eos=True, logprobs=2)
+    expected = SamplingParams(n=2, max_tokens=9, temperature=0.5, top_p=0.9, top_k=7, min_p=0.1,
+                              repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=-0.4,
+                              seed=11, stop=("zz",), ignore_eos=True, logprobs=2,
+                              output_kind=RequestOutputKind.FINAL_ONLY)  # one output at the end
+    assert spec.params == expected
+    streamed = parse_request(json.dumps({"prompt": "a", "max_tokens": 9, "stream": True}).encode(), CompletionRequest)
+    (spec,) = serving.prepare_completion(streamed).specs
+    assert spec.params.output_kind is RequestOutputKind.DELTA  # a stream carries only what is new
 
 
 def test_jaxinfer_serve_is_the_server_command(capsys):

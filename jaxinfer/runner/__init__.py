@@ -1,0 +1,11 @@
+"""The device side of a step: buckets (shapes), inputs (host arrays), steps (shared jit graphs),
+runner (the KV cache and per-request state; SchedulerOutput in, sampled tokens out)."""
+
+from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, default_page_buckets, step_shape
+from jaxinfer.runner.inputs import CachedRequest, ModelInput, Penalties, SamplingInput
+from jaxinfer.runner.runner import PromptLogprob, Runner, SampledToken, StepPlan, StepResult
+from jaxinfer.runner.steps import AttentionSpec, forward_step, prompt_logprobs_step, sample_step
+
+__all__ = ["AttentionSpec", "CachedRequest", "ModelInput", "Penalties", "PromptLogprob", "Runner", "RunnerConfig",
+           "SampledToken", "SamplingInput", "StepPlan", "StepResult", "StepShape", "all_step_shapes",
+           "default_page_buckets", "forward_step", "prompt_logprobs_step", "sample_step", "step_shape"]

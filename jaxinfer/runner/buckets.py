@@ -1,0 +1,158 @@
+"""Step shapes: which padded shape runs a SchedulerOutput, and every shape warm-up compiles.
+
+Two kinds of step, every shape compiled at warm-up, none after:
+
+    decode step  every chunk is one token: T = S = a sequence bucket; on the reference backend
+                 attention over a flat list of (sequence, page) items, I = an item bucket >= the
+                 pages of all sequences; on the Pallas kernels the ragged kernel with one query
+                 row per block and a page table of width W (I = 0).
+    mixed step   prefill chunks (and decodes): T = a token bucket, S = the largest sequence
+                 bucket, page table W = a width bucket; decodes attend per token, prefill chunks
+                 in query blocks of up to `q_block` rows.
+
+Host only (numpy-free too): shapes come from bucket lists, never from a request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import NamedTuple, Sequence
+
+from pallas_kernels import ops
+
+
+def default_page_buckets(max_pages_per_seq: int) -> tuple[int, ...]:
+    """Page-table widths: the full width, then quarters of it down to 4 pages."""
+    widths = [max_pages_per_seq]
+    while widths[-1] // 4 >= 4:
+        widths.append(widths[-1] // 4)
+    return tuple(sorted(widths))
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return tuple(out + [hi])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    """Attributes:
+      page_size: tokens per KV page.
+      num_pages: pages in the device cache (page 0 is the null page).
+      max_pages_per_seq: page-table width (max_model_len / page_size, rounded up).
+      token_buckets: padded token counts of mixed steps, ascending; the last must cover
+        max_num_batched_tokens.
+      seq_buckets: padded sequence counts, ascending; the last must cover max_num_seqs.
+      page_buckets: page-table widths, ascending, the last max_pages_per_seq; None: quarters
+        (`default_page_buckets`). Attention reads a step's pages up to this width.
+      q_block: most query rows per attention block of a prefill chunk in mixed steps.
+      max_prefill_seqs: most multi-token chunks per step (`SchedulerConfig.max_prefill_seqs`).
+      pages_per_item: pages per work item of decode attention (bigger items make bigger matmuls
+        but waste part of each sequence's last item).
+      attention_backend: `pallas_kernels.ops` backend name.
+      sequence_parallel_size: devices of the `seq` mesh axis (tokens and KV pages split over them).
+    """
+
+    page_size: int
+    num_pages: int
+    max_pages_per_seq: int
+    token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    seq_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    page_buckets: tuple[int, ...] | None = None
+    q_block: int = 32
+    max_prefill_seqs: int = 4
+    pages_per_item: int = 2
+    attention_backend: str = "auto"
+    sequence_parallel_size: int = 1
+
+    @property
+    def use_decode_items(self) -> bool:
+        """Decode steps as (sequence, page-group) work items: the reference backend without
+        sequence parallelism (else the ragged path, one query per block)."""
+        return ops.uses_decode_items(self.attention_backend) and self.sequence_parallel_size == 1
+
+    def __post_init__(self):
+        if self.page_buckets is None:
+            object.__setattr__(self, "page_buckets", default_page_buckets(self.max_pages_per_seq))
+        for name in ("token_buckets", "seq_buckets", "page_buckets"):
+            b = tuple(getattr(self, name))
+            object.__setattr__(self, name, b)
+            if not b or list(b) != sorted(set(b)) or b[0] <= 0:
+                raise ValueError(f"{name} must be ascending positive integers, got {b}")
+        if self.page_buckets[-1] < self.max_pages_per_seq:
+            raise ValueError(f"the last page bucket {self.page_buckets[-1]} must cover max_pages_per_seq="
+                             f"{self.max_pages_per_seq}")
+        if self.num_pages < 2:
+            raise ValueError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
+        ops.check_backend_name(self.attention_backend)
+
+    def item_buckets(self, num_seqs: int) -> tuple[int, ...]:
+        """Work-item counts of a decode step with `num_seqs` sequence slots: 1, 2, 4, ... items per
+        sequence on average, up to every sequence at full length."""
+        top = num_seqs * -(-self.max_pages_per_seq // self.pages_per_item)
+        out, n = [], num_seqs
+        while n < top:
+            out.append(n)
+            n *= 2
+        return tuple(out + [top])
+
+    def mixed_q_block(self, num_tokens: int) -> int:
+        """Query rows per attention block of the prefill chunks in a mixed step of `num_tokens`
+        (a power of two; each chunk may own one partial block, so blocks stay below T / P rows)."""
+        rows = max(1, min(self.q_block, num_tokens // self.max_prefill_seqs))
+        return 1 << (rows.bit_length() - 1)
+
+
+class StepShape(NamedTuple):
+    T: int  # tokens
+    S: int  # sequence slots
+    W: int  # page-table width (1 on decode steps with work items)
+    q_block: int  # query rows per prefill block (mixed steps; 1 on decode steps)
+    I: int  # (sequence, page) work items (reference decode steps; else 0)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.I > 0
+
+
+def bucket(buckets: Sequence[int], n: int, what: str) -> int:
+    """The smallest bucket >= n (ValueError naming `what` when none is)."""
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} {what} exceed the largest bucket {buckets[-1]}; raise the bucket list")
+    return buckets[i]
+
+
+def step_shape(rc: RunnerConfig, replicas) -> StepShape:
+    """The padded shape of the step that runs the chunks of `replicas` (SchedulerOutputs; with
+    data parallelism one shape that fits every replica's chunks: decode-shaped only if every
+    replica only decodes)."""
+    tokens = [sum(c.num_tokens for c in o.chunks) for o in replicas]
+    seqs = [len(o.chunks) for o in replicas]
+    width = bucket(rc.page_buckets, max(len(c.block_ids) for o in replicas for c in o.chunks), "pages per sequence")
+    if tokens == seqs:  # all decodes
+        S = bucket(rc.seq_buckets, max(seqs), "sequences")
+        if not rc.use_decode_items:  # the kernels (and sequence parallelism): one query row per block
+            return StepShape(S, S, width, 1, 0)
+        per_item = rc.page_size * rc.pages_per_item
+        items = max(sum(-(-(c.start_pos + 1) // per_item) for c in o.chunks) for o in replicas)
+        return StepShape(S, S, 1, 1, bucket(rc.item_buckets(S), items, "decode work items"))
+    bucket(rc.seq_buckets, max(seqs), "sequences")
+    T = bucket(rc.token_buckets, max(tokens), "tokens")
+    return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
+
+
+def all_step_shapes(rc: RunnerConfig) -> list[StepShape]:
+    """Every shape `step_shape` can return: what warm-up compiles."""
+    if rc.use_decode_items:
+        shapes = [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
+    else:
+        shapes = [StepShape(S, S, W, 1, 0) for S in rc.seq_buckets for W in rc.page_buckets]
+    shapes += [StepShape(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T), 0) for T in rc.token_buckets
+               for W in rc.page_buckets]
+    return shapes

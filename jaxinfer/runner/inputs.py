@@ -1,0 +1,232 @@
+"""Device inputs of a step, built on the host (numpy) from a SchedulerOutput and the runner's own
+per-request state.
+
+    SchedulerOutput.chunks  a: 6 tokens @0 | b: 1 token @9 | c: 4 tokens @0     (3 sequences)
+    ModelInput.tokens [1, T] a a a a a a b c c c c 0 0 0 0 0                   (T padded to a bucket)
+    slot_mapping      [T]    a's slots ... | padding -> null page 0
+    page_table        [S, W] W = the page-table width bucket covering the longest sequence
+    logits_indices    [S]    last token of each chunk (only chunks that sample use it)
+
+A request's data (prompt, sampling params, seed) crosses from the scheduler once, when it is first
+admitted (`NewRequestData`); the runner keeps it in a `CachedRequest` with the token history it
+appends to as it samples, and drops it when the scheduler reports the request finished.
+With data parallelism each replica's inputs are built alike and stacked (`stack_*`): replica r owns
+the r-th slice of every array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import numpy as np
+
+from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
+from jaxinfer.runner.buckets import StepShape
+from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from pallas_kernels.paged_attention_reference import decode_items
+
+
+@flax.struct.dataclass
+class ModelInput:
+    tokens: jax.Array  # [1, T] int32
+    positions: jax.Array  # [1, T] int32
+    meta: PagedAttentionMeta
+    logits_indices: jax.Array  # [S] int32: the last token of each chunk (the rows to sample from)
+
+
+@flax.struct.dataclass
+class Penalties:
+    """Per-row token history, present only when some row in the step needs it."""
+
+    seen: jax.Array  # [S, V] bool: in the prompt or the output
+    output_counts: jax.Array  # [S, V] f32
+    repetition: jax.Array  # [S] f32
+    presence: jax.Array  # [S] f32
+    frequency: jax.Array  # [S] f32
+    suppress: jax.Array  # [S, V] bool: may not be sampled yet (min_tokens)
+
+
+@flax.struct.dataclass
+class SamplingInput:
+    temperature: jax.Array  # [S] f32
+    top_k: jax.Array  # [S] int32
+    top_p: jax.Array  # [S] f32
+    min_p: jax.Array  # [S] f32
+    seeds: jax.Array  # [S] uint32
+    num_generated: jax.Array  # [S] int32
+    penalties: Penalties | None = None
+    num_logprobs: int = flax.struct.field(pytree_node=False, default=0)  # 0 or MAX_LOGPROBS
+
+
+@dataclasses.dataclass
+class CachedRequest:
+    """What the runner keeps of a request between its admission and its end."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def needs_history(self) -> bool:
+        p = self.params
+        return p.needs_penalties or len(self.output_token_ids) < p.min_tokens
+
+
+def empty_model_input(shape: StepShape, page_size: int, pages_per_item: int) -> ModelInput:
+    """An all-padding input of `shape` (warm-up)."""
+    T, S, W = shape.T, shape.S, shape.W
+    items = None
+    if shape.is_decode:
+        items = DecodeItems(*decode_items(np.zeros(S, np.int32), np.zeros((S, 1), np.int32), page_size, shape.I,
+                                          pages_per_item))
+    meta = PagedAttentionMeta(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
+                              page_table=np.zeros((S, W), np.int32), cu_q_lens=np.zeros(S + 1, np.int32),
+                              num_seqs=np.int32(0), decode_items=items)
+    return ModelInput(tokens=np.zeros((1, T), np.int32), positions=np.zeros((1, T), np.int32), meta=meta,
+                      logits_indices=np.zeros(S, np.int32))
+
+
+def build_model_input(chunks, shape: StepShape, page_size: int, pages_per_item: int) -> ModelInput:
+    """Packs the scheduled chunks into one padded ragged row (numpy; moved by jit)."""
+    T, S, W = shape.T, shape.S, shape.W
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slots = np.zeros(T, np.int32)  # padding writes into the null page
+    # Every page of every chunk; mixed steps see the first W columns (W covers them all), decode
+    # steps turn it into work items instead.
+    table = np.zeros((S, max(W, max((len(c.block_ids) for c in chunks), default=0))), np.int32)
+    kv_lens = np.zeros(S, np.int32)
+    cu = np.zeros(S + 1, np.int32)
+    t = 0
+    for s, chunk in enumerate(chunks):
+        n, start = chunk.num_tokens, chunk.start_pos
+        pos = np.arange(start, start + n)
+        blocks = np.asarray(chunk.block_ids, np.int32)
+        tokens[t:t + n] = chunk.token_ids
+        positions[t:t + n] = pos
+        slots[t:t + n] = blocks[pos // page_size] * page_size + pos % page_size
+        table[s, :len(blocks)] = blocks
+        kv_lens[s] = start + n
+        t += n
+        cu[s + 1] = t
+    cu[len(chunks) + 1:] = t
+    items = None
+    if shape.is_decode:
+        items = DecodeItems(*decode_items(kv_lens, table, page_size, shape.I, pages_per_item))
+    meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=table[:, :W], cu_q_lens=cu,
+                              num_seqs=np.int32(len(chunks)), decode_items=items)
+    logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
+    return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta, logits_indices=logits_indices)
+
+
+def neutral_penalties(S: int, V: int) -> Penalties:
+    return Penalties(seen=np.zeros((S, V), bool), output_counts=np.zeros((S, V), np.float32),
+                     repetition=np.ones(S, np.float32), presence=np.zeros(S, np.float32),
+                     frequency=np.zeros(S, np.float32), suppress=np.zeros((S, V), bool))
+
+
+def neutral_sampling_input(S: int, V: int, *, with_penalties: bool = False, num_logprobs: int = 0) -> SamplingInput:
+    """A sampling input that changes nothing (warm-up)."""
+    return SamplingInput(temperature=np.ones(S, np.float32), top_k=np.zeros(S, np.int32),
+                         top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32), seeds=np.zeros(S, np.uint32),
+                         num_generated=np.zeros(S, np.int32),
+                         penalties=neutral_penalties(S, V) if with_penalties else None, num_logprobs=num_logprobs)
+
+
+def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: int,
+                         eos_token_ids: tuple[int, ...]) -> SamplingInput:
+    """Per-row sampling tensors of the chunks that sample (rows of other chunks stay neutral)."""
+    temperature, top_p, min_p = np.zeros(S, np.float32), np.ones(S, np.float32), np.zeros(S, np.float32)
+    top_k, seeds, num_generated = np.zeros(S, np.int32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
+    needs_history = []
+    want_logprobs = False
+    for s, chunk in enumerate(chunks):
+        if not chunk.samples:
+            continue
+        request = requests[chunk.request_id]
+        p = request.params
+        temperature[s], top_p[s], min_p[s] = p.temperature, p.top_p, p.min_p
+        top_k[s] = p.top_k if 0 < p.top_k < V else 0  # k >= vocab keeps every token: disabled
+        seeds[s] = request.seed % (1 << 32)
+        num_generated[s] = len(request.output_token_ids)
+        want_logprobs |= p.logprobs is not None
+        if request.needs_history:
+            needs_history.append((s, request))
+    penalties = None
+    if needs_history:
+        penalties = neutral_penalties(S, V)
+        for s, request in needs_history:
+            p = request.params
+            penalties.repetition[s] = p.repetition_penalty
+            penalties.presence[s] = p.presence_penalty
+            penalties.frequency[s] = p.frequency_penalty
+            penalties.seen[s, request.prompt_token_ids] = True
+            penalties.seen[s, request.output_token_ids] = True
+            penalties.output_counts[s] = np.bincount(request.output_token_ids, minlength=V)[:V]
+            if len(request.output_token_ids) < p.min_tokens:
+                stoppers = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+                penalties.suppress[s, [i for i in stoppers if i < V]] = True
+    return SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
+                         num_generated=num_generated, penalties=penalties,
+                         num_logprobs=MAX_LOGPROBS if want_logprobs else 0)
+
+
+def prompt_logprob_rows(chunks, requests: dict[str, CachedRequest]):
+    """Hidden-state rows whose next-token logprobs a request's prompt_logprobs wants:
+    (rows, target token ids, (request id, position) owners)."""
+    rows, targets, owners = [], [], []
+    t = 0
+    for chunk in chunks:
+        request = requests[chunk.request_id]
+        if request.params.prompt_logprobs is not None:
+            for i in range(chunk.num_tokens):
+                pos = chunk.start_pos + i  # row i predicts the token at pos + 1
+                if pos + 1 < request.num_prompt_tokens:
+                    rows.append(t + i)
+                    targets.append(request.prompt_token_ids[pos + 1])
+                    owners.append((chunk.request_id, pos + 1))
+        t += chunk.num_tokens
+    return rows, targets, owners
+
+
+# ---- data parallelism: every replica's step packed into one -------------------------------------
+
+def _cat(arrays, axis=0):
+    return np.concatenate([np.asarray(a) for a in arrays], axis=axis)
+
+
+def stack_model_inputs(inputs: list[ModelInput], T: int) -> ModelInput:
+    """Per-replica ModelInputs of one shape -> one, replica r in the r-th slice of every array."""
+    metas = [m.meta for m in inputs]
+    items = None
+    if metas[0].decode_items is not None:
+        items = DecodeItems(seq=_cat([m.decode_items.seq for m in metas]),
+                            page=_cat([m.decode_items.page for m in metas]),
+                            pos=_cat([m.decode_items.pos for m in metas]))
+    meta = PagedAttentionMeta(slot_mapping=_cat([m.slot_mapping for m in metas]),
+                              kv_lens=_cat([m.kv_lens for m in metas]), page_table=_cat([m.page_table for m in metas]),
+                              cu_q_lens=_cat([m.cu_q_lens for m in metas]),
+                              num_seqs=np.asarray([m.num_seqs for m in metas], np.int32), decode_items=items)
+    return ModelInput(tokens=_cat([m.tokens for m in inputs], axis=1),
+                      positions=_cat([m.positions for m in inputs], axis=1), meta=meta,
+                      logits_indices=_cat([m.logits_indices + r * T for r, m in enumerate(inputs)]))
+
+
+def stack_sampling_inputs(inputs: list[SamplingInput], vocab_size: int) -> SamplingInput:
+    """Per-replica SamplingInputs -> one (penalties everywhere if any replica needs them)."""
+    penalties = None
+    if any(s.penalties is not None for s in inputs):
+        parts = [s.penalties or neutral_penalties(len(s.temperature), vocab_size) for s in inputs]
+        penalties = Penalties(**{f.name: _cat([getattr(p, f.name) for p in parts])
+                                 for f in dataclasses.fields(Penalties)})
+    fields = ("temperature", "top_k", "top_p", "min_p", "seeds", "num_generated")
+    return SamplingInput(**{f: _cat([getattr(s, f) for s in inputs]) for f in fields}, penalties=penalties,
+                         num_logprobs=max(s.num_logprobs for s in inputs))

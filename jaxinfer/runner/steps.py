@@ -1,0 +1,81 @@
+"""The jitted step functions: pure, module-level, keyed by (graph definition, statics, shapes).
+
+    forward_step(params, kv_cache, inp, graphdef=, attention=, q_block=)  -> (hidden [T, D],
+                                                   rows [S, D], kv_cache)        KV cache donated
+    sample_step(params, rows, si, graphdef=)       -> (tokens [S], logprobs or None)
+    prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
+
+No bound methods and no closures over an engine: everything that changes the graph is a static
+argument (hashable: the NNX GraphDef compares by structure, `AttentionSpec` is a frozen
+dataclass), so two engines of the same model and shapes in one process share every compiled graph
+(jit's cache is keyed by those statics and the input shapes/shardings). The forward step returns
+hidden states that stay on the device; the sampler turns the sampled rows into tokens in its own
+small graph, which keeps the big graph free of sampling options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from flax import nnx
+
+from jaxinfer.paged_attention import paged_attend
+from jaxinfer.runner.inputs import ModelInput, SamplingInput
+from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
+from jaxinfer.sampling_params import MAX_LOGPROBS
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What picks the attention implementation inside the forward graph (static)."""
+
+    backend: str
+    max_prefill_seqs: int
+    mesh: jax.sharding.Mesh | None = None
+
+    def attend(self, q_block: int):
+        if self.mesh is not None and self.mesh.shape["seq"] > 1:
+            from sharding.attention import seq_parallel_attend
+
+            return seq_parallel_attend(self.mesh)
+        attend = functools.partial(paged_attend, q_block=q_block, max_prefill_seqs=self.max_prefill_seqs,
+                                   backend=self.backend)
+        if self.mesh is not None:
+            from sharding.attention import shard_attend
+
+            attend = shard_attend(attend, self.mesh)
+        return attend
+
+
+@functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("graphdef", "attention", "q_block"))
+def forward_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, attention: AttentionSpec,
+                 q_block: int):
+    """The decoder over one packed step: (hidden [T, D], the chunks' last rows [S, D], kv_cache)."""
+    model = nnx.merge(graphdef, params)
+    hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block))
+    return hidden[0], hidden[0, inp.logits_indices], kv_cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef):
+    """rows: [S, D] hidden states of the chunks' last tokens -> (tokens [S], logprobs or None)."""
+    model = nnx.merge(graphdef, params)
+    raw = model.compute_logits(rows)  # [S, V]
+    logits = raw
+    p = si.penalties
+    if p is not None:
+        logits = apply_penalties(raw, p.seen, p.output_counts, p.repetition, p.presence, p.frequency, p.suppress)
+    keys = step_keys(si.seeds, si.num_generated)
+    tokens = sample(logits, si.temperature, si.top_k, si.top_p, keys, si.min_p)
+    if not si.num_logprobs:
+        return tokens, None
+    return tokens, logprobs(raw, tokens, si.num_logprobs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prompt_logprobs_step(params, hidden, rows, targets, *, graphdef: nnx.GraphDef):
+    """hidden: [T, D]; rows, targets: [R] -> logprobs of each target at its row (and the top ones)."""
+    model = nnx.merge(graphdef, params)
+    return logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
