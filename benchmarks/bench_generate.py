@@ -3,8 +3,10 @@
 
     python benchmarks/bench_generate.py [--prompt-len 128] [--decode-steps 32] [--batch-sizes 1 8]
 
-jaxinfer runs its reference generator's jit steps (dense KV cache) exactly as `LLM.generate` does,
-including the host sync after every decode step, with scanned and with unrolled layers. HF
+jaxinfer runs two ways: the engine itself (`LLM`'s continuous-batching engine over the paged KV
+cache, stepped as `LLM.generate` steps it; its device and host time per decode step are printed
+too), and its reference generator's jit steps (dense KV cache, static batch) with the host sync
+after every decode step, with scanned and with unrolled layers. HF
 transformers runs fp32 (dequantized from the same GGUF) two ways: a bare forward loop with its KV
 cache and argmax per step (its floor), and `model.generate()` (greedy, fixed length; decode time =
 generate time - prefill time), which is how its users decode.
@@ -17,6 +19,7 @@ period hits every column alike. Decode tok/s counts every row of the batch.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import importlib.util
 import os
@@ -66,6 +69,45 @@ def jaxinfer_runner(path, scan_layers):
             nxt = np.asarray(nxt)  # the host sees every token, as generate() does
             pos = pos + 1
         return t_prefill, (time.perf_counter() - t0) / decode_steps
+
+    return run
+
+
+ENGINE_STEP_TIMES: dict[str, list[tuple[float, float]]] = {}  # name -> (device, host) s per decode step
+
+
+def jaxinfer_engine(path, layer_loop, max_batch, name):
+    """The engine: (prefill seconds, decode seconds per step) for one batch size."""
+    from jaxinfer.llm import LLM
+    from jaxinfer.sampling_params import SamplingParams
+
+    llm = LLM(path, layer_loop=layer_loop, max_num_seqs=max_batch, kv_cache_memory=256 << 20, warmup=True,
+              progress=False, max_model_len=1024, enable_prefix_caching=False)  # every round reuses the prompts
+    engine = llm.engine
+    ENGINE_STEP_TIMES[name] = []
+    calls = collections.Counter()
+
+    def run(B, prompt_len, decode_steps):
+        params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        for ids in _prompt(B, prompt_len).tolist():
+            engine.add_request(None, ids, params)
+        started = 0
+        while started < B:  # prefill: until every request has its first token
+            started += sum(1 for o in engine.step() if o.outputs and o.outputs[0].token_ids)
+        t_prefill = time.perf_counter() - t0
+        c0 = dict(engine.counters)
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        t_decode = time.perf_counter() - t0
+        c = engine.counters
+        steps = max(1, c["steps"] - c0["steps"])
+        calls[B] += 1
+        if B == 1 and calls[B] > 1:  # the first call (warm-up) compiles
+            ENGINE_STEP_TIMES[name].append(((c["device_seconds"] - c0["device_seconds"]) / steps,
+                                            (c["host_seconds"] - c0["host_seconds"]) / steps))
+        return t_prefill, t_decode / decode_steps
 
     return run
 
@@ -141,9 +183,13 @@ def main() -> None:
     global VOCAB
     path = resolve_model_path(args.model)
     VOCAB = GGUFFile(path).model_config().vocab_size
+    top = max(args.batch_sizes)
     runners = {
-        "jaxinfer f32, scanned layers (CPU default)": jaxinfer_runner(path, True),
-        "jaxinfer f32, unrolled layers (scan_layers=False)": jaxinfer_runner(path, False),
+        "jaxinfer engine f32, default (layer_loop=per_layer)": jaxinfer_engine(path, None, top, "engine default"),
+        "jaxinfer engine f32, layer_loop=model (scanned: the previous default)":
+            jaxinfer_engine(path, "model", top, "engine other"),
+        "jaxinfer reference generator f32, scanned layers": jaxinfer_runner(path, True),
+        "jaxinfer reference generator f32, unrolled layers": jaxinfer_runner(path, False),
     }
     if not args.no_hf and importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
         import torch
@@ -191,6 +237,11 @@ def main() -> None:
         for base in baselines:
             line += f" {rates(name, 1)[1] / rates(base, 1)[1]:.2f}x |"
         print(line)
+    for name, label in (("engine default", "default"), ("engine other", "other")):
+        times = ENGINE_STEP_TIMES.get(name)
+        if times:
+            print(f"engine ({label}) at B=1: device {statistics.median(d for d, _ in times) * 1e3:.1f} ms, "
+                  f"host {statistics.median(h for _, h in times) * 1e3:.1f} ms per decode step")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """LLMEngine: requests in, RequestOutputs out, one scheduler step at a time.
 
-    add_request(id, prompt ids, params)          validate -> n child Requests -> Scheduler.waiting
-    step()                                       Scheduler.schedule -> Runner.execute (device)
-                                                 -> Scheduler.update (stop tokens, lengths)
-                                                 -> detokenize, stop strings -> RequestOutputs
-    abort(id)                                    frees everything the request holds
+    add_request(id, prompt ids, params)   validate -> n sample Requests (parent_id, sample_index)
+                                          -> Scheduler.waiting; OutputProcessor.add_request
+    step()                                schedule -> execute -> update -> process:
+        Scheduler.schedule                SchedulerOutput (the only thing the runner sees)
+        Runner.execute                    device step -> StepResult (sampled tokens, logprobs)
+        Scheduler.update                  SchedulerUpdate (new token ids, finished + why)
+        OutputProcessor.process           detokenize, stop strings, deltas -> RequestOutputs
+    abort(id)                             frees everything the request holds
 
-A request with n > 1 samples becomes n child requests with seeds seed, seed + 1, ... The first
-child runs alone until its prompt is computed; the others are admitted then and find the prompt's
+A request with n > 1 samples becomes n sample requests with seeds seed, seed + 1, ... The first
+sample runs alone until its prompt is computed; the others are admitted then and find the prompt's
 full pages in the prefix cache, so the prompt is computed once and its pages are shared.
 
 The engine is single-threaded; `jaxinfer.async_engine.AsyncEngine` runs it on a background thread.
@@ -15,10 +18,8 @@ The engine is single-threaded; `jaxinfer.async_engine.AsyncEngine` runs it on a 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-import os
 import random
 import time
 from typing import Sequence
@@ -29,6 +30,8 @@ import jax.numpy as jnp
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.config import ModelConfig
 from jaxinfer.data_parallel import DataParallelScheduler
+from jaxinfer.engine_config import (DEFAULT_PAGE_SIZE, SP_NEEDS_REFERENCE, EngineConfig,  # noqa: F401
+                                    kv_cache_budget, set_compilation_cache)  # EngineConfig and the cache re-exported
 from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
 from jaxinfer.output_processor import OutputProcessor
 from jaxinfer.outputs import RequestOutput
@@ -40,148 +43,9 @@ from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import ops
-from sharding.mesh import ParallelConfig, make_mesh
+from sharding.mesh import make_mesh
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = {"cpu": 16, "gpu": 16, "tpu": 64}
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # XLA:CPU reports no memory limit: 1 GiB unless told
-DEFAULT_MEMORY_FRACTION = 0.9  # of the accelerator memory left free after the weights
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    """How the engine uses the device.
-
-    Attributes:
-      max_model_len: context limit in tokens (None: the model's own, lowered with a warning to what
-        the KV-cache budget holds when that is less).
-      max_num_seqs: most requests running at once.
-      max_num_batched_tokens: most tokens computed per step (prefill chunks are cut to fit).
-      page_size: tokens per KV page (None: 16 on CPU/GPU, 64 on TPU).
-      kv_cache_memory: bytes for the KV cache (None: `memory_fraction` of the free accelerator
-        memory; 1 GiB on CPU).
-      memory_fraction: share of the free accelerator memory given to the KV cache.
-      num_pages: an exact page count (overrides the memory budget; for tests).
-      enable_prefix_caching: reuse computed prompt pages across requests.
-      policy: "fcfs" or "priority".
-      token_buckets, seq_buckets, page_buckets: step shapes (None: powers of two up to the limits).
-      q_block: query rows per attention block of a prefill chunk.
-      max_prefill_seqs: most requests given a multi-token (prefill) chunk per step.
-      pages_per_item: KV pages per work item of decode attention.
-      attention_backend: `pallas_kernels.ops` backend.
-      tensor_parallel_size: devices the heads, MLP columns and vocabulary are split over
-        (`sharding/`; vLLM's name).
-      data_parallel_size: model replicas, each with its own KV pages (num_pages / the memory
-        budget apply per replica) and its own max_num_seqs / max_num_batched_tokens.
-      sequence_parallel_size: devices each step's tokens and the KV pages are split over (long
-        prompts; num_pages / the memory budget apply per device); the reference attention backend.
-      compilation_cache_dir: persistent XLA compilation cache for the entry points to set
-        (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
-        variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.
-      seed: seeds requests that set none.
-    """
-
-    max_model_len: int | None = None
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    page_size: int | None = None
-    kv_cache_memory: int | None = None
-    memory_fraction: float = DEFAULT_MEMORY_FRACTION
-    num_pages: int | None = None
-    enable_prefix_caching: bool = True
-    policy: str = "fcfs"
-    token_buckets: tuple[int, ...] | None = None
-    seq_buckets: tuple[int, ...] | None = None
-    page_buckets: tuple[int, ...] | None = None
-    q_block: int = 32
-    max_prefill_seqs: int = 4
-    pages_per_item: int = 2
-    attention_backend: str = "auto"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    sequence_parallel_size: int = 1
-    compilation_cache_dir: str | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        def bad(msg):
-            raise InvalidRequestError(msg)
-
-        if self.max_num_seqs <= 0:
-            bad(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            bad(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
-                f"({self.max_num_seqs}): every running request needs a token per step")
-        if self.max_model_len is not None and self.max_model_len <= 1:
-            bad(f"max_model_len must be at least 2 tokens, got {self.max_model_len}")
-        if self.page_size is not None and self.page_size <= 0:
-            bad(f"page_size must be positive, got {self.page_size}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            bad(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
-        if not 0 < self.memory_fraction <= 1:
-            bad(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        if min(self.max_prefill_seqs, self.q_block, self.pages_per_item) <= 0:
-            bad(f"max_prefill_seqs, q_block and pages_per_item must be positive, got {self.max_prefill_seqs}, "
-                f"{self.q_block}, {self.pages_per_item}")
-        if self.policy not in ("fcfs", "priority"):
-            bad(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        try:  # names only: building a config never starts a JAX backend
-            self.parallel_config
-            ops.check_backend_name(self.attention_backend)
-        except ValueError as e:
-            bad(str(e))
-        if self.sequence_parallel_size > 1:
-            if self.data_parallel_size > 1:
-                bad("sequence_parallel_size > 1 together with data_parallel_size > 1 is not supported: use one")
-            if self.max_num_batched_tokens % self.sequence_parallel_size:
-                bad(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be a multiple of "
-                    f"sequence_parallel_size ({self.sequence_parallel_size}): each step's tokens split evenly")
-
-    @property
-    def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(data_parallel_size=self.data_parallel_size,
-                              sequence_parallel_size=self.sequence_parallel_size,
-                              tensor_parallel_size=self.tensor_parallel_size)
-
-
-def set_compilation_cache(path: str | None) -> str | None:
-    """Points JAX's persistent compilation cache at `path`, or turns it off; returns the directory
-    in use (None: off). The entry points call it (`LLM`, the CLI, the server): the cache is a
-    process-wide JAX setting, so an engine never changes it behind its caller's back.
-
-    Args:
-      path: a directory; "" disables the cache (also after an earlier call enabled it); None: the
-        JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla.
-    """
-    from jax._src import compilation_cache  # reset_cache: JAX reads the setting once, then caches it
-
-    if path is None:
-        path = os.environ.get("JAXINFER_COMPILATION_CACHE",
-                              os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
-    if not path:
-        if jax.config.jax_enable_compilation_cache:
-            jax.config.update("jax_enable_compilation_cache", False)
-            compilation_cache.reset_cache()
-        return None
-    os.makedirs(path, exist_ok=True)
-    if not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != path:
-        jax.config.update("jax_enable_compilation_cache", True)
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        compilation_cache.reset_cache()
-    return path
-
-
-def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
-    """Bytes for the KV cache: the configured amount, or a share of the device's free memory."""
-    if config.kv_cache_memory is not None:
-        return config.kv_cache_memory
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return DEFAULT_CPU_KV_CACHE_BYTES
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return int(free * config.memory_fraction)
 
 
 class LLMEngine:
@@ -202,8 +66,7 @@ class LLMEngine:
         ec = engine_config if engine_config is not None else EngineConfig()
         pc = ec.parallel_config
         if pc.sequence_parallel_size > 1 and ops.resolve_backend(ec.attention_backend) != "reference":
-            raise InvalidRequestError("sequence_parallel_size > 1 needs attention_backend='reference': the Pallas "
-                                      "kernels do not return the log-sum-exp that combines the sequence shards yet")
+            raise InvalidRequestError(SP_NEEDS_REFERENCE)
         self.mesh = None
         if not pc.is_single_device or devices is not None:
             # Raises if the sizes do not multiply to the device count; heads re-laid out so every
@@ -284,7 +147,9 @@ class LLMEngine:
         else:
             self.scheduler = DataParallelScheduler(sched_config, self.kv_managers,
                                                    eos_token_ids=tokenizer.eos_token_ids)
-        self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh)
+        layer_loop = ec.layer_loop or ("per_layer" if device.platform == "cpu" and self.mesh is None else "model")
+        self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
+                             layer_loop=layer_loop)
         self.output_processor = OutputProcessor(tokenizer)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
         self._holding: dict[str, list[Request]] = {}  # n > 1: samples waiting for sample 0's prompt

@@ -92,9 +92,10 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 
-    def warmup(self) -> None:
-        """Compiles every step shape (done at construction unless warmup=False)."""
-        self.engine.warmup()
+    def warmup(self, progress: bool = False) -> None:
+        """Compiles every step shape (done at construction unless warmup=False); `progress` shows
+        a bar over the graphs."""
+        self.engine.warmup(progress=progress)
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -76,8 +76,18 @@ class DecoderLayers(nnx.Module):
 
 def params_for_layer_loop(cfg: ModelConfig, params: nnx.State) -> nnx.State:
     """Parameters in the layout the configured layer loop reads: stacked for scan, per-layer
-    arrays for the unrolled loop (see unstack_layers)."""
-    return params if cfg.scan_layers else unstack_layers(params)
+    arrays for the unrolled loop (see unstack_layers). Either layout is accepted."""
+    return restack_layers(params) if cfg.scan_layers else unstack_layers(params)
+
+
+def restack_layers(params: nnx.State) -> nnx.State:
+    """The inverse of `unstack_layers` (a copy of the weights); stacked parameters pass through."""
+
+    def stack(path, var):
+        value = var.get_value()
+        return var.replace(jnp.stack(value)) if path[0] == "layers" and isinstance(value, tuple) else var
+
+    return nnx.from_flat_state([(path, stack(path, var)) for path, var in nnx.to_flat_state(params)])
 
 
 def unstack_layers(params: nnx.State) -> nnx.State:
@@ -90,7 +100,7 @@ def unstack_layers(params: nnx.State) -> nnx.State:
     """
 
     def split(path, var):
-        if path[0] != "layers":
+        if path[0] != "layers" or isinstance(var.get_value(), tuple):  # (already per layer)
             return var
         stacked = var.get_value()
         if isinstance(stacked, jax.ShapeDtypeStruct):  # abstract parameters (AOT lowering)
@@ -131,6 +141,40 @@ def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, a
     return x, kv_cache
 
 
+def embed_inputs(cfg: ModelConfig, embed, tokens, positions):
+    """tokens, positions: [B, T] -> (x [B, T, D], RoPE tables: (global (cos, sin), local or None))."""
+    x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+    if cfg.is_gemma:  # HF multiplies by the scale rounded to the embedding's dtype
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+    rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                 cfg.rope_freq_factors))
+    local_rope = None
+    if any(cfg.layer_is_local()):
+        local_rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None))
+    return x, (rope, local_rope)
+
+
+def run_layer(cfg: ModelConfig, p, x, kv_cache, layer, ropes, meta, attend: Attend):
+    """Decoder block `layer` (a Python int, or a traced int32 scalar under scan or when one
+    compiled layer serves them all) with its parameters `p`: (x, kv_cache). The layer's RoPE table
+    and window are static for an int layer and selected as data for a traced one."""
+    rope, local_rope = ropes
+    is_local = cfg.layer_is_local()
+    windows = cfg.layer_windows()
+    if local_rope is None:
+        cos, sin = rope
+    elif isinstance(layer, int):
+        cos, sin = local_rope if is_local[layer] else rope
+    else:
+        local = jnp.asarray(is_local)[layer]
+        cos, sin = (jnp.where(local, a, b) for a, b in zip(local_rope, rope))
+    if isinstance(layer, int) or len(set(windows)) == 1:
+        window = windows[layer if isinstance(layer, int) else 0]
+    else:
+        window = jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)[layer]
+    return decoder_layer(p, x, cos, sin, kv_cache, layer, meta, attend, cfg, window)
+
+
 class Transformer(nnx.Module):
     """Decoder-only language model (Llama family, Gemma 3)."""
 
@@ -166,36 +210,13 @@ class Transformer(nnx.Module):
     def forward(self, tokens, positions, kv_cache, meta, attend: Attend):
         """The decoder blocks: (hidden states [B, T, D] before the final norm, kv_cache)."""
         cfg = self.cfg
-        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
-        if cfg.is_gemma:  # HF multiplies by the scale rounded to the embedding's dtype
-            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
-        rope = rope_cos_sin(positions, inv_freq)
-        is_local = cfg.layer_is_local()
-        if any(is_local):
-            local_rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None))
-        windows = cfg.layer_windows()
+        x, ropes = embed_inputs(cfg, self.embed[...], tokens, positions)
         params = self.layers.arrays()
-
-        def layer_rope(layer):
-            if not any(is_local):
-                return rope
-            if isinstance(layer, int):
-                return local_rope if is_local[layer] else rope
-            local = jnp.asarray(is_local)[layer]
-            return tuple(jnp.where(local, a, b) for a, b in zip(local_rope, rope))
-
-        def layer_window(layer):
-            if isinstance(layer, int) or len(set(windows)) == 1:
-                return windows[layer if isinstance(layer, int) else 0]
-            return jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)[layer]
 
         def body(carry, xs):
             x, kv_cache = carry
             p, layer = xs
-            cos, sin = layer_rope(layer)
-            x, kv_cache = decoder_layer(p, x, cos, sin, kv_cache, layer, meta, attend, cfg, layer_window(layer))
-            return (x, kv_cache), None
+            return run_layer(cfg, p, x, kv_cache, layer, ropes, meta, attend), None
 
         if cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)

@@ -23,12 +23,13 @@ import pydantic
 
 from jaxinfer.async_engine import AsyncEngine, EngineDeadError, PromptSpec, RequestStream
 from jaxinfer.errors import ChatTemplateError, InvalidRequestError, PromptTooLongError
+from jaxinfer import openai_logprobs as logprobs_fmt
 from jaxinfer.metrics import ServerMetrics
-from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxinfer.outputs import RequestOutput
 from jaxinfer.protocol import (UNSUPPORTED_FIELDS, AssistantMessage, ChatChoice, ChatChunkChoice,
-                               ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                               CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Delta,
-                               ErrorInfo, ErrorResponse, PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
+                               ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
+                               CompletionRequest, CompletionResponse, Delta, ErrorInfo, ErrorResponse,
+                               PromptTokensDetails, Usage)
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
@@ -286,16 +287,17 @@ class OpenAIServing:
                 for c in out.outputs:
                     lp = None
                     if req.logprobs is not None:
-                        lp = _completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, len(echo))
+                        lp = logprobs_fmt.completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, len(echo))
                         if req.echo:
-                            lp = _join(_prompt_logprobs(out, req.logprobs, self.tokenizer), lp)
+                            lp = logprobs_fmt.join(logprobs_fmt.prompt_logprobs(out, req.logprobs, self.tokenizer), lp)
                     choices.append(CompletionChoice(index=i * n + c.index, text=echo + c.text, logprobs=lp,
                                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             resp = CompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
                                       choices=choices, usage=usage)
         else:
+            k = req.top_logprobs or 0
             choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                                  logprobs=_chat_logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
+                                  logprobs=logprobs_fmt.chat_logprobs(c, k) if req.logprobs else None,
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                        for c in outs[0].outputs]
             resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
@@ -351,9 +353,9 @@ class OpenAIServing:
                         continue
                     logprobs = None
                     if chat and wants_logprobs:
-                        logprobs = _chat_logprobs(c, req.top_logprobs or 0)
+                        logprobs = logprobs_fmt.chat_logprobs(c, req.top_logprobs or 0)
                     elif wants_logprobs:
-                        logprobs = _completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, chars)
+                        logprobs = logprobs_fmt.completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, chars)
                     sent_chars[index] = chars + len(c.text)
                     if c.finish_reason:
                         finished.add(index)
@@ -387,75 +389,3 @@ def _usage(outs: list[RequestOutput]) -> Usage:
     cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics is not None)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
-def _ranked(d: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    """The k most likely entries of one position's logprob dict, best first."""
-    ranked = sorted(((i, lp) for i, lp in d.items() if lp.rank is not None), key=lambda x: x[1].rank)
-    return ranked[:k]
-
-
-def _top_dict(d: dict[int, Logprob], k: int, token_id: int, text: str) -> dict[str, float]:
-    """The legacy {token text: logprob} map: the k best and the sampled token. Tokens whose texts
-    collide (e.g. partial UTF-8 bytes all decode to U+FFFD) keep the best one's logprob."""
-    top: dict[str, float] = {}
-    for _, lp in _ranked(d, k):
-        top.setdefault(lp.decoded_token or "", lp.logprob)
-    if token_id in d:
-        top.setdefault(text, d[token_id].logprob)
-    return top
-
-
-def _token_text(d: dict[int, Logprob], token_id: int) -> str:
-    lp = d.get(token_id)
-    return lp.decoded_token if lp is not None and lp.decoded_token is not None else ""
-
-
-def _completion_logprobs(token_ids, logprobs: list[dict[int, Logprob]], k: int, offset: int) -> CompletionLogprobs:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    for tid, d in zip(token_ids, logprobs):
-        text = _token_text(d, tid)
-        tokens.append(text)
-        token_lps.append(d[tid].logprob if tid in d else None)
-        tops.append(_top_dict(d, k, tid, text))
-        offsets.append(offset)
-        offset += len(text)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
-
-
-def _prompt_logprobs(out: RequestOutput, k: int, tokenizer: Tokenizer) -> CompletionLogprobs:
-    """Echoed prompt tokens: the first has no log-probability (nothing precedes it)."""
-    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
-    plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    for tid, d in zip(out.prompt_token_ids, plps):
-        text = tokenizer.decode([tid], skip_special_tokens=False)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
-        if d is None:
-            token_lps.append(None)
-            tops.append(None)
-        else:
-            token_lps.append(d[tid].logprob if tid in d else None)
-            tops.append(_top_dict(d, k, tid, text))
-    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
-
-
-def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
-    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
-                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
-
-
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-def _chat_logprobs(c: CompletionOutput, k: int) -> ChatLogprobs:
-    content = []
-    for tid, d in zip(c.token_ids, c.logprobs or []):
-        text = _token_text(d, tid)
-        top = [TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=_bytes(lp.decoded_token or ""))
-               for _, lp in _ranked(d, k)]
-        content.append(TokenLogprob(token=text, logprob=d[tid].logprob if tid in d else float("-inf"),
-                                    bytes=_bytes(text), top_logprobs=top))
-    return ChatLogprobs(content=content)

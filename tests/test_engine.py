@@ -72,11 +72,11 @@ def random_prompts(cfg, lengths, seed=0):
 LENGTHS = [1, 3, 4, 5, 12, 21, 2, 40, 7, 16, 17, 1, 33, 9, 4, 26]
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_layers, tmp_path):
+@pytest.mark.parametrize("scan_layers,layer_loop", [(True, "model"), (False, "model"), (True, "per_layer")])
+def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_layers, layer_loop, tmp_path):
     model = tiny if scan_layers else load_model(tiny.path, scan_layers=False, progress=False)
     prompts = random_prompts(tiny.config, LENGTHS)
-    engine = make_engine(model)
+    engine = make_engine(model, layer_loop=layer_loop)
     outs = run(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
     for i, p in enumerate(prompts):
         assert outs[str(i)].outputs[0].token_ids == reference.generate([p], [GREEDY])[0].token_ids, i
@@ -310,7 +310,7 @@ def test_nothing_compiles_after_warmup(tiny):
 
 
 def test_kv_budget_from_bytes_or_a_fraction_of_free_device_memory():
-    from jaxinfer.engine import DEFAULT_CPU_KV_CACHE_BYTES, kv_cache_budget
+    from jaxinfer.engine_config import DEFAULT_CPU_KV_CACHE_BYTES, kv_cache_budget
 
     class FakeAccelerator:
         def memory_stats(self):

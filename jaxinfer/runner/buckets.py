@@ -92,13 +92,16 @@ class RunnerConfig:
         ops.check_backend_name(self.attention_backend)
 
     def item_buckets(self, num_seqs: int) -> tuple[int, ...]:
-        """Work-item counts of a decode step with `num_seqs` sequence slots: 1, 2, 4, ... items per
-        sequence on average, up to every sequence at full length."""
+        """Work-item counts of a decode step with `num_seqs` sequence slots: 1, 4, 16, ... items per
+        sequence on average, up to every sequence at full length. Growing by 4 rather than 2 halves
+        the decode graphs to compile (start-up) for at most 4x the attention items of a step, whose
+        cost is small beside the weights' at the batch sizes the reference backend serves
+        (docs/ARCHITECTURE.md decision 49)."""
         top = num_seqs * -(-self.max_pages_per_seq // self.pages_per_item)
         out, n = [], num_seqs
         while n < top:
             out.append(n)
-            n *= 2
+            n *= 4
         return tuple(out + [top])
 
     def mixed_q_block(self, num_tokens: int) -> int:

@@ -9,9 +9,11 @@ runner of the same model and shapes in the process).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Iterable
 
@@ -21,13 +23,14 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import params_for_layer_loop
+from jaxinfer.model import params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
 from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, build_model_input,
                                     build_sampling_input, empty_model_input, neutral_sampling_input,
                                     prompt_logprob_rows, stack_model_inputs, stack_sampling_inputs)
-from jaxinfer.runner.steps import AttentionSpec, forward_step, prompt_logprobs_step, sample_step
+from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
+                                   rows_step, sample_step)
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.scheduler import SchedulerOutput
 from pallas_kernels import ops
@@ -84,10 +87,16 @@ class Runner:
       runner_config: cache geometry and shape buckets.
       eos_token_ids: tokens suppressed until a request's min_tokens are generated.
       mesh: shard parameters and cache over it (`sharding/`), else one device.
+      layer_loop: "model": one compiled graph per step, looping over the layers as the model is
+        configured (scanned or unrolled); "per_layer": one compiled graph of a single layer, run
+        once per layer from the host on that layer's own weight arrays (the unrolled loop's step
+        time at the scanned loop's compile time; docs/ARCHITECTURE.md decision 48).
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
-                 *, eos_token_ids: Iterable[int] = (), mesh=None):
+                 *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model"):
+        if layer_loop not in ("model", "per_layer"):
+            raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
         self.config = config
         self.rc = runner_config
         self.graphdef = graphdef
@@ -98,7 +107,8 @@ class Runner:
         self.requests: dict[str, CachedRequest] = {}
         self.attention = AttentionSpec(backend=runner_config.attention_backend,
                                        max_prefill_seqs=runner_config.max_prefill_seqs, mesh=mesh)
-        self.params = params_for_layer_loop(config, params)
+        self.layer_loop = layer_loop
+        self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
         make_cache = functools.partial(
             PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
             page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
@@ -111,15 +121,38 @@ class Runner:
 
             self.params = shard_params(self.params, mesh)
             self.kv_cache = jax.jit(make_cache, out_shardings=kv_cache_sharding(jax.eval_shape(make_cache), mesh))()
+        self.layer_params = []  # per_layer: {name: layer i's array}, one dict per layer
+        if layer_loop == "per_layer":
+            layers = {name: var.get_value() for name, var in nnx.to_flat_state(self.params["layers"])}
+            self.layer_params = [{name[-1]: arrays[i] for name, arrays in layers.items()}
+                                 for i in range(config.num_layers)]
+        self._layer_ids = [jnp.int32(i) for i in range(config.num_layers)]  # on the device once
 
     # ---- the compiled steps (shared: see steps.py) ------------------------------------------------
 
     def _forward(self, inp: ModelInput, q_block: int):
+        if self.layer_loop == "per_layer":
+            cfg = self.config
+            x, ropes = embed_step(self.params["embed"].get_value(), inp.tokens, inp.positions, cfg=cfg)
+            meta = jax.device_put(inp.meta)  # once, not once per layer
+            for layer, p in zip(self._layer_ids, self.layer_params):
+                x, self.kv_cache = layer_step(p, self.kv_cache, x, ropes, layer, meta, cfg=cfg,
+                                              attention=self.attention, q_block=q_block)
+            return rows_step(x, inp.logits_indices)
         hidden, rows, self.kv_cache = forward_step(self.params, self.kv_cache, inp, graphdef=self.graphdef,
                                                    attention=self.attention, q_block=q_block)
         return hidden, rows
 
     def _sample(self, rows, si: SamplingInput):
+        S = rows.shape[0]
+        if self.mesh is None and (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:
+            # Penalties and logprobs are compiled for the largest sequence bucket only (start-up):
+            # pad the rows, sample, cut the padding off.
+            # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
+            # its own); the caller reads the first S rows of the result.
+            pad = self.rc.seq_buckets[-1] - S
+            rows = np.pad(np.asarray(rows), ((0, pad), (0, 0)))
+            si = jax.tree.map(lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), si)
         return sample_step(self.params, rows, si, graphdef=self.graphdef)
 
     def _prompt_logprobs(self, hidden, rows, targets):
@@ -198,7 +231,7 @@ class Runner:
         plan): forward, sample, prompt logprobs -> (tokens, logprobs, prompt logprobs, seconds
         spent waiting for the device), as numpy arrays."""
         hidden, rows = self._forward(plan.model_input, plan.shape.q_block)
-        tokens, lps = self._sample(rows, plan.sampling_input)
+        tokens, lps = self._sample(rows, plan.sampling_input)  # may be padded past S rows (see _sample)
         prompt_lps = None
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
@@ -211,8 +244,70 @@ class Runner:
             prompt_lps = [np.asarray(a) for a in prompt_lps]
         return tokens, lps, prompt_lps, time.perf_counter() - start
 
-    def warmup(self, progress: bool = False) -> int:
-        """Compiles every step shape and sampler variant; returns how many graphs were run."""
+    def warmup(self, progress: bool = False, threads: int | None = None) -> int:
+        """Compiles every graph a step can need (every step shape, sampler variant and prompt-logprob
+        shape); returns how many. Without a mesh the graphs are compiled ahead of time from
+        abstract inputs, `threads` at once (default: one per CPU core), and nothing runs; with a
+        mesh each shape runs once on padding inputs."""
+        if self.mesh is not None:
+            return self._warmup_by_running(progress)
+        graphs = self._aot_graphs()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(graphs), desc="Compiling steps", unit="graph")
+        threads = threads or os.cpu_count() or 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [pool.submit(lambda g: g[0].lower(*g[1], **g[2]).compile(), g) for g in graphs]
+            for f in concurrent.futures.as_completed(futures):
+                f.result()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return len(graphs)
+
+    def _aot_graphs(self) -> list[tuple]:
+        """(jitted function, args, kwargs) of every graph, args abstract where they are device
+        results (hidden states, sampled rows), real where they are what a step passes."""
+        rc, cfg, V = self.rc, self.config, self.config.vocab_size
+        dtype, D = jnp.dtype(cfg.dtype), cfg.hidden_size
+        graphs, seen = [], set()
+
+        def add(fn, args, kwargs, key):
+            if key not in seen:
+                seen.add(key)
+                graphs.append((fn, args, kwargs))
+
+        for shape in self.all_step_shapes():
+            inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
+            if self.layer_loop == "per_layer":
+                embed = self.params["embed"].get_value()
+                add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T))
+                x, ropes = jax.eval_shape(functools.partial(embed_step, cfg=cfg), embed, inp.tokens, inp.positions)
+                add(layer_step, (self.layer_params[0], self.kv_cache, x, ropes, self._layer_ids[0], inp.meta),
+                    dict(cfg=cfg, attention=self.attention, q_block=shape.q_block), ("layer", shape))
+                add(rows_step, (x, inp.logits_indices), {}, ("rows", shape.T, shape.S))
+            else:
+                add(forward_step, (self.params, self.kv_cache, inp),
+                    dict(graphdef=self.graphdef, attention=self.attention, q_block=shape.q_block), ("forward", shape))
+            hidden = jax.ShapeDtypeStruct((shape.T, D), dtype)
+            rows = np.zeros(shape.T, np.int32)
+            add(prompt_logprobs_step, (self.params, hidden, rows, rows), dict(graphdef=self.graphdef),
+                ("prompt_logprobs", shape.T))
+        for S in rc.seq_buckets:  # penalties / logprobs: the largest bucket only (see _sample)
+            rows = jax.ShapeDtypeStruct((S, D), dtype)
+            for with_penalties, num_logprobs in ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS)):
+                if S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs):
+                    si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+                    add(sample_step, (self.params, rows, si), dict(graphdef=self.graphdef),
+                        ("sample", S, with_penalties, num_logprobs))
+        return graphs
+
+    def _warmup_by_running(self, progress: bool) -> int:
+        """Runs every step shape once on padding inputs (the sharded case: the graphs see the
+        shardings real steps produce)."""
         rc, V = self.rc, self.config.vocab_size
         shapes = self.all_step_shapes()
         it = shapes

@@ -2,6 +2,11 @@
 
     forward_step(params, kv_cache, inp, graphdef=, attention=, q_block=)  -> (hidden [T, D],
                                                    rows [S, D], kv_cache)        KV cache donated
+    or, layer by layer (`Runner` with layer_loop="per_layer"):
+      embed_step(embed, tokens, positions, cfg=) -> (x, RoPE tables)
+      layer_step(p, kv_cache, x, ropes, layer, meta, cfg=, attention=, q_block=) -> (x, kv_cache)
+                                                   one graph for every layer, run L times
+      rows_step(x, logits_indices)                 -> (hidden [T, D], rows [S, D])
     sample_step(params, rows, si, graphdef=)       -> (tokens [S], logprobs or None)
     prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
 
@@ -21,6 +26,8 @@ import functools
 import jax
 from flax import nnx
 
+from jaxinfer.config import ModelConfig
+from jaxinfer.model import embed_inputs, run_layer
 from jaxinfer.paged_attention import paged_attend
 from jaxinfer.runner.inputs import ModelInput, SamplingInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
@@ -56,6 +63,26 @@ def forward_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, a
     model = nnx.merge(graphdef, params)
     hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block))
     return hidden[0], hidden[0, inp.logits_indices], kv_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def embed_step(embed, tokens, positions, *, cfg: ModelConfig):
+    """tokens, positions: [1, T] -> (x [1, T, D], RoPE tables) for `layer_step`."""
+    return embed_inputs(cfg, embed, tokens, positions)
+
+
+@functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("cfg", "attention", "q_block"))
+def layer_step(p, kv_cache, x, ropes, layer, meta, *, cfg: ModelConfig, attention: AttentionSpec, q_block: int):
+    """One decoder block; `layer` is a traced int32, so every layer runs the same compiled graph on
+    its own parameter arrays `p` (read in place: no slice of a stacked weight, see
+    docs/ARCHITECTURE.md) -> (x, kv_cache)."""
+    return run_layer(cfg, p, x, kv_cache, layer, ropes, meta, attention.attend(q_block))
+
+
+@jax.jit
+def rows_step(x, logits_indices):
+    """x: [1, T, D] -> (hidden [T, D], the chunks' last rows [S, D])."""
+    return x[0], x[0, logits_indices]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
