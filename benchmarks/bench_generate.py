@@ -76,13 +76,13 @@ def jaxinfer_runner(path, scan_layers):
 ENGINE_STEP_TIMES: dict[str, list[tuple[float, float]]] = {}  # name -> (device, host) s per decode step
 
 
-def jaxinfer_engine(path, layer_loop, max_batch, name):
+def jaxinfer_engine(path, layer_loop, max_batch, name, max_model_len):
     """The engine: (prefill seconds, decode seconds per step) for one batch size."""
     from jaxinfer.llm import LLM
     from jaxinfer.sampling_params import SamplingParams
 
     llm = LLM(path, layer_loop=layer_loop, max_num_seqs=max_batch, kv_cache_memory=256 << 20, warmup=True,
-              progress=False, max_model_len=1024, enable_prefix_caching=False)  # every round reuses the prompts
+              progress=False, max_model_len=max_model_len, enable_prefix_caching=False)  # every round reuses the prompts
     engine = llm.engine
     ENGINE_STEP_TIMES[name] = []
     calls = collections.Counter()
@@ -182,12 +182,14 @@ def main() -> None:
 
     global VOCAB
     path = resolve_model_path(args.model)
-    VOCAB = GGUFFile(path).model_config().vocab_size
+    model_config = GGUFFile(path).model_config()
+    VOCAB = model_config.vocab_size
+    context = min(1024, model_config.max_position_embeddings)
     top = max(args.batch_sizes)
     runners = {
-        "jaxinfer engine f32, default (layer_loop=per_layer)": jaxinfer_engine(path, None, top, "engine default"),
+        "jaxinfer engine f32, default (layer_loop=per_layer)": jaxinfer_engine(path, None, top, "engine default", context),
         "jaxinfer engine f32, layer_loop=model (scanned: the previous default)":
-            jaxinfer_engine(path, "model", top, "engine other"),
+            jaxinfer_engine(path, "model", top, "engine other", context),
         "jaxinfer reference generator f32, scanned layers": jaxinfer_runner(path, True),
         "jaxinfer reference generator f32, unrolled layers": jaxinfer_runner(path, False),
     }

@@ -196,6 +196,7 @@ class OpenAIServing:
                            param="best_of")
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        request_id = f"cmpl-{uuid.uuid4().hex}"  # the engine's id too (prompt i of several: -i after it)
         specs, texts = [], []
         for i, prompt in enumerate(prompts):
             where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
@@ -209,9 +210,10 @@ class OpenAIServing:
             max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", where)
             params = self._sampling_params(req, max_tokens, req.logprobs,
                                            req.logprobs if req.echo and req.logprobs is not None else None)
-            specs.append(PromptSpec(ids, params, prompt=text))
+            specs.append(PromptSpec(ids, params, prompt=text,
+                                    request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}"))
             texts.append(text or "")
-        return Prepared("completion", req, specs, texts, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+        return Prepared("completion", req, specs, texts, request_id, int(time.time()))
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self._check_model(req.model)
@@ -234,8 +236,9 @@ class OpenAIServing:
                                       "the conversation")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_params(req, max_tokens, logprobs, None)
-        return Prepared("chat", req, [PromptSpec(ids, params, prompt=text)], [text],
-                        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"  # the HTTP response's id is the engine's
+        return Prepared("chat", req, [PromptSpec(ids, params, prompt=text, request_id=request_id)], [text],
+                        request_id, int(time.time()))
 
     def submit(self, prepared: Prepared) -> RequestStream:
         try:

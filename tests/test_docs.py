@@ -480,6 +480,7 @@ def test_benchmark_commands_run(tmp_path):
         outputs[script] = done.stdout
     assert re.search(r"\| True \| 2 \| [\d.]+ \| [\d.]+ \|", outputs["bench_compile.py"])
     assert "HF transformers" in outputs["bench_generate.py"] and "unrolled layers" in outputs["bench_generate.py"]
+    assert "jaxinfer engine f32, default" in outputs["bench_generate.py"]  # the engine columns
     assert re.search(r"\| hf \| [\d.]+ \|", outputs["throughput.py"]) and (tmp_path / "out.json").exists()
     assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \

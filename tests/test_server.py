@@ -448,6 +448,23 @@ def test_sampling_params_from_requests_match_the_python_api(live):
     assert spec.params.output_kind is RequestOutputKind.DELTA  # a stream carries only what is new
 
 
+def test_the_http_response_id_is_the_engine_request_id(live):
+    serving = live[2].extensions["jaxinfer"].serving
+    from jaxinfer.openai_serving import parse_request
+    from jaxinfer.protocol import ChatCompletionRequest, CompletionRequest
+
+    one = serving.prepare_completion(parse_request(b'{"prompt": "a"}', CompletionRequest))
+    assert [s.request_id for s in one.specs] == [one.request_id] and one.request_id.startswith("cmpl-")
+    two = serving.prepare_completion(parse_request(b'{"prompt": ["a", "b"]}', CompletionRequest))
+    assert [s.request_id for s in two.specs] == [f"{two.request_id}-0", f"{two.request_id}-1"]
+    chat = serving.prepare_chat(parse_request(b'{"messages": [{"role": "user", "content": "hi"}]}',
+                                              ChatCompletionRequest))
+    assert [s.request_id for s in chat.specs] == [chat.request_id] and chat.request_id.startswith("chatcmpl-")
+    stream = serving.submit(chat)  # the engine serves it under that id
+    assert stream.request_ids == [chat.request_id]
+    stream.results(timeout=120)
+
+
 def test_jaxinfer_serve_is_the_server_command(capsys):
     from jaxinfer.cli import main
 
