@@ -81,8 +81,9 @@ def jaxinfer_engine(path, layer_loop, max_batch, name, max_model_len):
     from jaxinfer.llm import LLM
     from jaxinfer.sampling_params import SamplingParams
 
+    # No prefix caching: every round sends the same prompts again.
     llm = LLM(path, layer_loop=layer_loop, max_num_seqs=max_batch, kv_cache_memory=256 << 20, warmup=True,
-              progress=False, max_model_len=max_model_len, enable_prefix_caching=False)  # every round reuses the prompts
+              progress=False, max_model_len=max_model_len, enable_prefix_caching=False)
     engine = llm.engine
     ENGINE_STEP_TIMES[name] = []
     calls = collections.Counter()
@@ -187,7 +188,8 @@ def main() -> None:
     context = min(1024, model_config.max_position_embeddings)
     top = max(args.batch_sizes)
     runners = {
-        "jaxinfer engine f32, default (layer_loop=per_layer)": jaxinfer_engine(path, None, top, "engine default", context),
+        "jaxinfer engine f32, default (layer_loop=per_layer)":
+            jaxinfer_engine(path, None, top, "engine default", context),
         "jaxinfer engine f32, layer_loop=model (scanned: the previous default)":
             jaxinfer_engine(path, "model", top, "engine other", context),
         "jaxinfer reference generator f32, scanned layers": jaxinfer_runner(path, True),
