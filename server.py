@@ -406,7 +406,7 @@ def _run(args, config: ServerConfig) -> int:
     multihost.attach(llm.engine.runner)
     t1 = time.perf_counter()
     _status(f"loaded in {t1 - t0:.1f}s; compiling every step shape ...")
-    llm.warmup(progress=True)
+    llm.warmup(progress=True, threads=os.cpu_count() or 1)
     _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s")
     app = create_app(llm.engine, config)
     state: ServerState = app.extensions["jaxinfer"]

@@ -33,6 +33,7 @@ from jaxinfer.data_parallel import DataParallelScheduler
 from jaxinfer.engine_config import (DEFAULT_PAGE_SIZE, SP_NEEDS_REFERENCE, EngineConfig,  # noqa: F401
                                     kv_cache_budget, set_compilation_cache)  # EngineConfig and the cache re-exported
 from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from jaxinfer.model import restack_layers
 from jaxinfer.output_processor import OutputProcessor
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.paged_attention import PagedKVCache
@@ -78,6 +79,8 @@ class LLMEngine:
             if pc.tensor_parallel_size > 1:
                 from sharding.heads import relayout_model
 
+                # the head re-layout works on stacked weights (an engine's per-layer ones are restacked)
+                params = restack_layers(params)
                 config, graphdef, params = relayout_model(config, params, pc.tensor_parallel_size)
         self.config = config
         self.engine_config = ec
@@ -163,10 +166,10 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def warmup(self, progress: bool = False) -> None:
-        """Compiles every step shape, so no request waits for a compile."""
+    def warmup(self, progress: bool = False, threads: int = 1) -> None:
+        """Compiles every step shape, so no request waits for a compile (`threads` at once)."""
         start = time.perf_counter()
-        self.counters["warmup_graphs"] = self.runner.warmup(progress=progress)
+        self.counters["warmup_graphs"] = self.runner.warmup(progress=progress, threads=threads)
         logger.info("warm-up: %d graphs in %.1f s", self.counters["warmup_graphs"], time.perf_counter() - start)
 
     def validate_prompt(self, prompt_token_ids: Sequence[int], where: str = "prompt") -> list[int]:

@@ -92,10 +92,10 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 
-    def warmup(self, progress: bool = False) -> None:
+    def warmup(self, progress: bool = False, threads: int = 1) -> None:
         """Compiles every step shape (done at construction unless warmup=False); `progress` shows
-        a bar over the graphs."""
-        self.engine.warmup(progress=progress)
+        a bar over the graphs; `threads` compile at once (the server uses one per core)."""
+        self.engine.warmup(progress=progress, threads=threads)
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import time
 from typing import Iterable
 
@@ -244,11 +243,11 @@ class Runner:
             prompt_lps = [np.asarray(a) for a in prompt_lps]
         return tokens, lps, prompt_lps, time.perf_counter() - start
 
-    def warmup(self, progress: bool = False, threads: int | None = None) -> int:
+    def warmup(self, progress: bool = False, threads: int = 1) -> int:
         """Compiles every graph a step can need (every step shape, sampler variant and prompt-logprob
         shape); returns how many. Without a mesh the graphs are compiled ahead of time from
-        abstract inputs, `threads` at once (default: one per CPU core), and nothing runs; with a
-        mesh each shape runs once on padding inputs."""
+        abstract inputs, `threads` at once (1: on the calling thread; the server asks for one per
+        core), and nothing runs; with a mesh each shape runs once on padding inputs."""
         if self.mesh is not None:
             return self._warmup_by_running(progress)
         graphs = self._aot_graphs()
@@ -257,13 +256,20 @@ class Runner:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(graphs), desc="Compiling steps", unit="graph")
-        threads = threads or os.cpu_count() or 1
-        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = [pool.submit(lambda g: g[0].lower(*g[1], **g[2]).compile(), g) for g in graphs]
-            for f in concurrent.futures.as_completed(futures):
-                f.result()
+        def compile_graph(g):
+            g[0].lower(*g[1], **g[2]).compile()
+
+        if threads <= 1:
+            for g in graphs:
+                compile_graph(g)
                 if bar is not None:
                     bar.update(1)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+                for f in concurrent.futures.as_completed([pool.submit(compile_graph, g) for g in graphs]):
+                    f.result()
+                    if bar is not None:
+                        bar.update(1)
         if bar is not None:
             bar.close()
         return len(graphs)
