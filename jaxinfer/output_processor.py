@@ -91,13 +91,6 @@ class OutputProcessor:
         for sid, sample in zip(sample_ids, samples):
             self._owner[sid] = (state, sample)
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._states
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._states)
-
     def process(self, update: SchedulerUpdate, result) -> ProcessedStep:
         """result: the runner's StepResult (logprobs, prompt logprobs, when the step started)."""
         now = time.monotonic()

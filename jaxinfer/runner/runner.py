@@ -36,6 +36,9 @@ from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
 
+# The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
+SAMPLER_VARIANTS = ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS))
+
 
 @dataclasses.dataclass
 class SampledToken:
@@ -304,7 +307,7 @@ class Runner:
                 ("prompt_logprobs", shape.T))
         for S in rc.seq_buckets:  # penalties / logprobs: the largest bucket only (see _sample)
             rows = jax.ShapeDtypeStruct((S, D), dtype)
-            for with_penalties, num_logprobs in ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS)):
+            for with_penalties, num_logprobs in SAMPLER_VARIANTS:
                 if S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs):
                     si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
                     add(sample_step, (self.params, rows, si), dict(graphdef=self.graphdef),
@@ -331,13 +334,12 @@ class Runner:
             hidden[shape.T], sample_rows[shape.S] = self._forward(inp, shape.q_block)
             count += 1
         for S in rc.seq_buckets:
-            for with_penalties in (False, True):
-                for num_logprobs in (0, MAX_LOGPROBS):
-                    si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
-                    if D > 1:
-                        si = stack_sampling_inputs([si] * D, V)
-                    jax.block_until_ready(self._sample(sample_rows[S], si))
-                    count += 1
+            for with_penalties, num_logprobs in SAMPLER_VARIANTS:
+                si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+                if D > 1:
+                    si = stack_sampling_inputs([si] * D, V)
+                jax.block_until_ready(self._sample(sample_rows[S], si))
+                count += 1
         for T, h in hidden.items():
             rows = np.zeros(T * D, np.int32)
             jax.block_until_ready(self._prompt_logprobs(h, rows, rows))
