@@ -15,6 +15,11 @@ Workload: `--num-requests` prompts of random token ids with lengths uniform in
 - hf:         transformers `generate` (fp32, greedy, left padding, same static batches).
 - decode:     the engine with `concurrency` requests of `--min-prompt` tokens: close to pure
               decode throughput at that concurrency.
+- async:      that decode workload with async scheduling off and on, interleaved `--rounds` times
+              (medians), beside the device-only bound: the same steps' inputs (recorded from a
+              synchronous run) dispatched back to back with no scheduling, input building or
+              output processing between them. Host ms/step is step time outside waiting for the
+              device; with async on it overlaps the device's work.
 
 Output tok/s counts generated tokens only. Host time per step is engine time outside waiting for
 the device (scheduling, batch building, detokenizing).
@@ -57,6 +62,43 @@ def bench_engine(llm, prompts, output_len):
     return dict(seconds=elapsed, output_tok_s=generated / elapsed, steps=steps,
                 host_ms_per_step=1000 * (c["host_seconds"] - before["host_seconds"]) / steps,
                 device_ms_per_step=1000 * (c["device_seconds"] - before["device_seconds"]) / steps)
+
+
+def bench_async(llm, prompts, output_len, rounds):
+    """Decode with async scheduling off and on, interleaved; and the device-only bound."""
+    import statistics
+
+    import jax
+
+    runner = llm.engine.runner
+    compiled_async = runner.async_scheduling
+    runs = {"off": [], "on": []}
+    for _ in range(rounds):
+        for mode in ("off", "on") if compiled_async else ("off",):
+            runner.async_scheduling = mode == "on"
+            runs[mode].append(bench_engine(llm, prompts, output_len))
+    runner.async_scheduling = compiled_async
+    plans = []  # the device-only bound: a synchronous run's steps, replayed back to back
+    runner.async_scheduling, runner.step_hook = False, plans.append
+    try:
+        bench_engine(llm, prompts, output_len)
+    finally:
+        runner.async_scheduling, runner.step_hook = compiled_async, None
+    bounds = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for plan in plans:
+            last = runner._dispatch(plan)
+        jax.block_until_ready(last)
+        bounds.append(time.perf_counter() - t0)
+    out = {}
+    for mode, rs in runs.items():
+        if rs:
+            out[mode] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    seconds = statistics.median(bounds)
+    out["device_only"] = dict(seconds=seconds, steps=len(plans), device_ms_per_step=1000 * seconds / len(plans),
+                              output_tok_s=len(prompts) * output_len / seconds)
+    return out
 
 
 def bench_reference(llm, prompts, output_len, concurrency):
@@ -113,6 +155,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024, help="engine context (raised to fit the workload)")
     ap.add_argument("--scan-layers", type=int, default=None, help="1 scanned, 0 unrolled (default: by backend)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved async off/on rounds (medians)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here too")
@@ -140,6 +183,8 @@ def main():
     short = workload(args.concurrency, args.min_prompt, args.min_prompt, seed=1, vocab=llm.config.vocab_size)
     results["decode"] = bench_engine(llm, short, args.output_len)
     print("decode", results["decode"], flush=True)
+    results["async"] = bench_async(llm, short, args.output_len, args.rounds)
+    print("async", results["async"], flush=True)
     if not args.skip_reference:
         results["reference"] = bench_reference(llm, prompts, args.output_len, args.concurrency)
         print("reference", results["reference"], flush=True)
@@ -155,6 +200,17 @@ def main():
     print(f"| decode-only at {args.concurrency} concurrent | {results['decode']['output_tok_s']:.1f} | |")
     print(f"engine host time per step: {results['engine']['host_ms_per_step']:.1f} ms "
           f"(device wait {results['engine']['device_ms_per_step']:.1f} ms)")
+    a = results["async"]
+    bound = a["device_only"]["output_tok_s"]
+    print(f"\n| decode at {args.concurrency} concurrent (median of {args.rounds}) | output tok/s | vs device-only "
+          f"| host ms/step | device wait ms/step |\n|---|---|---|---|---|")
+    for mode in ("off", "on"):
+        if mode in a:
+            r = a[mode]
+            print(f"| async scheduling {mode} | {r['output_tok_s']:.1f} | {r['output_tok_s'] / bound:.2f} "
+                  f"| {r['host_ms_per_step']:.1f} | {r['device_ms_per_step']:.1f} |")
+    print(f"| device-only bound ({a['device_only']['steps']} steps replayed) | {bound:.1f} | 1.00 | 0 "
+          f"| {a['device_only']['device_ms_per_step']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -7,6 +7,17 @@
         Runner.execute                    device step -> StepResult (sampled tokens, logprobs)
         Scheduler.update                  SchedulerUpdate (new token ids, finished + why)
         OutputProcessor.process           detokenize, stop strings, deltas -> RequestOutputs
+
+With async scheduling (`EngineConfig.async_scheduling`) `Runner.execute` dispatches step N + 1 and
+then returns step N's results, so the host's update/process of step N and its scheduling/input building of step
+N + 2 run while the device computes step N + 1:
+
+    host:    schedule N+1 | submit N+1 | collect N (wait) | update N, process N | schedule N+2 ...
+    device:  ....... step N ..........| step N+1 ...................................| step N+2
+
+A decode in step N + 1 reads the token step N samples for it on the device. A request that step
+N ends (EOS, stop token, stop string, abort) wastes its slot of step N + 1, whose token is dropped;
+max_tokens and the context end are known in advance and waste nothing.
     abort(id)                             frees everything the request holds
 
 A request with n > 1 samples becomes n sample requests with seeds seed, seed + 1, ... The first
@@ -151,8 +162,13 @@ class LLMEngine:
             self.scheduler = DataParallelScheduler(sched_config, self.kv_managers,
                                                    eos_token_ids=tokenizer.eos_token_ids)
         layer_loop = ec.layer_loop or ("per_layer" if device.platform == "cpu" and self.mesh is None else "model")
+        one_device = self.mesh is None and jax.process_count() == 1
+        if ec.async_scheduling and not one_device:
+            raise InvalidRequestError("async_scheduling=True runs on one device in one process; with tensor, data or "
+                                      "sequence parallelism or several hosts leave it unset (steps run synchronously)")
+        self.async_scheduling = one_device if ec.async_scheduling is None else ec.async_scheduling
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
-                             layer_loop=layer_loop)
+                             layer_loop=layer_loop, async_scheduling=self.async_scheduling)
         self.output_processor = OutputProcessor(tokenizer)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
         self._holding: dict[str, list[Request]] = {}  # n > 1: samples waiting for sample 0's prompt
@@ -198,7 +214,9 @@ class LLMEngine:
         ids = self.validate_prompt(prompt_token_ids)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        if request_id in self._samples or any(sid in self.scheduler.requests for sid in sample_ids):
+        in_flight = self.runner.in_flight.chunks if self.runner.in_flight is not None else ()
+        if request_id in self._samples or any(sid in self.scheduler.requests for sid in sample_ids) or any(
+                c.request_id in sample_ids for c in in_flight):  # (a step in flight still reports on it)
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
@@ -228,7 +246,7 @@ class LLMEngine:
         return self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._samples or self._stopped)
+        return bool(self._samples or self._stopped or self.runner.in_flight is not None)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -241,10 +259,12 @@ class LLMEngine:
         start = time.perf_counter()
         self._admit_and_stop()
         out = self.scheduler.schedule()
-        result = self.runner.execute(out)
-        update = self.scheduler.update(out, result.token_ids)
+        result = self.runner.execute(out)  # async: dispatches `out`, returns the step before it (or None)
+        if result is None:
+            return []  # (the first step of a run is in flight: nothing to report yet)
+        update = self.scheduler.update(result.out, result.token_ids)
         processed = self.output_processor.process(update, result)
-        self._account(out, result, processed, start)
+        self._account(result.out, result, processed, start)
         return processed.outputs
 
     def _admit_and_stop(self) -> None:
@@ -263,7 +283,7 @@ class LLMEngine:
 
     def _account(self, out, result, processed, start: float) -> None:
         """Counters, the samples to stop at the next step, and the requests that ended."""
-        if out.is_empty and self.scheduler.has_unfinished_requests():
+        if out.is_empty and self.scheduler.has_unfinished_requests() and self.runner.in_flight is None:
             raise RuntimeError("the scheduler could not place any request; the KV cache is too small for the "
                                "smallest waiting request")
         self._stopped += processed.abort_ids

@@ -51,6 +51,9 @@ class EngineConfig:
       layer_loop: "per_layer" (one compiled layer run once per layer from the host: fast steps
         and fast compiles on CPU), "model" (one graph per step over the model's own loop, scanned
         or unrolled), or None: per_layer on CPU without a mesh, model elsewhere (decision 48).
+      async_scheduling: schedule and build step N + 1 while the device runs step N (host time
+        hidden behind the device's); None: on with one device in one process (decision 50), where
+        tensor / data / sequence parallel and multi-host runs step synchronously; False: off.
       compilation_cache_dir: persistent XLA compilation cache for the entry points to set
         (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
         variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.
@@ -77,6 +80,7 @@ class EngineConfig:
     data_parallel_size: int = 1
     sequence_parallel_size: int = 1
     layer_loop: str | None = None
+    async_scheduling: bool | None = None
     compilation_cache_dir: str | None = None
     seed: int = 0
 

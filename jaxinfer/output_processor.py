@@ -97,6 +97,8 @@ class OutputProcessor:
         step = ProcessedStep([], [])
         touched: dict[str, _RequestState] = {}
         for sid, lps in result.prompt_logprobs.items():
+            if sid not in self._owner:
+                continue  # aborted while its step ran
             state, _ = self._owner[sid]
             for p in lps:
                 state.prompt_logprobs[p.position] = self._logprob_dict(p.token_id, p.logprob, p.top_logprobs)

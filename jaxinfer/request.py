@@ -30,7 +30,10 @@ class Request:
     """Prompt, sampling parameters and progress of one request.
 
     Attributes:
-      num_computed_tokens: tokens whose KV is in the cache (prompt and generated alike).
+      num_computed_tokens: tokens whose KV is in the cache once the steps scheduled so far have run
+        (advanced when a chunk is scheduled, so the next step can be scheduled while this one runs).
+      num_pending_tokens: tokens sampled by scheduled steps whose results have not come back yet
+        (0 between synchronous steps; at most 1 with async scheduling).
       num_cached_tokens: prompt tokens found in the prefix cache when first scheduled (-1 before).
       stop_reason: the stop token id or stop string that finished it, if any.
       parent_id, sample_index: the request id the caller knows, and which of its n samples this is
@@ -51,6 +54,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self._all_token_ids = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
+        self.num_pages_sent = 0  # its pages the runner has been told of (all of them since its admission)
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -86,4 +91,4 @@ class Request:
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, out={len(self.output_token_ids)}, "
-                f"computed={self.num_computed_tokens}, {self.status.value})")
+                f"computed={self.num_computed_tokens}, pending={self.num_pending_tokens}, {self.status.value})")

@@ -11,6 +11,11 @@ When the page pool runs short, the most recently admitted running request is pre
 are freed and it goes back to the front of the queue to be recomputed later (its full pages usually
 survive in the prefix cache). Nothing is lost. The result of a step is a `SchedulerOutput`, the only
 thing the runner sees; `update` takes the sampled tokens back and applies the stop rules.
+
+A chunk counts as computed when it is scheduled, and a chunk that samples leaves one *pending*
+token, so step N + 1 can be scheduled before step N's tokens are back (async scheduling): a
+running decode is scheduled on its pending token (the runner feeds it from the device), and
+`update` later fills the token in, or ends the request (then step N + 1's work on it is dropped).
 """
 
 from __future__ import annotations
@@ -55,17 +60,16 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledChunk:
-    """Tokens of one request to compute this step."""
+    """Tokens of one request to compute this step: positions [start_pos, start_pos + num_tokens).
+
+    The runner knows the tokens themselves (the prompt came once, the rest it sampled) and the
+    request's pages (the chunk adds the ones allocated since it last heard)."""
 
     request_id: str
     start_pos: int  # position of the first token (= tokens already computed)
-    token_ids: tuple[int, ...]
-    block_ids: tuple[int, ...]  # the request's whole page table after allocation
-    samples: bool  # the chunk reaches the end of the known tokens: sample the next one
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    num_tokens: int
+    new_block_ids: tuple[int, ...]  # pages appended to the request's page table (all of them after (re)admission)
+    samples: bool  # the chunk reaches the end of the request's tokens: sample the next one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +191,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.num_pages_sent = 0  # the runner drops its page table (`preempted_ids`)
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -205,7 +210,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(self._num_to_compute(request), budget)
+            if n <= 0:
+                i += 1  # its step in flight ends it (max_tokens / the context): nothing more to compute
+                continue
             if n > 1 and prefills >= self.config.max_prefill_seqs:
                 i += 1  # a prefill in progress waits a step for a prefill slot; decodes go on
                 continue
@@ -229,7 +237,7 @@ class Scheduler:
             if request.num_tokens > 1 and prefills >= self.config.max_prefill_seqs:
                 break  # (checked before the prefix-cache lookup, which hashes the prompt)
             hits, num_cached = self.kv.get_computed_blocks(request)
-            n = min(request.num_tokens - num_cached, budget)
+            n = min(request.num_tokens + request.num_pending_tokens - num_cached, budget)
             if self.kv.allocate_slots(request, n, hits) is None:
                 break
             prefills += n > 1
@@ -250,17 +258,32 @@ class Scheduler:
         return SchedulerOutput(chunks=tuple(chunks), num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
                                preempted_ids=tuple(preempted), new_requests=tuple(new), finished_ids=finished)
 
+    def _num_to_compute(self, request: Request) -> int:
+        """Tokens a running request has left to compute (its pending one included), or 0 when a
+        step already in flight samples its last token (max_tokens or the context end)."""
+        pending = request.num_pending_tokens
+        if pending and (len(request.output_token_ids) + pending >= request.sampling_params.max_tokens
+                        or request.num_tokens + pending >= self.config.max_model_len):
+            return 0
+        return request.num_tokens + pending - request.num_computed_tokens
+
     def _chunk(self, request: Request, start: int, n: int) -> ScheduledChunk:
-        return ScheduledChunk(request_id=request.request_id, start_pos=start,
-                              token_ids=tuple(request.all_token_ids[start:start + n]),
-                              block_ids=tuple(self.kv.get_block_ids(request.request_id)),
-                              samples=start + n == request.num_tokens)
+        """The chunk of positions [start, start + n); counts them computed (and the sampled token
+        pending) now, so the next step can be scheduled before this one's results are back."""
+        pages = self.kv.get_block_ids(request.request_id)
+        new_pages, request.num_pages_sent = tuple(pages[request.num_pages_sent:]), len(pages)
+        samples = start + n == request.num_tokens + request.num_pending_tokens
+        request.num_computed_tokens = start + n
+        request.num_pending_tokens += samples
+        return ScheduledChunk(request_id=request.request_id, start_pos=start, num_tokens=n,
+                              new_block_ids=new_pages, samples=samples)
 
     def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> SchedulerUpdate:
-        """Applies a step's results: advances computed tokens, appends sampled tokens, finishes.
+        """Applies a step's results: appends the sampled tokens (a request preempted since the step
+        was scheduled keeps its token), finishes the requests they stop.
 
         Args:
-          output: the SchedulerOutput the step ran.
+          output: the SchedulerOutput the step ran (the oldest one not yet updated).
           sampled: request id -> the tokens it sampled (one for a chunk with `samples` set).
 
         Returns:
@@ -269,17 +292,21 @@ class Scheduler:
         updates = []
         for chunk in output.chunks:
             request = self.requests.get(chunk.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted or preempted after scheduling: its results are dropped
-            request.num_computed_tokens = chunk.start_pos + chunk.num_tokens
+            if request is None:
+                continue  # finished or aborted since it was scheduled: its results are dropped
             new_tokens, status = [], None
-            for token in sampled.get(chunk.request_id, ()) if chunk.samples else ():
-                request.append_output_token(token)
-                new_tokens.append(token)
-                status = self._stop_status(request, token)
-                if status is not None:
-                    self._finish(request, status)
-                    break
+            if chunk.samples:
+                request.num_pending_tokens -= 1
+                tokens = sampled.get(chunk.request_id)
+                if not tokens:  # nothing came back: compute the last position again next step
+                    request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+                for token in tokens or ():
+                    request.append_output_token(token)
+                    new_tokens.append(token)
+                    status = self._stop_status(request, token)
+                    if status is not None:
+                        self._finish(request, status)
+                        break
             updates.append(RequestUpdate(request.request_id, new_tokens, request.status, request.stop_reason,
                                          max(0, request.num_cached_tokens)))
         return SchedulerUpdate(updates)

@@ -29,6 +29,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="long: set JAXINFER_LONG_TESTS=1 to run it"))
 
 
+def _memory_maps() -> tuple[int, int]:
+    """(this process's memory mappings, the kernel's per-process limit), or (0, 0) off Linux."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            count = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+            return count, int(f.read())
+    except OSError:
+        return 0, 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compiled_code():
+    """Every compiled XLA:CPU executable keeps ~6 memory mappings until it is dropped, and one
+    process running the whole suite compiles thousands (Pallas interpret mode, every engine's step
+    shapes): past vm.max_map_count (65530) the next compile's mmap fails and XLA segfaults. After a
+    module that leaves the process above half the limit, the compiled-function caches are cleared
+    (later modules recompile what they use; most test modules stay well below it)."""
+    yield
+    count, limit = _memory_maps()
+    if limit and count > limit // 2:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled default model behind the offline API (float32, scanned layers). A 128-token

@@ -447,7 +447,7 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
                           "--rounds", "1"],
     "throughput.py": ["--model", "{tiny}", "--num-requests", "4", "--min-prompt", "8", "--max-prompt", "16",
                       "--output-len", "4", "--concurrency", "2", "--max-num-batched-tokens", "32",
-                      "--max-model-len", "64"],
+                      "--max-model-len", "64", "--rounds", "1"],
     "sharding_report.py": [],  # abstract arrays: as written
     "bench_sampler.py": ["--vocab", "1000", "--batch-sizes", "2", "--iters", "1"],
 }
@@ -482,6 +482,8 @@ def test_benchmark_commands_run(tmp_path):
     assert "HF transformers" in outputs["bench_generate.py"] and "unrolled layers" in outputs["bench_generate.py"]
     assert "jaxinfer engine f32, default" in outputs["bench_generate.py"]  # the engine columns
     assert re.search(r"\| hf \| [\d.]+ \|", outputs["throughput.py"]) and (tmp_path / "out.json").exists()
+    for row in ("async scheduling off", "async scheduling on", "device-only bound"):  # the async columns
+        assert re.search(rf"\| {row}[^|]* \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", outputs["throughput.py"]), row
     assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \
         outputs["sharding_report.py"]

@@ -32,6 +32,12 @@ def reference(tiny):
     return ReferenceGenerator(tiny.config, tiny.graphdef, tiny.params)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request):
+    """Runs a test with the engine stepping synchronously and with async scheduling."""
+    return request.param
+
+
 def make_engine(model, **overrides) -> LLMEngine:
     cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="")
     cfg.update(overrides)
@@ -72,11 +78,12 @@ def random_prompts(cfg, lengths, seed=0):
 LENGTHS = [1, 3, 4, 5, 12, 21, 2, 40, 7, 16, 17, 1, 33, 9, 4, 26]
 
 
-@pytest.mark.parametrize("scan_layers,layer_loop", [(True, "model"), (False, "model"), (True, "per_layer")])
-def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_layers, layer_loop, tmp_path):
+@pytest.mark.parametrize("scan_layers,layer_loop,async_scheduling", [
+    (True, "model", False), (False, "model", True), (True, "per_layer", False), (True, "per_layer", True)])
+def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_layers, layer_loop, async_scheduling):
     model = tiny if scan_layers else load_model(tiny.path, scan_layers=False, progress=False)
     prompts = random_prompts(tiny.config, LENGTHS)
-    engine = make_engine(model, layer_loop=layer_loop)
+    engine = make_engine(model, layer_loop=layer_loop, async_scheduling=async_scheduling)
     outs = run(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
     for i, p in enumerate(prompts):
         assert outs[str(i)].outputs[0].token_ids == reference.generate([p], [GREEDY])[0].token_ids, i
@@ -84,10 +91,10 @@ def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_
     assert_no_pages_held(engine)
 
 
-def test_preemption_under_a_small_pool_keeps_the_tokens(tiny, reference):
+def test_preemption_under_a_small_pool_keeps_the_tokens(async_scheduling, tiny, reference):
     prompts = random_prompts(tiny.config, (9, 10, 11, 7), seed=1)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    engine = make_engine(tiny, num_pages=12)
+    engine = make_engine(tiny, async_scheduling=async_scheduling, num_pages=12)
     outs = run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
     assert engine.stats()["num_preemptions"] > 0
     for i, p in enumerate(prompts):
@@ -95,10 +102,10 @@ def test_preemption_under_a_small_pool_keeps_the_tokens(tiny, reference):
     assert_no_pages_held(engine)
 
 
-def test_prefix_cache_computes_only_the_new_tokens(tiny):
+def test_prefix_cache_computes_only_the_new_tokens(async_scheduling, tiny):
     shared = random_prompts(tiny.config, [12], seed=2)[0]  # 3 full pages of 4
     a, b = shared + [7, 8], shared + [9, 10, 11]
-    engine = make_engine(tiny)
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
     run(engine, {"a": (a, GREEDY)})
     before = engine.stats()
     out_b = run(engine, {"b": (b, GREEDY)})["b"]
@@ -107,34 +114,36 @@ def test_prefix_cache_computes_only_the_new_tokens(tiny):
     assert after["computed_tokens"] - before["computed_tokens"] == len(b) - 12 + GREEDY.max_tokens - 1
     assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 12
     assert out_b.metrics.num_cached_tokens == 12
-    uncached = run(make_engine(tiny, enable_prefix_caching=False), {"b": (b, GREEDY)})["b"]
+    uncached = run(make_engine(tiny, async_scheduling=async_scheduling, enable_prefix_caching=False),
+                   {"b": (b, GREEDY)})["b"]
     assert out_b.outputs[0].token_ids == uncached.outputs[0].token_ids
 
 
-def test_n_samples_share_the_prompt_pages_and_match_single_requests(tiny):
+def test_n_samples_share_the_prompt_pages_and_match_single_requests(async_scheduling, tiny):
     prompt = random_prompts(tiny.config, [13], seed=3)[0]
     params = SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=11, ignore_eos=True)
-    engine = make_engine(tiny)
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
     out = run(engine, {"x": (prompt, params)})["x"]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert engine.stats()["prefix_cache_hit_tokens"] == 2 * 12  # samples 1, 2 reuse sample 0's 3 pages
     for i, completion in enumerate(out.outputs):
         single = SamplingParams(max_tokens=5, temperature=1.0, seed=11 + i, ignore_eos=True)
-        alone = run(make_engine(tiny), {"y": (prompt, single)})["y"]
+        alone = run(make_engine(tiny, async_scheduling=async_scheduling), {"y": (prompt, single)})["y"]
         assert completion.token_ids == alone.outputs[0].token_ids
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
 
 # ---- sampling -----------------------------------------------------------------------------------
 
-def test_seeded_sampling_is_independent_of_the_batch(tiny):
+def test_seeded_sampling_is_independent_of_the_batch(async_scheduling, tiny):
     prompt = random_prompts(tiny.config, [6], seed=4)[0]
     params = SamplingParams(max_tokens=8, temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, seed=5,
                             repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3, ignore_eos=True)
-    alone = run(make_engine(tiny), {"x": (prompt, params)})["x"].outputs[0].token_ids
+    alone = run(make_engine(tiny, async_scheduling=async_scheduling), {"x": (prompt, params)})["x"].outputs[0].token_ids
     others = {f"o{i}": (p, SamplingParams(max_tokens=4 + i, temperature=float(i % 2), seed=i, ignore_eos=True))
               for i, p in enumerate(random_prompts(tiny.config, [3, 20, 1, 9, 30], seed=5))}
-    together = run(make_engine(tiny), {**others, "x": (prompt, params)})["x"].outputs[0].token_ids
+    together = run(make_engine(tiny, async_scheduling=async_scheduling),
+                   {**others, "x": (prompt, params)})["x"].outputs[0].token_ids
     assert together == alone and len(alone) == 8
 
 
@@ -148,39 +157,40 @@ def numpy_penalized(logits, prompt, output, rep, presence, frequency):
     return logits - frequency * counts - presence * (counts > 0)
 
 
-def test_penalties_follow_the_vllm_definition_step_by_step(tiny, reference):
+def test_penalties_follow_the_vllm_definition_step_by_step(async_scheduling, tiny, reference):
     prompt = random_prompts(tiny.config, [5], seed=6)[0]
     rep, presence, frequency = 1.5, 0.7, 0.9
     params = SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=rep, presence_penalty=presence,
                             frequency_penalty=frequency, ignore_eos=True)
-    out = run(make_engine(tiny), {"x": (prompt, params)})["x"].outputs[0].token_ids
+    out = run(make_engine(tiny, async_scheduling=async_scheduling), {"x": (prompt, params)})["x"].outputs[0].token_ids
     logits = reference.logits(prompt + out)
     for step, token in enumerate(out):
         row = numpy_penalized(logits[len(prompt) - 1 + step], prompt, out[:step], rep, presence, frequency)
         assert token == int(np.argmax(row)), step
     plain = reference.generate([prompt], [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)])
-    huge = run(make_engine(tiny), {"x": (prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
-                                                                repetition_penalty=1e6))})["x"].outputs[0].token_ids
+    huge_params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1e6)
+    huge = run(make_engine(tiny, async_scheduling=async_scheduling), {"x": (prompt, huge_params)})["x"]
+    huge = huge.outputs[0].token_ids
     assert len(set(huge) | set(prompt)) == len(huge) + len(set(prompt))  # never repeats a seen token
     assert plain[0].token_ids  # the unpenalized run for comparison exists
 
 
-def test_min_tokens_suppresses_stop_tokens(tiny, reference):
+def test_min_tokens_suppresses_stop_tokens(async_scheduling, tiny, reference):
     prompt = random_prompts(tiny.config, [4], seed=7)[0]
     first = reference.generate([prompt], [GREEDY])[0].token_ids[0]
-    stopped = run(make_engine(tiny), {"x": (prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
-                                                                   stop_token_ids=[first]))})["x"].outputs[0]
+    stop = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop_token_ids=[first])
+    stopped = run(make_engine(tiny, async_scheduling=async_scheduling), {"x": (prompt, stop)})["x"].outputs[0]
     assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.stop_reason == first
-    held = run(make_engine(tiny), {"x": (prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
-                                                                stop_token_ids=[first], min_tokens=3))})["x"]
+    hold = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop_token_ids=[first], min_tokens=3)
+    held = run(make_engine(tiny, async_scheduling=async_scheduling), {"x": (prompt, hold)})["x"]
     ids = held.outputs[0].token_ids
     assert len(ids) >= 3 and first not in ids[:3]
 
 
-def test_logprobs_match_the_reference_logits(tiny, reference):
+def test_logprobs_match_the_reference_logits(async_scheduling, tiny, reference):
     prompt = random_prompts(tiny.config, [7], seed=8)[0]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
-    out = run(make_engine(tiny), {"x": (prompt, params)})["x"]
+    out = run(make_engine(tiny, async_scheduling=async_scheduling), {"x": (prompt, params)})["x"]
     ids = out.outputs[0].token_ids
     logits = reference.logits(prompt + ids)  # [T, V]
     lp = jax.nn.log_softmax(logits, axis=-1)
@@ -198,8 +208,8 @@ def test_logprobs_match_the_reference_logits(tiny, reference):
 
 # ---- aborts and leaks ---------------------------------------------------------------------------
 
-def test_abort_mid_prefill_and_mid_decode_frees_everything(tiny):
-    engine = make_engine(tiny)
+def test_abort_mid_prefill_and_mid_decode_frees_everything(async_scheduling, tiny):
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
     long_prompt, short = random_prompts(tiny.config, [40, 3], seed=9)
     engine.add_request("long", long_prompt, GREEDY)
     engine.add_request("short", short, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
@@ -214,9 +224,9 @@ def test_abort_mid_prefill_and_mid_decode_frees_everything(tiny):
     assert_no_pages_held(engine)
 
 
-def test_two_hundred_requests_with_random_aborts_leak_no_pages(tiny):
+def test_two_hundred_requests_with_random_aborts_leak_no_pages(async_scheduling, tiny):
     rng = random.Random(0)
-    engine = make_engine(tiny, num_pages=20)
+    engine = make_engine(tiny, async_scheduling=async_scheduling, num_pages=20)
     requests, abort_after = {}, {}
     for i in range(200):
         n = rng.choice([1, 2, 3, 4, 5, 8, 15, 16, 17, 30])
@@ -278,8 +288,8 @@ def test_default_context_shrinks_to_the_budget_with_a_warning(tiny, caplog):
 
 # ---- compilation --------------------------------------------------------------------------------
 
-def test_nothing_compiles_after_warmup(tiny):
-    engine = make_engine(tiny, num_pages=48)
+def test_nothing_compiles_after_warmup(async_scheduling, tiny):
+    engine = make_engine(tiny, async_scheduling=async_scheduling, num_pages=48)
     engine.warmup()
     events = []
     listening = [True]
@@ -337,20 +347,20 @@ def test_page_count_follows_the_budget_and_is_logged(tiny, caplog):
     assert "KV cache: 199 pages x 4 tokens" in caplog.text
 
 
-def test_async_engine_survives_a_failing_step(tiny):
+def test_async_engine_survives_a_failing_step(async_scheduling, tiny):
     from jaxinfer.async_engine import AsyncEngine
 
-    engine = make_engine(tiny)
-    real_execute = engine.runner.execute
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    real_submit = engine.runner.submit
     calls = []
 
     def flaky(out):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device fell over")
-        return real_execute(out)
+        return real_submit(out)
 
-    engine.runner.execute = flaky
+    engine.runner.submit = flaky
     async_engine = AsyncEngine(engine)
     try:
         doomed = async_engine.submit([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))

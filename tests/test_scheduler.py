@@ -43,27 +43,63 @@ def create_requests(lengths, max_tokens=8, seed=0, prefix=()):
             for i, n in enumerate(lengths)]
 
 
-def run_to_completion(scheduler: Scheduler, max_steps=10_000) -> tuple[dict[str, list[int]], list]:
-    """Steps the scheduler with the mock model; returns outputs and the SchedulerOutputs seen."""
-    done, outputs = {}, []
+class MockRunner:
+    """Keeps what the real runner keeps of each request (its tokens: the prompt, sent once, plus what
+    it sampled; its page table, grown by each chunk's new pages), driven by SchedulerOutputs alone,
+    and checks every chunk against it."""
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self.tokens: dict[str, list[int]] = {}
+        self.pages: dict[str, list[int]] = {}
+
+    def execute(self, out, forced: dict[str, int] | None = None) -> dict[str, list[int]]:
+        """The tokens each sampling chunk samples (the mock model's, or `forced`'s)."""
+        for rid in out.finished_ids:
+            self.tokens.pop(rid, None), self.pages.pop(rid, None)  # (None: scheduled without this runner)
+        for rid in out.preempted_ids:
+            self.pages[rid] = []  # recomputed later from scratch, with new pages
+        for new in out.new_requests:
+            assert new.request_id not in self.tokens
+            self.tokens[new.request_id] = list(new.prompt_token_ids)
+            self.pages[new.request_id] = []
+        sampled = {}
+        for c in out.chunks:
+            tokens, pages = self.tokens[c.request_id], self.pages[c.request_id]
+            pages.extend(c.new_block_ids)
+            end = c.start_pos + c.num_tokens
+            assert len(set(pages)) == len(pages) and len(pages) * self.page_size >= end
+            assert end <= len(tokens) and c.samples == (end == len(tokens))  # the runner knows every token
+            if c.samples:
+                sampled[c.request_id] = [(forced or {}).get(c.request_id, mock_next_token(tokens))]
+                tokens += sampled[c.request_id]
+        return sampled
+
+
+def run_to_completion(scheduler: Scheduler, async_scheduling: bool = False, max_steps=10_000,
+                      runner: MockRunner | None = None) -> tuple[dict[str, list[int]], list]:
+    """Steps the scheduler with the mock model; returns outputs and the SchedulerOutputs seen. With
+    async scheduling step N + 1 is scheduled (and run) before step N's tokens reach `update`."""
+    runner = runner or MockRunner(scheduler.kv.page_size)
+    done, outputs, in_flight = {}, [], None
     for _ in range(max_steps):
-        if not scheduler.has_unfinished_requests():
+        if not scheduler.has_unfinished_requests() and in_flight is None:
             break
         out = scheduler.schedule()
         assert out.num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
         assert len(out.chunks) <= scheduler.config.max_num_seqs
         outputs.append(out)
-        sampled = {}
-        for c in out.chunks:
-            request = scheduler.requests[c.request_id]
-            assert tuple(request.all_token_ids[c.start_pos:c.start_pos + len(c.token_ids)]) == c.token_ids
-            assert len(c.block_ids) * scheduler.kv.page_size >= c.start_pos + len(c.token_ids)
-            if c.samples:
-                sampled[c.request_id] = [mock_next_token(request.all_token_ids)]
+        step = (out, runner.execute(out))
+        if async_scheduling:
+            step, in_flight = in_flight, (step if not out.is_empty else None)
+            if step is None:
+                continue
         live = dict(scheduler.requests)
-        for u in scheduler.update(out, sampled).finished:
+        for u in scheduler.update(*step).finished:
             done[u.request_id] = list(live[u.request_id].output_token_ids)
             assert u.new_token_ids == done[u.request_id][-1:]
+            n = live[u.request_id].num_prompt_tokens
+            assert runner.tokens[u.request_id][n:n + len(done[u.request_id])] == done[u.request_id]
     assert not scheduler.has_unfinished_requests()
     return done, outputs
 
@@ -74,58 +110,68 @@ def assert_no_pages_held(scheduler: Scheduler) -> None:
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
 
 
-def test_mixed_lengths_match_each_request_alone_with_chunking():
+ASYNC = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+
+
+@ASYNC
+def test_mixed_lengths_match_each_request_alone_with_chunking(async_scheduling):
     scheduler = create_scheduler()
     requests = create_requests([1, 3, 4, 5, 13, 40, 70, 2])  # 40 and 70 exceed the 32-token budget
     for r in requests:
         scheduler.add_request(r)
-    done, outputs = run_to_completion(scheduler)
+    done, outputs = run_to_completion(scheduler, async_scheduling)
     for r in requests:
         assert done[r.request_id] == expected_output(r.prompt_token_ids, 8)
         assert r.status is RequestStatus.FINISHED_LENGTH
     chunked = [c for o in outputs for c in o.chunks if c.request_id == "r6" and not c.samples]
     assert chunked, "the 70-token prompt is prefilled in several chunks"
     mixed = [o for o in outputs
-             if any(len(c.token_ids) == 1 for c in o.chunks) and any(len(c.token_ids) > 1 for c in o.chunks)]
+             if any(c.num_tokens == 1 for c in o.chunks) and any(c.num_tokens > 1 for c in o.chunks)]
     assert mixed, "some steps mix decodes with prefill chunks"
     assert_no_pages_held(scheduler)
 
 
-def test_preemption_when_pages_run_out_loses_nothing():
+@ASYNC
+def test_preemption_when_pages_run_out_loses_nothing(async_scheduling):
     scheduler = create_scheduler(num_blocks=12, page_size=4)  # 11 pages: not enough for all at once
     requests = create_requests([9, 10, 11, 12], max_tokens=12)
     for r in requests:
         scheduler.add_request(r)
-    done, _ = run_to_completion(scheduler)
+    done, _ = run_to_completion(scheduler, async_scheduling)
     assert scheduler.num_preemptions > 0
     for r in requests:
         assert done[r.request_id] == expected_output(r.prompt_token_ids, 12)
     assert_no_pages_held(scheduler)
 
 
-def test_prefix_cache_skips_shared_pages():
+@ASYNC
+def test_prefix_cache_skips_shared_pages(async_scheduling):
     scheduler = create_scheduler(page_size=4)
     first, = create_requests([13], seed=1)
     scheduler.add_request(first)
-    run_to_completion(scheduler)
+    runner = MockRunner(4)
+    run_to_completion(scheduler, async_scheduling, runner=runner)
     second = Request("again", first.prompt_token_ids[:12] + [5, 6], SamplingParams(max_tokens=4))
     scheduler.add_request(second)
-    _, outputs = run_to_completion(scheduler)
+    _, outputs = run_to_completion(scheduler, async_scheduling, runner=runner)
     assert second.num_cached_tokens == 12  # 3 pages shared
-    assert outputs[0].chunks[0].start_pos == 12 and len(outputs[0].chunks[0].token_ids) == 2
+    assert outputs[0].chunks[0].start_pos == 12 and outputs[0].chunks[0].num_tokens == 2
     assert second.output_token_ids == expected_output(second.prompt_token_ids, 4)
 
 
-def test_abort_anywhere_frees_everything():
+@ASYNC
+def test_abort_anywhere_frees_everything(async_scheduling):
     scheduler = create_scheduler(max_num_batched_tokens=8)
     requests = create_requests([30, 5, 6])
     for r in requests:
         scheduler.add_request(r)
-    scheduler.update(scheduler.schedule(), {})  # r0 mid-prefill (8 of 30 tokens)
+    runner = MockRunner(4)
+    out = scheduler.schedule()  # r0 mid-prefill (8 of 30 tokens)
+    scheduler.update(out, runner.execute(out))
     assert scheduler.abort("r0") and requests[0].status is RequestStatus.FINISHED_ABORTED
     assert scheduler.abort("r2")  # still waiting
     assert not scheduler.abort("r2") and not scheduler.abort("nope")
-    done, _ = run_to_completion(scheduler)
+    done, _ = run_to_completion(scheduler, async_scheduling, runner=runner)
     assert set(done) == {"r1"}
     assert_no_pages_held(scheduler)
 
@@ -140,6 +186,25 @@ def test_results_of_a_request_aborted_after_scheduling_are_dropped():
     assert_no_pages_held(scheduler)
 
 
+def test_a_step_in_flight_ending_a_request_is_not_followed_by_more_work():
+    """Async: while step N (which samples a request's last allowed token) is in flight, the next
+    schedule gives the request nothing; an EOS in step N ends it and step N + 1's token is dropped."""
+    scheduler = create_scheduler()
+    a = Request("a", [2, 3], SamplingParams(max_tokens=1))
+    b = Request("b", [4, 5], SamplingParams(max_tokens=50))
+    for r in (a, b):
+        scheduler.add_request(r)
+    first = scheduler.schedule()
+    assert a.num_pending_tokens == b.num_pending_tokens == 1
+    second = scheduler.schedule()  # scheduled before the first step's tokens are back
+    assert [(c.request_id, c.start_pos, c.num_tokens) for c in second.chunks] == [("b", 2, 1)]
+    assert [u.finished for u in scheduler.update(first, {"a": [7], "b": [EOS]}).requests] == [True, True]
+    assert a.output_token_ids == [7] and b.output_token_ids == [EOS]
+    assert scheduler.update(second, {"b": [8]}).requests == [] and b.output_token_ids == [EOS]
+    assert scheduler.schedule().finished_ids == ("a", "b")
+    assert_no_pages_held(scheduler)
+
+
 def test_stops_on_eos_stop_token_and_context_end():
     scheduler = create_scheduler(max_model_len=12)
     a = Request("a", [2, 3], SamplingParams(max_tokens=50))
@@ -147,13 +212,14 @@ def test_stops_on_eos_stop_token_and_context_end():
     c = Request("c", [6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
     for r in (a, b, c):
         scheduler.add_request(r)
-    update = scheduler.update(scheduler.schedule(), {"a": [EOS], "b": [9], "c": [EOS]})
+    runner, out = MockRunner(4), scheduler.schedule()
+    update = scheduler.update(out, runner.execute(out, forced={"a": EOS, "b": 9, "c": EOS}))
     assert [(u.request_id, u.new_token_ids, u.finished) for u in update.requests] == [
         ("a", [EOS], True), ("b", [9], True), ("c", [EOS], False)]
     assert a.status is RequestStatus.FINISHED_STOPPED and a.stop_reason is None
     assert b.status is RequestStatus.FINISHED_STOPPED and b.stop_reason == 9
     assert c.status is RequestStatus.RUNNING
-    run_to_completion(scheduler)
+    run_to_completion(scheduler, runner=runner)
     assert c.status is RequestStatus.FINISHED_LENGTH and c.num_tokens == 12
 
 
@@ -177,24 +243,29 @@ def test_duplicate_request_id_and_bad_config():
         SchedulerConfig(policy="random")
 
 
-def test_randomized_200_requests_with_aborts_leak_no_pages():
+@ASYNC
+def test_randomized_200_requests_with_aborts_leak_no_pages(async_scheduling):
     rng = random.Random(0)
     scheduler = create_scheduler(num_blocks=40, page_size=4, max_num_batched_tokens=24)
     requests = [Request(f"q{i}", [rng.randrange(2, 9) for _ in range(rng.randint(1, 40))],
                         SamplingParams(max_tokens=rng.randint(1, 10))) for i in range(200)]
     pending = list(requests)
     done = {}
-    while pending or scheduler.has_unfinished_requests():
+    runner, in_flight = MockRunner(4), None
+    while pending or scheduler.has_unfinished_requests() or in_flight:
         for _ in range(rng.randint(0, 3)):
             if pending:
                 scheduler.add_request(pending.pop(0))
         if scheduler.requests and rng.random() < 0.15:  # abort anything: waiting, mid-prefill, decoding
             scheduler.abort(rng.choice(sorted(scheduler.requests)))
         out = scheduler.schedule()
-        sampled = {c.request_id: [mock_next_token(scheduler.requests[c.request_id].all_token_ids)]
-                   for c in out.chunks if c.samples}
+        step = (out, runner.execute(out))
+        if async_scheduling:
+            step, in_flight = in_flight, (step if not out.is_empty else None)
+            if step is None:
+                continue
         live = dict(scheduler.requests)
-        for u in scheduler.update(out, sampled).finished:
+        for u in scheduler.update(*step).finished:
             done[u.request_id] = live[u.request_id]
     assert_no_pages_held(scheduler)
     assert len(done) > 50

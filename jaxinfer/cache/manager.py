@@ -7,9 +7,10 @@ A request's pages hold its tokens in order: token t lives in page `pages[t // pa
     allocate_slots(request, n, hits)  pages for n more tokens, or None when the pool is short
     free(request)                     drop the request's references (finished, aborted, preempted)
 
-A full page is registered in the prefix cache only once its tokens have been computed (at the next
-allocation or at free), never when it is merely scheduled, so a request can never hit a page whose
-KV is still being written.
+A full page is registered in the prefix cache only after the step that computes it has been
+scheduled and dispatched (at the request's next allocation or at free), never in the step that
+writes it: a request that hits it runs in a later step, which the device executes after the one
+writing it (steps run in order, also with async scheduling, where that step may still be running).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class KVCacheManager:
             return
         rid = request.request_id
         blocks = self.req_to_blocks.get(rid, [])
-        num_full = min(num_computed_tokens // self.page_size, len(blocks))
+        # only pages whose tokens are known (a step in flight may have filled one with a pending token)
+        num_full = min(min(num_computed_tokens, len(request.all_token_ids)) // self.page_size, len(blocks))
         start = self._num_cached_blocks.get(rid, 0)
         if num_full <= start:
             return

@@ -137,7 +137,8 @@ def step_shape(rc: RunnerConfig, replicas) -> StepShape:
     replica only decodes)."""
     tokens = [sum(c.num_tokens for c in o.chunks) for o in replicas]
     seqs = [len(o.chunks) for o in replicas]
-    width = bucket(rc.page_buckets, max(len(c.block_ids) for o in replicas for c in o.chunks), "pages per sequence")
+    pages = max(-(-(c.start_pos + c.num_tokens) // rc.page_size) for o in replicas for c in o.chunks)
+    width = bucket(rc.page_buckets, pages, "pages per sequence")
     if tokens == seqs:  # all decodes
         S = bucket(rc.seq_buckets, max(seqs), "sequences")
         if not rc.use_decode_items:  # the kernels (and sequence parallelism): one query row per block

@@ -3,13 +3,18 @@ per-request state.
 
     SchedulerOutput.chunks  a: 6 tokens @0 | b: 1 token @9 | c: 4 tokens @0     (3 sequences)
     ModelInput.tokens [1, T] a a a a a a b c c c c 0 0 0 0 0                   (T padded to a bucket)
+    token_src         [T]    -1 ...         3 -1 ...                           (async: b's token is
+                                                                  row 3 of the step in flight's sample)
     slot_mapping      [T]    a's slots ... | padding -> null page 0
     page_table        [S, W] W = the page-table width bucket covering the longest sequence
     logits_indices    [S]    last token of each chunk (only chunks that sample use it)
 
 A request's data (prompt, sampling params, seed) crosses from the scheduler once, when it is first
 admitted (`NewRequestData`); the runner keeps it in a `CachedRequest` with the token history it
-appends to as it samples, and drops it when the scheduler reports the request finished.
+appends to as it samples and the page table each chunk's new pages extend, and drops it when the
+scheduler reports the request finished. The tokens of a chunk come from that history; the one
+token a step still in flight is sampling (async scheduling) is taken from that step's device
+output (`token_src`), never waited for.
 With data parallelism each replica's inputs are built alike and stacked (`stack_*`): replica r owns
 the r-th slice of every array.
 """
@@ -62,22 +67,22 @@ class SamplingInput:
 
 @dataclasses.dataclass
 class CachedRequest:
-    """What the runner keeps of a request between its admission and its end."""
+    """What the runner keeps of a request between its admission and its end, updated in place."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    token_ids: list[int]  # the prompt, then every token the runner sampled for it
+    num_prompt_tokens: int
     params: SamplingParams
     seed: int
-    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    block_ids: list[int] = dataclasses.field(default_factory=list)  # its page table (emptied on preemption)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
 
     @property
-    def needs_history(self) -> bool:
-        p = self.params
-        return p.needs_penalties or len(self.output_token_ids) < p.min_tokens
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 def empty_model_input(shape: StepShape, page_size: int, pages_per_item: int) -> ModelInput:
@@ -94,23 +99,46 @@ def empty_model_input(shape: StepShape, page_size: int, pages_per_item: int) -> 
                       logits_indices=np.zeros(S, np.int32))
 
 
-def build_model_input(chunks, shape: StepShape, page_size: int, pages_per_item: int) -> ModelInput:
-    """Packs the scheduled chunks into one padded ragged row (numpy; moved by jit)."""
+def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepShape, page_size: int,
+                      pages_per_item: int, pending: dict[str, int] | None = None
+                      ) -> tuple[ModelInput, np.ndarray | None]:
+    """Packs the scheduled chunks into one padded ragged row (numpy; moved by jit).
+
+    Args:
+      pending: request id -> its row in the output of the step in flight, for the requests whose
+        next token that step is sampling (async scheduling).
+
+    Returns:
+      The input, and `token_src` [T] (the row of the step in flight's sampled tokens to read a
+      token from, -1: the token in `tokens`), or None when every token is known here.
+    """
     T, S, W = shape.T, shape.S, shape.W
     tokens = np.zeros(T, np.int32)
+    token_src = None
     positions = np.zeros(T, np.int32)
     slots = np.zeros(T, np.int32)  # padding writes into the null page
     # Every page of every chunk; mixed steps see the first W columns (W covers them all), decode
     # steps turn it into work items instead.
-    table = np.zeros((S, max(W, max((len(c.block_ids) for c in chunks), default=0))), np.int32)
+    width = max((-(-(c.start_pos + c.num_tokens) // page_size) for c in chunks), default=0)
+    table = np.zeros((S, max(W, width)), np.int32)
     kv_lens = np.zeros(S, np.int32)
     cu = np.zeros(S + 1, np.int32)
     t = 0
     for s, chunk in enumerate(chunks):
         n, start = chunk.num_tokens, chunk.start_pos
+        request = requests[chunk.request_id]
         pos = np.arange(start, start + n)
-        blocks = np.asarray(chunk.block_ids, np.int32)
-        tokens[t:t + n] = chunk.token_ids
+        blocks = np.asarray(request.block_ids, np.int32)
+        known = min(n, len(request.token_ids) - start)
+        tokens[t:t + known] = request.token_ids[start:start + known]
+        if known < n:  # the last token is the one the step in flight samples
+            row = (pending or {}).get(chunk.request_id)
+            if known != n - 1 or row is None:
+                raise RuntimeError(f"request {chunk.request_id!r}: positions {start}..{start + n - 1} scheduled but "
+                                   f"only {len(request.token_ids)} tokens known and none in flight")
+            if token_src is None:
+                token_src = np.full(T, -1, np.int32)
+            token_src[t + known] = row
         positions[t:t + n] = pos
         slots[t:t + n] = blocks[pos // page_size] * page_size + pos % page_size
         table[s, :len(blocks)] = blocks
@@ -124,7 +152,8 @@ def build_model_input(chunks, shape: StepShape, page_size: int, pages_per_item: 
     meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=table[:, :W], cu_q_lens=cu,
                               num_seqs=np.int32(len(chunks)), decode_items=items)
     logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
-    return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta, logits_indices=logits_indices)
+    return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta,
+                      logits_indices=logits_indices), token_src
 
 
 def neutral_penalties(S: int, V: int) -> Penalties:
@@ -143,7 +172,10 @@ def neutral_sampling_input(S: int, V: int, *, with_penalties: bool = False, num_
 
 def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: int,
                          eos_token_ids: tuple[int, ...]) -> SamplingInput:
-    """Per-row sampling tensors of the chunks that sample (rows of other chunks stay neutral)."""
+    """Per-row sampling tensors of the chunks that sample (rows of other chunks stay neutral).
+
+    A row's seed stream is indexed by the position it samples (`num_generated`), known from the
+    chunk alone; penalties read the token history, which the caller completes first."""
     temperature, top_p, min_p = np.zeros(S, np.float32), np.ones(S, np.float32), np.zeros(S, np.float32)
     top_k, seeds, num_generated = np.zeros(S, np.int32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
     needs_history = []
@@ -156,22 +188,23 @@ def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: 
         temperature[s], top_p[s], min_p[s] = p.temperature, p.top_p, p.min_p
         top_k[s] = p.top_k if 0 < p.top_k < V else 0  # k >= vocab keeps every token: disabled
         seeds[s] = request.seed % (1 << 32)
-        num_generated[s] = len(request.output_token_ids)
+        num_generated[s] = chunk.start_pos + chunk.num_tokens - request.num_prompt_tokens
         want_logprobs |= p.logprobs is not None
-        if request.needs_history:
+        if p.needs_penalties or num_generated[s] < p.min_tokens:
             needs_history.append((s, request))
     penalties = None
     if needs_history:
         penalties = neutral_penalties(S, V)
         for s, request in needs_history:
             p = request.params
+            output = request.output_token_ids
             penalties.repetition[s] = p.repetition_penalty
             penalties.presence[s] = p.presence_penalty
             penalties.frequency[s] = p.frequency_penalty
             penalties.seen[s, request.prompt_token_ids] = True
-            penalties.seen[s, request.output_token_ids] = True
-            penalties.output_counts[s] = np.bincount(request.output_token_ids, minlength=V)[:V]
-            if len(request.output_token_ids) < p.min_tokens:
+            penalties.seen[s, output] = True
+            penalties.output_counts[s] = np.bincount(output, minlength=V)[:V]
+            if num_generated[s] < p.min_tokens:
                 stoppers = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
                 penalties.suppress[s, [i for i in stoppers if i < V]] = True
     return SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
@@ -191,7 +224,7 @@ def prompt_logprob_rows(chunks, requests: dict[str, CachedRequest]):
                 pos = chunk.start_pos + i  # row i predicts the token at pos + 1
                 if pos + 1 < request.num_prompt_tokens:
                     rows.append(t + i)
-                    targets.append(request.prompt_token_ids[pos + 1])
+                    targets.append(request.token_ids[pos + 1])
                     owners.append((chunk.request_id, pos + 1))
         t += chunk.num_tokens
     return rows, targets, owners

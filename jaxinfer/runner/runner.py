@@ -2,14 +2,24 @@
 
 The SchedulerOutput is all the runner sees of the scheduler: a newly admitted request's data
 crosses once (`SchedulerOutput.new_requests`), the runner keeps it (`CachedRequest`: params, seed,
-token history it extends as it samples) until the scheduler lists the request in `finished_ids`.
+token history it extends as it samples, page table each chunk's new pages extend) until the
+scheduler lists the request in `finished_ids`.
+
+    execute(out)                              one step: collect(submit(out)); with async scheduling
+                                              submit(out), then collect the step submitted before
+    submit(out)  -> InFlightStep              builds the inputs and dispatches the step; returns at
+                                              once (JAX runs it asynchronously)
+    collect(step) -> StepResult               waits for its tokens, extends the histories
+
+With async scheduling step N + 1 is submitted before step N is collected: the token step N is
+sampling for a decode is read from step N's device output inside step N + 1 (`resolve_tokens`),
+so the host never waits for it before dispatching.
 Shapes come from `buckets`, inputs from `inputs`, the compiled graphs from `steps` (shared by every
 runner of the same model and shapes in the process).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -25,19 +35,15 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model import params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
-from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, build_model_input,
-                                    build_sampling_input, empty_model_input, neutral_sampling_input,
+from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, build_model_input, build_sampling_input,
                                     prompt_logprob_rows, stack_model_inputs, stack_sampling_inputs)
 from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
-                                   rows_step, sample_step)
-from jaxinfer.sampling_params import MAX_LOGPROBS
+                                   resolve_tokens, rows_step, sample_step)
 from jaxinfer.scheduler import SchedulerOutput
 from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
 
-# The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
-SAMPLER_VARIANTS = ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS))
 
 
 @dataclasses.dataclass
@@ -57,6 +63,7 @@ class PromptLogprob:
 
 @dataclasses.dataclass
 class StepResult:
+    out: SchedulerOutput  # the step these are the results of
     sampled: dict[str, SampledToken]
     prompt_logprobs: dict[str, list[PromptLogprob]]
     device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
@@ -78,6 +85,22 @@ class StepPlan:
     sampling_input: SamplingInput
     prompt_rows: np.ndarray  # [R] int32 hidden-state rows whose next-token logprobs are wanted
     prompt_targets: np.ndarray  # [R] int32 the prompt token each row predicts
+    token_src: np.ndarray | None = None  # [T] rows of the step in flight's tokens (async; -1: known)
+
+
+@dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step: its device outputs and which request sampled in which row."""
+
+    out: SchedulerOutput
+    start_time: float  # time.monotonic() when the step began
+    tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them)
+    logprobs: tuple | None = None
+    prompt_logprobs: tuple | None = None
+    rows: dict[str, tuple[CachedRequest, int]] = dataclasses.field(default_factory=dict)  # samplers
+    prompt_owners: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (id, position, top n)
+    prompt_targets: list[int] = dataclasses.field(default_factory=list)
+    result: StepResult | None = None  # once collected
 
 
 class Runner:
@@ -93,10 +116,13 @@ class Runner:
         configured (scanned or unrolled); "per_layer": one compiled graph of a single layer, run
         once per layer from the host on that layer's own weight arrays (the unrolled loop's step
         time at the scanned loop's compile time; docs/ARCHITECTURE.md decision 48).
+      async_scheduling: the engine submits a step before collecting the previous one (one device,
+        no mesh): warm-up also compiles `resolve_tokens`.
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
-                 *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model"):
+                 *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model",
+                 async_scheduling: bool = False):
         if layer_loop not in ("model", "per_layer"):
             raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
         self.config = config
@@ -107,9 +133,13 @@ class Runner:
         self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
         self.requests: dict[str, CachedRequest] = {}
+        self._in_flight: InFlightStep | None = None  # the last submitted step, until collected
         self.attention = AttentionSpec(backend=runner_config.attention_backend,
                                        max_prefill_seqs=runner_config.max_prefill_seqs, mesh=mesh)
         self.layer_loop = layer_loop
+        if async_scheduling and mesh is not None:
+            raise ValueError("async scheduling runs on one device without a mesh")
+        self.async_scheduling = async_scheduling  # warm-up compiles resolve_tokens
         self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
         make_cache = functools.partial(
             PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
@@ -147,6 +177,7 @@ class Runner:
 
     def _sample(self, rows, si: SamplingInput):
         S = rows.shape[0]
+        pad_to = self.rc.seq_buckets[-1] if self.mesh is None else 0  # one token length for resolve_tokens
         if self.mesh is None and (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:
             # Penalties and logprobs are compiled for the largest sequence bucket only (start-up):
             # pad the rows, sample, cut the padding off.
@@ -155,7 +186,7 @@ class Runner:
             pad = self.rc.seq_buckets[-1] - S
             rows = np.pad(np.asarray(rows), ((0, pad), (0, 0)))
             si = jax.tree.map(lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), si)
-        return sample_step(self.params, rows, si, graphdef=self.graphdef)
+        return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to)
 
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
@@ -173,71 +204,143 @@ class Runner:
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.finished_ids:
             self.requests.pop(rid, None)
+        for rid in out.preempted_ids:
+            if rid in self.requests:
+                self.requests[rid].block_ids = []  # recomputed later on new pages
         for new in out.new_requests:
             self.requests[new.request_id] = CachedRequest(new.request_id, list(new.prompt_token_ids),
-                                                          new.sampling_params, new.seed)
+                                                          len(new.prompt_token_ids), new.sampling_params, new.seed)
+        for chunk in out.chunks:
+            self.requests[chunk.request_id].block_ids += chunk.new_block_ids
 
     # ---- running ------------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput) -> StepResult | None:
         """Runs one step: the sampled token of every chunk that samples (and logprobs). `out` may
-        be a `data_parallel.DataParallelOutput`: every replica's chunks run in one step."""
-        start = time.monotonic()
+        be a `data_parallel.DataParallelOutput`: every replica's chunks run in one step.
+
+        With async scheduling `out` is dispatched and the results returned are those of the step
+        dispatched before it (`StepResult.out` says which); None when there was none (the first
+        step of a run). A step that raises leaves nothing in flight."""
+        previous = self._in_flight
+        try:
+            submitted = self.submit(out)
+            if not self.async_scheduling:
+                return self.collect(submitted)  # (an empty one still tells the runner who ended or was preempted)
+            if previous is not None:
+                return self.collect(previous)
+            return self.collect(submitted) if out.is_empty else None
+        except BaseException:
+            self._in_flight = None
+            raise
+
+    @property
+    def in_flight(self) -> SchedulerOutput | None:
+        """The step dispatched and not yet collected, if any."""
+        return self._in_flight.out if self._in_flight is not None else None
+
+    def submit(self, out: SchedulerOutput) -> InFlightStep:
+        """Builds the step's inputs and dispatches it without waiting for the device. A step
+        already in flight may still be sampling some of its decodes' input tokens: they are read
+        from its device output. Its results come from `collect`."""
+        step = InFlightStep(out, time.monotonic())
         self._update_states(out)
         if out.is_empty:
-            return StepResult({}, {}, start_time=start)
+            return step
+        in_flight = self._in_flight if self._in_flight is not None and self._in_flight.result is None else None
+        if in_flight is not None and any(self.requests[c.request_id].params.needs_penalties
+                                         and c.request_id in in_flight.rows for c in out.chunks):
+            self.collect(in_flight)  # penalties count every output token: wait for the one in flight
+            in_flight = None
+        pending = None  # request id -> its row in the step in flight's tokens (the same request, not a reused id)
+        if in_flight is not None:
+            pending = {rid: row for rid, (req, row) in in_flight.rows.items() if self.requests.get(rid) is req}
         outs = getattr(out, "replicas", (out,))
         shape = self.step_shape(out)
         rc, V = self.rc, self.config.vocab_size
-        inputs, sampling, rows, targets, owners, chunk_rows = [], [], [], [], [], []
+        inputs, sampling, rows, srcs = [], [], [], []
         for r, o in enumerate(outs):  # replica r owns rows r*T.. of the tokens and r*S.. of the sequences
-            inputs.append(build_model_input(o.chunks, shape, rc.page_size, rc.pages_per_item))
+            inp, src = build_model_input(o.chunks, self.requests, shape, rc.page_size, rc.pages_per_item, pending)
+            inputs.append(inp)
+            srcs.append(src)
             sampling.append(build_sampling_input(o.chunks, self.requests, shape.S, V, self.eos_token_ids))
             rr, tt, oo = prompt_logprob_rows(o.chunks, self.requests)
             rows += [x + r * shape.T for x in rr]
-            targets += tt
-            owners += oo
-            chunk_rows += [(chunk, r * shape.S + s) for s, chunk in enumerate(o.chunks)]
+            step.prompt_targets += tt
+            step.prompt_owners += [(rid, pos, self.requests[rid].params.prompt_logprobs) for rid, pos in oo]
+            step.rows.update({chunk.request_id: (self.requests[chunk.request_id], r * shape.S + s)
+                              for s, chunk in enumerate(o.chunks) if chunk.samples})
         if len(outs) == 1:
             model_input, sampling_input = inputs[0], sampling[0]
         else:
+            if any(src is not None for src in srcs):
+                raise RuntimeError("async scheduling runs on one data-parallel replica")
             model_input = stack_model_inputs(inputs, shape.T)
             sampling_input = stack_sampling_inputs(sampling, V)
         plan = StepPlan(shape=shape, model_input=model_input, sampling_input=sampling_input,
-                        prompt_rows=np.asarray(rows, np.int32), prompt_targets=np.asarray(targets, np.int32))
+                        prompt_rows=np.asarray(rows, np.int32),
+                        prompt_targets=np.asarray(step.prompt_targets, np.int32), token_src=srcs[0])
         if self.step_hook is not None:  # multi-host: the other processes run the same plan
+            if plan.token_src is not None:
+                raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
             self.step_hook(plan)
-        tokens, lps, prompt_lps, device_seconds = self.run_plan(plan)
+        step.tokens, step.logprobs, step.prompt_logprobs = self._dispatch(
+            plan, in_flight.tokens if in_flight is not None else None)
+        self._in_flight = step
+        return step
+
+    def collect(self, step: InFlightStep) -> StepResult:
+        """Waits for a submitted step's results, appends each sampled token to its request's
+        history and returns them (again, if already collected)."""
+        if step.result is not None:
+            return step.result
+        if step.tokens is None:
+            step.result = StepResult(step.out, {}, {}, start_time=step.start_time)
+            return step.result
+        start = time.perf_counter()
+        tokens = np.asarray(step.tokens)
+        lps = None if step.logprobs is None else [np.asarray(a) for a in step.logprobs]
+        prompt_lps = None if step.prompt_logprobs is None else [np.asarray(a) for a in step.prompt_logprobs]
+        device_seconds = time.perf_counter() - start
         sampled = {}
-        for chunk, s in chunk_rows:
-            if not chunk.samples:
-                continue
-            request = self.requests[chunk.request_id]
+        for rid, (request, s) in step.rows.items():
             result = SampledToken(int(tokens[s]))
-            request.output_token_ids.append(result.token_id)
+            request.token_ids.append(result.token_id)  # (a request finished since has no one reading it)
             n = request.params.logprobs
             if n is not None:
                 result.logprob = float(lps[0][s])
                 result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, :n], lps[2][s, :n])]
-            sampled[chunk.request_id] = result
+            sampled[rid] = result
         prompt = {}
-        for r, ((rid, pos), target) in enumerate(zip(owners, targets)):
-            n = self.requests[rid].params.prompt_logprobs
+        for r, ((rid, pos, n), target) in enumerate(zip(step.prompt_owners, step.prompt_targets)):
             prompt.setdefault(rid, []).append(PromptLogprob(
                 pos, target, float(prompt_lps[0][r]),
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
-        return StepResult(sampled, prompt, device_seconds, start)
+        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time)
+        step.tokens = step.logprobs = step.prompt_logprobs = None  # the device buffers can go
+        if self._in_flight is step:
+            self._in_flight = None
+        return step.result
+
+    def _dispatch(self, plan: StepPlan, in_flight_tokens=None):
+        """Dispatches the device part of a step (forward, sample, prompt logprobs) without
+        waiting: device arrays (tokens, logprobs, prompt logprobs)."""
+        inp = plan.model_input
+        if plan.token_src is not None:
+            inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
+        hidden, rows = self._forward(inp, plan.shape.q_block)
+        tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
+        prompt_lps = None
+        if len(plan.prompt_rows):
+            pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
+            prompt_lps = self._prompt_logprobs(hidden, np.pad(plan.prompt_rows, pad), np.pad(plan.prompt_targets, pad))
+        return tokens, lps, prompt_lps
 
     def run_plan(self, plan: StepPlan):
         """The device part of a step (every process of a multi-host run executes it on the same
         plan): forward, sample, prompt logprobs -> (tokens, logprobs, prompt logprobs, seconds
         spent waiting for the device), as numpy arrays."""
-        hidden, rows = self._forward(plan.model_input, plan.shape.q_block)
-        tokens, lps = self._sample(rows, plan.sampling_input)  # may be padded past S rows (see _sample)
-        prompt_lps = None
-        if len(plan.prompt_rows):
-            pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
-            prompt_lps = self._prompt_logprobs(hidden, np.pad(plan.prompt_rows, pad), np.pad(plan.prompt_targets, pad))
+        tokens, lps, prompt_lps = self._dispatch(plan)
         start = time.perf_counter()
         tokens = np.asarray(tokens)
         if lps is not None:
@@ -247,102 +350,7 @@ class Runner:
         return tokens, lps, prompt_lps, time.perf_counter() - start
 
     def warmup(self, progress: bool = False, threads: int = 1) -> int:
-        """Compiles every graph a step can need (every step shape, sampler variant and prompt-logprob
-        shape); returns how many. Without a mesh the graphs are compiled ahead of time from
-        abstract inputs, `threads` at once (1: on the calling thread; the server asks for one per
-        core), and nothing runs; with a mesh each shape runs once on padding inputs."""
-        if self.mesh is not None:
-            return self._warmup_by_running(progress)
-        graphs = self._aot_graphs()
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        """Compiles every graph a step can need; returns how many (`runner.warmup`)."""
+        from jaxinfer.runner.warmup import warmup
 
-            bar = tqdm(total=len(graphs), desc="Compiling steps", unit="graph")
-        def compile_graph(g):
-            g[0].lower(*g[1], **g[2]).compile()
-
-        if threads <= 1:
-            for g in graphs:
-                compile_graph(g)
-                if bar is not None:
-                    bar.update(1)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-                for f in concurrent.futures.as_completed([pool.submit(compile_graph, g) for g in graphs]):
-                    f.result()
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        return len(graphs)
-
-    def _aot_graphs(self) -> list[tuple]:
-        """(jitted function, args, kwargs) of every graph, args abstract where they are device
-        results (hidden states, sampled rows), real where they are what a step passes."""
-        rc, cfg, V = self.rc, self.config, self.config.vocab_size
-        dtype, D = jnp.dtype(cfg.dtype), cfg.hidden_size
-        graphs, seen = [], set()
-
-        def add(fn, args, kwargs, key):
-            if key not in seen:
-                seen.add(key)
-                graphs.append((fn, args, kwargs))
-
-        for shape in self.all_step_shapes():
-            inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
-            if self.layer_loop == "per_layer":
-                embed = self.params["embed"].get_value()
-                add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T))
-                x, ropes = jax.eval_shape(functools.partial(embed_step, cfg=cfg), embed, inp.tokens, inp.positions)
-                add(layer_step, (self.layer_params[0], self.kv_cache, x, ropes, self._layer_ids[0], inp.meta),
-                    dict(cfg=cfg, attention=self.attention, q_block=shape.q_block), ("layer", shape))
-                add(rows_step, (x, inp.logits_indices), {}, ("rows", shape.T, shape.S))
-            else:
-                add(forward_step, (self.params, self.kv_cache, inp),
-                    dict(graphdef=self.graphdef, attention=self.attention, q_block=shape.q_block), ("forward", shape))
-            hidden = jax.ShapeDtypeStruct((shape.T, D), dtype)
-            rows = np.zeros(shape.T, np.int32)
-            add(prompt_logprobs_step, (self.params, hidden, rows, rows), dict(graphdef=self.graphdef),
-                ("prompt_logprobs", shape.T))
-        for S in rc.seq_buckets:  # penalties / logprobs: the largest bucket only (see _sample)
-            rows = jax.ShapeDtypeStruct((S, D), dtype)
-            for with_penalties, num_logprobs in SAMPLER_VARIANTS:
-                if S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs):
-                    si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
-                    add(sample_step, (self.params, rows, si), dict(graphdef=self.graphdef),
-                        ("sample", S, with_penalties, num_logprobs))
-        return graphs
-
-    def _warmup_by_running(self, progress: bool) -> int:
-        """Runs every step shape once on padding inputs (the sharded case: the graphs see the
-        shardings real steps produce)."""
-        rc, V = self.rc, self.config.vocab_size
-        shapes = self.all_step_shapes()
-        it = shapes
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(shapes, desc="Compiling steps", unit="shape")
-        count = 0
-        D = self.num_replicas  # data-parallel steps stack D replicas' inputs
-        hidden, sample_rows = {}, {}
-        for shape in it:
-            inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
-            if D > 1:
-                inp = stack_model_inputs([inp] * D, shape.T)
-            hidden[shape.T], sample_rows[shape.S] = self._forward(inp, shape.q_block)
-            count += 1
-        for S in rc.seq_buckets:
-            for with_penalties, num_logprobs in SAMPLER_VARIANTS:
-                si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
-                if D > 1:
-                    si = stack_sampling_inputs([si] * D, V)
-                jax.block_until_ready(self._sample(sample_rows[S], si))
-                count += 1
-        for T, h in hidden.items():
-            rows = np.zeros(T * D, np.int32)
-            jax.block_until_ready(self._prompt_logprobs(h, rows, rows))
-            count += 1
-        jax.block_until_ready(self.kv_cache)
-        return count
+        return warmup(self, progress=progress, threads=threads)

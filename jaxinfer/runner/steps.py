@@ -7,7 +7,9 @@
       layer_step(p, kv_cache, x, ropes, layer, meta, cfg=, attention=, q_block=) -> (x, kv_cache)
                                                    one graph for every layer, run L times
       rows_step(x, logits_indices)                 -> (hidden [T, D], rows [S, D])
-    sample_step(params, rows, si, graphdef=)       -> (tokens [S], logprobs or None)
+    sample_step(params, rows, si, graphdef=, pad_to=) -> (tokens [pad_to], logprobs or None)
+    resolve_tokens(tokens, token_src, sampled)     -> tokens [1, T] with the step in flight's samples
+                                                   filled in on the device (async scheduling)
     prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
 
 No bound methods and no closures over an engine: everything that changes the graph is a static
@@ -24,6 +26,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
@@ -85,9 +88,10 @@ def rows_step(x, logits_indices):
     return x[0], x[0, logits_indices]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef):
-    """rows: [S, D] hidden states of the chunks' last tokens -> (tokens [S], logprobs or None)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "pad_to"))
+def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_to: int = 0):
+    """rows: [S, D] hidden states of the chunks' last tokens -> (tokens [max(S, pad_to)], zero past S;
+    logprobs or None). Padded to one length, the tokens of any step feed `resolve_tokens` alike."""
     model = nnx.merge(graphdef, params)
     raw = model.compute_logits(rows)  # [S, V]
     logits = raw
@@ -96,9 +100,17 @@ def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef):
         logits = apply_penalties(raw, p.seen, p.output_counts, p.repetition, p.presence, p.frequency, p.suppress)
     keys = step_keys(si.seeds, si.num_generated)
     tokens = sample(logits, si.temperature, si.top_k, si.top_p, keys, si.min_p)
-    if not si.num_logprobs:
-        return tokens, None
-    return tokens, logprobs(raw, tokens, si.num_logprobs)
+    lps = logprobs(raw, tokens, si.num_logprobs) if si.num_logprobs else None
+    if pad_to > tokens.shape[0]:
+        tokens = jnp.pad(tokens, (0, pad_to - tokens.shape[0]))
+    return tokens, lps
+
+
+@jax.jit
+def resolve_tokens(tokens, token_src, sampled):
+    """tokens: [1, T]; token_src: [T] (-1: keep the token); sampled: [P] the tokens of the step in
+    flight -> tokens [1, T] with token i replaced by sampled[token_src[i]] where token_src[i] >= 0."""
+    return jnp.where(token_src >= 0, sampled[jnp.maximum(token_src, 0)], tokens[0])[None]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

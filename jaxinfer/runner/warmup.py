@@ -1,0 +1,130 @@
+"""Warm-up: every graph a step can need, compiled before the first request (nothing compiles after).
+
+Without a mesh the graphs are lowered from abstract inputs and compiled ahead of time, nothing runs
+(`aot_graphs`: every step shape's forward or per-layer graphs, `resolve_tokens` with async
+scheduling, the sampler variants, prompt logprobs). With a mesh each step shape runs once on padding
+inputs, so the graphs see the shardings real steps produce.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.runner.inputs import empty_model_input, neutral_sampling_input, stack_model_inputs, stack_sampling_inputs
+from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, resolve_tokens,
+                                   rows_step, sample_step)
+from jaxinfer.sampling_params import MAX_LOGPROBS
+
+# The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
+SAMPLER_VARIANTS = ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS))
+
+
+def warmup(runner, progress: bool = False, threads: int = 1) -> int:
+    """Compiles every graph a step can need (every step shape, sampler variant and prompt-logprob
+    shape); returns how many. Without a mesh the graphs are compiled ahead of time from
+    abstract inputs, `threads` at once (1: on the calling thread; the server asks for one per
+    core), and nothing runs; with a mesh each shape runs once on padding inputs."""
+    if runner.mesh is not None:
+        return warmup_by_running(runner, progress)
+    graphs = aot_graphs(runner)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(graphs), desc="Compiling steps", unit="graph")
+    def compile_graph(g):
+        g[0].lower(*g[1], **g[2]).compile()
+
+    if threads <= 1:
+        for g in graphs:
+            compile_graph(g)
+            if bar is not None:
+                bar.update(1)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            for f in concurrent.futures.as_completed([pool.submit(compile_graph, g) for g in graphs]):
+                f.result()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return len(graphs)
+
+def aot_graphs(runner) -> list[tuple]:
+    """(jitted function, args, kwargs) of every graph, args abstract where they are device
+    results (hidden states, sampled rows), real where they are what a step passes."""
+    rc, cfg, V = runner.rc, runner.config, runner.config.vocab_size
+    dtype, D = jnp.dtype(cfg.dtype), cfg.hidden_size
+    graphs, seen = [], set()
+
+    def add(fn, args, kwargs, key):
+        if key not in seen:
+            seen.add(key)
+            graphs.append((fn, args, kwargs))
+
+    for shape in runner.all_step_shapes():
+        inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
+        if runner.layer_loop == "per_layer":
+            embed = runner.params["embed"].get_value()
+            add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T))
+            x, ropes = jax.eval_shape(functools.partial(embed_step, cfg=cfg), embed, inp.tokens, inp.positions)
+            add(layer_step, (runner.layer_params[0], runner.kv_cache, x, ropes, runner._layer_ids[0], inp.meta),
+                dict(cfg=cfg, attention=runner.attention, q_block=shape.q_block), ("layer", shape))
+            add(rows_step, (x, inp.logits_indices), {}, ("rows", shape.T, shape.S))
+        else:
+            add(forward_step, (runner.params, runner.kv_cache, inp),
+                dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block), ("forward", shape))
+        if runner.async_scheduling:
+            src = np.zeros(shape.T, np.int32)
+            add(resolve_tokens, (inp.tokens, src, jax.ShapeDtypeStruct((rc.seq_buckets[-1],), jnp.int32)), {},
+                ("resolve", shape.T))
+        hidden = jax.ShapeDtypeStruct((shape.T, D), dtype)
+        rows = np.zeros(shape.T, np.int32)
+        add(prompt_logprobs_step, (runner.params, hidden, rows, rows), dict(graphdef=runner.graphdef),
+            ("prompt_logprobs", shape.T))
+    for S in rc.seq_buckets:  # penalties / logprobs: the largest bucket only (see _sample)
+        rows = jax.ShapeDtypeStruct((S, D), dtype)
+        for with_penalties, num_logprobs in SAMPLER_VARIANTS:
+            if S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs):
+                si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+                add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1]),
+                    ("sample", S, with_penalties, num_logprobs))
+    return graphs
+
+def warmup_by_running(runner, progress: bool) -> int:
+    """Runs every step shape once on padding inputs (the sharded case: the graphs see the
+    shardings real steps produce)."""
+    rc, V = runner.rc, runner.config.vocab_size
+    shapes = runner.all_step_shapes()
+    it = shapes
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(shapes, desc="Compiling steps", unit="shape")
+    count = 0
+    D = runner.num_replicas  # data-parallel steps stack D replicas' inputs
+    hidden, sample_rows = {}, {}
+    for shape in it:
+        inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
+        if D > 1:
+            inp = stack_model_inputs([inp] * D, shape.T)
+        hidden[shape.T], sample_rows[shape.S] = runner._forward(inp, shape.q_block)
+        count += 1
+    for S in rc.seq_buckets:
+        for with_penalties, num_logprobs in SAMPLER_VARIANTS:
+            si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+            if D > 1:
+                si = stack_sampling_inputs([si] * D, V)
+            jax.block_until_ready(runner._sample(sample_rows[S], si))
+            count += 1
+    for T, h in hidden.items():
+        rows = np.zeros(T * D, np.int32)
+        jax.block_until_ready(runner._prompt_logprobs(h, rows, rows))
+        count += 1
+    jax.block_until_ready(runner.kv_cache)
+    return count
