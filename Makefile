@@ -34,8 +34,11 @@ chat: $(STAMP)
 	$(BIN)/jaxinfer chat $(ARGS)
 
 # The tests compare against HF transformers (torch CPU): the `ref` extra is installed for them.
+# TEST_WORKERS processes share the test files (pytest-xdist, whole files per worker so module
+# fixtures are built once); each holds its own compiled graphs and models (~5-8 GiB).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-ref $(VENV)/.installed-models chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The chat-page test drives Debian's chromium through playwright (no browser download needed).
 chromium:

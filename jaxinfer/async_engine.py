@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from jaxinfer.engine import LLMEngine
 from jaxinfer.errors import JaxinferError
+from jaxinfer.input_processor import ProcessedPrompt
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 
@@ -40,7 +41,7 @@ class EngineDeadError(JaxinferError, RuntimeError):
 class PromptSpec:
     """One request of a `submit_many` call."""
 
-    prompt_token_ids: Sequence[int]
+    prompt_token_ids: Sequence[int] | ProcessedPrompt  # a ProcessedPrompt is not checked again
     params: SamplingParams
     prompt: str | None = None
     request_id: str | None = None
@@ -159,16 +160,18 @@ class AsyncEngine:
             if not isinstance(spec.params, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(spec.params).__name__}")
             where = "prompt" if len(specs) == 1 else f"prompt {i}"
-            ids = self.engine.validate_prompt(spec.prompt_token_ids, where)  # pure checks: thread-safe
+            processed = spec.prompt_token_ids  # validated once, here (pure checks: thread-safe), or by the caller
+            if not isinstance(processed, ProcessedPrompt):
+                processed = self.engine.input_processor.process(spec.prompt_token_ids, spec.params, where)
             rid = f"req-{next(_REQUEST_IDS)}" if spec.request_id is None else str(spec.request_id)
-            checked.append((rid, ids, spec))
+            checked.append((rid, processed, spec))
         if not checked:
             raise ValueError("submit_many needs at least one request")
         stream = RequestStream([rid for rid, _, _ in checked], self)
         with self._lock:
             self._in_flight += len(checked)
         for rid, ids, spec in checked:
-            self._commands.put(("add", rid, ids, spec.params, spec.prompt, spec.priority, stream))
+            self._commands.put(("add", rid, ids, spec.prompt, spec.priority, stream))
         self._wake.set()
         return stream
 
@@ -230,9 +233,9 @@ class AsyncEngine:
                 return applied
             applied = True
             if cmd[0] == "add":
-                _, rid, ids, params, prompt, priority, stream = cmd
+                _, rid, processed, prompt, priority, stream = cmd
                 try:
-                    self.engine.add_request(rid, ids, params, prompt=prompt, priority=priority)
+                    self.engine.add_request(rid, processed, prompt_text=prompt, priority=priority)
                 except Exception as e:  # a duplicate id or a bad request: only this caller hears of it
                     stream._put(e)
                     self._ended()

@@ -52,8 +52,9 @@ class EngineConfig:
         and fast compiles on CPU), "model" (one graph per step over the model's own loop, scanned
         or unrolled), or None: per_layer on CPU without a mesh, model elsewhere (decision 48).
       async_scheduling: schedule and build step N + 1 while the device runs step N (host time
-        hidden behind the device's); None: on with one device in one process (decision 50), where
-        tensor / data / sequence parallel and multi-host runs step synchronously; False: off.
+        hidden behind the device's); None: on for one GPU / TPU in one process, off on CPU (where
+        host and "device" share the cores: measured slower, decision 50) and with tensor / data /
+        sequence parallelism or several hosts (synchronous steps); True / False: as asked.
       compilation_cache_dir: persistent XLA compilation cache for the entry points to set
         (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
         variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.

@@ -201,16 +201,17 @@ class LLM:
         for p in sampling_params:
             if not isinstance(p, SamplingParams):
                 raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
-        parsed = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
-        ids = []
-        for (text, token_ids), params in zip(parsed, sampling_params):
+        checked = []  # validated once, here (the engine trusts a ProcessedPrompt)
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             if output_kind is not None and params.output_kind is not output_kind:
                 params = dataclasses.replace(params, output_kind=output_kind)
-            ids.append(self.engine.add_request(f"llm-{next(self._request_counter)}", token_ids, params, prompt=text))
-        return ids
+            text, token_ids = self._prompt_ids(prompt, i)
+            checked.append((text, self.engine.input_processor.process(token_ids, params, f"prompt {i}")))
+        return [self.engine.add_request(f"llm-{next(self._request_counter)}", processed, prompt_text=text)
+                for text, processed in checked]
 
     def _prompt_ids(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
-        """(text, token ids) of one prompt, validated."""
+        """(text, token ids) of one prompt (checked by the caller)."""
         where = f"prompt {index}"
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
@@ -221,4 +222,4 @@ class LLM:
         else:
             raise InvalidRequestError(
                 f"{where}: expected a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
-        return text, self.engine.validate_prompt(ids, where)
+        return text, ids

@@ -21,15 +21,29 @@ from typing import Callable, Iterator
 
 import pydantic
 
+from jaxinfer import openai_logprobs as logprobs_fmt
 from jaxinfer.async_engine import AsyncEngine, EngineDeadError, PromptSpec, RequestStream
 from jaxinfer.errors import ChatTemplateError, InvalidRequestError, PromptTooLongError
-from jaxinfer import openai_logprobs as logprobs_fmt
+from jaxinfer.input_processor import ProcessedPrompt
 from jaxinfer.metrics import ServerMetrics
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.protocol import (UNSUPPORTED_FIELDS, AssistantMessage, ChatChoice, ChatChunkChoice,
-                               ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
-                               CompletionRequest, CompletionResponse, Delta, ErrorInfo, ErrorResponse,
-                               PromptTokensDetails, Usage)
+from jaxinfer.protocol import (
+    UNSUPPORTED_FIELDS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ErrorInfo,
+    ErrorResponse,
+    PromptTokensDetails,
+    Usage,
+)
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
@@ -182,8 +196,10 @@ class OpenAIServing:
         return requested
 
     def _validated_ids(self, ids: list[int], param: str, where: str) -> list[int]:
+        """The prompt checked once (`InputProcessor`), before its sampling params are built from
+        its length; the engine trusts the ProcessedPrompt made of both."""
         try:
-            return self.engine.engine.validate_prompt(ids, where)
+            return list(self.engine.engine.input_processor.prompt(ids, where))
         except PromptTooLongError as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         except InvalidRequestError as e:
@@ -210,7 +226,7 @@ class OpenAIServing:
             max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", where)
             params = self._sampling_params(req, max_tokens, req.logprobs,
                                            req.logprobs if req.echo and req.logprobs is not None else None)
-            specs.append(PromptSpec(ids, params, prompt=text,
+            specs.append(PromptSpec(ProcessedPrompt(tuple(ids), params), params, prompt=text,
                                     request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}"))
             texts.append(text or "")
         return Prepared("completion", req, specs, texts, request_id, int(time.time()))
@@ -237,7 +253,8 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_params(req, max_tokens, logprobs, None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"  # the HTTP response's id is the engine's
-        return Prepared("chat", req, [PromptSpec(ids, params, prompt=text, request_id=request_id)], [text],
+        spec = PromptSpec(ProcessedPrompt(tuple(ids), params), params, prompt=text, request_id=request_id)
+        return Prepared("chat", req, [spec], [text],
                         request_id, int(time.time()))
 
     def submit(self, prepared: Prepared) -> RequestStream:

@@ -264,3 +264,41 @@ print(written, len(os.listdir(on)))
     assert proc.returncode == 0, proc.stderr
     written, after = map(int, proc.stdout.split())
     assert written >= 1 and after == written  # on: the first graph was cached; off: the second was not
+
+
+def test_a_request_is_validated_once_at_the_edge(tiny, monkeypatch):
+    """The prompt check runs once per request: in `LLM` (the CLI goes through it) and in
+    `AsyncEngine.submit` (the server's path; the server's own handler passes a ProcessedPrompt,
+    which nothing checks again); the engine trusts what arrives checked. Raw ids given straight
+    to `LLMEngine.add_request` are checked there, once."""
+    from jaxinfer.async_engine import AsyncEngine, PromptSpec
+    from jaxinfer.errors import InvalidRequestError
+    from jaxinfer.input_processor import InputProcessor
+    from jaxinfer.llm import LLM
+
+    calls = []
+    real = InputProcessor.prompt
+    monkeypatch.setattr(InputProcessor, "prompt", lambda self, ids, where="prompt": calls.append(1) or real(
+        self, ids, where))
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    llm = LLM(tiny.path, progress=False, warmup=False, max_num_seqs=4, max_num_batched_tokens=16,
+              num_pages=64, compilation_cache_dir="")
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)
+    assert len(calls) == 1
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.generate([{"prompt_token_ids": [5, 10**7]}], params)
+    engine = make_engine(tiny)
+    async_engine = AsyncEngine(engine)
+    try:
+        calls.clear()
+        async_engine.submit([5, 6, 7], params).result(timeout=60)
+        assert len(calls) == 1
+        processed = engine.input_processor.process([5, 6], params)
+        calls.clear()
+        async_engine.submit_many([PromptSpec(processed, params)]).result(timeout=60)
+        assert calls == []
+    finally:
+        async_engine.shutdown()
+    calls.clear()
+    make_engine(tiny).add_request("raw", [5, 6], params)
+    assert len(calls) == 1

@@ -1,0 +1,73 @@
+"""Validation at the edge: every request is checked once, against the model, before it enters the
+engine; the layers inside trust what passed.
+
+    LLM.generate / chat ----\
+    CLI (through LLM) -------+--> InputProcessor.process(ids, params) -> ProcessedPrompt --> LLMEngine
+    server -> AsyncEngine --/      (typed errors: say what to change)                        (trusts it)
+
+Checks: the prompt is a non-empty list of ints inside the vocabulary and shorter than the context;
+the sampling parameters are a `SamplingParams` (which checks its own ranges when built; stop token
+ids past the vocabulary are allowed and never match). Pure and thread-safe: the server validates in the request's
+thread, so a bad request never reaches the engine thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from jaxinfer.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedPrompt:
+    """A prompt and its sampling parameters that passed `InputProcessor.process`."""
+
+    token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+class InputProcessor:
+    """Checks requests against one model's vocabulary and context.
+
+    Args:
+      vocab_size: token ids must be in [0, vocab_size).
+      max_model_len: the engine's context; a prompt must leave room for one generated token.
+      max_position_embeddings: the model's own limit (named in the error, as what the context can
+        be raised to).
+    """
+
+    def __init__(self, vocab_size: int, max_model_len: int, max_position_embeddings: int | None = None):
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_position_embeddings = max_position_embeddings or max_model_len
+
+    def prompt(self, prompt_token_ids: Sequence[int], where: str = "prompt") -> tuple[int, ...]:
+        """The prompt as a tuple of ints, or a typed error saying what to change."""
+        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in prompt_token_ids):
+            raise InvalidRequestError(f"{where}: prompt_token_ids must be a list of integers")
+        if not prompt_token_ids:
+            raise EmptyPromptError(f"{where} is empty; give at least one token of prompt")
+        bad = [i for i in prompt_token_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{where}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"{where} has {len(prompt_token_ids)} tokens but the context window is {self.max_model_len}; "
+                f"shorten it to at most {self.max_model_len - 1} tokens (or raise max_model_len, up to "
+                f"{self.max_position_embeddings})")
+        return tuple(prompt_token_ids)
+
+    def params(self, params: SamplingParams) -> SamplingParams:
+        """The sampling parameters, checked against the model."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        return params
+
+    def process(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                where: str = "prompt") -> ProcessedPrompt:
+        """Both checks: what `LLMEngine.add_request` accepts without checking again."""
+        return ProcessedPrompt(self.prompt(prompt_token_ids, where), self.params(params))
