@@ -4,7 +4,8 @@
 
     POST /v1/completions, /v1/chat/completions   generate (JSON, or server-sent events with stream: true)
     GET  /v1/models                              the served model
-    GET  /health                                 200 ready; 503 draining or engine stopped
+    GET  /health                                 200 serving ("compiling": warm-up still running in the
+                                                 background); 503 draining or engine stopped
     GET  /metrics                                Prometheus text
     GET  /openapi.json                           this API's OpenAPI 3.1 description
     GET  /                                       a chat page that streams from /v1/chat/completions
@@ -36,7 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from jaxinfer.async_engine import AsyncEngine
 from jaxinfer.engine import LLMEngine
-from jaxinfer.metrics import ServerMetrics
+from jaxinfer.metrics import ServerMetrics, count_compilations
 from jaxinfer.openai_serving import ApiError, OpenAIServing, parse_request
 from jaxinfer.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -93,6 +94,7 @@ class ServerState:
         self.capacity = ec.max_num_seqs * ec.data_parallel_size + config.max_waiting_requests
         self.created = int(time.time())
         self.draining = False
+        self.compiling = False  # warm-up still running in the background (requests are served meanwhile)
 
     def drain(self, timeout: float | None = None) -> int:
         """Stops admitting (503), waits for in-flight requests up to `timeout` s, stops the engine.
@@ -148,7 +150,7 @@ def openapi_spec(config: ServerConfig) -> dict:
                 "200": {"description": "served models", "content": {"application/json": {"schema": ref("ModelList")}}},
                 "401": error}, **({"security": [{"bearer": []}]} if config.api_key else {})}},
             "/health": {"get": {"responses": {
-                "200": {"description": "ready", "content": {"application/json": {"schema": ref("Health")}}},
+                "200": {"description": "serving", "content": {"application/json": {"schema": ref("Health")}}},
                 "503": {"description": "draining or stopped",
                         "content": {"application/json": {"schema": ref("Health")}}}}}},
             "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format",
@@ -261,7 +263,7 @@ def create_app(engine: LLMEngine | AsyncEngine, config: ServerConfig) -> Flask:
             return jsonify(status="dead"), 503
         if state.draining:
             return jsonify(status="draining"), 503
-        return jsonify(status="ok")
+        return jsonify(status="ok", compiling=state.compiling)
 
     @app.get("/metrics")
     def metrics():
@@ -405,14 +407,31 @@ def _run(args, config: ServerConfig) -> int:
         return 0
     multihost.attach(llm.engine.runner)
     t1 = time.perf_counter()
-    _status(f"loaded in {t1 - t0:.1f}s; compiling every step shape ...")
-    llm.warmup(progress=True, threads=os.cpu_count() or 1)
-    _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s")
+    count_compilations()  # from here on: /metrics' xla_compilations stays flat once ready
+    # One device: serve at once and compile in the background, the likeliest shapes first; a request
+    # whose shape is not compiled yet compiles it on the engine thread (decision 53). A mesh warms up
+    # by running steps on the cache, which must not overlap serving: compile first, then serve.
+    background = llm.engine.mesh is None
+    if not background:
+        _status(f"loaded in {t1 - t0:.1f}s; compiling every step shape ...")
+        llm.warmup(progress=True, threads=os.cpu_count() or 1)
+        _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; ready")
     app = create_app(llm.engine, config)
     state: ServerState = app.extensions["jaxinfer"]
     server = serve(app, args.host, args.port, threads=args.threads)
-    _status(f"serving {config.served_model_name} at {server.url}"
-            + (" (API key required)" if config.api_key else ""))
+    _status(f"serving {config.served_model_name} at {server.url}" + (" (API key required)" if config.api_key else "")
+            + (f" {time.perf_counter() - t1:.1f}s after loading; compiling every step shape in the background"
+               if background else ""))
+    if background:
+        state.compiling = True
+
+        def warm_up():
+            llm.warmup(progress=True, threads=os.cpu_count() or 1)
+            state.compiling = False
+            _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; "
+                    "ready: nothing compiles from here on")
+
+        threading.Thread(target=warm_up, name="jaxinfer-warmup", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

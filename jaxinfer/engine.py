@@ -83,8 +83,8 @@ class LLMEngine:
         # Built here, not as a default argument: EngineConfig() asks JAX for its backend, and importing
         # this module must not start the backend before a multi-host run's jax.distributed.initialize.
         ec = engine_config if engine_config is not None else EngineConfig()
-        pc = ec.parallel_config
-        if pc.sequence_parallel_size > 1 and ops.resolve_backend(ec.attention_backend) != "reference":
+        cache, sched, buckets, comp, pc = ec.cache, ec.scheduling, ec.buckets, ec.compile, ec.parallel
+        if pc.sequence_parallel_size > 1 and ops.resolve_backend(comp.attention_backend) != "reference":
             raise InvalidRequestError(SP_NEEDS_REFERENCE)
         self.mesh = None
         if not pc.is_single_device or devices is not None:
@@ -103,16 +103,17 @@ class LLMEngine:
         self.config = config
         self.engine_config = ec
         self.tokenizer = tokenizer
-        self.max_model_len = min(ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_model_len = min(sched.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         device = jax.local_devices()[0]  # in a multi-process run jax.devices()[0] may live on another host
-        page_size = ec.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
+        page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
                                                  num_kv_heads=config.num_kv_heads // pc.tensor_parallel_size,
-                                                 head_dim=ops.kv_cache_head_dim(config.head_dim, ec.attention_backend),
+                                                 head_dim=ops.kv_cache_head_dim(config.head_dim,
+                                                                                comp.attention_backend),
                                                  dtype=jnp.dtype(config.dtype))
-        if ec.num_pages is not None:
-            num_pages = ec.num_pages
+        if cache.num_pages is not None:
+            num_pages = cache.num_pages
         else:
             budget = kv_cache_budget(ec, device)
             if jax.process_count() > 1:  # every process must build the same pool: the smallest budget wins
@@ -120,7 +121,7 @@ class LLMEngine:
 
                 budget = int(multihost_utils.process_allgather(budget).min())
             num_pages = budget // page_bytes
-            if ec.max_model_len is None and num_pages < max_pages_per_seq + 1 and num_pages >= 2:
+            if sched.max_model_len is None and num_pages < max_pages_per_seq + 1 and num_pages >= 2:
                 # No context limit was asked for: use what the budget holds rather than refuse
                 # (Gemma 3's 32k context in f32 needs 1.2 GB of cache), and say so.
                 fit = (num_pages - 1) * page_size
@@ -140,43 +141,45 @@ class LLMEngine:
                     (num_pages - 1) * page_size, num_pages * page_bytes / 2**20, device.platform)
         self.num_pages, self.page_size = num_pages, page_size
 
-        max_tokens = ec.max_num_batched_tokens
+        max_tokens = sched.max_num_batched_tokens
         sp = pc.sequence_parallel_size
         rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size * sp,
                           max_pages_per_seq=max_pages_per_seq,
-                          token_buckets=ec.token_buckets or pow2_buckets(min(16, max_tokens), max_tokens),
+                          token_buckets=buckets.token_buckets or pow2_buckets(min(16, max_tokens), max_tokens),
                           # sequence parallel: decode steps (T = S) split their tokens over `seq` too
-                          seq_buckets=ec.seq_buckets or pow2_buckets(sp, -(-max(sp, ec.max_num_seqs) // sp) * sp),
-                          page_buckets=ec.page_buckets, q_block=ec.q_block, max_prefill_seqs=ec.max_prefill_seqs,
-                          pages_per_item=ec.pages_per_item,
-                          attention_backend=ec.attention_backend, sequence_parallel_size=sp)
-        if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < ec.max_num_seqs:
+                          seq_buckets=buckets.seq_buckets or pow2_buckets(sp,
+                                                                          -(-max(sp, sched.max_num_seqs) // sp) * sp),
+                          page_buckets=buckets.page_buckets, q_block=buckets.q_block,
+                          max_prefill_seqs=sched.max_prefill_seqs,
+                          pages_per_item=buckets.pages_per_item,
+                          attention_backend=comp.attention_backend, sequence_parallel_size=sp)
+        if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < sched.max_num_seqs:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                       f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
-                                      f"max_num_seqs ({ec.max_num_seqs})")
+                                      f"max_num_seqs ({sched.max_num_seqs})")
         # One page pool per data-parallel replica (num_pages each, local ids), one scheduler over them.
         # With sequence parallelism one pool of num_pages per `seq` device, striped (BlockPool).
         self.kv_managers = [KVCacheManager(num_blocks=num_pages * sp, page_size=page_size,
-                                           enable_prefix_caching=ec.enable_prefix_caching, num_stripes=sp)
+                                           enable_prefix_caching=cache.enable_prefix_caching, num_stripes=sp)
                             for _ in range(pc.data_parallel_size)]
         self.kv_manager = self.kv_managers[0]
-        sched_config = SchedulerConfig(max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=max_tokens,
-                                       max_model_len=self.max_model_len, policy=ec.policy,
-                                       max_prefill_seqs=ec.max_prefill_seqs)
+        sched_config = SchedulerConfig(max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=max_tokens,
+                                       max_model_len=self.max_model_len, policy=sched.policy,
+                                       max_prefill_seqs=sched.max_prefill_seqs)
         if pc.data_parallel_size == 1:
             self.scheduler = Scheduler(sched_config, self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
         else:
             self.scheduler = DataParallelScheduler(sched_config, self.kv_managers,
                                                    eos_token_ids=tokenizer.eos_token_ids)
-        layer_loop = ec.layer_loop or ("per_layer" if device.platform == "cpu" and self.mesh is None else "model")
+        layer_loop = comp.layer_loop or ("per_layer" if device.platform == "cpu" and self.mesh is None else "model")
         one_device = self.mesh is None and jax.process_count() == 1
-        if ec.async_scheduling and not one_device:
+        if sched.async_scheduling and not one_device:
             raise InvalidRequestError("async_scheduling=True runs on one device in one process; with tensor, data or "
                                       "sequence parallelism or several hosts leave it unset (steps run synchronously)")
         # Default: on where the device is not the host's own cores (decision 50: on this 2-core CPU
         # the overlap costs the step a core and measured 9% slower).
         default_async = one_device and device.platform != "cpu"
-        self.async_scheduling = default_async if ec.async_scheduling is None else ec.async_scheduling
+        self.async_scheduling = default_async if sched.async_scheduling is None else sched.async_scheduling
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
                              layer_loop=layer_loop, async_scheduling=self.async_scheduling)
         self.output_processor = OutputProcessor(tokenizer)
@@ -184,7 +187,7 @@ class LLMEngine:
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
         self._holding: dict[str, list[Request]] = {}  # n > 1: samples waiting for sample 0's prompt
         self._stopped: list[str] = []  # samples a stop string ended: aborted in the core at the next step
-        self._rng = random.Random(ec.seed)
+        self._rng = random.Random(sched.seed)
         self._ids = itertools.count()
         self.counters = dict(steps=0, prompt_tokens=0, generation_tokens=0, computed_tokens=0, finished=0,
                              aborted=0, host_seconds=0.0, device_seconds=0.0, warmup_graphs=0)

@@ -18,6 +18,7 @@ import os
 from typing import Any, Iterator, Sequence, Union
 
 from jaxinfer.engine import EngineConfig, LLMEngine, set_compilation_cache
+from jaxinfer.engine_config import FLAT_FIELDS
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.outputs import RequestOutput
@@ -57,11 +58,10 @@ class LLM:
                  dtype: str | None = None, scan_layers: bool | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, seed: int = 0, progress: bool = True,
                  warmup: bool = True, **engine_kwargs):
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(set(engine_kwargs) - fields)
+        unknown = sorted(set(engine_kwargs) - set(FLAT_FIELDS))
         if unknown:
-            raise InvalidRequestError(f"unknown LLM arguments {unknown}; engine settings are {sorted(fields)}")
-        engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            raise InvalidRequestError(f"unknown LLM arguments {unknown}; engine settings are {sorted(FLAT_FIELDS)}")
+        engine_config = EngineConfig.of(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, seed=seed, **engine_kwargs)
         # The entry point owns the process-wide compilation cache setting ("" turns it off).
         self.compilation_cache_dir = set_compilation_cache(engine_config.compilation_cache_dir)

@@ -257,3 +257,4 @@ class ErrorResponse(_Out):
 
 class Health(_Out):
     status: Literal["ok", "draining", "dead"]
+    compiling: bool | None = None  # "ok" while warm-up still compiles in the background

@@ -24,7 +24,7 @@ def main(coordinator, process_id, gguf, out_json):
 
     model = load_model(gguf, progress=False)
     engine = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
-                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64,
+                       EngineConfig.of(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64,
                                     compilation_cache_dir="", tensor_parallel_size=jax.device_count()))
     if not multihost.is_primary():
         multihost.worker_loop(engine.runner)

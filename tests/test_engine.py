@@ -41,7 +41,7 @@ def async_scheduling(request):
 def make_engine(model, **overrides) -> LLMEngine:
     cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="")
     cfg.update(overrides)
-    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig(**cfg))
+    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig.of(**cfg))
 
 
 def run(engine: LLMEngine, requests: dict, abort_after: dict | None = None) -> dict:
@@ -330,8 +330,8 @@ def test_kv_budget_from_bytes_or_a_fraction_of_free_device_memory():
         def memory_stats(self):
             return None
 
-    assert kv_cache_budget(EngineConfig(kv_cache_memory=123456), FakeAccelerator()) == 123456
-    assert kv_cache_budget(EngineConfig(memory_fraction=0.5), FakeAccelerator()) == 30 << 30
+    assert kv_cache_budget(EngineConfig.of(kv_cache_memory=123456), FakeAccelerator()) == 123456
+    assert kv_cache_budget(EngineConfig.of(memory_fraction=0.5), FakeAccelerator()) == 30 << 30
     assert kv_cache_budget(EngineConfig(), FakeCpu()) == DEFAULT_CPU_KV_CACHE_BYTES
 
 

@@ -5,6 +5,7 @@ jaxinfer's imports have no cycle."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import os
 import re
@@ -31,7 +32,7 @@ def tiny(tmp_path_factory):
 def make_engine(model, **overrides) -> LLMEngine:
     cfg = dict(max_num_seqs=4, max_num_batched_tokens=16, page_size=16, num_pages=160, compilation_cache_dir="")
     cfg.update(overrides)
-    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig(**cfg))
+    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig.of(**cfg))
 
 
 def test_step_is_schedule_execute_update_process():
@@ -207,19 +208,22 @@ def test_configs_and_llm_arguments_do_not_start_a_jax_backend():
 import jaxinfer.llm as llm_module
 from jax._src import xla_bridge
 from jaxinfer.engine import EngineConfig
+from jaxinfer.engine_config import BucketConfig, CacheConfig, CompileConfig, SchedulingConfig
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.runner import RunnerConfig
 from jaxinfer.scheduler import SchedulerConfig
 from jaxinfer.sampling_params import SamplingParams
 from sharding.mesh import ParallelConfig
 
-EngineConfig(max_num_seqs=4, attention_backend="pallas", sequence_parallel_size=1, compilation_cache_dir="")
+EngineConfig.of(max_num_seqs=4, attention_backend="pallas", sequence_parallel_size=1, compilation_cache_dir="")
+EngineConfig(cache=CacheConfig(page_size=16), scheduling=SchedulingConfig(async_scheduling=True),
+             buckets=BucketConfig(q_block=16), parallel=ParallelConfig(), compile=CompileConfig(layer_loop="model"))
 RunnerConfig(page_size=16, num_pages=8, max_pages_per_seq=4, attention_backend="auto")
 SchedulerConfig(max_num_seqs=2)
 ParallelConfig(tensor_parallel_size=2)
 SamplingParams(n=2, temperature=0.5)
 try:
-    EngineConfig(attention_backend="nope")
+    EngineConfig.of(attention_backend="nope")
 except InvalidRequestError:
     pass
 
@@ -240,6 +244,32 @@ print("backends:", sorted(xla_bridge._backends))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "backends: []" in proc.stdout, proc.stdout
+
+
+def test_engine_config_is_composed_of_one_config_per_concern():
+    from jaxinfer.engine_config import FLAT_FIELDS, BucketConfig, CacheConfig, CompileConfig, SchedulingConfig
+    from jaxinfer.errors import InvalidRequestError
+    from sharding.mesh import ParallelConfig
+
+    ec = EngineConfig.of(page_size=8, max_num_seqs=3, q_block=16, tensor_parallel_size=2, layer_loop="model")
+    assert ec.cache == CacheConfig(page_size=8) and ec.scheduling == SchedulingConfig(max_num_seqs=3)
+    assert ec.buckets == BucketConfig(q_block=16) and ec.parallel == ParallelConfig(tensor_parallel_size=2)
+    assert ec.compile == CompileConfig(layer_loop="model")
+    assert (ec.page_size, ec.max_num_seqs, ec.tensor_parallel_size) == (8, 3, 2)  # flat reads too
+    for part in (ec.cache, ec.scheduling, ec.buckets, ec.parallel, ec.compile):  # frozen, keyword-only
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            part.__setattr__(dataclasses.fields(part)[0].name, None)
+        with pytest.raises(TypeError):
+            type(part)(1)
+    assert set(FLAT_FIELDS) >= {"num_pages", "max_model_len", "seq_buckets", "data_parallel_size", "attention_backend"}
+    with pytest.raises(InvalidRequestError, match="unknown engine settings .'max_seqs'."):
+        EngineConfig.of(max_seqs=4)
+    with pytest.raises(InvalidRequestError, match="page_size must be positive"):
+        EngineConfig.of(page_size=0)
+    with pytest.raises(InvalidRequestError, match="multiple of sequence_parallel_size"):
+        EngineConfig.of(sequence_parallel_size=4, max_num_batched_tokens=30)  # a check across parts
+    with pytest.raises(InvalidRequestError, match="positive integer"):
+        EngineConfig.of(data_parallel_size=0)
 
 
 def test_an_empty_compilation_cache_dir_turns_the_cache_off_after_it_was_on(tmp_path):

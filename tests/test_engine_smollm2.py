@@ -51,7 +51,7 @@ def test_streamed_text_grows_and_never_shows_the_stop_string(smollm2):
 def test_threaded_engine_serves_concurrent_submitters_and_cancels(smollm2):
     cfg = smollm2.engine
     engine = LLMEngine(smollm2.config, cfg.runner.graphdef, cfg.runner.params, smollm2.get_tokenizer(),
-                       EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, compilation_cache_dir=""))
+                       EngineConfig.of(max_num_seqs=4, max_num_batched_tokens=64, compilation_cache_dir=""))
     async_engine = AsyncEngine(engine)
     tok = smollm2.get_tokenizer()
     prompts = ["The capital of France is", "Water boils at", "One, two, three,", "The sky is"]

@@ -61,7 +61,7 @@ def test_context_end_finishes_with_length(smollm2):
 
     runner = smollm2.engine.runner
     engine = LLMEngine(smollm2.config, runner.graphdef, runner.params, smollm2.get_tokenizer(),
-                       EngineConfig(max_model_len=12, max_num_seqs=1, max_num_batched_tokens=16,
+                       EngineConfig.of(max_model_len=12, max_num_seqs=1, max_num_batched_tokens=16,
                                     compilation_cache_dir=""))
     engine.add_request("x", list(range(100, 110)), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     outs = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ def tiny_model(tmp_path_factory):
 def engine(tiny_model):
     m = tiny_model
     return LLMEngine(m.config, m.graphdef, m.params, m.tokenizer,
-                     EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, page_size=4, num_pages=600,
+                     EngineConfig.of(max_num_seqs=8, max_num_batched_tokens=64, page_size=4, num_pages=600,
                                   compilation_cache_dir=""))
 
 
@@ -351,7 +352,7 @@ def test_drain_finishes_in_flight_and_refuses_new(tiny_model):
     """Shutdown: /health turns 503, new requests get 503, the stream already running completes."""
     m = tiny_model
     engine = LLMEngine(m.config, m.graphdef, m.params, m.tokenizer,
-                       EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, page_size=4, num_pages=64,
+                       EngineConfig.of(max_num_seqs=2, max_num_batched_tokens=16, page_size=4, num_pages=64,
                                     compilation_cache_dir=""))
     drain_engine = AsyncEngine(engine)
     app = server.create_app(drain_engine, server.ServerConfig(served_model_name="tiny", drain_timeout=120))
@@ -382,7 +383,10 @@ def test_drain_finishes_in_flight_and_refuses_new(tiny_model):
 
 
 @pytest.mark.slow
-def test_command_line_server_warms_up_serves_and_drains_on_sigterm(tmp_path):
+def test_command_line_server_serves_while_it_compiles_then_compiles_nothing_and_drains_on_sigterm(tmp_path):
+    """The port opens right after loading and serves while warm-up compiles in the background
+    (/health: compiling); once it says ready, requests compile nothing (the xla_compilations metric
+    stays flat); SIGTERM drains."""
     path = tmp_path / "tiny.gguf"
     tiny_gguf(path)
     env = dict(os.environ, JAXINFER_COMPILATION_CACHE=str(tmp_path / "xla"))
@@ -390,15 +394,33 @@ def test_command_line_server_warms_up_serves_and_drains_on_sigterm(tmp_path):
                              "--max-num-batched-tokens", "16", "--served-model-name", "cli-tiny"],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
                             stderr=subprocess.PIPE, text=True)
+
+    def compilations(base):
+        text = request(base, "GET", "/metrics")[2].decode()
+        return float(re.search(r'jaxinfer_xla_compilations_total\{model_name="cli-tiny"\} (\S+)', text).group(1))
+
     try:
         lines = []
         for line in proc.stderr:
             lines.append(line)
             if "serving cli-tiny at " in line:
                 break
-        assert any("compiled" in ln for ln in lines), lines  # warm-up ran before the port opened
+        assert not any("ready" in ln for ln in lines), lines  # serving before the warm-up is done
         base = lines[-1].split(" at ")[1].split()[0]
         assert base.startswith("http://127.0.0.1:")
+        health = json.loads(request(base, "GET", "/health")[2])
+        assert health["status"] == "ok" and isinstance(health["compiling"], bool)
+        for line in proc.stderr:
+            lines.append(line)
+            if "ready" in line:
+                break
+        assert "compiled" in lines[-1] and "ready" in lines[-1], lines
+        assert json.loads(request(base, "GET", "/health")[2]) == {"status": "ok", "compiling": False}
+        before = compilations(base)
+        assert before > 0
+        status, _, body = request(base, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 5})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] >= 1
+        assert compilations(base) == before  # nothing compiles once ready
         result = {}
         t = threading.Thread(target=lambda: result.setdefault(
             "r", stream(base, "/v1/completions", {"prompt": "bye", "max_tokens": 40, "ignore_eos": True})))

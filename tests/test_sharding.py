@@ -40,7 +40,7 @@ def _engine(model, tp, **kw):
     cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="",
                tensor_parallel_size=tp)
     cfg.update(kw)
-    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig(**cfg),
+    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig.of(**cfg),
                      devices=jax.devices()[:tp])
 
 
@@ -107,7 +107,7 @@ def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
     base_engine = _engine(tiny, 1, **small)
     base = run(base_engine, requests)
     engine = LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
-                       EngineConfig(max_num_batched_tokens=16, page_size=4, compilation_cache_dir="",
+                       EngineConfig.of(max_num_batched_tokens=16, page_size=4, compilation_cache_dir="",
                                     tensor_parallel_size=tp, data_parallel_size=dp, **small),
                        devices=jax.devices()[:dp * tp])
     outs = run(engine, requests)
@@ -123,7 +123,7 @@ def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
 def test_sequence_parallel_tiny_model_matches_one_device(tiny, tiny_single, sp, tp):
     prompts, base = tiny_single
     engine = LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
-                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64,
+                       EngineConfig.of(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64,
                                     compilation_cache_dir="", tensor_parallel_size=tp, sequence_parallel_size=sp),
                        devices=jax.devices()[:sp * tp])
     outs = run(engine, {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
@@ -145,9 +145,9 @@ def test_sequence_parallel_prefill_of_a_4k_prompt_matches_one_device(tmp_path):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=5)
     common = dict(max_num_seqs=8, max_num_batched_tokens=512, page_size=16, compilation_cache_dir="")
     one = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
-                    EngineConfig(num_pages=300, **common))
+                    EngineConfig.of(num_pages=300, **common))
     sp = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
-                   EngineConfig(num_pages=40, sequence_parallel_size=8, **common))  # 40 pages per device
+                   EngineConfig.of(num_pages=40, sequence_parallel_size=8, **common))  # 40 pages per device
     base, outs = run(one, {"long": (prompt, params)}), run(sp, {"long": (prompt, params)})
     assert len(base["long"].prompt_logprobs) == 4096
     _assert_same([base["long"]], [outs["long"]])
@@ -179,7 +179,7 @@ def test_data_and_sequence_parallel_smollm2_match_one_device(smollm2, dp, sp, tp
     requests = {str(i): (p, PARAMS) for i, p in enumerate(prompts)}
     base = run(_engine(model, 1, num_pages=32), requests)
     engine = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
-                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=32,
+                       EngineConfig.of(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=32,
                                     compilation_cache_dir="", tensor_parallel_size=tp, data_parallel_size=dp,
                                     sequence_parallel_size=sp),
                        devices=jax.devices()[:dp * sp * tp])
@@ -194,17 +194,17 @@ def test_bad_parallel_configurations_say_what_to_change():
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be a positive integer"):
-        EngineConfig(tensor_parallel_size=-1)
+        EngineConfig.of(tensor_parallel_size=-1)
     with pytest.raises(InvalidRequestError, match="needs attention_backend='reference'"):
-        EngineConfig(sequence_parallel_size=2, attention_backend="pallas_gpu")
+        EngineConfig.of(sequence_parallel_size=2, attention_backend="pallas_gpu")
     with pytest.raises(InvalidRequestError, match="together with data_parallel_size > 1 is not supported"):
-        EngineConfig(sequence_parallel_size=2, data_parallel_size=2)
+        EngineConfig.of(sequence_parallel_size=2, data_parallel_size=2)
     with pytest.raises(InvalidRequestError, match="must be a multiple of sequence_parallel_size"):
-        EngineConfig(sequence_parallel_size=8, max_num_batched_tokens=100)
+        EngineConfig.of(sequence_parallel_size=8, max_num_batched_tokens=100)
     assert make_mesh(ParallelConfig(tensor_parallel_size=8)).shape == {"data": 1, "seq": 1, "model": 8}
 
 
 def test_engine_refuses_a_mesh_that_does_not_use_every_device(tiny):
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size = 1 x 1 x 2 = 2, but 8 devices"):
         LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
-                  EngineConfig(tensor_parallel_size=2, num_pages=16, compilation_cache_dir=""))
+                  EngineConfig.of(tensor_parallel_size=2, num_pages=16, compilation_cache_dir=""))

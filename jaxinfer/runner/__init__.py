@@ -4,9 +4,10 @@ submit / collect), warmup (every graph compiled before the first request)."""
 
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, default_page_buckets, step_shape
 from jaxinfer.runner.inputs import CachedRequest, ModelInput, Penalties, SamplingInput
-from jaxinfer.runner.runner import InFlightStep, PromptLogprob, Runner, SampledToken, StepPlan, StepResult
+from jaxinfer.runner.runner import (InFlightStep, PromptLogprob, Runner, SampledToken, StepPlan,
+                                    StepResult)
 from jaxinfer.runner.steps import AttentionSpec, forward_step, prompt_logprobs_step, sample_step
 
-__all__ = ["AttentionSpec", "CachedRequest", "InFlightStep", "ModelInput", "Penalties", "PromptLogprob", "Runner", "RunnerConfig",
-           "SampledToken", "SamplingInput", "StepPlan", "StepResult", "StepShape", "all_step_shapes",
+__all__ = ["AttentionSpec", "CachedRequest", "InFlightStep", "ModelInput", "Penalties", "PromptLogprob", "Runner",
+           "RunnerConfig", "SampledToken", "SamplingInput", "StepPlan", "StepResult", "StepShape", "all_step_shapes",
            "default_page_buckets", "forward_step", "prompt_logprobs_step", "sample_step", "step_shape"]

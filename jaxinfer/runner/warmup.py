@@ -62,39 +62,52 @@ def aot_graphs(runner) -> list[tuple]:
     dtype, D = jnp.dtype(cfg.dtype), cfg.hidden_size
     graphs, seen = [], set()
 
-    def add(fn, args, kwargs, key):
+    def add(fn, args, kwargs, key, priority):
         if key not in seen:
             seen.add(key)
-            graphs.append((fn, args, kwargs))
+            graphs.append((priority, len(graphs), (fn, args, kwargs)))
 
-    for shape in runner.all_step_shapes():
+    # Likeliest first (a server compiles in the background while it serves): the plain samplers,
+    # then every step shape with the fewest pages per sequence (short conversations), then the next
+    # page bucket, ...; prompt logprobs and the penalty / logprob samplers last.
+    shapes = runner.all_step_shapes()
+    sizes: dict[tuple, list[int]] = {}
+    for shape in shapes:
+        group, size = ((True, shape.S), shape.I) if shape.is_decode else ((False, shape.T), shape.W)
+        sizes.setdefault(group, []).append(size)
+    rare = 1 + max(map(len, sizes.values()), default=0)
+
+    for shape in shapes:
         inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
+        group, size = ((True, shape.S), shape.I) if shape.is_decode else ((False, shape.T), shape.W)
+        priority = 1 + sorted(sizes[group]).index(size)
         if runner.layer_loop == "per_layer":
             embed = runner.params["embed"].get_value()
-            add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T))
+            add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T), priority)
             x, ropes = jax.eval_shape(functools.partial(embed_step, cfg=cfg), embed, inp.tokens, inp.positions)
             add(layer_step, (runner.layer_params[0], runner.kv_cache, x, ropes, runner._layer_ids[0], inp.meta),
-                dict(cfg=cfg, attention=runner.attention, q_block=shape.q_block), ("layer", shape))
-            add(rows_step, (x, inp.logits_indices), {}, ("rows", shape.T, shape.S))
+                dict(cfg=cfg, attention=runner.attention, q_block=shape.q_block), ("layer", shape), priority)
+            add(rows_step, (x, inp.logits_indices), {}, ("rows", shape.T, shape.S), priority)
         else:
             add(forward_step, (runner.params, runner.kv_cache, inp),
-                dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block), ("forward", shape))
+                dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block), ("forward", shape),
+                priority)
         if runner.async_scheduling:
             src = np.zeros(shape.T, np.int32)
             add(resolve_tokens, (inp.tokens, src, jax.ShapeDtypeStruct((rc.seq_buckets[-1],), jnp.int32)), {},
-                ("resolve", shape.T))
+                ("resolve", shape.T), priority)
         hidden = jax.ShapeDtypeStruct((shape.T, D), dtype)
         rows = np.zeros(shape.T, np.int32)
         add(prompt_logprobs_step, (runner.params, hidden, rows, rows), dict(graphdef=runner.graphdef),
-            ("prompt_logprobs", shape.T))
+            ("prompt_logprobs", shape.T), rare)
     for S in rc.seq_buckets:  # penalties / logprobs: the largest bucket only (see _sample)
         rows = jax.ShapeDtypeStruct((S, D), dtype)
         for with_penalties, num_logprobs in SAMPLER_VARIANTS:
             if S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs):
                 si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
                 add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1]),
-                    ("sample", S, with_penalties, num_logprobs))
-    return graphs
+                    ("sample", S, with_penalties, num_logprobs), rare if with_penalties or num_logprobs else 0)
+    return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
 
 def warmup_by_running(runner, progress: bool) -> int:
     """Runs every step shape once on padding inputs (the sharded case: the graphs see the
