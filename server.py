@@ -178,8 +178,7 @@ def _run(args, config: ServerConfig) -> int:
     state: ServerState = app.extensions["jaxinfer"]
     server = serve(app, args.host, args.port, threads=args.threads)
     _status(f"serving {config.served_model_name} at {server.url}" + (" (API key required)" if config.api_key else "")
-            + (f" {time.perf_counter() - t1:.1f}s after loading; compiling every step shape in the background"
-               if background else ""))
+            + (f" (loaded in {t1 - t0:.1f}s; compiling every step shape in the background)" if background else ""))
     if background:
         state.compiling = True
 
