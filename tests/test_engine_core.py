@@ -131,8 +131,9 @@ def test_streaming_a_long_output_copies_a_constant_amount_per_step(tiny):
     assert [t for o in deltas for t in o.outputs[0].token_ids] == cumulative[-1].outputs[0].token_ids
 
 
-def test_delta_outputs_of_n_samples_with_stop_strings_and_logprobs_add_up(tiny):
-    engine = make_engine(tiny)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_delta_outputs_of_n_samples_with_stop_strings_and_logprobs_add_up(tiny, async_scheduling):
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
     common = dict(n=3, max_tokens=12, temperature=1.0, seed=3, logprobs=2, stop=["a", "b"])
     results = {}
     for kind in (RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE):
@@ -142,6 +143,18 @@ def test_delta_outputs_of_n_samples_with_stop_strings_and_logprobs_add_up(tiny):
             outs += engine.step()
         results[kind] = outs
     final = results[RequestOutputKind.CUMULATIVE][-1]
+    stopped = [c for c in final.outputs if isinstance(c.stop_reason, str)]
+    assert stopped, "a stop string ended some sample"
+    for c in stopped:  # nothing after the stop string reaches the caller (async: the core ran one step more)
+        assert c.finish_reason == "stop" and c.stop_reason not in c.text
+    if async_scheduling:  # the same samples as stepping synchronously
+        sync = make_engine(tiny, async_scheduling=False)
+        sync.add_request("s", [4, 5, 6], SamplingParams(**common, output_kind=RequestOutputKind.FINAL_ONLY))
+        outs = []
+        while sync.has_unfinished_requests():
+            outs += sync.step()
+        assert [(c.text, c.token_ids, c.finish_reason) for c in outs[-1].outputs] == [
+            (c.text, c.token_ids, c.finish_reason) for c in final.outputs]
     deltas = results[RequestOutputKind.DELTA]
     assert deltas[-1].finished and len(deltas[-1].outputs) == 3  # the last output lists every sample
     for c in final.outputs:
