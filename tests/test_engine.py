@@ -10,12 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfer.engine import EngineConfig, LLMEngine
+from jaxinfer.engine import EngineConfig
 from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
 from jaxinfer.loader import load_model
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.testing import tiny_gguf
+from jaxinfer.testing.engine import assert_no_pages_held, make_engine, random_prompts, run  # noqa: F401 (shared)
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -36,40 +37,6 @@ def reference(tiny):
 def async_scheduling(request):
     """Runs a test with the engine stepping synchronously and with async scheduling."""
     return request.param
-
-
-def make_engine(model, **overrides) -> LLMEngine:
-    cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="")
-    cfg.update(overrides)
-    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig.of(**cfg))
-
-
-def run(engine: LLMEngine, requests: dict, abort_after: dict | None = None) -> dict:
-    """Adds every (ids, params) request, steps to the end; returns the final RequestOutputs."""
-    for rid, (ids, params) in requests.items():
-        engine.add_request(rid, ids, params)
-    finished, step = {}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-        step += 1
-        for rid, at in (abort_after or {}).items():
-            if at == step and (out := engine.abort(rid)) is not None:
-                finished[rid] = out
-    return finished
-
-
-def assert_no_pages_held(engine: LLMEngine) -> None:
-    stats = engine.stats()
-    assert stats["kv_pages_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
-    assert all(b.ref_cnt == 0 for b in engine.kv_manager.pool.blocks)
-    assert not engine.kv_manager.req_to_blocks and not engine.scheduler.requests
-
-
-def random_prompts(cfg, lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
 
 
 # ---- batch invariance, preemption, prefix caching -----------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from jaxinfer.engine import EngineConfig, LLMEngine
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing import tiny_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +31,7 @@ def tiny(tmp_path_factory):
 
 
 def make_engine(model, **overrides) -> LLMEngine:
-    cfg = dict(max_num_seqs=4, max_num_batched_tokens=16, page_size=16, num_pages=160, compilation_cache_dir="")
-    cfg.update(overrides)
-    return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig.of(**cfg))
+    return testing_engine.make_engine(model, **{**dict(max_num_seqs=4, page_size=16, num_pages=160), **overrides})
 
 
 def test_step_is_schedule_execute_update_process():

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from jaxinfer.testing.engine import assert_no_pages_held, make_engine, random_prompts, run
 from pallas_kernels import ops
-from tests.test_engine import GREEDY, assert_no_pages_held, make_engine, random_prompts, run
+from tests.test_engine import GREEDY
 
 # a decode-heavy mix: 1 token, page - 1, page, page + 1, several pages, longer than the step budget
 LENGTHS = [1, 3, 4, 5, 12, 21]

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.testing.engine import random_prompts
 from tests.server_utils import free_port
-from tests.test_engine import random_prompts
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPT_LENGTHS = [1, 3, 5, 12, 21]
@@ -25,7 +25,7 @@ def prompts_for(config):
 def test_two_processes_generate_what_one_process_generates(tmp_path):
     from jaxinfer.loader import load_model
     from jaxinfer.testing import tiny_gguf
-    from tests.test_engine import make_engine, run
+    from jaxinfer.testing.engine import make_engine, run
 
     gguf = str(tmp_path / "tiny.gguf")
     tiny_gguf(gguf)
@@ -64,8 +64,8 @@ def test_multihost_server_serves_from_process_0(tmp_path):
 
     from jaxinfer.loader import load_model
     from jaxinfer.testing import tiny_gguf
+    from jaxinfer.testing.engine import make_engine, run
     from tests.server_utils import post_json
-    from tests.test_engine import make_engine, run
 
     gguf = str(tmp_path / "tiny.gguf")
     tiny_gguf(gguf)

@@ -16,8 +16,8 @@ from jaxinfer.errors import CheckpointError
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.testing import tiny_gguf
+from jaxinfer.testing.engine import make_engine, random_prompts, run
 from sharding.mesh import ParallelConfig, make_mesh
-from tests.test_engine import make_engine, random_prompts, run
 
 PARAMS = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=5)
 

@@ -11,9 +11,9 @@ import pytest
 from jaxinfer.engine import EngineConfig, LLMEngine
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.testing.engine import assert_no_pages_held, random_prompts, run
 from sharding.heads import head_layout
 from sharding.mesh import ParallelConfig, make_mesh
-from tests.test_engine import assert_no_pages_held, random_prompts, run
 
 PARAMS = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=20)
 
