@@ -86,6 +86,7 @@ COVERAGE = [
     (r"pip install --no-deps \.\.\.", [THIS + "test_make_targets_run_what_the_docs_say"]),
     (r"make chat", [THIS + "test_make_chat_answers_from_stdin"]),
     (r"make bench", [THIS + "test_make_targets_run_what_the_docs_say", THIS + "test_benchmark_commands_run"]),
+    (r"make bench-llamacpp", [THIS + "test_make_targets_run_what_the_docs_say"]),  # builds llama.cpp: not in CI
     (r"make fixtures", [THIS + "test_make_targets_run_what_the_docs_say",
                         THIS + "test_fixture_script_made_the_committed_fixtures"]),
     (r"(python )?server\.py( --model smollm2-135m .*)?", [THIS + "test_make_run_serves_the_readme_client_and_benchmark",
