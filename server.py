@@ -176,17 +176,23 @@ def _run(args, config: ServerConfig) -> int:
         _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; ready")
     app = create_app(llm.engine, config)
     state: ServerState = app.extensions["jaxinfer"]
+    state.compiling = background  # (before the port opens: /health never says "done" too early)
+    cancel = threading.Event()  # shutdown skips the graphs not compiled yet
     server = serve(app, args.host, args.port, threads=args.threads)
     _status(f"serving {config.served_model_name} at {server.url}" + (" (API key required)" if config.api_key else "")
             + (f" (loaded in {t1 - t0:.1f}s; compiling every step shape in the background)" if background else ""))
     if background:
-        state.compiling = True
-
         def warm_up():
-            llm.warmup(progress=True, threads=os.cpu_count() or 1)
-            state.compiling = False
-            _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in {time.perf_counter() - t1:.1f}s; "
-                    "ready: nothing compiles from here on")
+            try:
+                llm.warmup(progress=True, threads=os.cpu_count() or 1, cancel=cancel)
+            except Exception:  # requests still compile their own shapes on the engine thread
+                logger.exception("background warm-up failed")
+                return
+            finally:
+                state.compiling = False
+            if not cancel.is_set():
+                _status(f"compiled {llm.engine.counters['warmup_graphs']} graphs in "
+                        f"{time.perf_counter() - t1:.1f}s; ready: nothing compiles from here on")
 
         threading.Thread(target=warm_up, name="jaxinfer-warmup", daemon=True).start()
     stop = threading.Event()
@@ -196,6 +202,7 @@ def _run(args, config: ServerConfig) -> int:
         if not state.async_engine.is_running:
             _status("the engine thread stopped; exiting")
             break
+    cancel.set()
     _status(f"shutting down: draining in-flight requests (up to {config.drain_timeout:.0f}s) ...")
     aborted = state.drain()
     time.sleep(0.2)  # let the last responses flush

@@ -160,9 +160,10 @@ class AsyncEngine:
             if not isinstance(spec.params, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(spec.params).__name__}")
             where = "prompt" if len(specs) == 1 else f"prompt {i}"
-            processed = spec.prompt_token_ids  # validated once, here (pure checks: thread-safe), or by the caller
-            if not isinstance(processed, ProcessedPrompt):
-                processed = self.engine.input_processor.process(spec.prompt_token_ids, spec.params, where)
+            # validated once, here (pure checks: thread-safe), unless this engine's processor made it already
+            raw = not isinstance(spec.prompt_token_ids, ProcessedPrompt)
+            processed = self.engine.input_processor.checked(spec.prompt_token_ids, spec.params if raw else None,
+                                                            where)
             rid = f"req-{next(_REQUEST_IDS)}" if spec.request_id is None else str(spec.request_id)
             checked.append((rid, processed, spec))
         if not checked:

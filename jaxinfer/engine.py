@@ -30,6 +30,7 @@ The engine is single-threaded; `jaxinfer.async_engine.AsyncEngine` runs it on a 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -196,10 +197,11 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def warmup(self, progress: bool = False, threads: int = 1) -> None:
-        """Compiles every step shape, so no request waits for a compile (`threads` at once)."""
+    def warmup(self, progress: bool = False, threads: int = 1, cancel=None) -> None:
+        """Compiles every step shape, so no request waits for a compile (`threads` at once; a set
+        `cancel` event skips the graphs not started yet)."""
         start = time.perf_counter()
-        self.counters["warmup_graphs"] = self.runner.warmup(progress=progress, threads=threads)
+        self.counters["warmup_graphs"] = self.runner.warmup(progress=progress, threads=threads, cancel=cancel)
         logger.info("warm-up: %d graphs in %.1f s", self.counters["warmup_graphs"], time.perf_counter() - start)
 
     def add_request(self, request_id: str | None, prompt: ProcessedPrompt | Sequence[int],
@@ -208,8 +210,7 @@ class LLMEngine:
         """Queues a request; returns its id. A `ProcessedPrompt` (the entry points validate once,
         `input_processor`) is trusted; raw token ids and params are validated here. Raises a typed
         error (and queues nothing) on bad input."""
-        if not isinstance(prompt, ProcessedPrompt):
-            prompt = self.input_processor.process(prompt, params)
+        prompt = self.input_processor.checked(prompt, params)  # (as is if this engine's processor made it)
         ids, params = list(prompt.token_ids), prompt.params
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
@@ -258,13 +259,34 @@ class LLMEngine:
         start = time.perf_counter()
         self._admit_and_stop()
         out = self.scheduler.schedule()
-        result = self.runner.execute(out)  # async: dispatches `out`, returns the step before it (or None)
+        with self._failure_aborts(out):  # a step that raises fails the requests it carried, nothing else
+            result = self.runner.execute(out)  # async: dispatches `out`, returns the step before it (or None)
         if result is None:
             return []  # (the first step of a run is in flight: nothing to report yet)
         update = self.scheduler.update(result.out, result.token_ids)
         processed = self.output_processor.process(update, result)
         self._account(result.out, result, processed, start)
         return processed.outputs
+
+    @contextlib.contextmanager
+    def _failure_aborts(self, out):
+        """If the step raises, aborts every request of `out` and of the step still in flight (their
+        computed and pending tokens were counted when scheduled and will never come back; the
+        runner may not even have seen `out`), then re-raises. Other requests go on unharmed."""
+        in_flight = self.runner.in_flight
+        try:
+            yield
+        except Exception:
+            sids = set()
+            for o in (out, in_flight):
+                if o is not None:
+                    sids |= {c.request_id for c in o.chunks} | set(o.preempted_ids)
+                    sids |= {n.request_id for n in o.new_requests}
+            parents = {self.scheduler.requests[s].parent_id for s in sids if s in self.scheduler.requests}
+            for rid in sorted(parents):
+                self.abort(rid)
+            logger.error("an engine step failed; aborted the %d requests it carried", len(parents))
+            raise
 
     def _admit_and_stop(self) -> None:
         """Before scheduling: ends the samples stop strings finished in the last step (the core

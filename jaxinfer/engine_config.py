@@ -178,10 +178,10 @@ class EngineConfig:
             parts[FLAT_FIELDS[name]][name] = value
         try:
             return cls(**{part: _PARTS[part](**kw) for part, kw in parts.items()})
-        except ValueError as e:  # ParallelConfig's own check
-            if isinstance(e, InvalidRequestError):
-                raise
-            raise InvalidRequestError(str(e)) from None
+        except InvalidRequestError:
+            raise
+        except (ValueError, TypeError) as e:  # ParallelConfig's own check; a value of the wrong type
+            raise InvalidRequestError(f"bad engine settings {settings}: {e}") from None
 
     def __getattr__(self, name: str):
         part = FLAT_FIELDS.get(name)

@@ -22,10 +22,12 @@ from jaxinfer.sampling_params import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class ProcessedPrompt:
-    """A prompt and its sampling parameters that passed `InputProcessor.process`."""
+    """A prompt and its sampling parameters that passed an `InputProcessor`'s checks. An engine
+    trusts one only if its own processor made it (`checked_by`); any other is checked again."""
 
     token_ids: tuple[int, ...]
     params: SamplingParams
+    checked_by: object = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class InputProcessor:
@@ -70,4 +72,21 @@ class InputProcessor:
     def process(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                 where: str = "prompt") -> ProcessedPrompt:
         """Both checks: what `LLMEngine.add_request` accepts without checking again."""
-        return ProcessedPrompt(self.prompt(prompt_token_ids, where), self.params(params))
+        return ProcessedPrompt(self.prompt(prompt_token_ids, where), self.params(params), checked_by=self)
+
+    def checked(self, prompt: ProcessedPrompt | Sequence[int], params: SamplingParams | None = None,
+                where: str = "prompt") -> ProcessedPrompt:
+        """`prompt` as a ProcessedPrompt this processor made: returned as is, or checked now (raw
+        ids, or one another processor made). Params given beside a ProcessedPrompt must be its own."""
+        if isinstance(prompt, ProcessedPrompt):
+            if params is not None and params is not prompt.params:
+                raise InvalidRequestError("a ProcessedPrompt carries its own sampling params: pass none beside it")
+            if prompt.checked_by is self:
+                return prompt
+            prompt, params = list(prompt.token_ids), prompt.params
+        return self.process(prompt, params, where)
+
+    def seal(self, token_ids: tuple[int, ...], params: SamplingParams) -> ProcessedPrompt:
+        """A ProcessedPrompt of ids the caller already passed through `prompt()` (a caller that
+        needs the checked prompt before it can build the params, as the HTTP handler does)."""
+        return ProcessedPrompt(tuple(token_ids), self.params(params), checked_by=self)

@@ -92,10 +92,11 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 
-    def warmup(self, progress: bool = False, threads: int = 1) -> None:
+    def warmup(self, progress: bool = False, threads: int = 1, cancel=None) -> None:
         """Compiles every step shape (done at construction unless warmup=False); `progress` shows
-        a bar over the graphs; `threads` compile at once (the server uses one per core)."""
-        self.engine.warmup(progress=progress, threads=threads)
+        a bar over the graphs; `threads` compile at once (the server uses one per core); a set
+        `cancel` event (threading.Event) skips the graphs not started yet."""
+        self.engine.warmup(progress=progress, threads=threads, cancel=cancel)
 
     # ---- generation ---------------------------------------------------------------------------
 

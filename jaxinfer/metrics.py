@@ -44,11 +44,12 @@ def count_compilations() -> int:
 
             def listener(event, duration, **kwargs):
                 if event == "/jax/core/compile/backend_compile_duration":
-                    _COMPILES[0] += 1
+                    with _COMPILE_LISTENER:  # compiles run on several threads
+                        _COMPILES[0] += 1
 
             jax.monitoring.register_event_duration_secs_listener(listener)
             _LISTENING[0] = True
-    return _COMPILES[0]
+        return _COMPILES[0]
 
 
 class _EngineCollector:

@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 from jaxinfer import openai_logprobs as logprobs_fmt
 from jaxinfer.async_engine import AsyncEngine, EngineDeadError, PromptSpec, RequestStream
 from jaxinfer.errors import ChatTemplateError, InvalidRequestError, PromptTooLongError
-from jaxinfer.input_processor import ProcessedPrompt
 from jaxinfer.metrics import ServerMetrics
 from jaxinfer.openai_errors import ApiError, error_body, parse_request  # noqa: F401 (re-exported)
 from jaxinfer.outputs import RequestOutput
@@ -138,7 +137,7 @@ class OpenAIServing:
             max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", where)
             params = self._sampling_params(req, max_tokens, req.logprobs,
                                            req.logprobs if req.echo and req.logprobs is not None else None)
-            specs.append(PromptSpec(ProcessedPrompt(tuple(ids), params), params, prompt=text,
+            specs.append(PromptSpec(self.engine.engine.input_processor.seal(tuple(ids), params), params, prompt=text,
                                     request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}"))
             texts.append(text or "")
         return Prepared("completion", req, specs, texts, request_id, int(time.time()))
@@ -165,7 +164,8 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_params(req, max_tokens, logprobs, None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"  # the HTTP response's id is the engine's
-        spec = PromptSpec(ProcessedPrompt(tuple(ids), params), params, prompt=text, request_id=request_id)
+        sealed = self.engine.engine.input_processor.seal(tuple(ids), params)
+        spec = PromptSpec(sealed, params, prompt=text, request_id=request_id)
         return Prepared("chat", req, [spec], [text],
                         request_id, int(time.time()))
 

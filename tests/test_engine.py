@@ -367,3 +367,43 @@ def test_async_engine_stats_are_published_by_the_engine_thread(tiny):
         assert readers == {"jaxinfer-engine"}
     finally:
         async_engine.shutdown()
+
+
+def test_a_failed_step_aborts_the_requests_it_carried_and_the_rest_go_on(async_scheduling, tiny, reference):
+    """Its requests' tokens were counted when scheduled and never come back: they end with "abort"
+    (freeing their pages), a request the failed step did not carry finishes as if nothing happened."""
+    engine = make_engine(tiny, async_scheduling=async_scheduling, max_num_seqs=1)
+    prompts = random_prompts(tiny.config, [5, 6], seed=11)
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("b", prompts[1], GREEDY)  # waits: one sequence at a time
+    real_submit, calls = engine.runner.submit, []
+
+    def flaky(out):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("transient device error")
+        return real_submit(out)
+
+    engine.runner.submit = flaky
+    engine.step()
+    with pytest.raises(RuntimeError, match="transient"):
+        engine.step()
+    assert "a" not in engine.scheduler.requests
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["b"].outputs[0].token_ids == reference.generate([prompts[1]], [GREEDY])[0].token_ids
+    assert_no_pages_held(engine)
+
+
+def test_a_processed_prompt_is_trusted_only_from_the_engines_own_processor(tiny):
+    from jaxinfer.input_processor import InputProcessor, ProcessedPrompt
+
+    engine = make_engine(tiny, max_model_len=32)
+    with pytest.raises(PromptTooLongError):  # checked by a processor with a longer context: checked again
+        engine.add_request("x", InputProcessor(tiny.config.vocab_size, 4096).process([5] * 40, GREEDY))
+    with pytest.raises(PromptTooLongError):  # built by hand: checked
+        engine.add_request("y", ProcessedPrompt(tuple([5] * 40), GREEDY))
+    with pytest.raises(InvalidRequestError, match="its own sampling params"):
+        engine.add_request("z", engine.input_processor.process([5, 6], GREEDY), SamplingParams(max_tokens=2))
+    assert not engine.scheduler.requests

@@ -349,8 +349,8 @@ class Runner:
             prompt_lps = [np.asarray(a) for a in prompt_lps]
         return tokens, lps, prompt_lps, time.perf_counter() - start
 
-    def warmup(self, progress: bool = False, threads: int = 1) -> int:
+    def warmup(self, progress: bool = False, threads: int = 1, cancel=None) -> int:
         """Compiles every graph a step can need; returns how many (`runner.warmup`)."""
         from jaxinfer.runner.warmup import warmup
 
-        return warmup(self, progress=progress, threads=threads)
+        return warmup(self, progress=progress, threads=threads, cancel=cancel)

@@ -24,11 +24,13 @@ from jaxinfer.sampling_params import MAX_LOGPROBS
 SAMPLER_VARIANTS = ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS))
 
 
-def warmup(runner, progress: bool = False, threads: int = 1) -> int:
+def warmup(runner, progress: bool = False, threads: int = 1, cancel=None) -> int:
     """Compiles every graph a step can need (every step shape, sampler variant and prompt-logprob
-    shape); returns how many. Without a mesh the graphs are compiled ahead of time from
-    abstract inputs, `threads` at once (1: on the calling thread; the server asks for one per
-    core), and nothing runs; with a mesh each shape runs once on padding inputs."""
+    shape); returns how many were compiled. Without a mesh the graphs are compiled ahead of time
+    from abstract inputs, `threads` at once (1: on the calling thread; the server asks for one per
+    core), and nothing runs; with a mesh each shape runs once on padding inputs. `cancel` (a
+    threading.Event, AOT path): once set, graphs not started yet are skipped (a server shutting
+    down while it compiles in the background)."""
     if runner.mesh is not None:
         return warmup_by_running(runner, progress)
     graphs = aot_graphs(runner)
@@ -37,23 +39,29 @@ def warmup(runner, progress: bool = False, threads: int = 1) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(graphs), desc="Compiling steps", unit="graph")
-    def compile_graph(g):
-        g[0].lower(*g[1], **g[2]).compile()
 
+    def compile_graph(g) -> int:
+        if cancel is not None and cancel.is_set():
+            return 0
+        g[0].lower(*g[1], **g[2]).compile()
+        return 1
+
+    done = 0
     if threads <= 1:
         for g in graphs:
-            compile_graph(g)
+            done += compile_graph(g)
             if bar is not None:
                 bar.update(1)
     else:
         with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
             for f in concurrent.futures.as_completed([pool.submit(compile_graph, g) for g in graphs]):
-                f.result()
+                done += f.result()
                 if bar is not None:
                     bar.update(1)
     if bar is not None:
         bar.close()
-    return len(graphs)
+    return done
+
 
 def aot_graphs(runner) -> list[tuple]:
     """(jitted function, args, kwargs) of every graph, args abstract where they are device
