@@ -43,11 +43,11 @@ import jax.numpy as jnp
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.config import ModelConfig
 from jaxinfer.data_parallel import DataParallelScheduler
-from jaxinfer.engine_config import (  # noqa: F401
+from jaxinfer.engine_config import (  # noqa: F401 (EngineConfig and set_compilation_cache re-exported)
     DEFAULT_PAGE_SIZE,
     SP_NEEDS_REFERENCE,
     EngineConfig,
-    kv_cache_budget,  # EngineConfig and the cache re-exported
+    kv_cache_budget,
     set_compilation_cache,
 )
 from jaxinfer.errors import InvalidRequestError

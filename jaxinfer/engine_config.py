@@ -202,10 +202,6 @@ class EngineConfig:
                    f"max_num_batched_tokens ({self.scheduling.max_num_batched_tokens}) must be a multiple of "
                    f"sequence_parallel_size ({sp}): each step's tokens split evenly")
 
-    @property
-    def parallel_config(self) -> ParallelConfig:
-        return self.parallel
-
 
 def set_compilation_cache(path: str | None) -> str | None:
     """Points JAX's persistent compilation cache at `path`, or turns it off; returns the directory

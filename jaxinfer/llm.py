@@ -66,11 +66,11 @@ class LLM:
         # The entry point owns the process-wide compilation cache setting ("" turns it off).
         self.compilation_cache_dir = set_compilation_cache(engine_config.compilation_cache_dir)
         mesh = None
-        if not engine_config.parallel_config.is_single_device:  # orbax checkpoints restore straight into it
+        if not engine_config.parallel.is_single_device:  # orbax checkpoints restore straight into it
             from sharding.mesh import make_mesh
 
             try:
-                mesh = make_mesh(engine_config.parallel_config)
+                mesh = make_mesh(engine_config.parallel)
             except ValueError as e:
                 raise InvalidRequestError(str(e)) from None
         loaded: LoadedModel = load_model(model, dtype=dtype, scan_layers=scan_layers, progress=progress, mesh=mesh)

@@ -314,20 +314,24 @@ def test_page_count_follows_the_budget_and_is_logged(tiny, caplog):
     assert "KV cache: 199 pages x 4 tokens" in caplog.text
 
 
-def test_async_engine_survives_a_failing_step(async_scheduling, tiny):
-    from jaxinfer.async_engine import AsyncEngine
-
-    engine = make_engine(tiny, async_scheduling=async_scheduling)
-    real_submit = engine.runner.submit
-    calls = []
+def fail_second_step(engine, message: str) -> None:
+    """Makes the engine's second step raise RuntimeError(message) as it is dispatched (a device error)."""
+    real_submit, calls = engine.runner.submit, []
 
     def flaky(out):
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("device fell over")
+            raise RuntimeError(message)
         return real_submit(out)
 
     engine.runner.submit = flaky
+
+
+def test_async_engine_survives_a_failing_step(async_scheduling, tiny):
+    from jaxinfer.async_engine import AsyncEngine
+
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    fail_second_step(engine, "device fell over")
     async_engine = AsyncEngine(engine)
     try:
         doomed = async_engine.submit([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
@@ -376,15 +380,7 @@ def test_a_failed_step_aborts_the_requests_it_carried_and_the_rest_go_on(async_s
     prompts = random_prompts(tiny.config, [5, 6], seed=11)
     engine.add_request("a", prompts[0], GREEDY)
     engine.add_request("b", prompts[1], GREEDY)  # waits: one sequence at a time
-    real_submit, calls = engine.runner.submit, []
-
-    def flaky(out):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("transient device error")
-        return real_submit(out)
-
-    engine.runner.submit = flaky
+    fail_second_step(engine, "transient device error")
     engine.step()
     with pytest.raises(RuntimeError, match="transient"):
         engine.step()

@@ -131,13 +131,18 @@ def bucket(buckets: Sequence[int], n: int, what: str) -> int:
     return buckets[i]
 
 
+def chunk_pages(chunk, page_size: int) -> int:
+    """Pages a chunk's sequence holds once the chunk is computed (its page-table row's length)."""
+    return -(-(chunk.start_pos + chunk.num_tokens) // page_size)
+
+
 def step_shape(rc: RunnerConfig, replicas) -> StepShape:
     """The padded shape of the step that runs the chunks of `replicas` (SchedulerOutputs; with
     data parallelism one shape that fits every replica's chunks: decode-shaped only if every
     replica only decodes)."""
     tokens = [sum(c.num_tokens for c in o.chunks) for o in replicas]
     seqs = [len(o.chunks) for o in replicas]
-    pages = max(-(-(c.start_pos + c.num_tokens) // rc.page_size) for o in replicas for c in o.chunks)
+    pages = max(chunk_pages(c, rc.page_size) for o in replicas for c in o.chunks)
     width = bucket(rc.page_buckets, pages, "pages per sequence")
     if tokens == seqs:  # all decodes
         S = bucket(rc.seq_buckets, max(seqs), "sequences")

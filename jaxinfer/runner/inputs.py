@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
-from jaxinfer.runner.buckets import StepShape
+from jaxinfer.runner.buckets import StepShape, chunk_pages
 from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from pallas_kernels.paged_attention_reference import decode_items
 
@@ -119,7 +119,7 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
     slots = np.zeros(T, np.int32)  # padding writes into the null page
     # Every page of every chunk; mixed steps see the first W columns (W covers them all), decode
     # steps turn it into work items instead.
-    width = max((-(-(c.start_pos + c.num_tokens) // page_size) for c in chunks), default=0)
+    width = max((chunk_pages(c, page_size) for c in chunks), default=0)
     table = np.zeros((S, max(W, width)), np.int32)
     kv_lens = np.zeros(S, np.int32)
     cu = np.zeros(S + 1, np.int32)
