@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -380,6 +381,23 @@ def test_drain_finishes_in_flight_and_refuses_new(tiny_model):
     finally:
         srv.close()
     assert all_pages_free(engine)
+
+
+def test_close_survives_a_closed_wake_up_pipe():
+    """CI once saw the waitress loop's wake-up pipe closed before `close()` (EBADF): closing must
+    still drop the listener and every connection, not raise."""
+    from flask import Flask
+
+    app = Flask("pipe")
+    app.add_url_rule("/", "root", lambda: "ok")
+    srv = server.RunningServer(app, "127.0.0.1", 0, threads=2, max_request_bytes=1024)
+    assert request(srv.url, "GET", "/")[0] == 200
+    srv._server.trigger.close()  # what waitress does when poll reports the pipe gone
+    srv.close()
+    srv._thread.join(5)
+    assert not srv._thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
 
 
 @pytest.mark.slow
