@@ -37,9 +37,12 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from checkpoints.gguf_blocks import EXACT_TYPES, decode
 from checkpoints.stacking import stack_per_layer
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
+from jaxinfer.quantization import (DEFAULT_GROUP, GROUP_AXIS, QTensor, QuantSpec, WeightQuant, merge_layers, quantize,
+                                   quantized_names, to_params)
 
 logger = logging.getLogger(__name__)
 
@@ -199,15 +202,12 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {w.shape}, expected {shape}")
         return w
 
-    def load_params(self, cfg: ModelConfig, *, progress: bool = True) -> dict[str, np.ndarray]:
-        """All weights, dequantized and in jaxinfer's layout, keyed like the model's state.
-
-        Keys: "embed", "final_norm", "lm_head" (untied only) and "layers.<name>" with a leading
-        L axis. Arrays have `cfg.dtype`.
-        """
-        L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    def _layer_table(self, cfg: ModelConfig) -> dict:
+        """name -> (GGUF suffix, torch shape, convert to jaxinfer's layout) for one layer's tensors.
+        The converters are shape-generic (-1 on the input axis), so they lay out a quantized
+        weight's scales and offsets exactly as its values."""
+        D, F = cfg.hidden_size, cfg.intermediate_size
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dt = _NUMPY_DTYPES[cfg.dtype]
         unpermute = cfg.arch in _PERMUTED_QK and self.architecture in _PERMUTED_QK
         norm_offset = cfg.norm_offset  # Gemma: the file holds offset + w
 
@@ -221,10 +221,10 @@ class GGUFFile:
 
         per_layer = {  # name -> (gguf suffix, torch shape, convert to jaxinfer layout)
             "attn_norm": ("attn_norm.weight", (D,), norm),
-            "wq": ("attn_q.weight", (N * H, D), lambda w: qk(w, N).T.reshape(D, N, H)),
-            "wk": ("attn_k.weight", (K * H, D), lambda w: qk(w, K).T.reshape(D, K, H)),
-            "wv": ("attn_v.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
-            "wo": ("attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
+            "wq": ("attn_q.weight", (N * H, D), lambda w: qk(w, N).T.reshape(-1, N, H)),
+            "wk": ("attn_k.weight", (K * H, D), lambda w: qk(w, K).T.reshape(-1, K, H)),
+            "wv": ("attn_v.weight", (K * H, D), lambda w: w.T.reshape(-1, K, H)),
+            "wo": ("attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, -1, w.shape[0])),
             "mlp_norm": ("ffn_norm.weight", (D,), norm),
             "w_gate": ("ffn_gate.weight", (F, D), lambda w: w.T),
             "w_up": ("ffn_up.weight", (F, D), lambda w: w.T),
@@ -243,19 +243,104 @@ class GGUFFile:
                 "bk": ("attn_k.bias", (K * H,), lambda w: qk(w, K).reshape(K, H)),
                 "bv": ("attn_v.bias", (K * H,), lambda w: w.reshape(K, H)),
             }
+        return per_layer
 
+    def load_params(self, cfg: ModelConfig, *, progress: bool = True,
+                    quantization: str | None = None) -> tuple[dict[str, np.ndarray], QuantSpec | None]:
+        """All weights in jaxinfer's layout, keyed like the model's state, and how the quantized ones
+        are stored (None without `quantization`).
+
+        Keys: "embed", "final_norm", "lm_head" (untied only) and "layers.<name>" with a leading
+        L axis; float arrays have `cfg.dtype`. With `quantization` ("int8" / "int4") the
+        projections, embedding and lm_head keep the file's own blocks (`_quantized`); the config the
+        model is built with is then `dataclasses.replace(cfg, quantization=spec)`.
+
+        Raises:
+          UnsupportedModelError: a tensor type with no exact quantized form (with `quantization`)
+            or that the gguf package cannot dequantize.
+        """
+        L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+        dt = _NUMPY_DTYPES[cfg.dtype]
+        norm_offset = cfg.norm_offset
+        per_layer = self._layer_table(cfg)
+        quantized = set(quantized_names(cfg)) if quantization else set()
         params: dict[str, np.ndarray] = {}
+        weights: list[WeightQuant] = []
         total = 2 + (0 if cfg.tie_word_embeddings else 1) + L * len(per_layer)
-        bar = tqdm(total=total, desc=f"Loading {os.path.basename(self.path)}", unit="tensor",
-                   disable=not progress, leave=False)
+        bar = tqdm(total=total, desc=f"Loading {os.path.basename(self.path)}" + (f" ({quantization})" if quantization
+                                                                                   else ""),
+                   unit="tensor", disable=not progress, leave=False)
+
+        def add_quantized(name, tensors: list[QTensor], stacked: bool):
+            # int8 asks for 8-bit containers; under int4, a 5-8-bit tensor keeps its own int8 values
+            bits = 8 if quantization == "int8" or any(t.bits == 8 for t in tensors) else 4
+            axis = GROUP_AXIS[name]
+            merged = merge_layers(tensors, bits, axis)
+            if not stacked:
+                merged = merged.map(lambda a: a[0])
+            wq, arrays = to_params(name, merged, axis + (1 if stacked else 0))
+            weights.append(wq)
+            params.update({(f"layers.{k}" if stacked else k): v for k, v in arrays.items()})
+
         with bar:
-            params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
+            if "embed" in quantized:
+                add_quantized("embed", [self._qtensor("token_embd.weight", (V, D), quantization)], False)
+            else:
+                params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
             bar.update()
-            params |= stack_per_layer(per_layer, lambda i, suffix, shape: self._tensor(f"blk.{i}.{suffix}", shape),
+            floats = {k: v for k, v in per_layer.items() if k not in quantized}
+            params |= stack_per_layer(floats, lambda i, suffix, shape: self._tensor(f"blk.{i}.{suffix}", shape),
                                       L, dt, progress=bar)
-            params["final_norm"] = norm(self._tensor("output_norm.weight", (D,))).astype(dt)
+            for name in (k for k in per_layer if k in quantized):
+                suffix, shape, convert = per_layer[name]
+                tensors = []
+                for i in range(L):
+                    # a float wo quantized per channel gets one scale per head (its groups stay in a head)
+                    t = self._qtensor(f"blk.{i}.{suffix}", shape, quantization,
+                                      group=cfg.head_dim if name == "wo" and quantization == "int8" else None)
+                    if name == "wo" and cfg.head_dim % t.group:  # wo's groups run within a head
+                        raise UnsupportedModelError(
+                            f"{self.path}: blk.{i}.{suffix} has {t.group}-wide groups, wider than a head "
+                            f"({cfg.head_dim}); load it with quantization=None")
+                    tensors.append(t.map(convert))
+                    bar.update()
+                add_quantized(name, tensors, True)
+            final = self._tensor("output_norm.weight", (D,))
+            params["final_norm"] = (final - norm_offset if norm_offset else final).astype(dt)
             bar.update()
             if not cfg.tie_word_embeddings:
-                params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt)
+                if "lm_head" in quantized:
+                    add_quantized("lm_head", [self._qtensor("output.weight", (V, D), quantization).map(
+                        lambda w: w.T)], False)
+                else:
+                    params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt)
                 bar.update()
-        return params
+        spec = QuantSpec(method=quantization, weights=tuple(weights)) if quantization else None
+        return params, spec
+
+    def _qtensor(self, name: str, shape: tuple[int, int], method: str, group: int | None = None) -> QTensor:
+        """A tensor in torch layout [out, in] as quantized groups along `in`: the file's own blocks
+        where its type has an exact int4/int8 form (4-bit types stay int4 even under "int8"'s
+        containers, 5-8-bit types stay int8 under "int4"); float tensors quantized round-to-nearest
+        to `method` in groups of `group` (default: DEFAULT_GROUP's)."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        tensor = self.tensors[name]
+        type_name = tensor.tensor_type.name
+        if type_name in EXACT_TYPES:
+            stored = tuple(int(x) for x in reversed(tensor.shape))
+            if stored != shape:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has shape {stored}, expected {shape}")
+            return decode(tensor.data, type_name, shape)
+        if type_name in ("F32", "F16", "BF16"):
+            bits = 8 if method == "int8" else 4
+            try:
+                return quantize(self._tensor(name, shape), bits=bits, group=group or DEFAULT_GROUP[method], axis=1)
+            except ValueError as e:
+                raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}; or load with quantization=None") \
+                    from None
+        raise UnsupportedModelError(
+            f"{self.path}: tensor {name!r} has type {type_name}, which has no exact {method} form (jaxinfer keeps "
+            f"{', '.join(EXACT_TYPES)} blocks as they are); load it with quantization=None (dequantized to "
+            f"{'float'}) or use a file quantized to one of those types"
+        )

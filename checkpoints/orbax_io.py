@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxinfer.config import ModelConfig, RopeScaling
+from jaxinfer.quantization import QuantSpec
 from jaxinfer.errors import CheckpointError
 
 FORMAT = "jaxinfer-orbax"
@@ -107,8 +108,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if raw.get("layer_types") is not None:
         raw["layer_types"] = tuple(raw["layer_types"])
     try:
+        if raw.get("quantization") is not None:
+            raw["quantization"] = QuantSpec.from_dict(raw["quantization"])
         return ModelConfig(**raw)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: invalid model config in {CONFIG_FILE} ({e})") from None
 
 

@@ -7,6 +7,7 @@ text goes to stdout. User errors print one line and exit with status 2, never a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -17,6 +18,10 @@ from jaxinfer.registry import DEFAULT_MODEL, REGISTRY
 
 def _status(message: str) -> None:
     print(f"[jaxinfer] {message}", file=sys.stderr, flush=True)
+
+
+QUANTIZATION_HELP = ("int8 / int4: weights kept quantized in memory, dequantized inside the matmul (a GGUF's own "
+                     "blocks exactly; float checkpoints quantized at load)")
 
 
 def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
@@ -30,6 +35,7 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"], help=QUANTIZATION_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model's heads, MLP and vocabulary over (data x sequence x "
@@ -53,13 +59,14 @@ def _load(args):
                             top_k=args.top_k, seed=args.seed, stop=args.stop)  # validate flags first
     _status(f"loading {args.model} ...")
     # One conversation at a time: a one-sequence engine compiles the fewest step shapes.
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=1, max_num_batched_tokens=256, warmup=False, progress=False,
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
+              max_model_len=args.max_model_len, max_num_seqs=1, max_num_batched_tokens=256, warmup=False,
+              progress=False,
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
               sequence_parallel_size=args.sequence_parallel_size, attention_backend=args.attention_backend)
     t1 = time.perf_counter()
     loaded = (f"loaded {llm.model_source} in {t1 - t0:.1f}s ({llm.config.num_params() / 1e6:.0f}M parameters, "
-              f"{llm.config.dtype})")
+              f"{llm.config.dtype}, {llm.engine.memory()['params_bytes'] / 2**20:.0f} MiB)")
     if not args.warmup:  # a prompt needs one or two step shapes: compile those on first use, not all of them
         _status(f"{loaded}; ready (step shapes compile on first use)")
         return llm, params
@@ -131,6 +138,7 @@ def cmd_convert(args) -> int:
     from checkpoints import hf, orbax_io
     from checkpoints.gguf import GGUFFile
     from jaxinfer.errors import CheckpointError
+    from jaxinfer.quantization import quantize_params
     from jaxinfer.registry import resolve_model_path
 
     t0 = time.perf_counter()
@@ -140,6 +148,9 @@ def cmd_convert(args) -> int:
         cfg = ckpt.model_config(dtype=args.dtype, scan_layers=True)
         _status(f"{path}: HF checkpoint ({ckpt.architecture})")
         weights = ckpt.load_params(cfg, progress=True)  # tqdm bar over the tensors
+        if args.quantization:  # round-to-nearest groups, once, here: loading restores them as they are
+            spec, weights = quantize_params(cfg, weights, args.quantization, progress=True)
+            cfg = dataclasses.replace(cfg, quantization=spec)
         out = orbax_io.save(args.out_dir, cfg, weights, source=os.path.abspath(path), hf_tokenizer_dir=path)
     elif os.path.isdir(path):
         raise CheckpointError(f"{path} is already a jaxinfer orbax checkpoint")
@@ -147,9 +158,11 @@ def cmd_convert(args) -> int:
         gguf = GGUFFile(path)
         cfg = gguf.model_config(dtype=args.dtype, scan_layers=True)
         _status(f"{path}: GGUF ({gguf.architecture})")
-        weights = gguf.load_params(cfg, progress=True)
+        weights, spec = gguf.load_params(cfg, progress=True, quantization=args.quantization)
+        cfg = dataclasses.replace(cfg, quantization=spec)
         out = orbax_io.save(args.out_dir, cfg, weights, gguf.metadata, source=os.path.abspath(path))
-    _status(f"wrote {out} ({cfg.num_params() / 1e6:.0f}M parameters, {cfg.dtype}) in "
+    weights_kind = f"{cfg.dtype}, {args.quantization} weights" if args.quantization else cfg.dtype
+    _status(f"wrote {out} ({cfg.num_params() / 1e6:.0f}M parameters, {weights_kind}) in "
             f"{time.perf_counter() - t0:.1f}s; load it with LLM(model={out!r}) or --model {out}")
     return 0
 
@@ -173,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out_dir", help="the checkpoint directory to create (must be new or empty)")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="stored parameter dtype (loading can cast to another)")
+    v.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="store the weights quantized (restored as they are, without quantizing again)")
     v.set_defaults(func=cmd_convert)
     return parser
 

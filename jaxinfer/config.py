@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import json
 
+from jaxinfer.quantization import QuantSpec
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF `layer_types` names
 ROPE_TYPES = ("llama3", "linear")
@@ -87,6 +89,8 @@ class ModelConfig:
       dtype: parameter and activation dtype ("float32" on CPU, "bfloat16" on TPU/GPU).
       scan_layers: scan over the stacked layers (compile time independent of depth) instead of
         unrolling them (faster steps on GPU/TPU: no per-layer weight slice copies).
+      quantization: which weights are stored quantized and how (`jaxinfer.quantization`); None:
+        every weight in `dtype`.
     """
 
     arch: str = "llama"
@@ -112,6 +116,7 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     dtype: str = "float32"
     scan_layers: bool = True
+    quantization: QuantSpec | None = None
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:

@@ -140,7 +140,7 @@ class LLMEngine:
             raise InvalidRequestError(f"num_pages must be at least 2 (page 0 is reserved), got {num_pages}")
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB on %s", num_pages - 1, page_size,
                     (num_pages - 1) * page_size, num_pages * page_bytes / 2**20, device.platform)
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.page_bytes = num_pages, page_size, page_bytes
 
         max_tokens = sched.max_num_batched_tokens
         sp = pc.sequence_parallel_size
@@ -244,6 +244,15 @@ class LLMEngine:
             self.scheduler.abort(sid)
         self.counters["aborted"] += 1
         return self.output_processor.abort(request_id)
+
+    def memory(self) -> dict[str, int]:
+        """What the model takes: parameter bytes (quantized values, scales and offsets counted as
+        stored), the KV pool's bytes and pages, and KV tokens per GiB of cache budget."""
+        from jaxinfer.loader import params_bytes
+
+        return {"params_bytes": params_bytes(self.runner.params), "kv_cache_bytes": self.num_pages * self.page_bytes,
+                "kv_pages": self.num_pages, "kv_page_bytes": self.page_bytes,
+                "kv_tokens_per_gib": (2**30 // self.page_bytes) * self.page_size}
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._samples or self._stopped or self.runner.in_flight is not None)

@@ -78,6 +78,7 @@ class ServerState:
         ec = core.engine_config
         self.capacity = ec.max_num_seqs * ec.data_parallel_size + config.max_waiting_requests
         self.created = int(time.time())
+        self.quantization = core.config.quantization.method if core.config.quantization is not None else None
         self.draining = False
         self.compiling = False  # warm-up still running in the background (requests are served meanwhile)
 
@@ -187,7 +188,7 @@ def create_app(engine: LLMEngine | AsyncEngine, config: ServerConfig) -> Flask:
     @app.get("/v1/models")
     def models():
         card = ModelCard(id=config.served_model_name, created=state.created,
-                         max_model_len=state.serving.max_model_len)
+                         max_model_len=state.serving.max_model_len, quantization=state.quantization)
         return jsonify(ModelList(data=[card]).model_dump())
 
     @app.get("/health")

@@ -79,10 +79,3 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,  # SwiGLU (Llama)
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GeGLU (Gemma's gelu_pytorch_tanh)
 }
-
-
-def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act: str = "silu") -> jax.Array:
-    """act(x @ w_gate) * (x @ w_up) @ w_down. x: [B, T, D]; w_gate, w_up: [D, F]; w_down: [F, D] -> [B, T, D]."""
-    gate = jnp.einsum("BTD,DF->BTF", x, w_gate)
-    up = jnp.einsum("BTD,DF->BTF", x, w_up)
-    return jnp.einsum("BTF,FD->BTD", ACTIVATIONS[act](gate) * up, w_down)

@@ -46,6 +46,9 @@ class LLM:
       seed: seeds requests that set no seed of their own.
       progress: show loading and compiling progress bars.
       warmup: compile every step shape before the first request (else on first use).
+      quantization: "int8" or "int4" keeps the weights quantized in memory and dequantizes them
+        inside the matmul (a GGUF's own blocks exactly; float checkpoints quantized at load);
+        None: float weights in `dtype` (a quantized orbax checkpoint keeps its quantization).
       **engine_kwargs: further `jaxinfer.engine.EngineConfig` fields (page_size, kv_cache_memory,
         enable_prefix_caching, attention_backend, compilation_cache_dir, ...).
 
@@ -57,7 +60,13 @@ class LLM:
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | os.PathLike | None = None,
                  dtype: str | None = None, scan_layers: bool | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, seed: int = 0, progress: bool = True,
-                 warmup: bool = True, **engine_kwargs):
+                 warmup: bool = True, quantization: str | None = None, **engine_kwargs):
+        from jaxinfer.quantization import check_method
+
+        try:
+            check_method(quantization)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
         unknown = sorted(set(engine_kwargs) - set(FLAT_FIELDS))
         if unknown:
             raise InvalidRequestError(f"unknown LLM arguments {unknown}; engine settings are {sorted(FLAT_FIELDS)}")
@@ -73,7 +82,8 @@ class LLM:
                 mesh = make_mesh(engine_config.parallel)
             except ValueError as e:
                 raise InvalidRequestError(str(e)) from None
-        loaded: LoadedModel = load_model(model, dtype=dtype, scan_layers=scan_layers, progress=progress, mesh=mesh)
+        loaded: LoadedModel = load_model(model, dtype=dtype, scan_layers=scan_layers, progress=progress, mesh=mesh,
+                                         quantization=quantization)
         self.config = loaded.config
         if max_model_len is not None and max_model_len > self.config.max_position_embeddings:
             raise InvalidRequestError(
@@ -82,7 +92,10 @@ class LLM:
         self.tokenizer: Tokenizer = from_hf_directory(tokenizer) if tokenizer else loaded.tokenizer
         self.engine = LLMEngine(self.config, loaded.graphdef, loaded.params, self.tokenizer, engine_config)
         self.model_path = loaded.path
-        self.model_source = loaded.source  # what `model` resolved to, e.g. "GGUF file (gemma3)"
+        quant = self.config.quantization
+        self.quantization = quant.method if quant is not None else None  # what the weights are stored as
+        # what `model` resolved to, e.g. "GGUF file (gemma3)" or "GGUF file (llama), int4 weights"
+        self.model_source = loaded.source + (f", {self.quantization} weights" if self.quantization else "")
         self.max_model_len = self.engine.max_model_len
         self.max_num_seqs = max_num_seqs
         self._request_counter = itertools.count()

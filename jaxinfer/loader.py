@@ -17,7 +17,9 @@ from flax import nnx
 from checkpoints.gguf import GGUFFile
 from jaxinfer import tokenizer as tokenizer_lib
 from jaxinfer.config import ModelConfig, default_dtype, default_scan_layers
+from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.model import Transformer
+from jaxinfer.quantization import check_method, quantize_params
 from jaxinfer.registry import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def target_shardings(cfg: ModelConfig, mesh) -> dict:
 
 
 def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layers: bool | None = None,
-               progress: bool = True, mesh=None) -> LoadedModel:
+               progress: bool = True, mesh=None, quantization: str | None = None) -> LoadedModel:
     """Loads a registered model name, a .gguf path, or a jaxinfer orbax checkpoint directory.
 
     Args:
@@ -83,10 +85,16 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
       progress: show a progress bar while reading tensors.
       mesh: restore an orbax checkpoint, or stream a HF checkpoint, straight into this mesh's
         shardings (GGUF files are dequantized on the host and placed by the engine).
+      quantization: "int8" or "int4" keeps the projections, embedding and lm_head quantized in
+        memory (`jaxinfer.quantization`): a GGUF's own blocks, a float checkpoint's weights
+        quantized at load, a quantized orbax checkpoint as stored; None: float weights (a quantized
+        orbax checkpoint then keeps its own quantization).
 
     Raises:
-      ModelNotFoundError, CheckpointError, UnsupportedModelError, TokenizerError.
+      ModelNotFoundError, CheckpointError, UnsupportedModelError, TokenizerError, ValueError (an
+      unknown `quantization`).
     """
+    check_method(quantization)
     path = resolve_model_path(model)
     backend = jax.default_backend()
     dtype = dtype or default_dtype(backend)
@@ -99,27 +107,55 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
             cfg = ckpt.model_config(dtype=dtype, scan_layers=scan_layers)
             tok = tokenizer_lib.from_hf_directory(path)
             shardings = target_shardings(cfg, mesh) if mesh is not None and jax.process_count() == 1 else None
-            weights = ckpt.load_params(cfg, progress=progress, to_device=True, shardings=shardings)
+            weights = ckpt.load_params(cfg, progress=progress, to_device=not quantization, shardings=shardings)
+            cfg, weights = _quantize_at_load(cfg, weights, quantization, progress, path)
             graphdef, params = build_model(cfg, weights)
-            logger.info("loaded HF checkpoint %s (%s): %.1fM parameters, %s", path, ckpt.architecture,
-                        cfg.num_params() / 1e6, cfg.dtype)
+            logger.info("loaded HF checkpoint %s (%s): %.1fM parameters, %s%s", path, ckpt.architecture,
+                        cfg.num_params() / 1e6, cfg.dtype, _quant_note(cfg))
             return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path,
                                source=f"HF checkpoint ({ckpt.architecture})")
     if os.path.isdir(path):  # an orbax checkpoint directory
         from checkpoints import orbax_io
 
         cfg, weights = orbax_io.restore(path, dtype=dtype, scan_layers=scan_layers, mesh=mesh)
+        stored = cfg.quantization.method if cfg.quantization is not None else None
+        if quantization and stored and quantization != stored:
+            raise UnsupportedModelError(f"{path} is stored quantized to {stored}; load it with quantization="
+                                        f"{stored!r} (or None), or convert the float model again to {quantization}")
+        if quantization and not stored:
+            cfg, weights = _quantize_at_load(cfg, weights, quantization, progress, path)
         tok = orbax_io.read_tokenizer(path)
         graphdef, params = build_model(cfg, weights)
-        logger.info("loaded orbax checkpoint %s: %.1fM parameters, %s", path, cfg.num_params() / 1e6, cfg.dtype)
+        logger.info("loaded orbax checkpoint %s: %.1fM parameters, %s%s", path, cfg.num_params() / 1e6, cfg.dtype,
+                    _quant_note(cfg))
         return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path,
                            source=f"orbax checkpoint ({cfg.arch})")
     gguf_file = GGUFFile(path)
     cfg = gguf_file.model_config(dtype=dtype, scan_layers=scan_layers)
     tok = tokenizer_lib.from_gguf_metadata(gguf_file.metadata, source=path)
-    weights = gguf_file.load_params(cfg, progress=progress)
+    weights, spec = gguf_file.load_params(cfg, progress=progress, quantization=quantization)
+    cfg = dataclasses.replace(cfg, quantization=spec)
     graphdef, params = build_model(cfg, weights)
-    logger.info("loaded %s: %.1fM parameters, %s, scan_layers=%s", path, cfg.num_params() / 1e6,
-                cfg.dtype, cfg.scan_layers)
+    logger.info("loaded %s: %.1fM parameters, %s, scan_layers=%s%s", path, cfg.num_params() / 1e6,
+                cfg.dtype, cfg.scan_layers, _quant_note(cfg))
     return LoadedModel(config=cfg, graphdef=graphdef, params=params, tokenizer=tok, path=path,
                        source=f"GGUF file ({gguf_file.architecture})")
+
+
+def _quantize_at_load(cfg: ModelConfig, weights: dict, method: str | None, progress: bool, path: str):
+    if not method:
+        return cfg, weights
+    try:
+        spec, weights = quantize_params(cfg, weights, method, progress=progress)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{path}: cannot quantize to {method}: {e}") from None
+    return dataclasses.replace(cfg, quantization=spec), weights
+
+
+def _quant_note(cfg: ModelConfig) -> str:
+    return "" if cfg.quantization is None else f", weights {cfg.quantization.method}"
+
+
+def params_bytes(params: nnx.State) -> int:
+    """Bytes the parameters take in memory (quantized values, scales and offsets included)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params) if hasattr(x, "dtype"))

@@ -21,13 +21,17 @@ dense cache (reference generator) or a paged cache (engine) without changes here
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.attention import Attend
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import apply_rope, gated_mlp, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxinfer.layers import ACTIVATIONS, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxinfer.quantization import GROUP_AXIS, stored_shape
+from pallas_kernels.quantized_matmul import dequantize, quantized_matmul
 
 # A window no context reaches: full attention for a layer whose window is traced data.
 NO_WINDOW = 1 << 30
@@ -41,6 +45,39 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, *, std=0.02, ones=False) -> nnx.P
     return nnx.Param(value, logical_axes=axes)
 
 
+def _weights(module: nnx.Module, cfg: ModelConfig, name: str, rngs: nnx.Rngs, shape, axes, dtype, *,
+             stacked: bool) -> None:
+    """Sets weight `name` on `module`: one float parameter, or, when `cfg.quantization` quantizes it,
+    its stored values, scales and offsets (`jaxinfer.quantization`), each with the weight's logical
+    axes so that sharding splits them together. Random values (models are built abstractly and
+    filled from a checkpoint; random int values are for shape-only benchmarks)."""
+    wq = cfg.quantization.get(name) if cfg.quantization is not None else None
+    if wq is None:
+        setattr(module, name, _param(rngs, shape, axes, dtype))
+        return
+    axis = GROUP_AXIS[name] + (1 if stacked else 0)
+    for key, s in stored_shape(tuple(shape), wq, axis).items():
+        if key == name:
+            value = jax.random.randint(rngs.params(), s, 0 if wq.bits == 4 else -127, 256 if wq.bits == 4 else 128,
+                                       jnp.int32).astype(wq.value_dtype)
+        else:
+            value = (0.02 / 8 * jax.random.uniform(rngs.params(), s, jnp.float32, 0.5, 1.0)
+                     if key.endswith("_scale") else jnp.full(s, -0.02, jnp.float32))
+        setattr(module, key, nnx.Param(value, logical_axes=axes))
+
+
+def linear(x, p: dict, name: str, cfg: ModelConfig, k: int, n: int):
+    """x [..., k] @ weight `name` of `p` seen as [k, n]: a float parameter (a free reshape), or a
+    quantized one through `quantized_matmul` (its values, scales and offsets reshaped alike; the
+    groups run along k)."""
+    wq = cfg.quantization.get(name) if cfg.quantization is not None else None
+    if wq is None:
+        return x @ p[name].reshape(k, n)
+    offset = p.get(f"{name}_offset")
+    return quantized_matmul(x, p[name].reshape(-1, n), p[f"{name}_scale"].reshape(-1, n),
+                            None if offset is None else offset.reshape(-1, n), bits=wq.bits)
+
+
 class DecoderLayers(nnx.Module):
     """All L decoder blocks' parameters, each stacked on a leading `layers` axis."""
 
@@ -50,10 +87,10 @@ class DecoderLayers(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         norm_init = cfg.norm_offset == 0  # Gemma's norm weights are offsets from 1: zeros is identity
         self.attn_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
-        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), dt)
-        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
-        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
-        self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), dt)
+        _weights(self, cfg, "wq", rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), dt, stacked=True)
+        _weights(self, cfg, "wk", rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt, stacked=True)
+        _weights(self, cfg, "wv", rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt, stacked=True)
+        _weights(self, cfg, "wo", rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), dt, stacked=True)
         if cfg.attention_bias:
             self.bq = _param(rngs, (L, N, H), ("layers", "heads", "head_dim"), dt)
             self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dt)
@@ -64,9 +101,9 @@ class DecoderLayers(nnx.Module):
             self.post_attn_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
             self.post_mlp_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
         self.mlp_norm = _param(rngs, (L, D), ("layers", "embed"), dt, ones=norm_init)
-        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
-        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
-        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt)
+        _weights(self, cfg, "w_gate", rngs, (L, D, F), ("layers", "embed", "mlp"), dt, stacked=True)
+        _weights(self, cfg, "w_up", rngs, (L, D, F), ("layers", "embed", "mlp"), dt, stacked=True)
+        _weights(self, cfg, "w_down", rngs, (L, F, D), ("layers", "mlp", "embed"), dt, stacked=True)
 
     def arrays(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
         """The layer parameters by name: stacked [L, ...] arrays, or L-tuples of per-layer arrays
@@ -123,10 +160,11 @@ def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, a
     B, T, D = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    F = cfg.intermediate_size
     h = rms_norm(x, p["attn_norm"], eps, off)
-    q = (h @ p["wq"].reshape(D, N * H)).reshape(B, T, N, H)
-    k = (h @ p["wk"].reshape(D, K * H)).reshape(B, T, K, H)
-    v = (h @ p["wv"].reshape(D, K * H)).reshape(B, T, K, H)
+    q = linear(h, p, "wq", cfg, D, N * H).reshape(B, T, N, H)
+    k = linear(h, p, "wk", cfg, D, K * H).reshape(B, T, K, H)
+    v = linear(h, p, "wv", cfg, D, K * H).reshape(B, T, K, H)
     if cfg.attention_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     if cfg.is_gemma:
@@ -134,16 +172,35 @@ def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, a
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, kv_cache = attend(q, k, v, kv_cache, layer, meta, sliding_window=window, sm_scale=cfg.attn_scale,
                             soft_cap=cfg.attn_logit_softcap)  # [B, T, N, H]
-    h = attn.reshape(B, T, N * H) @ p["wo"].reshape(N * H, D)
+    h = linear(attn.reshape(B, T, N * H), p, "wo", cfg, N * H, D)
     x = x + (rms_norm(h, p["post_attn_norm"], eps, off) if cfg.is_gemma else h)
-    h = gated_mlp(rms_norm(x, p["mlp_norm"], eps, off), p["w_gate"], p["w_up"], p["w_down"], cfg.hidden_act)
+    h = rms_norm(x, p["mlp_norm"], eps, off)  # the gated MLP: act(h @ w_gate) * (h @ w_up) @ w_down
+    h = ACTIVATIONS[cfg.hidden_act](linear(h, p, "w_gate", cfg, D, F)) * linear(h, p, "w_up", cfg, D, F)
+    h = linear(h, p, "w_down", cfg, F, D)
     x = x + (rms_norm(h, p["post_mlp_norm"], eps, off) if cfg.is_gemma else h)
     return x, kv_cache
 
 
-def embed_inputs(cfg: ModelConfig, embed, tokens, positions):
-    """tokens, positions: [B, T] -> (x [B, T, D], RoPE tables: (global (cos, sin), local or None))."""
-    x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+EMBED_KEYS = ("embed", "embed_scale", "embed_offset")  # the embedding's arrays (scale/offset when quantized)
+
+
+def embedding_arrays(params) -> dict:
+    """The embedding's arrays from a model's parameter state (what `embed_inputs` takes)."""
+    return {k: params[k].get_value() for k in EMBED_KEYS if k in params}
+
+
+def embed_inputs(cfg: ModelConfig, embed: dict, tokens, positions):
+    """tokens, positions: [B, T] -> (x [B, T, D], RoPE tables: (global (cos, sin), local or None)).
+    `embed`: the embedding's arrays (`embedding_arrays`); quantized rows are gathered, then
+    dequantized."""
+    if "embed_scale" in embed:
+        take = functools.partial(jnp.take, indices=tokens, axis=0)
+        wq = cfg.quantization.get("embed")
+        offset = embed.get("embed_offset")
+        x = dequantize(take(embed["embed"]), take(embed["embed_scale"]), None if offset is None else take(offset),
+                       bits=wq.bits, axis=-1, dtype=jnp.dtype(cfg.dtype))
+    else:
+        x = jnp.take(embed["embed"], tokens, axis=0)  # [B, T, D]
     if cfg.is_gemma:  # HF multiplies by the scale rounded to the embedding's dtype
         x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
     rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
@@ -181,11 +238,12 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dt = jnp.dtype(cfg.dtype)
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        _weights(self, cfg, "embed", rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, stacked=False)
         self.layers = DecoderLayers(cfg, rngs=rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), dt, ones=cfg.norm_offset == 0)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+            _weights(self, cfg, "lm_head", rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt,
+                     stacked=False)
 
     def __call__(self, tokens, positions, kv_cache, meta, attend: Attend, logits_indices=None):
         """Runs the decoder over a chunk of tokens, updating the KV cache.
@@ -210,7 +268,8 @@ class Transformer(nnx.Module):
     def forward(self, tokens, positions, kv_cache, meta, attend: Attend):
         """The decoder blocks: (hidden states [B, T, D] before the final norm, kv_cache)."""
         cfg = self.cfg
-        x, ropes = embed_inputs(cfg, self.embed[...], tokens, positions)
+        x, ropes = embed_inputs(cfg, {k: getattr(self, k)[...] for k in EMBED_KEYS if hasattr(self, k)},
+                                tokens, positions)
         params = self.layers.arrays()
 
         def body(carry, xs):
@@ -231,7 +290,14 @@ class Transformer(nnx.Module):
         """Hidden states [..., D] from `forward` -> float32 logits [..., V] (final norm, then head)."""
         cfg = self.cfg
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_offset)
-        if cfg.tie_word_embeddings:
+        name = "embed" if cfg.tie_word_embeddings else "lm_head"
+        wq = cfg.quantization.get(name) if cfg.quantization is not None else None
+        if wq is not None:
+            offset = getattr(self, f"{name}_offset", None)
+            logits = quantized_matmul(x, getattr(self, name)[...], getattr(self, f"{name}_scale")[...],
+                                      None if offset is None else offset[...], bits=wq.bits,
+                                      transpose=cfg.tie_word_embeddings, out_dtype=jnp.float32)
+        elif cfg.tie_word_embeddings:
             logits = jnp.einsum("...D,VD->...V", x, self.embed[...], preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)

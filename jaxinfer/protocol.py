@@ -237,6 +237,7 @@ class ModelCard(_Out):
     created: int
     owned_by: str = "jaxinfer"
     max_model_len: int
+    quantization: str | None = None  # jaxinfer: "int8" / "int4" weights, None for float
 
 
 class ModelList(_Out):

@@ -85,7 +85,8 @@ def relayout_weights(cfg: ModelConfig, weights: dict, model_size: int) -> tuple[
         return cfg, weights
     out = dict(weights)
     for key, value in weights.items():
-        name = key.rsplit(".", 1)[-1]
+        # a quantized weight's scales and offsets keep its head axis (only the grouped axis shrinks)
+        name = key.rsplit(".", 1)[-1].removesuffix("_scale").removesuffix("_offset")
         if key.startswith("layers.") and name in _HEAD_AXES:
             axis, which = _HEAD_AXES[name]
             out[key] = _take_heads(jnp.asarray(value), layout.q_source if which == "q" else layout.kv_source, axis)

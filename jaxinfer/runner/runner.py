@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import params_for_layer_loop, unstack_layers
+from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
 from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, build_model_input, build_sampling_input,
@@ -165,7 +165,7 @@ class Runner:
     def _forward(self, inp: ModelInput, q_block: int):
         if self.layer_loop == "per_layer":
             cfg = self.config
-            x, ropes = embed_step(self.params["embed"].get_value(), inp.tokens, inp.positions, cfg=cfg)
+            x, ropes = embed_step(embedding_arrays(self.params), inp.tokens, inp.positions, cfg=cfg)
             meta = jax.device_put(inp.meta)  # once, not once per layer
             for layer, p in zip(self._layer_ids, self.layer_params):
                 x, self.kv_cache = layer_step(p, self.kv_cache, x, ropes, layer, meta, cfg=cfg,

@@ -70,7 +70,8 @@ def forward_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, a
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def embed_step(embed, tokens, positions, *, cfg: ModelConfig):
-    """tokens, positions: [1, T] -> (x [1, T, D], RoPE tables) for `layer_step`."""
+    """embed: the embedding's arrays (`embedding_arrays`); tokens, positions: [1, T] -> (x [1, T, D],
+    RoPE tables) for `layer_step`."""
     return embed_inputs(cfg, embed, tokens, positions)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.model import embedding_arrays
 from jaxinfer.runner.inputs import empty_model_input, neutral_sampling_input, stack_model_inputs, stack_sampling_inputs
 from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, resolve_tokens,
                                    rows_step, sample_step)
@@ -90,7 +91,7 @@ def aot_graphs(runner) -> list[tuple]:
         group, size = ((True, shape.S), shape.I) if shape.is_decode else ((False, shape.T), shape.W)
         priority = 1 + sorted(sizes[group]).index(size)
         if runner.layer_loop == "per_layer":
-            embed = runner.params["embed"].get_value()
+            embed = embedding_arrays(runner.params)
             add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T), priority)
             x, ropes = jax.eval_shape(functools.partial(embed_step, cfg=cfg), embed, inp.tokens, inp.positions)
             add(layer_step, (runner.layer_params[0], runner.kv_cache, x, ropes, runner._layer_ids[0], inp.meta),
