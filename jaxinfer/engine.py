@@ -45,6 +45,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.data_parallel import DataParallelScheduler
 from jaxinfer.engine_config import (  # noqa: F401 (EngineConfig and set_compilation_cache re-exported)
     DEFAULT_PAGE_SIZE,
+    KV8_NEEDS_REFERENCE,
     SP_NEEDS_REFERENCE,
     EngineConfig,
     kv_cache_budget,
@@ -106,13 +107,15 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = min(sched.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         device = jax.local_devices()[0]  # in a multi-process run jax.devices()[0] may live on another host
+        if cache.kv_cache_dtype != "auto" and ops.resolve_backend(comp.attention_backend) != "reference":
+            raise InvalidRequestError(KV8_NEEDS_REFERENCE)
         page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
                                                  num_kv_heads=config.num_kv_heads // pc.tensor_parallel_size,
                                                  head_dim=ops.kv_cache_head_dim(config.head_dim,
                                                                                 comp.attention_backend),
-                                                 dtype=jnp.dtype(config.dtype))
+                                                 dtype=jnp.dtype(config.dtype), kv_cache_dtype=cache.kv_cache_dtype)
         if cache.num_pages is not None:
             num_pages = cache.num_pages
         else:
@@ -153,7 +156,8 @@ class LLMEngine:
                           page_buckets=buckets.page_buckets, q_block=buckets.q_block,
                           max_prefill_seqs=sched.max_prefill_seqs,
                           pages_per_item=buckets.pages_per_item,
-                          attention_backend=comp.attention_backend, sequence_parallel_size=sp)
+                          attention_backend=comp.attention_backend, sequence_parallel_size=sp,
+                          kv_cache_dtype=cache.kv_cache_dtype)
         if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < sched.max_num_seqs:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                       f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "

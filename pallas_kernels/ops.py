@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_quant import QuantizedPages, write_quantized
 from pallas_kernels.paged_attention_reference import (decode_attention_by_pages as _decode_reference,
                                                      ragged_paged_attention_reference, write_kv as _write_kv)
 
@@ -83,7 +84,18 @@ def _pad_lanes(x, lanes: int):
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping, layer=None):
     lanes = k_cache.shape[-1]
-    return _write_kv(k_cache, v_cache, _pad_lanes(k, lanes), _pad_lanes(v, lanes), slot_mapping, layer=layer)
+    k, v = _pad_lanes(k, lanes), _pad_lanes(v, lanes)
+    if isinstance(k_cache, QuantizedPages):  # 8-bit pages: quantized per token and head on the way in
+        page_size = k_cache.shape[-3]
+        page, offset = slot_mapping // page_size, slot_mapping % page_size
+        index = (page, offset) if layer is None else (layer, page, offset)
+        return write_quantized(k_cache, k, index), write_quantized(v_cache, v, index)
+    return _write_kv(k_cache, v_cache, k, v, slot_mapping, layer=layer)
+
+
+def _check_pages(k_cache, impl: str) -> None:
+    if isinstance(k_cache, QuantizedPages) and impl != "reference":
+        raise ValueError(f"8-bit KV pages are read by the reference backend only, not {impl!r}")
 
 
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
@@ -91,6 +103,7 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, 
                            sm_scale: float | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
                            backend: str = "auto") -> jax.Array:
     impl = resolve_backend(backend)
+    _check_pages(k_cache, impl)
     H = q.shape[-1]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
     args = (_pad_lanes(q, k_cache.shape[-1]), k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs)

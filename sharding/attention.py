@@ -20,15 +20,21 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxinfer.paged_attention import PagedKVCache
 
 
+def cache_specs(kv_cache: PagedKVCache, axes: tuple):
+    """PartitionSpecs of every array of the cache: `axes` names [L, P, page, K, H]; an 8-bit
+    cache's scales [L, P, page, K] take the first four."""
+    return jax.tree.map(lambda x: P(*axes[:x.ndim]), kv_cache)
+
+
 def shard_attend(attend, mesh: Mesh):
     """`attend(q, k, v, kv_cache, layer, meta)` run per `model` shard, and per `data` replica
     when the mesh has several (`jaxinfer/data_parallel.py`: tokens, sequences and cache pages of
     replica r are the r-th slices, the metadata's page ids local to the replica)."""
     data = "data" if mesh.shape["data"] > 1 else None
     heads = P(None, data, "model", None)
-    cache = PagedKVCache(k=P(None, data, None, "model", None), v=P(None, data, None, "model", None))
 
     def sharded(q, k, v, kv_cache, layer, meta, *, sliding_window=None, sm_scale=None, soft_cap=None):
+        cache = cache_specs(kv_cache, (None, data, None, "model", None))
         meta_spec = jax.tree.map(lambda _: P(data) if data else P(), meta)
         # Static values (unrolled layers) are closed over; traced ones (a scanned layer's index and
         # window) enter the shard_map as replicated arguments.
@@ -70,13 +76,12 @@ def seq_parallel_attend(mesh: Mesh):
     from pallas_kernels.paged_attention_reference import NEG_LSE, ragged_paged_attention_partial
 
     tokens = P(None, "seq", "model", None)
-    cache = PagedKVCache(k=P(None, "seq", None, "model", None), v=P(None, "seq", None, "model", None))
 
     def local(q, k, v, kv_cache, meta, layer, sliding_window, *, windowed, sm_scale, soft_cap):
         s = lax.axis_index("seq")
         sliding_window = sliding_window if windowed else None
         q_all, k_all, v_all = (lax.all_gather(x, "seq", axis=1, tiled=True)[0] for x in (q, k, v))
-        P_local, page_size = kv_cache.k.shape[1], kv_cache.k.shape[2]
+        P_local, page_size = kv_cache.k.shape[1], kv_cache.k.shape[2]  # (8-bit pages report their values' shape)
         first_page = s * P_local
         page = meta.slot_mapping // page_size - first_page
         # Keys of other stripes get an out-of-range slot: scatter updates out of bounds are dropped.
@@ -96,6 +101,7 @@ def seq_parallel_attend(mesh: Mesh):
         return mine[None].astype(q.dtype), PagedKVCache(k=new_k, v=new_v)
 
     def sharded(q, k, v, kv_cache, layer, meta, *, sliding_window=None, sm_scale=None, soft_cap=None):
+        cache = cache_specs(kv_cache, (None, "seq", None, "model", None))
         meta_spec = jax.tree.map(lambda _: P(), meta)
         layer = jnp.asarray(layer, jnp.int32)
         window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32)

@@ -17,6 +17,7 @@ from jaxinfer.loader import load_model, params_bytes
 from jaxinfer.quantization import QTensor, merge_layers, pack_int4, quantize, unpack_int4
 from jaxinfer.registry import resolve_model_path
 from jaxinfer.testing import tiny_gguf
+from jaxinfer.testing.engine import make_engine
 from pallas_kernels.quantized_matmul import dequantize, quantized_matmul_reference
 from pallas_kernels.quantized_matmul import unpack_int4 as unpack_int4_jnp
 from tests.hf_reference_checks import check_logits, greedy, hf_greedy
@@ -264,3 +265,90 @@ def test_float_gguf_is_quantized_at_load(tmp_path):
         np.testing.assert_allclose(got, same, rtol=1e-4, atol=1e-4)
         errors[method] = np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())
     assert errors["int8"] < 0.05 and errors["int8"] < errors["int4"] < 0.6, errors  # measured 0.027, 0.41
+
+
+# ---- the 8-bit KV cache -------------------------------------------------------------------------
+
+
+def test_kv_quantization_round_trips_within_one_step():
+    from pallas_kernels.kv_quant import QuantizedPages, quantize_kv, write_quantized
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(5, 3, 64)) * np.array([1, 10, 0.01])[None, :, None], jnp.float32)
+    values, scale = quantize_kv(x, jnp.int8)
+    back = np.asarray(values, np.float32) * np.asarray(scale)[..., None]
+    step = np.abs(np.asarray(x)).max(-1, keepdims=True) / 127
+    assert (np.abs(back - np.asarray(x)) <= step / 2 + 1e-7).all()  # round to nearest, per token and head
+    pages = QuantizedPages.zeros((2, 4, 4, 3, 64), "int8", jnp.float32)
+    pages = write_quantized(pages, x, (1, jnp.array([0, 0, 3, 3, 2]), jnp.array([0, 1, 0, 3, 2])))
+    np.testing.assert_allclose(np.asarray(pages[1, jnp.array([3])])[0, 3], back[3], rtol=1e-6)
+    zeros, _ = quantize_kv(jnp.zeros((2, 64)), jnp.int8)
+    assert not np.asarray(zeros).any()
+
+
+def test_int8_kv_pages_hold_about_twice_the_bfloat16_tokens(tiny_llama):
+    """The same byte budget: 2H / (H + 4) times the bfloat16 tokens (scales included), twice that of
+    float32. tiny_llama has head_dim 32: 1.78x; SmolLM2 (64) 1.88x, Gemma 3 (256) 1.97x."""
+    from pallas_kernels.kv_quant import bytes_per_token_head
+
+    budget = 8 << 20
+    per = {}
+    for dtype, kv in (("float32", "auto"), ("bfloat16", "auto"), ("float32", "int8")):
+        model = load_model(tiny_llama, progress=False, dtype=dtype)
+        engine = make_engine(model, num_pages=None, kv_cache_memory=budget, kv_cache_dtype=kv)
+        per[dtype, kv] = engine.memory()["kv_tokens_per_gib"]
+    H = 32
+    assert per["float32", "int8"] / per["bfloat16", "auto"] == pytest.approx(2 * H / (H + 4), rel=0.01)
+    assert per["float32", "int8"] / per["float32", "auto"] == pytest.approx(4 * H / (H + 4), rel=0.01)
+    assert 2 * 64 / bytes_per_token_head(64, "int8", jnp.bfloat16) >= 1.88
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_gguf(path, head_dim=32, hidden_size=64, num_heads=2, num_kv_heads=1)
+    return str(path)
+
+
+def test_int8_kv_prefix_cache_and_preemption_change_nothing(tiny_llama):
+    """With 8-bit pages, a prefix-cached page and a preempted-then-recomputed request give the same
+    tokens as a fresh run: each token's key and value are quantized on their own."""
+    from jaxinfer.sampling_params import SamplingParams
+    from jaxinfer.testing.engine import assert_no_pages_held, random_prompts, run
+
+    model = load_model(tiny_llama, progress=False)
+    greedy_params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = random_prompts(model.config, (9, 10, 11, 7), seed=1)
+    requests = {str(i): (p, greedy_params) for i, p in enumerate(prompts)}
+    roomy = run(make_engine(model, kv_cache_dtype="int8", enable_prefix_caching=False), requests)
+    small = make_engine(model, kv_cache_dtype="int8", num_pages=12)
+    tight = run(small, requests)
+    assert small.stats()["num_preemptions"] > 0
+    assert_no_pages_held(small)
+    shared = prompts[0] + prompts[1]
+    cached = make_engine(model, kv_cache_dtype="int8")
+    run(cached, {"a": (shared + [3], greedy_params)})
+    again = run(cached, {"b": (shared + [4], greedy_params)})["b"]
+    assert again.metrics.num_cached_tokens > 0
+    fresh = run(make_engine(model, kv_cache_dtype="int8", enable_prefix_caching=False),
+                {"b": (shared + [4], greedy_params)})["b"]
+    assert again.outputs[0].token_ids == fresh.outputs[0].token_ids
+    for rid in requests:
+        assert tight[rid].outputs[0].token_ids == roomy[rid].outputs[0].token_ids
+
+
+def test_int8_kv_smollm2_keeps_hfs_greedy_tokens(smollm2_hf):
+    """SmolLM2 with int8 pages: 8 of the 9 fixture prompts give HF's 32 greedy tokens (the ninth
+    leaves them at its third token, a near tie); float32 pages give all 9."""
+    llm = LLM("smollm2-135m", dtype="float32", progress=False, warmup=False, max_num_batched_tokens=128,
+              kv_cache_dtype="int8", num_pages=256)
+    got, want = greedy(llm, smollm2_hf[0]), hf_greedy(smollm2_hf[0])
+    assert sum(a == b for a, b in zip(got, want)) >= 8
+
+
+def test_bad_kv_cache_dtype_and_backend_are_typed_errors(tiny_llama):
+    model = load_model(tiny_llama, progress=False)
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be one of"):
+        make_engine(model, kv_cache_dtype="int4")
+    with pytest.raises(InvalidRequestError, match="attention_backend='reference'"):
+        make_engine(model, kv_cache_dtype="int8", attention_backend="pallas_gpu")

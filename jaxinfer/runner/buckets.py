@@ -56,6 +56,7 @@ class RunnerConfig:
         but waste part of each sequence's last item).
       attention_backend: `pallas_kernels.ops` backend name.
       sequence_parallel_size: devices of the `seq` mesh axis (tokens and KV pages split over them).
+      kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" pages (`pallas_kernels.kv_quant`).
     """
 
     page_size: int
@@ -69,6 +70,7 @@ class RunnerConfig:
     pages_per_item: int = 2
     attention_backend: str = "auto"
     sequence_parallel_size: int = 1
+    kv_cache_dtype: str = "auto"
 
     @property
     def use_decode_items(self) -> bool:

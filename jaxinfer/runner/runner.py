@@ -145,7 +145,7 @@ class Runner:
             PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
             page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
             head_dim=ops.kv_cache_head_dim(config.head_dim, runner_config.attention_backend),
-            dtype=jnp.dtype(config.dtype))
+            dtype=jnp.dtype(config.dtype), kv_cache_dtype=runner_config.kv_cache_dtype)
         if mesh is None:
             self.kv_cache = make_cache()
         else:  # parameters and cache placed by the sharding rules; the cache is allocated sharded
