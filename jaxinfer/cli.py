@@ -22,6 +22,8 @@ def _status(message: str) -> None:
 
 QUANTIZATION_HELP = ("int8 / int4: weights kept quantized in memory, dequantized inside the matmul (a GGUF's own "
                      "blocks exactly; float checkpoints quantized at load)")
+KV_CACHE_DTYPE_HELP = ("int8 / fp8: 8-bit KV pages with a scale per token and head, about twice the tokens of "
+                       "bfloat16 per byte (reference attention backend); auto: the model's dtype")
 
 
 def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
@@ -36,6 +38,7 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=["int8", "int4"], help=QUANTIZATION_HELP)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"], help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model's heads, MLP and vocabulary over (data x sequence x "
@@ -60,6 +63,7 @@ def _load(args):
     _status(f"loading {args.model} ...")
     # One conversation at a time: a one-sequence engine compiles the fewest step shapes.
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype,
               max_model_len=args.max_model_len, max_num_seqs=1, max_num_batched_tokens=256, warmup=False,
               progress=False,
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,

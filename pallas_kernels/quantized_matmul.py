@@ -14,16 +14,27 @@ The product accumulates in float32 and returns `out_dtype` (default x's dtype).
 Backends, chosen like attention's (`pallas_kernels.ops.resolve_backend`):
 
     reference    dequantize W (per layer, inside the layer loop) and one XLA dot; the CPU path
-    pallas_gpu   Triton kernel: tiles of W dequantized in registers (interpret mode off GPU)
-    pallas_tpu   Mosaic kernel: tiles of W dequantized in VMEM (interpret mode off TPU)
+    pallas_gpu   Triton kernel: tiles of W dequantized in registers (interpret mode off GPU),
+                 `quantized_matmul_gpu`
+    pallas_tpu   Mosaic kernel: tiles of W dequantized in VMEM (interpret mode off TPU),
+                 `quantized_matmul_tpu`
+
+Both kernels take int4 without interleaving nibbles: byte j of a group holds the group's elements j
+and j + G/2, so x's K columns are split once (`split_int4_activations`) into x_lo (the first half
+of every group) and x_hi (the second), and x @ W = x_lo @ W_lo + x_hi @ W_hi where W_lo / W_hi are
+the bytes' low / high nibbles dequantized in place, each a [K/2, N] matrix grouped by G/2 rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dequantize", "quantized_matmul", "quantized_matmul_reference", "unpack_int4"]
+__all__ = ["dequantize", "matmul_backend", "quantized_matmul", "quantized_matmul_reference", "split_int4_activations",
+           "unpack_int4", "weight_dims"]
 
 
 def unpack_int4(packed: jax.Array, axis: int, group: int) -> jax.Array:
@@ -62,12 +73,65 @@ def quantized_matmul_reference(x, values, scale, offset=None, *, bits: int, tran
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+def weight_dims(k: int, values, scale, offset, *, bits: int, transpose: bool) -> tuple[int, int, int]:
+    """(stored rows along K, N, group size G) of a quantized W for activations with `k` inputs.
+
+    Raises:
+      ValueError: the arrays do not describe a [k, N] weight in `bits` containers.
+    """
+    if values.ndim != 2 or scale.ndim != 2:
+        raise ValueError(f"values {values.shape} and scale {scale.shape} must be 2-D")
+    kv, n = (values.shape[1], values.shape[0]) if transpose else values.shape
+    n_groups = scale.shape[1 if transpose else 0]
+    group = k // max(n_groups, 1)
+    ok = (bits in (4, 8) and kv * (2 if bits == 4 else 1) == k and n_groups * group == k
+          and scale.shape == ((n, n_groups) if transpose else (n_groups, n))
+          and (offset is None or offset.shape == scale.shape)
+          and (bits == 8 or (group % 2 == 0 and offset is not None)))
+    if not ok:
+        raise ValueError(f"x's {k} inputs do not fit an int{bits} weight {values.shape} with scale {scale.shape} "
+                         f"and offset {None if offset is None else offset.shape} ({transpose=})")
+    return kv, n, group
+
+
+def split_int4_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (x_lo, x_hi), each [M, K/2]: the first and the second half of every group of
+    `group` columns, so column r of both meets packed row r of an int4 weight (its low and its high
+    nibble)."""
+    m, k = x.shape
+    halves = x.reshape(m, k // group, 2, group // 2)
+    return halves[:, :, 0].reshape(m, k // 2), halves[:, :, 1].reshape(m, k // 2)
+
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("quantized_matmul_backend", default="auto")
+
+
+@contextlib.contextmanager
+def matmul_backend(backend: str):
+    """Within this block (at trace time), `quantized_matmul` calls without a backend use `backend`:
+    the engine's step functions set their attention backend here, so the model code, which only
+    says `quantized_matmul(...)`, runs the same implementation family as its attention."""
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
 def quantized_matmul(x, values, scale, offset=None, *, bits: int, transpose: bool = False, out_dtype=None,
-                     backend: str = "auto"):
+                     backend: str | None = None):
+    """x @ W through `backend` (None: the one `matmul_backend` set, else "auto"; see the module
+    docstring); the Pallas backends run their kernel in interpret mode off their platform."""
     from pallas_kernels.ops import resolve_backend
 
-    impl = resolve_backend(backend)
-    if impl == "reference":
-        return quantized_matmul_reference(x, values, scale, offset, bits=bits, transpose=transpose,
-                                          out_dtype=out_dtype)
-    raise NotImplementedError(f"quantized_matmul backend {impl!r}")
+    impl = resolve_backend(backend or _BACKEND.get())
+    kwargs = dict(bits=bits, transpose=transpose, out_dtype=out_dtype)
+    if impl == "pallas_gpu":
+        from pallas_kernels.quantized_matmul_gpu import quantized_matmul_gpu
+
+        return quantized_matmul_gpu(x, values, scale, offset, interpret=jax.default_backend() != "gpu", **kwargs)
+    if impl == "pallas_tpu":
+        from pallas_kernels.quantized_matmul_tpu import quantized_matmul_tpu
+
+        return quantized_matmul_tpu(x, values, scale, offset, interpret=jax.default_backend() != "tpu", **kwargs)
+    return quantized_matmul_reference(x, values, scale, offset, **kwargs)

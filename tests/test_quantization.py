@@ -352,3 +352,26 @@ def test_bad_kv_cache_dtype_and_backend_are_typed_errors(tiny_llama):
         make_engine(model, kv_cache_dtype="int4")
     with pytest.raises(InvalidRequestError, match="attention_backend='reference'"):
         make_engine(model, kv_cache_dtype="int8", attention_backend="pallas_gpu")
+
+
+def test_a_quantized_model_on_the_pallas_backend_gives_the_reference_tokens(tiny_llama, monkeypatch):
+    """int4 weights with attention_backend="pallas" (the GPU kernels, interpret mode on CPU): the
+    projections run `quantized_matmul_gpu`, attention the GPU kernel; same greedy tokens."""
+    from jaxinfer.sampling_params import SamplingParams
+    from jaxinfer.testing.engine import random_prompts, run
+
+    model = load_model(tiny_llama, progress=False, quantization="int4")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    requests = {str(i): (p, params) for i, p in enumerate(random_prompts(model.config, (5, 9), seed=3))}
+    from pallas_kernels import quantized_matmul_gpu
+
+    traced = []
+    kernel = quantized_matmul_gpu.quantized_matmul_gpu
+    monkeypatch.setattr(quantized_matmul_gpu, "quantized_matmul_gpu",
+                        lambda *a, **k: traced.append(1) or kernel(*a, **k))
+    want = run(make_engine(model, attention_backend="reference"), requests)
+    assert not traced
+    got = run(make_engine(model, attention_backend="pallas", max_num_seqs=2), requests)
+    assert traced  # the projections went through the kernel
+    for rid in requests:
+        assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids

@@ -35,6 +35,7 @@ from jaxinfer.paged_attention import paged_attend
 from jaxinfer.runner.inputs import ModelInput, SamplingInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
+from pallas_kernels.quantized_matmul import matmul_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,8 @@ def forward_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, a
                  q_block: int):
     """The decoder over one packed step: (hidden [T, D], the chunks' last rows [S, D], kv_cache)."""
     model = nnx.merge(graphdef, params)
-    hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block))
+    with matmul_backend(attention.backend):  # quantized weights: the attention backend's matmul
+        hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block))
     return hidden[0], hidden[0, inp.logits_indices], kv_cache
 
 
@@ -80,7 +82,8 @@ def layer_step(p, kv_cache, x, ropes, layer, meta, *, cfg: ModelConfig, attentio
     """One decoder block; `layer` is a traced int32, so every layer runs the same compiled graph on
     its own parameter arrays `p` (read in place: no slice of a stacked weight, see
     docs/ARCHITECTURE.md) -> (x, kv_cache)."""
-    return run_layer(cfg, p, x, kv_cache, layer, ropes, meta, attention.attend(q_block))
+    with matmul_backend(attention.backend):
+        return run_layer(cfg, p, x, kv_cache, layer, ropes, meta, attention.attend(q_block))
 
 
 @jax.jit
