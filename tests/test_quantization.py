@@ -375,3 +375,20 @@ def test_a_quantized_model_on_the_pallas_backend_gives_the_reference_tokens(tiny
     assert traced  # the projections went through the kernel
     for rid in requests:
         assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_int4_smollm2_under_tensor_parallelism_on_8_devices_matches_hf(smollm2_hf):
+    """Quantized values, scales and offsets are sharded together (a row-parallel w_down's groups
+    stay whole on their shard) and the 9 / 3 heads re-laid out to 16 / 8 for 8 shards: HF's greedy
+    tokens on the fixture prompts."""
+    llm = LLM("smollm2-135m", dtype="float32", progress=False, warmup=False, max_num_batched_tokens=128,
+              max_num_seqs=4, quantization="int4", tensor_parallel_size=8, num_pages=128)
+    params = llm.engine.runner.params["layers"]
+    values, scale = params["w_down"].get_value(), params["w_down_scale"].get_value()
+    group = llm.config.quantization.get("w_down").group
+    assert len(values.sharding.device_set) == 8 and values.sharding.spec[1] == "model" == scale.sharding.spec[1]
+    assert values.addressable_shards[0].data.shape[1] * 2 == scale.addressable_shards[0].data.shape[1] * group
+    assert params["wq_scale"].get_value().sharding.spec[2] == "model"  # with wq's heads
+    meta = dict(smollm2_hf[0], prompts=smollm2_hf[0]["prompts"][:4])
+    assert greedy(llm, meta) == hf_greedy(meta)

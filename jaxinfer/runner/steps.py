@@ -46,6 +46,12 @@ class AttentionSpec:
     max_prefill_seqs: int
     mesh: jax.sharding.Mesh | None = None
 
+    @property
+    def matmul_backend(self) -> str:
+        """The quantized matmul's backend: the attention's, except under a mesh, where XLA
+        partitions the jnp reference (a custom call or a Pallas kernel would be gathered whole)."""
+        return self.backend if self.mesh is None else "reference"
+
     def attend(self, q_block: int):
         if self.mesh is not None and self.mesh.shape["seq"] > 1:
             from sharding.attention import seq_parallel_attend
@@ -65,7 +71,7 @@ def forward_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, a
                  q_block: int):
     """The decoder over one packed step: (hidden [T, D], the chunks' last rows [S, D], kv_cache)."""
     model = nnx.merge(graphdef, params)
-    with matmul_backend(attention.backend):  # quantized weights: the attention backend's matmul
+    with matmul_backend(attention.matmul_backend):  # quantized weights: the attention backend's matmul
         hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block))
     return hidden[0], hidden[0, inp.logits_indices], kv_cache
 
@@ -82,7 +88,7 @@ def layer_step(p, kv_cache, x, ropes, layer, meta, *, cfg: ModelConfig, attentio
     """One decoder block; `layer` is a traced int32, so every layer runs the same compiled graph on
     its own parameter arrays `p` (read in place: no slice of a stacked weight, see
     docs/ARCHITECTURE.md) -> (x, kv_cache)."""
-    with matmul_backend(attention.backend):
+    with matmul_backend(attention.matmul_backend):
         return run_layer(cfg, p, x, kv_cache, layer, ropes, meta, attention.attend(q_block))
 
 

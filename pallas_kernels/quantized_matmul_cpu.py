@@ -1,0 +1,104 @@
+"""The quantized matmul on CPU: a small C++ kernel (`csrc/quantized_matmul_cpu.cc`) called through
+XLA's FFI, built on first use with the machine's C++ compiler.
+
+Why native code: every XLA:CPU form of "dequantize W, then dot" writes the float weight out (a
+fusion cannot feed a dot), and the fused multiply-reduce forms are not vectorised well; all of them
+measured slower than simply reading float32 weights (`benchmarks/quant_matmul_forms.py`,
+docs/BENCHMARKS.md). The kernel reads each int8 / int4 value once, converts it in registers and
+applies the group's scale once per group.
+
+Build: `g++ -O3 -march=native -fopenmp -shared` against jax's FFI headers (`jax.ffi.include_dir()`),
+into ~/.cache/jaxinfer/native/ (or $JAXINFER_CACHE) under a name hashed from the source, the flags
+and the headers' path, written atomically; later processes load it. With no compiler, a failed
+build or JAXINFER_NATIVE_CPU=0, `available()` is False and the XLA reference runs instead (logged
+once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TARGET = "jaxinfer_quantized_matmul"
+MAX_ROWS = 16  # larger steps: XLA's dequantize-then-dot wins (docs/BENCHMARKS.md)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantized_matmul_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("JAXINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer")
+    return os.path.join(base, "native")
+
+
+def build() -> str:
+    """Compiles the kernel if needed; returns the shared library's path (raises on failure)."""
+    include = jax.ffi.include_dir()
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join(FLAGS).encode() + include.encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    path = os.path.join(out_dir, f"quantized_matmul_cpu-{key}.so")
+    if os.path.exists(path):
+        return path
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", SOURCE, "-o", tmp], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"building {SOURCE} failed: {e.stderr.strip()[-2000:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the native kernel is built and registered with XLA (tries once per process)."""
+    if os.environ.get("JAXINFER_NATIVE_CPU", "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(build())
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferQuantizedMatmul), platform="cpu")
+        return True
+    except Exception as e:  # no compiler, a failed build, an FFI mismatch: the XLA path still works
+        logger.warning("the native CPU quantized matmul is unavailable (%s); using the XLA reference", e)
+        return False
+
+
+def quantized_matmul_cpu(x, values, scale, offset=None, *, bits: int, transpose: bool = False, out_dtype=None):
+    """`quantized_matmul` (same contract) on the native kernel; x is computed in float32.
+
+    Raises:
+      RuntimeError: the kernel could not be built here (see `available`).
+    """
+    if not available():
+        raise RuntimeError("the native CPU quantized matmul could not be built here; use the reference backend")
+    out_dtype = out_dtype or x.dtype
+    K = x.shape[-1]
+    N = values.shape[0] if transpose else values.shape[-1]
+    groups = scale.shape[1] if transpose else scale.shape[0]
+    x2 = x.reshape(-1, K).astype(jnp.float32)
+    has_offset = offset is not None
+    off = offset.astype(jnp.float32) if has_offset else jnp.zeros((1, 1), jnp.float32)
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(
+        x2, values, scale.astype(jnp.float32), off, bits=np.int64(bits), group=np.int64(K // groups),
+        transpose=np.int64(transpose), has_offset=np.int64(has_offset), threads=np.int64(os.cpu_count() or 1))
+    return y.reshape(*x.shape[:-1], N).astype(out_dtype)
