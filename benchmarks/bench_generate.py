@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 VOCAB = 49152  # token ids are drawn below min(40000, VOCAB): set from the model in main()
+PARAMS_BYTES: dict[str, int] = {}  # engine name -> bytes of its parameters
 
 
 def _prompt(batch, prompt_len):
@@ -76,14 +77,16 @@ def jaxinfer_runner(path, scan_layers):
 ENGINE_STEP_TIMES: dict[str, list[tuple[float, float]]] = {}  # name -> (device, host) s per decode step
 
 
-def jaxinfer_engine(path, layer_loop, max_batch, name, max_model_len):
-    """The engine: (prefill seconds, decode seconds per step) for one batch size."""
+def jaxinfer_engine(path, layer_loop, max_batch, name, max_model_len, **llm_kwargs):
+    """The engine: (prefill seconds, decode seconds per step) for one batch size. `llm_kwargs`:
+    quantization, kv_cache_dtype."""
     from jaxinfer.llm import LLM
     from jaxinfer.sampling_params import SamplingParams
 
     # No prefix caching: every round sends the same prompts again.
     llm = LLM(path, layer_loop=layer_loop, max_num_seqs=max_batch, kv_cache_memory=256 << 20, warmup=True,
-              progress=False, max_model_len=max_model_len, enable_prefix_caching=False)
+              progress=False, max_model_len=max_model_len, enable_prefix_caching=False, **llm_kwargs)
+    PARAMS_BYTES[name] = llm.engine.memory()["params_bytes"]
     engine = llm.engine
     ENGINE_STEP_TIMES[name] = []
     calls = collections.Counter()
@@ -176,6 +179,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    ap.add_argument("--quantized", action="store_true",
+                    help="engine columns with int8 / int4 weights and int8 KV pages (the default loop)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference generator and the scanned engine")
     args = ap.parse_args()
 
     from checkpoints.gguf import GGUFFile
@@ -187,14 +193,20 @@ def main() -> None:
     VOCAB = model_config.vocab_size
     context = min(1024, model_config.max_position_embeddings)
     top = max(args.batch_sizes)
-    runners = {
-        "jaxinfer engine f32, default (layer_loop=per_layer)":
-            jaxinfer_engine(path, None, top, "engine default", context),
-        "jaxinfer engine f32, layer_loop=model (scanned: the previous default)":
-            jaxinfer_engine(path, "model", top, "engine other", context),
-        "jaxinfer reference generator f32, scanned layers": jaxinfer_runner(path, True),
-        "jaxinfer reference generator f32, unrolled layers": jaxinfer_runner(path, False),
-    }
+    runners = {"jaxinfer engine f32, default (layer_loop=per_layer)":
+               jaxinfer_engine(path, None, top, "engine default", context)}
+    if args.quantized:
+        for label, kw in (("int8 weights", dict(quantization="int8")), ("int4 weights", dict(quantization="int4")),
+                          ("f32, int8 KV", dict(kv_cache_dtype="int8")),
+                          ("int4 weights, int8 KV", dict(quantization="int4", kv_cache_dtype="int8"))):
+            runners[f"jaxinfer engine {label}"] = jaxinfer_engine(path, None, top, f"engine {label}", context, **kw)
+    if not args.no_reference:
+        runners |= {
+            "jaxinfer engine f32, layer_loop=model (scanned: the previous default)":
+                jaxinfer_engine(path, "model", top, "engine other", context),
+            "jaxinfer reference generator f32, scanned layers": jaxinfer_runner(path, True),
+            "jaxinfer reference generator f32, unrolled layers": jaxinfer_runner(path, False),
+        }
     if not args.no_hf and importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
         import torch
         import transformers
@@ -202,7 +214,7 @@ def main() -> None:
         loop, generate = hf_runners(path)
         runners[f"HF transformers {transformers.__version__} fp32 (torch {torch.__version__}), forward loop"] = loop
         runners[f"HF transformers {transformers.__version__} fp32, generate()"] = generate
-    else:
+    elif not args.no_hf:
         print("HF transformers not installed: pip install -e '.[ref]' to compare", flush=True)
     if importlib.util.find_spec("llama_cpp"):
         runners["llama-cpp-python (Q4_1 as stored)"] = llama_cpp_runner(path, args.prompt_len, args.decode_steps)
@@ -241,11 +253,11 @@ def main() -> None:
         for base in baselines:
             line += f" {rates(name, 1)[1] / rates(base, 1)[1]:.2f}x |"
         print(line)
-    for name, label in (("engine default", "default"), ("engine other", "other")):
-        times = ENGINE_STEP_TIMES.get(name)
+    for name, times in ENGINE_STEP_TIMES.items():
         if times:
-            print(f"engine ({label}) at B=1: device {statistics.median(d for d, _ in times) * 1e3:.1f} ms, "
-                  f"host {statistics.median(h for _, h in times) * 1e3:.1f} ms per decode step")
+            print(f"{name} at B=1: device {statistics.median(d for d, _ in times) * 1e3:.1f} ms, "
+                  f"host {statistics.median(h for _, h in times) * 1e3:.1f} ms per decode step, "
+                  f"params {PARAMS_BYTES[name] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

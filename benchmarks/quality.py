@@ -9,11 +9,12 @@ the first `--greedy-prompts` problem prompts, `--greedy-tokens` greedy tokens ea
 float32 configuration of the same checkpoint: how many prompts give identical tokens and what
 share of tokens agree up to the first difference.
 
-Configurations per checkpoint: float32 weights and KV (the baseline), int8 weights, int4 weights,
-int8 KV, int4 weights + int8 KV. Checkpoints: each bundled GGUF (int4/int8 keep the file's own
-blocks, so "float32" is the dequantized file) and, with --hf-export, a float32 HF checkpoint
+Configurations: float32 weights and KV (the baseline), int8 weights, int4 weights, int8 KV, int4
+weights + int8 KV. Checkpoints: each bundled GGUF and, with --hf-export, a float32 HF checkpoint
 exported from it by transformers (`tests/fixtures/make_hf_reference.py`), where int8 / int4 are
-quantized at load, round-to-nearest. Prints a markdown table for docs/BENCHMARKS.md.
+quantized at load, round-to-nearest. On a GGUF, int8 and int4 keep the file's own blocks, i.e. the
+very weights "float32" dequantizes, so only "int4 weights" (the kernels' arithmetic) and the KV
+settings run there (`--all-configs` runs every one). Prints a markdown table for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 
+EXPORTABLE = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}  # the fixture script's names
 CONFIGS = {  # name -> LLM keyword arguments
     "float32": {},
     "int8 weights": {"quantization": "int8"},
@@ -50,7 +52,7 @@ def perplexity(llm, texts: list[str], max_len: int) -> tuple[float, int]:
     from jaxinfer import SamplingParams
 
     tok = llm.get_tokenizer()
-    prompts = [{"prompt_token_ids": tok.encode(t)[:max_len]} for t in texts]
+    prompts = [{"prompt_token_ids": tok.encode(t)[:min(max_len, llm.max_model_len - 1)]} for t in texts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
     nll, count = 0.0, 0
     for p, out in zip(prompts, outs):
@@ -61,10 +63,13 @@ def perplexity(llm, texts: list[str], max_len: int) -> tuple[float, int]:
     return math.exp(nll / count), count
 
 
-def greedy(llm, prompts: list[str], tokens: int) -> list[list[int]]:
+def greedy(llm, prompts: list[str], tokens: int, max_len: int) -> list[list[int]]:
+    """`tokens` greedy tokens after each prompt (its last `max_len` tokens at most)."""
     from jaxinfer import SamplingParams
 
-    outs = llm.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+    keep = min(max_len, llm.max_model_len - tokens - 1)
+    ids = [{"prompt_token_ids": llm.get_tokenizer().encode(p)[-keep:]} for p in prompts]
+    outs = llm.generate(ids, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -79,7 +84,7 @@ def export_hf(model: str, out_dir: str) -> str:
                                     "fixtures"))
     from make_hf_reference import export_hf_directory
 
-    return export_hf_directory({"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}[model], out_dir)
+    return export_hf_directory(EXPORTABLE[model], out_dir)
 
 
 def main() -> int:
@@ -91,6 +96,7 @@ def main() -> int:
     ap.add_argument("--greedy-prompts", type=int, default=12)
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--all-configs", action="store_true", help="every configuration on GGUF files too")
     args = ap.parse_args()
 
     from jaxinfer import LLM
@@ -98,20 +104,23 @@ def main() -> int:
     problems = humaneval(args.problems)
     texts = [p["prompt"] + p["canonical_solution"] for p in problems]
     greedy_prompts = [p["prompt"] for p in problems[:args.greedy_prompts]]
-    checkpoints = [(m, m) for m in args.models]
+    checkpoints = [(os.path.basename(m) if os.path.exists(m) else m, m) for m in args.models]
     tmp = tempfile.mkdtemp(prefix="jaxinfer-quality-")
     if args.hf_export:
-        checkpoints += [(f"{m} (HF float32 export)", export_hf(m, os.path.join(tmp, m))) for m in args.models]
+        checkpoints += [(f"{m} (HF float32 export)", export_hf(m, os.path.join(tmp, m)))
+                        for m in args.models if m in EXPORTABLE]  # the bundled models only
     rows = []
     for label, path in checkpoints:
         base_ppl = base_greedy = None
         for name in args.configs:
+            if path.endswith(".gguf") or not os.path.exists(path):  # a GGUF: its blocks are the weights
+                if name in ("int8 weights", "int4 weights + int8 KV") and not args.all_configs:
+                    continue
             t0 = time.perf_counter()
             llm = LLM(path, dtype="float32", progress=False, warmup=False, max_num_seqs=16,
-                      max_num_batched_tokens=512, max_model_len=max(1024, args.max_len + 64),
-                      compilation_cache_dir="", **CONFIGS[name])
+                      max_num_batched_tokens=512, compilation_cache_dir="", **CONFIGS[name])
             ppl, count = perplexity(llm, texts, args.max_len)
-            tokens = greedy(llm, greedy_prompts, args.greedy_tokens)
+            tokens = greedy(llm, greedy_prompts, args.greedy_tokens, args.max_len)
             mem = llm.engine.memory()
             if name == "float32":
                 base_ppl, base_greedy = ppl, tokens

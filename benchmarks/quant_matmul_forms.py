@@ -2,7 +2,7 @@
 one decoder layer, run for 30 layers (separate weight arrays per layer, one compiled layer, as the
 engine's per-layer loop runs them), at a few batch sizes, each form timed interleaved with float32.
 
-    python benchmarks/quant_matmul_forms.py [--rows 1 8 32] [--rounds 5]
+    python benchmarks/quant_matmul_forms.py [--rows 1 8 32] [--rounds 5] [--layers 30]
     XLA_FLAGS=--xla_cpu_use_xnnpack=true python benchmarks/quant_matmul_forms.py   # a flag's effect
 
 Forms (W = values * scale + offset per group of G inputs, `jaxinfer.quantization`):
@@ -97,13 +97,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=L)
     ap.add_argument("--forms", nargs="+", default=["dequant", "reduce", "group_dot", "native"])
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    weights = {None: [make_layer(rng, None) for _ in range(L)], 8: [make_layer(rng, 8) for _ in range(L)],
-               4: [make_layer(rng, 4) for _ in range(L)]}
+    layers = args.layers
+    weights = {None: [make_layer(rng, None) for _ in range(layers)], 8: [make_layer(rng, 8) for _ in range(layers)],
+               4: [make_layer(rng, 4) for _ in range(layers)]}
     variants = [("f32", None)] + [(f, b) for b in (8, 4) for f in args.forms]
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {L} layers of SmolLM2 projections")
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {layers} layers of SmolLM2 projections")
     for rows in args.rows:
         x0 = jnp.asarray(rng.normal(size=(rows, D)).astype(np.float32))
         fns = {v: jax.jit(functools.partial(layer, v[0], v[1], 32)) for v in variants}
@@ -114,16 +116,17 @@ def main():
             for v, fn in fns.items():  # interleaved
                 t0 = time.perf_counter()
                 x = x0
-                for i in range(L):
+                for i in range(layers):
                     x = fn(x, weights[v[1]][i])
                 x.block_until_ready()
                 times[v].append(time.perf_counter() - t0)
         base = statistics.median(times[("f32", None)])
+        print(f"\n| rows | form | ms / {layers}-layer step | vs f32 | GB/s of stored weights |\n|---|---|---|---|---|")
         for v in variants:
             t = statistics.median(times[v])
             gbs = stored_bytes(weights[v[1]]) / t / 1e9
             name = "f32" if v[1] is None else f"int{v[1]} {v[0]}"
-            print(f"rows {rows:3d}  {name:18s} {t * 1e3:7.2f} ms/step  {base / t:5.2f}x f32  {gbs:5.1f} GB/s read")
+            print(f"| {rows} | {name} | {t * 1e3:.2f} | {base / t:.2f}x | {gbs:.1f} |")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from checkpoints.gguf_blocks import EXACT_TYPES, decode
 from checkpoints.stacking import stack_per_layer
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
-from jaxinfer.quantization import (DEFAULT_GROUP, GROUP_AXIS, QTensor, QuantSpec, WeightQuant, merge_layers, quantize,
+from jaxinfer.quantization import (GROUP_AXIS, QTensor, QuantSpec, WeightQuant, float_group, merge_layers, quantize,
                                    quantized_names, to_params)
 
 logger = logging.getLogger(__name__)
@@ -295,9 +295,9 @@ class GGUFFile:
                 suffix, shape, convert = per_layer[name]
                 tensors = []
                 for i in range(L):
-                    # a float wo quantized per channel gets one scale per head (its groups stay in a head)
+                    # a float wo's groups stay inside a head (per channel: one scale per head)
                     t = self._qtensor(f"blk.{i}.{suffix}", shape, quantization,
-                                      group=cfg.head_dim if name == "wo" and quantization == "int8" else None)
+                                      group_axis=cfg.head_dim if name == "wo" else None)
                     if name == "wo" and cfg.head_dim % t.group:  # wo's groups run within a head
                         raise UnsupportedModelError(
                             f"{self.path}: blk.{i}.{suffix} has {t.group}-wide groups, wider than a head "
@@ -318,11 +318,12 @@ class GGUFFile:
         spec = QuantSpec(method=quantization, weights=tuple(weights)) if quantization else None
         return params, spec
 
-    def _qtensor(self, name: str, shape: tuple[int, int], method: str, group: int | None = None) -> QTensor:
+    def _qtensor(self, name: str, shape: tuple[int, int], method: str, group_axis: int | None = None) -> QTensor:
         """A tensor in torch layout [out, in] as quantized groups along `in`: the file's own blocks
         where its type has an exact int4/int8 form (4-bit types stay int4 even under "int8"'s
         containers, 5-8-bit types stay int8 under "int4"); float tensors quantized round-to-nearest
-        to `method` in groups of `group` (default: DEFAULT_GROUP's)."""
+        to `method` in groups of `quantization.float_group` for an input axis of `group_axis` (default:
+        the whole input axis)."""
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
         tensor = self.tensors[name]
@@ -335,7 +336,8 @@ class GGUFFile:
         if type_name in ("F32", "F16", "BF16"):
             bits = 8 if method == "int8" else 4
             try:
-                return quantize(self._tensor(name, shape), bits=bits, group=group or DEFAULT_GROUP[method], axis=1)
+                group = float_group(method, group_axis or shape[1])
+                return quantize(self._tensor(name, shape), bits=bits, group=group, axis=1)
             except ValueError as e:
                 raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}; or load with quantization=None") \
                     from None

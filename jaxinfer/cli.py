@@ -23,7 +23,7 @@ def _status(message: str) -> None:
 QUANTIZATION_HELP = ("int8 / int4: weights kept quantized in memory, dequantized inside the matmul (a GGUF's own "
                      "blocks exactly; float checkpoints quantized at load)")
 KV_CACHE_DTYPE_HELP = ("int8 / fp8: 8-bit KV pages with a scale per token and head, about twice the tokens of "
-                       "bfloat16 per byte (reference attention backend); auto: the model's dtype")
+                       "bfloat16 per byte; auto: the model's dtype")
 
 
 def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:

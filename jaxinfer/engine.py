@@ -45,7 +45,6 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.data_parallel import DataParallelScheduler
 from jaxinfer.engine_config import (  # noqa: F401 (EngineConfig and set_compilation_cache re-exported)
     DEFAULT_PAGE_SIZE,
-    KV8_NEEDS_REFERENCE,
     SP_NEEDS_REFERENCE,
     EngineConfig,
     kv_cache_budget,
@@ -107,8 +106,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = min(sched.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         device = jax.local_devices()[0]  # in a multi-process run jax.devices()[0] may live on another host
-        if cache.kv_cache_dtype != "auto" and ops.resolve_backend(comp.attention_backend) != "reference":
-            raise InvalidRequestError(KV8_NEEDS_REFERENCE)
+        if (kv8_error := ops.kv_cache_dtype_error(cache.kv_cache_dtype, comp.attention_backend, device)) is not None:
+            raise InvalidRequestError(kv8_error)
         page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,

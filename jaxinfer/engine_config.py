@@ -24,10 +24,6 @@ SP_NEEDS_REFERENCE = ("sequence_parallel_size > 1 needs attention_backend='refer
                        "return the log-sum-exp that combines the sequence shards yet")
 
 
-KV8_NEEDS_REFERENCE = ("kv_cache_dtype 'int8' / 'fp8' runs on attention_backend='reference' (the Pallas kernels do not "
-                       "read 8-bit pages yet); choose that backend or kv_cache_dtype='auto'")
-
-
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise InvalidRequestError(msg)
@@ -209,8 +205,6 @@ class EngineConfig:
                    "sequence_parallel_size > 1 together with data_parallel_size > 1 is not supported: use one")
             # "auto" is checked on the device, when the engine is built
             _check(self.compile.attention_backend in ("auto", "reference"), SP_NEEDS_REFERENCE)
-        if self.cache.kv_cache_dtype != "auto":  # "auto" is checked on the device, when the engine is built
-            _check(self.compile.attention_backend in ("auto", "reference"), KV8_NEEDS_REFERENCE)
             _check(self.scheduling.max_num_batched_tokens % sp == 0,
                    f"max_num_batched_tokens ({self.scheduling.max_num_batched_tokens}) must be a multiple of "
                    f"sequence_parallel_size ({sp}): each step's tokens split evenly")

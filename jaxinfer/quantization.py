@@ -25,6 +25,7 @@ All of this is host-side numpy, run once at load; the device only ever dequantiz
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -86,6 +87,23 @@ class QuantSpec:
     @staticmethod
     def from_dict(raw: dict) -> QuantSpec:
         return QuantSpec(method=raw["method"], weights=tuple(WeightQuant(**w) for w in raw["weights"]))
+
+
+def float_group(method: str, n: int) -> int:
+    """The group size for quantizing a float weight whose grouped axis has `n` inputs: per channel
+    (all n) for int8; for int4 DEFAULT_GROUP's 32, or the largest power of two below it that
+    divides n (small test models), at least 8.
+
+    Raises:
+      ValueError: no group of 8 or more divides n.
+    """
+    group = DEFAULT_GROUP[method]
+    if group is None:
+        return n
+    group = math.gcd(group, n)
+    if group < 8:
+        raise ValueError(f"no int4 group of 8 to {DEFAULT_GROUP[method]} inputs divides the axis ({n}); use int8")
+    return group
 
 
 def check_method(method: str | None) -> str | None:
@@ -253,7 +271,7 @@ def quantize_params(cfg, weights: dict, method: str, *, progress: bool = True) -
     from tqdm.auto import tqdm
 
     check_method(method)
-    bits, group = (8 if method == "int8" else 4), DEFAULT_GROUP[method]
+    bits = 8 if method == "int8" else 4
     names = quantized_names(cfg)
     out = {k: v for k, v in weights.items() if k.removeprefix("layers.") not in names}
     specs = []
@@ -264,13 +282,15 @@ def quantize_params(cfg, weights: dict, method: str, *, progress: bool = True) -
             if name in LAYER_WEIGHTS:
                 stacked = weights[f"layers.{name}"]
                 layers = []
+                group = float_group(method, stacked.shape[axis + 1])
                 for i in range(stacked.shape[0]):
                     layers.append(quantize(np.asarray(stacked[i], np.float32), bits=bits, group=group, axis=axis))
                     bar.update()
                 wq, arrays = to_params(name, merge_layers(layers, bits, axis), axis + 1)
                 out |= {f"layers.{k}": v for k, v in arrays.items()}
             else:
-                t = quantize(np.asarray(weights[name], np.float32), bits=bits, group=group, axis=axis)
+                w = np.asarray(weights[name], np.float32)
+                t = quantize(w, bits=bits, group=float_group(method, w.shape[axis]), axis=axis)
                 bar.update()
                 wq, arrays = to_params(name, t, axis)
                 out |= arrays

@@ -1,14 +1,26 @@
 """A KV cache stored in 8 bits: int8 (or float8 e4m3) values with a float32 scale per token and KV head.
 
     values [L, P, page_size, K, H]  int8 / float8_e4m3fn
-    scale  [L, P, page_size, K]     float32:  key[..., h] = values[..., h] * scale[...]
+    scale  [L, P, 1, K, page_size]  float32:  key[p, t, k, h] = values[p, t, k, h] * scale[p, 0, k, t]
 
 `write_kv` quantizes each new token's key and value per KV head (absmax / qmax, rounded to the
 nearest step, clipped), and writes values and scale to the same slot; attention dequantizes what it
 gathers (the jnp reference through `QuantizedPages.__getitem__`, so gathering a page from it reads
-8-bit values and gives float keys). One scale per token and head keeps a page's tokens
-independent: a prefix-cached page, a preempted request's recomputed page and a page written one
-token at a time hold exactly what they would hold written any other way.
+8-bit values and gives float keys [.., page_size, K, H]). One scale per token and head keeps a
+page's tokens independent: a prefix-cached page, a preempted request's recomputed page and a page
+written one token at a time hold exactly what they would hold written any other way.
+
+The scales of a page are stored as a [K, page_size] tile, the page's tokens on the minor axis:
+  * a TPU tiles the two minor axes of an array by (8, 128). Stored [page_size, K], a token's K
+    scales would take a whole 128-lane row (512 bytes: as many as its 8-bit values at K = 4,
+    H = 128), and the Mosaic kernel would copy such rows for every KV head. [K, page_size] pads K
+    to whole 8-sublane tiles and page_size to 128 lanes (8 bytes a token and head at page_size
+    64), and one KV head's scales of a page are one [1, page_size] row: keys on lanes, as the
+    kernel's scores [queries, keys] hold them.
+  * the GPU kernel gathers one KV head's scales of consecutive tokens from consecutive addresses.
+  * the unit axis keeps K fourth, where the values have it, so every sharding rule written for
+    [L, P, page, K, H] places the scales with their values (axis i of the scale splits like axis i
+    of the values: `sharding.attention.cache_specs`, `sharding.rules.kv_cache_sharding`).
 
 Queries, keys and values are rotated by a fixed orthogonal matrix before the 8-bit pages (and the
 output rotated back, `rotation`): attention is unchanged, but a key channel of outsized values no
@@ -40,13 +52,27 @@ def _qmax(dtype) -> float:
     return 127.0 if jnp.dtype(dtype) == jnp.int8 else float(jnp.finfo(dtype).max)
 
 
+def scale_shape(shape) -> tuple:
+    """The scale array of 8-bit pages of `shape` [..., P, page_size, K, H]: [..., P, 1, K, page_size]."""
+    *lead, page_size, K, _ = shape
+    return (*lead, 1, K, page_size)
+
+
+def _leading(index, num_axes: int) -> tuple:
+    """`index` as a tuple of at most `num_axes` entries (a bare index is one)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > num_axes or any(i is Ellipsis or i is None for i in index):
+        raise IndexError(f"8-bit pages are indexed on their {num_axes} leading (layer / page) axes only, got {index}")
+    return index
+
+
 @flax.struct.dataclass
 class QuantizedPages:
     """8-bit KV pages and their per-token, per-head scales; indexed like the float pages they stand
     for (`pages[layer, page_ids]` gathers values and scales and returns float keys)."""
 
     values: jax.Array  # [..., P, page_size, K, H] 8-bit
-    scale: jax.Array  # [..., P, page_size, K] SCALE_DTYPE
+    scale: jax.Array  # [..., P, 1, K, page_size] SCALE_DTYPE (the module docstring says why)
     compute_dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=jnp.float32)
 
     @property
@@ -62,14 +88,17 @@ class QuantizedPages:
         return jnp.dtype(self.compute_dtype)
 
     def __getitem__(self, index) -> jax.Array:
-        """Dequantized pages at `index` (which indexes leading axes only, never the head dim)."""
+        """Dequantized pages at `index`, which indexes the axes before the page's slots only
+        (layer and page of a stacked cache, page of one layer's): [..., page_size, K, H]."""
+        index = _leading(index, self.ndim - 3)
         values = self.values[index].astype(jnp.float32)
-        return (values * self.scale[index][..., None].astype(jnp.float32)).astype(self.compute_dtype)
+        scale = jnp.swapaxes(self.scale[index][..., 0, :, :], -1, -2)  # [..., page_size, K]
+        return (values * scale[..., None].astype(jnp.float32)).astype(self.compute_dtype)
 
     @classmethod
     def zeros(cls, shape, kv_cache_dtype: str, compute_dtype) -> QuantizedPages:
-        return cls(values=jnp.zeros(shape, storage_dtype(kv_cache_dtype)), scale=jnp.ones(shape[:-1], SCALE_DTYPE),
-                   compute_dtype=jnp.dtype(compute_dtype))
+        return cls(values=jnp.zeros(shape, storage_dtype(kv_cache_dtype)),
+                   scale=jnp.ones(scale_shape(shape), SCALE_DTYPE), compute_dtype=jnp.dtype(compute_dtype))
 
 
 def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -88,9 +117,14 @@ def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 
 
 def write_quantized(pages: QuantizedPages, x: jax.Array, index) -> QuantizedPages:
-    """`pages` with rows `x` [T, K, H] quantized and scattered to `index` (leading-axis indices)."""
+    """`pages` with rows `x` [T, K, H] quantized and scattered to `index`: indices of the leading
+    axes down to the page's slot ((page, slot) or (layer, page, slot), each [T] or a scalar)."""
+    index = _leading(index, pages.ndim - 2)
     values, scale = quantize_kv(x, pages.values.dtype)
-    return pages.replace(values=pages.values.at[index].set(values), scale=pages.scale.at[index].set(scale))
+    # (.., page, slot) -> (.., page, 0, :, slot): the advanced indices are split by the slice, so
+    # the target is [T, K], the shape of `scale`
+    scale_index = (*index[:-1], 0, slice(None), index[-1])
+    return pages.replace(values=pages.values.at[index].set(values), scale=pages.scale.at[scale_index].set(scale))
 
 
 def bytes_per_token_head(head_dim: int, kv_cache_dtype: str, model_dtype) -> int:

@@ -24,6 +24,10 @@ product, and the logit scale stays the model's head dim.
 `decode_attention_by_pages` (decode steps as (sequence, page-group) work items) is the reference
 path's decode specialisation; the kernels take decode steps through `ragged_paged_attention`
 with q_block=1 (`uses_decode_items`).
+
+8-bit caches (`kv_quant.QuantizedPages`) work on every backend: `write_kv` quantizes, the
+reference dequantizes the pages it gathers, and the kernels are handed the values and the scales
+as separate arrays and dequantize in registers (GPU) or VMEM (TPU).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from pallas_kernels.kv_quant import QuantizedPages, write_quantized
 from pallas_kernels.paged_attention_reference import (decode_attention_by_pages as _decode_reference,
                                                      ragged_paged_attention_reference, write_kv as _write_kv)
 
-__all__ = ["BACKENDS", "check_backend_name", "decode_attention_by_pages", "kv_cache_head_dim", "ragged_paged_attention",
-           "resolve_backend", "uses_decode_items", "write_kv"]
+__all__ = ["BACKENDS", "check_backend_name", "decode_attention_by_pages", "kv_cache_dtype_error", "kv_cache_head_dim",
+           "ragged_paged_attention", "resolve_backend", "uses_decode_items", "write_kv"]
 
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu", "pallas_gpu")
 
@@ -68,6 +72,20 @@ def uses_decode_items(backend: str = "auto") -> bool:
     return resolve_backend(backend) == "reference"
 
 
+def kv_cache_dtype_error(kv_cache_dtype: str, backend: str, device) -> str | None:
+    """Why `backend` cannot read `kv_cache_dtype` pages on `device` (None: it can). Every backend
+    reads int8 and fp8 pages, except the Triton kernel compiled for a GPU before compute capability
+    8.9 (Ada, Hopper): Triton converts float8 e4m3 only from there on."""
+    if kv_cache_dtype != "fp8" or device.platform != "gpu" or resolve_backend(backend, "gpu") != "pallas_gpu":
+        return None
+    major, _, minor = str(getattr(device, "compute_capability", "")).partition(".")
+    if major.isdigit() and minor.isdigit() and (int(major), int(minor)) < (8, 9):
+        return (f"kv_cache_dtype='fp8' on attention_backend='pallas_gpu' needs a GPU of compute capability >= 8.9 "
+                f"(Triton converts float8 e4m3 from there on; this one is {device.compute_capability}): use "
+                "kv_cache_dtype='int8', or attention_backend='reference'")
+    return None
+
+
 def kv_cache_head_dim(head_dim: int, backend: str = "auto") -> int:
     """Lanes per KV head in the cache: the head dim padded to what the kernel tiles."""
     impl = resolve_backend(backend)
@@ -93,24 +111,24 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, layer=None):
     return _write_kv(k_cache, v_cache, k, v, slot_mapping, layer=layer)
 
 
-def _check_pages(k_cache, impl: str) -> None:
-    if isinstance(k_cache, QuantizedPages) and impl != "reference":
-        raise ValueError(f"8-bit KV pages are read by the reference backend only, not {impl!r}")
-
-
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            sm_scale: float | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
                            backend: str = "auto") -> jax.Array:
     impl = resolve_backend(backend)
-    _check_pages(k_cache, impl)
     H = q.shape[-1]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
-    args = (_pad_lanes(q, k_cache.shape[-1]), k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs)
+    q = _pad_lanes(q, k_cache.shape[-1])
     common = dict(layer=layer, sliding_window=sliding_window, soft_cap=soft_cap, sm_scale=sm_scale)
     if impl == "reference":
-        out = ragged_paged_attention_reference(*args, q_block=q_block, max_prefill_seqs=max_prefill_seqs, **common)
-    elif impl == "pallas_tpu":
+        out = ragged_paged_attention_reference(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs,
+                                               q_block=q_block, max_prefill_seqs=max_prefill_seqs, **common)
+        return out[..., :H]
+    if isinstance(k_cache, QuantizedPages):  # the kernels read 8-bit values and their scales separately
+        common.update(k_scale=k_cache.scale, v_scale=v_cache.scale)
+        k_cache, v_cache = k_cache.values, v_cache.values
+    args = (q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs)
+    if impl == "pallas_tpu":
         from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 
         out = ragged_paged_attention_tpu(*args, q_block=q_block, max_prefill_seqs=max_prefill_seqs,

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 TARGET = "jaxinfer_quantized_matmul"
 MAX_ROWS = 16  # larger steps: XLA's dequantize-then-dot wins (docs/BENCHMARKS.md)
+THREADS = int(os.environ.get("JAXINFER_NATIVE_THREADS", os.cpu_count() or 1))
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantized_matmul_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -100,5 +101,5 @@ def quantized_matmul_cpu(x, values, scale, offset=None, *, bits: int, transpose:
     off = offset.astype(jnp.float32) if has_offset else jnp.zeros((1, 1), jnp.float32)
     y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(
         x2, values, scale.astype(jnp.float32), off, bits=np.int64(bits), group=np.int64(K // groups),
-        transpose=np.int64(transpose), has_offset=np.int64(has_offset), threads=np.int64(os.cpu_count() or 1))
+        transpose=np.int64(transpose), has_offset=np.int64(has_offset), threads=np.int64(THREADS))
     return y.reshape(*x.shape[:-1], N).astype(out_dtype)

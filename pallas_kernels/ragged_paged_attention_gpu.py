@@ -15,6 +15,21 @@ Each block of keys is gathered token by token straight from the stacked [L, P, p
 past the sequence's keys are masked off (neither read nor weighed: unused slots may hold
 anything, NaN included). Softmax is online, in f32.
 
+8-bit pages (`kv_quant.QuantizedPages`) come as two inputs each: the int8 / float8 e4m3 values,
+gathered as above, and their f32 scales [L, P, 1, K, page], gathered at the same (layer, page,
+slot, kv head) positions, one per key of the block ([Bk], consecutive slots at consecutive
+addresses). The values convert exactly to q's dtype (|int8| <= 127 and e4m3's 4-bit significands
+are bf16 values), and the scales multiply the dots' [R, Bk] sides, where key t is column t,
+rather than the [Bk, H] keys and values:
+
+    s = (q . k_t) * k_scale_t * sm_scale       acc += sum_t (p_t * v_scale_t) v_t
+
+which is the reference's q . (k_t * k_scale_t) and sum_t p_t (v_t * v_scale_t) with R * Bk
+products instead of Bk * H (R is 16 rows for a decode, H 64 to 256), and f32 scores at least as
+accurate as the reference's (which rounds the dequantized keys to the compute dtype). Masked-off
+keys' scales are loaded as 0, as their values are. Triton converts e4m3 on compute capability
+>= 8.9 only (`ops.kv_cache_dtype_error`).
+
 A mixed batch runs the kernel twice, decodes one token per block and prefill chunks q_block
 tokens per block, so a decode's block is not padded to a prefill's rows (measured on an H100,
 64 decodes at 2k context plus two 256-token chunks: see docs/BENCHMARKS.md).
@@ -33,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kv_quant import scale_shape
 from pallas_kernels.paged_attention_reference import block_layouts
 from pallas_kernels.ragged_blocks import QueryBlocks, pack_queries, unpack_outputs
 
@@ -59,8 +75,9 @@ def choose_num_splits(programs: int, max_kv_blocks: int, target_programs: int = 
 
 
 def _kernel(seq_ref, first_pos_ref, num_rows_ref, kv_len_ref, layer_ref, window_ref, page_table_ref, q_ref, k_ref,
-            v_ref, o_ref, lse_ref, *, page_size, block_kv, group, sm_scale, soft_cap, windowed, num_splits, stacked,
+            v_ref, *refs, page_size, block_kv, group, sm_scale, soft_cap, windowed, num_splits, stacked, quantized,
             precision):
+    ks_ref, vs_ref, o_ref, lse_ref = refs if quantized else (None, None, *refs)
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     window = window_ref[0] if windowed else None  # data: one compiled kernel serves every window
     seq, first, kv_len = seq_ref[b], first_pos_ref[b], kv_len_ref[b]
@@ -80,13 +97,21 @@ def _kernel(seq_ref, first_pos_ref, num_rows_ref, kv_len_ref, layer_ref, window_
         acc, m, l = carry
         t = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # [Bk] key positions
         valid = t < kv_end
-        page = page_table_ref[seq, jnp.minimum(t // page_size, max_pages - 1)][:, None]
-        slot = (t % page_size)[:, None]
+        page = page_table_ref[seq, jnp.minimum(t // page_size, max_pages - 1)]  # [Bk]
+        slot = t % page_size
         lanes = jnp.arange(H, dtype=jnp.int32)[None, :]  # integer indices throughout: a [Bk, H] gather
-        index = (layer_ref[0], page, slot, kh, lanes) if stacked else (page, slot, kh, lanes)
+        lead = (layer_ref[0],) if stacked else ()
+        index = (*lead, page[:, None], slot[:, None], kh, lanes)
         k = plgpu.load(k_ref.at[index], mask=valid[:, None], other=0.0)  # [Bk, H]
         v = plgpu.load(v_ref.at[index], mask=valid[:, None], other=0.0)
+        if quantized:  # the same tokens' scales, [L, P, 1, K, page] at (layer, page, 0, kh, slot): [Bk]
+            scale_index = (*lead, page, 0, kh, slot)
+            k_scale = plgpu.load(ks_ref.at[scale_index], mask=valid, other=0.0)
+            v_scale = plgpu.load(vs_ref.at[scale_index], mask=valid, other=0.0)
+            k, v = k.astype(jnp.float32).astype(q.dtype), v.astype(jnp.float32).astype(q.dtype)  # exact
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [R, Bk] f32
+        if quantized:
+            s = s * k_scale[None, :]  # q . (k * scale_t) = (q . k) * scale_t: key t is column t
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = valid[None, :] & (t[None, :] <= row_pos[:, None])
@@ -97,7 +122,8 @@ def _kernel(seq_ref, first_pos_ref, num_rows_ref, kv_len_ref, layer_ref, window_
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         l = alpha * l + p.sum(axis=1)
-        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        weights = p * v_scale[None, :] if quantized else p  # sum_t p_t (v_t * scale_t)
+        acc = alpha[:, None] * acc + plgpu.dot(weights.astype(v.dtype), v, precision=precision)
         return acc, m_new, l
 
     init = (jnp.zeros((R, H), jnp.float32), jnp.full((R,), NEG, jnp.float32), jnp.zeros((R,), jnp.float32))
@@ -117,15 +143,18 @@ def _combine_splits(o, lse):
 
 
 def attend_blocks_gpu(blocks: QueryBlocks, k_cache, v_cache, page_table, layer, *, sliding_window, sm_scale,
-                      soft_cap, block_kv: int, num_splits: int, num_warps: int, num_stages: int, interpret: bool):
-    """The kernel over packed query blocks -> [NB, K, R, H] in q's dtype."""
+                      soft_cap, block_kv: int, num_splits: int, num_warps: int, num_stages: int, interpret: bool,
+                      k_scale=None, v_scale=None):
+    """The kernel over packed query blocks -> [NB, K, R, H] in q's dtype (8-bit caches: with their
+    scales `k_scale`, `v_scale`)."""
     NB, K, R, H = blocks.q.shape
     page_size = k_cache.shape[-3]
     stacked = k_cache.ndim == 5
+    quantized = k_scale is not None
     group = R // blocks.dest.shape[1]
     kernel = functools.partial(
         _kernel, page_size=page_size, block_kv=block_kv, group=group, sm_scale=sm_scale, soft_cap=soft_cap,
-        windowed=sliding_window is not None, num_splits=num_splits, stacked=stacked,
+        windowed=sliding_window is not None, num_splits=num_splits, stacked=stacked, quantized=quantized,
         # HIGHEST: IEEE f32 dots for f32 (not TF32), and the native bf16 MMA for bf16. The default
         # asks Triton for TF32 input precision, which with bf16 operands gave wrong results on H100.
         precision=jax.lax.Precision.HIGHEST)
@@ -134,7 +163,8 @@ def attend_blocks_gpu(blocks: QueryBlocks, k_cache, v_cache, page_table, layer, 
     o, lse = pl.pallas_call(
         kernel,
         grid=(NB, K, num_splits),
-        in_specs=[whole] * 7 + [pl.BlockSpec((None, None, R, H), lambda b, h, s: (b, h, 0, 0)), whole, whole],
+        in_specs=[whole] * 7 + [pl.BlockSpec((None, None, R, H), lambda b, h, s: (b, h, 0, 0))]
+        + [whole] * (4 if quantized else 2),
         out_specs=[pl.BlockSpec((None, None, None, R, H), lambda b, h, s: (s, b, h, 0, 0)),
                    pl.BlockSpec((None, None, None, R), lambda b, h, s: (s, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((num_splits, NB, K, R, H), out_dtype),
@@ -144,7 +174,7 @@ def attend_blocks_gpu(blocks: QueryBlocks, k_cache, v_cache, page_table, layer, 
         name=f"ragged_paged_attention_bq{R // group}_bkv{block_kv}",
     )(blocks.seq, blocks.first_pos, blocks.num_rows, blocks.kv_len, jnp.asarray(layer, jnp.int32).reshape(1),
       jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32).reshape(1), page_table, blocks.q,
-      k_cache, v_cache)
+      k_cache, v_cache, *((k_scale, v_scale) if quantized else ()))
     if num_splits == 1:
         return o[0]
     return _combine_splits(o, lse).astype(blocks.q.dtype)
@@ -154,11 +184,14 @@ def ragged_paged_attention_gpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
                                sliding_window=None, sm_scale: float | None = None,
                                soft_cap: float | None = None, q_block: int = 16, max_prefill_seqs: int | None = None,
                                block_kv: int = 64, num_splits: int | None = None, num_warps: int | None = None,
-                               num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                               num_stages: int = 2, interpret: bool = False, k_scale=None,
+                               v_scale=None) -> jax.Array:
     """Causal GQA attention of a ragged batch over paged K/V, on the GPU kernel.
 
     Arguments as `paged_attention_reference.ragged_paged_attention_reference` (q [T, N, H]; caches
-    [P, page, K, H] or [L, P, page, K, H] read at `layer`). With q_block == 1 every token is a
+    [P, page, K, H] or [L, P, page, K, H] read at `layer`; 8-bit caches hold int8 / float8 values
+    and come with their scales `k_scale`, `v_scale` [P, 1, K, page] or [L, P, 1, K, page], the
+    `kv_quant.QuantizedPages` layout). With q_block == 1 every token is a
     block (decode steps). With q_block > 1 the kernel runs twice: once for the sequences with one
     query (decodes, one token per block: a decode never pays for q_block rows) and once for those
     with more, in blocks of q_block tokens (at most `max_prefill_seqs` such sequences; None: any).
@@ -177,6 +210,9 @@ def ragged_paged_attention_gpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
         raise ValueError(f"the GPU kernel needs a power-of-two head dim >= 16, got {H} (pad the cache)")
     if N % K:
         raise ValueError(f"{N} query heads are not a multiple of {K} KV heads")
+    if (k_scale is None) != (v_scale is None) or (k_scale is not None and (
+            k_scale.shape != scale_shape(k_cache.shape) or v_scale.shape != scale_shape(v_cache.shape))):
+        raise ValueError("8-bit caches need both scales, shaped as kv_quant.scale_shape of their values")
     if block_kv & (block_kv - 1) or block_kv < MIN_DOT_ROWS:
         # Both dots have block_kv as a dimension; below 16 the bf16 MMA path computes garbage.
         raise ValueError(f"block_kv must be a power of two >= {MIN_DOT_ROWS}, got {block_kv}")
@@ -191,6 +227,7 @@ def ragged_paged_attention_gpu(q, k_cache, v_cache, kv_lens, page_table, cu_q_le
             blocks, k_cache, v_cache, page_table, 0 if layer is None else layer, sliding_window=sliding_window,
             sm_scale=H ** -0.5 if sm_scale is None else sm_scale, soft_cap=soft_cap, block_kv=block_kv,
             num_splits=num_splits or choose_num_splits(NB * K, max_kv_blocks),
-            num_warps=num_warps or (4 if R <= 64 else 8), num_stages=num_stages, interpret=interpret)
+            num_warps=num_warps or (4 if R <= 64 else 8), num_stages=num_stages, interpret=interpret,
+            k_scale=k_scale, v_scale=v_scale)
         out = unpack_outputs(part, blocks, T, N, q.dtype, into=out)
     return out

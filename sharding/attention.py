@@ -18,11 +18,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxinfer.paged_attention import PagedKVCache
+from pallas_kernels.kv_quant import QuantizedPages, rotate
 
 
 def cache_specs(kv_cache: PagedKVCache, axes: tuple):
     """PartitionSpecs of every array of the cache: `axes` names [L, P, page, K, H]; an 8-bit
-    cache's scales [L, P, page, K] take the first four."""
+    cache's scales [L, P, 1, K, page] have K where the values have it, and take the same names."""
     return jax.tree.map(lambda x: P(*axes[:x.ndim]), kv_cache)
 
 
@@ -81,6 +82,9 @@ def seq_parallel_attend(mesh: Mesh):
         s = lax.axis_index("seq")
         sliding_window = sliding_window if windowed else None
         q_all, k_all, v_all = (lax.all_gather(x, "seq", axis=1, tiled=True)[0] for x in (q, k, v))
+        quantized = isinstance(kv_cache.k, QuantizedPages)
+        if quantized:  # as paged_attend: 8-bit pages hold rotated heads
+            q_all, k_all, v_all = rotate(q_all), rotate(k_all), rotate(v_all)
         P_local, page_size = kv_cache.k.shape[1], kv_cache.k.shape[2]  # (8-bit pages report their values' shape)
         first_page = s * P_local
         page = meta.slot_mapping // page_size - first_page
@@ -96,6 +100,8 @@ def seq_parallel_attend(mesh: Mesh):
         w = jnp.where(lse > NEG_LSE / 2, jnp.exp(lse - m), 0.0)
         num, den = lax.psum(w[..., None] * out, "seq"), lax.psum(w, "seq")
         full = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+        if quantized:
+            full = rotate(full, transpose=True)
         T_local = q.shape[1]
         mine = lax.dynamic_slice_in_dim(full, s * T_local, T_local, axis=0)
         return mine[None].astype(q.dtype), PagedKVCache(k=new_k, v=new_v)

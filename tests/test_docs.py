@@ -87,6 +87,7 @@ COVERAGE = [
     (r"make chat", [THIS + "test_make_chat_answers_from_stdin"]),
     (r"make bench", [THIS + "test_make_targets_run_what_the_docs_say", THIS + "test_benchmark_commands_run"]),
     (r"make bench-llamacpp", [THIS + "test_make_targets_run_what_the_docs_say"]),  # builds llama.cpp: not in CI
+    (r"make bench-quality", [THIS + "test_make_targets_run_what_the_docs_say"]),  # half an hour: not in CI
     (r"make fixtures", [THIS + "test_make_targets_run_what_the_docs_say",
                         THIS + "test_fixture_script_made_the_committed_fixtures"]),
     (r"(python )?server\.py( --model smollm2-135m .*)?", [THIS + "test_make_run_serves_the_readme_client_and_benchmark",
@@ -108,6 +109,8 @@ COVERAGE = [
      r"jaxinfer chat --model /path/to/model\.gguf|\.venv/bin/jaxinfer generate .* --model gemma3-270m",
      [THIS + "test_readme_cli_commands_as_written",
       "tests/test_cli.py::test_generate_compiles_on_first_use_unless_warmup_is_asked"]),
+    (r"jaxinfer convert smollm2-135m \./smollm2-int4 --quantization int4|jaxinfer generate .* --quantization int4 "
+     r"--kv-cache-dtype int8", [THIS + "test_readme_quantized_convert_and_generate"]),
     (r"jaxinfer convert( .*)?|jaxinfer chat --model \./smollm2-orbax .*", [THIS + "test_readme_convert_then_chat"]),
     (r"scripts/tpu_vm/create\.sh .*--dry-run", ["tests/test_tpu_vm_scripts.py::test_readme_dry_run_as_written"]),
     (r"scripts/tpu_vm/\w+\.sh( --zone \$Z.*)?", ["tests/test_tpu_vm_scripts.py::test_tpu_md_walkthrough_as_written"]),
@@ -115,11 +118,15 @@ COVERAGE = [
     # the kernels notebook runs it with --small --iters 2 (its shapes are sized for an accelerator)
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
-    (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|bench_(generate|compile|sampler))\.py.*",
+    (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|quality|quant_matmul_forms|"
+     r"bench_(generate|compile|sampler))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
     (r"from jaxinfer import LLM, SamplingParams\n.*", [THIS + "test_readme_python_api_block"]),
+    (r"llm = LLM\(\"smollm2-135m\", quantization=\"int4\"\).*",
+     ["tests/test_quantization.py::test_int4_smollm2_keeps_the_files_blocks_and_matches_hf",
+      "tests/test_quantization.py::test_int8_kv_smollm2_keeps_hfs_greedy_tokens"]),
     (r"llm = LLM\(\"smollm2-135m\", tensor_parallel_size=8\).*",
      ["tests/test_sharding.py::test_tensor_parallel_smollm2_matches_one_device",
       "tests/test_sharding.py::test_data_and_sequence_parallel_smollm2_match_one_device"]),
@@ -221,6 +228,7 @@ def test_make_targets_run_what_the_docs_say():
     llamacpp = _make_n("bench-llamacpp")  # llama.cpp is built by its own benchmark target, never by make test
     assert "pip install -q llama-cpp-python" in llamacpp and "benchmarks/bench_generate.py" in llamacpp
     assert "llama-cpp-python" not in test
+    assert "benchmarks/quality.py --hf-export" in _make_n("bench-quality")
 
 
 def test_fixture_script_made_the_committed_fixtures():
@@ -343,6 +351,29 @@ def test_readme_convert_then_chat(capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+def test_readme_quantized_convert_and_generate(capsys, monkeypatch, tmp_path):
+    """The quantized orbax checkpoint holds the GGUF's int4 blocks as they are and restores them without
+    quantizing again; generate runs int4 weights with 8-bit KV pages."""
+    import numpy as np
+    from flax import nnx
+
+    from jaxinfer.loader import load_model
+
+    monkeypatch.chdir(tmp_path)
+    _, err = _cli(capsys, _doc("jaxinfer convert smollm2-135m ./smollm2-int4 --quantization int4"))
+    assert "int4 weights" in err
+    restored = load_model("./smollm2-int4", progress=False)
+    direct = load_model("smollm2-135m", progress=False, quantization="int4")
+    assert restored.config.quantization == direct.config.quantization
+    flat = {k: v.get_value() for k, v in nnx.to_flat_state(direct.params)}
+    for key, var in nnx.to_flat_state(restored.params):
+        assert np.array_equal(np.asarray(var.get_value()), np.asarray(flat[key])), key
+    out, err = _cli(capsys, _doc('jaxinfer generate "The capital of France is" --quantization int4 '
+                                 '--kv-cache-dtype int8'))
+    assert "int4 weights" in err and "Paris" in out
+
+
+@pytest.mark.slow
 def test_make_chat_answers_from_stdin():
     _doc("make chat")
     done = subprocess.run(["make", "--no-print-directory", "chat"], cwd=ROOT, env=_make_env(),
@@ -454,6 +485,9 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
                       "--max-model-len", "64", "--rounds", "1"],
     "sharding_report.py": [],  # abstract arrays: as written
     "bench_sampler.py": ["--vocab", "1000", "--batch-sizes", "2", "--iters", "1"],
+    "quality.py": ["--models", "{tiny}", "--problems", "3", "--max-len", "48", "--greedy-prompts", "2",
+                   "--greedy-tokens", "4", "--configs", "float32", "int8 weights", "int8 KV"],
+    "quant_matmul_forms.py": ["--rows", "1", "--rounds", "1", "--layers", "2"],
 }
 
 
@@ -489,5 +523,7 @@ def test_benchmark_commands_run(tmp_path):
     for row in ("async scheduling off", "async scheduling on", "device-only bound"):  # the async columns
         assert re.search(rf"\| {row}[^|]* \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", outputs["throughput.py"]), row
     assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
+    assert re.search(r"\| tiny\.gguf \| int8 KV \| [\d.]+ \| [+-][\d.]+% \| \d/2 \|", outputs["quality.py"])
+    assert re.search(r"\| 1 \| int4 native \| [\d.]+ \| [\d.]+x \|", outputs["quant_matmul_forms.py"])
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \
         outputs["sharding_report.py"]

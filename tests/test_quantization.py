@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -347,11 +348,18 @@ def test_int8_kv_smollm2_keeps_hfs_greedy_tokens(smollm2_hf):
 
 
 def test_bad_kv_cache_dtype_and_backend_are_typed_errors(tiny_llama):
+    from types import SimpleNamespace
+
+    from pallas_kernels import ops
+
     model = load_model(tiny_llama, progress=False)
     with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be one of"):
         make_engine(model, kv_cache_dtype="int4")
-    with pytest.raises(InvalidRequestError, match="attention_backend='reference'"):
-        make_engine(model, kv_cache_dtype="int8", attention_backend="pallas_gpu")
+    # fp8 on the Triton kernel needs compute capability >= 8.9 (an A100 is 8.0; an H100 9.0)
+    a100, h100 = (SimpleNamespace(platform="gpu", compute_capability=c) for c in ("8.0", "9.0"))
+    assert "kv_cache_dtype='int8'" in ops.kv_cache_dtype_error("fp8", "auto", a100)
+    assert ops.kv_cache_dtype_error("fp8", "auto", h100) is None
+    assert ops.kv_cache_dtype_error("int8", "pallas_gpu", a100) is None
 
 
 def test_a_quantized_model_on_the_pallas_backend_gives_the_reference_tokens(tiny_llama, monkeypatch):
@@ -392,3 +400,37 @@ def test_int4_smollm2_under_tensor_parallelism_on_8_devices_matches_hf(smollm2_h
     assert params["wq_scale"].get_value().sharding.spec[2] == "model"  # with wq's heads
     meta = dict(smollm2_hf[0], prompts=smollm2_hf[0]["prompts"][:4])
     assert greedy(llm, meta) == hf_greedy(meta)
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(sequence_parallel_size=2),
+                                      dict(data_parallel_size=2)], ids=["tp2", "sp2", "dp2"])
+def test_int8_kv_under_a_mesh_gives_the_one_device_tokens(tiny_llama, parallel):
+    """8-bit pages and their scales sharded with the cache (heads over `model`, pages over `data` /
+    `seq`); sequence parallelism rotates the heads as the one-device path does."""
+    from jaxinfer.engine import EngineConfig, LLMEngine
+    from jaxinfer.sampling_params import SamplingParams
+    from jaxinfer.testing.engine import TEST_ENGINE_SETTINGS, random_prompts, run
+
+    model = load_model(tiny_llama, progress=False)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    requests = {str(i): (p, params) for i, p in enumerate(random_prompts(model.config, (5, 9, 13), seed=4))}
+    want = run(make_engine(model, kv_cache_dtype="int8"), requests)
+    engine = LLMEngine(model.config, model.graphdef, model.params, model.tokenizer,
+                       EngineConfig.of(**TEST_ENGINE_SETTINGS, kv_cache_dtype="int8", **parallel),
+                       devices=jax.devices()[:2])
+    got = run(engine, requests)
+    for rid in requests:
+        assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids, rid
+
+
+def test_the_server_reports_the_quantization(tiny_llama):
+    import server
+
+    model = load_model(tiny_llama, progress=False, quantization="int4")
+    app = server.create_app(make_engine(model), server.ServerConfig(served_model_name="tiny-int4"))
+    try:
+        card = app.test_client().get("/v1/models").get_json()["data"][0]
+        assert card["id"] == "tiny-int4" and card["quantization"] == "int4"
+    finally:
+        app.extensions["jaxinfer"].drain(timeout=0)
+    assert "--quantization {int8,int4}" in server.build_parser().format_help()

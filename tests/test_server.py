@@ -137,6 +137,7 @@ def test_models_health_and_page(live):
     status, _, body = request(url(live), "GET", "/v1/models", headers=AUTH)
     models = json.loads(body)
     assert status == 200 and models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
+    assert models["data"][0]["quantization"] is None  # float weights
     assert request(url(live), "GET", "/health")[0] == 200
     status, headers, page = request(url(live), "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")

@@ -20,6 +20,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kFuseRows = 4;
+constexpr int64_t kThreadedWeights = int64_t{1} << 19;
 
 template <int BITS>
 void MatmulKN(const float* x, const uint8_t* q, const float* s, const float* o, float* y, int64_t M, int64_t K,
@@ -133,7 +134,9 @@ ffi::Error QuantizedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::B
   const float* sp = scale.typed_data();
   const float* op = has_offset ? offset.typed_data() : nullptr;
   float* yp = y->typed_data();
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(threads, N / 64 > 0 ? N / 64 : 1));
+  // Threads only for big matrices: waking a second thread costs more than a small matvec (measured on
+  // 2 cores: SmolLM2's q/k/v/o projections ran faster on one thread, its MLP and lm_head on two).
+  const int64_t T = K * N < kThreadedWeights ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, N / 64));
   const int64_t chunk = ((N + T - 1) / T + 15) / 16 * 16;
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t t = 0; t < T; ++t) {

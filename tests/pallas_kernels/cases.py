@@ -2,7 +2,8 @@
 
 Every sequence's pages are drawn from a random permutation of the pool, and everything the
 sequences do not own (unused pages, the null page 0, slots past a sequence's end) is NaN, so a
-kernel that reads or weighs a slot it should not gives NaN instead of a small error.
+kernel that reads or weighs a slot it should not gives NaN instead of a small error. In an 8-bit
+case (`quantized`) those slots' scales are NaN.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import ops
+from pallas_kernels.kv_quant import QuantizedPages
 from pallas_kernels.paged_attention_reference import ragged_paged_attention_reference
 
 
 @dataclasses.dataclass
 class Case:
     q: jnp.ndarray  # [T, N, H]
-    k_cache: jnp.ndarray  # [L, P, page, K, H]
-    v_cache: jnp.ndarray
+    k_cache: jnp.ndarray | QuantizedPages  # [L, P, page, K, H]
+    v_cache: jnp.ndarray | QuantizedPages
     kv_lens: jnp.ndarray  # [S]
     page_table: jnp.ndarray  # [S, max_pages]
     cu_q_lens: jnp.ndarray  # [S + 1]
@@ -33,10 +36,19 @@ class Case:
 
     def reference(self, **kw):
         """The jnp reference in f32 on the same (possibly bf16-rounded) inputs, at full matmul
-        precision: the exact answer a kernel is held to, whatever its own dtype."""
-        args = [x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in self.args()]
+        precision: the exact answer a kernel is held to, whatever its own dtype (8-bit pages:
+        dequantized to f32)."""
+        def f32(x):
+            if isinstance(x, QuantizedPages):
+                return x.replace(compute_dtype=jnp.float32)
+            return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
         with jax.default_matmul_precision("highest"):
-            return ragged_paged_attention_reference(*args, layer=self.layer, **kw)
+            return ragged_paged_attention_reference(*map(f32, self.args()), layer=self.layer, **kw)
+
+    def layer_caches(self):
+        """(k, v) of the read layer alone: [P, page, K, H] (for `layer=None`)."""
+        return tuple(jax.tree.map(lambda x: x[self.layer], c) for c in (self.k_cache, self.v_cache))
 
 
 def make_case(*, q_lens, kv_lens, num_heads, num_kv_heads, head_dim, page_size=4, dtype=jnp.float32, seed=0,
@@ -72,6 +84,20 @@ def make_case(*, q_lens, kv_lens, num_heads, num_kv_heads, head_dim, page_size=4
     return Case(q=jnp.asarray(q, dtype), k_cache=jnp.asarray(k_cache, dtype), v_cache=jnp.asarray(v_cache, dtype),
                 kv_lens=jnp.asarray(lens), page_table=jnp.asarray(page_table), cu_q_lens=jnp.asarray(cu),
                 num_seqs=jnp.int32(len(kv_lens)), layer=layer, num_tokens=int(sum(q_lens)))
+
+
+def quantized(case: Case, kv_cache_dtype: str) -> Case:
+    """`case` with 8-bit pages: every slot's key and value written through `ops.write_kv` into
+    `QuantizedPages.zeros`, then the scales of the slots the sequences do not own set to NaN."""
+    L, P, page_size, K, H = case.k_cache.shape
+    k_pages, v_pages = (QuantizedPages.zeros(case.k_cache.shape, kv_cache_dtype, case.q.dtype) for _ in range(2))
+    slots = jnp.arange(P * page_size, dtype=jnp.int32)
+    k, v = (jnp.nan_to_num(x).reshape(L, -1, K, H) for x in (case.k_cache, case.v_cache))
+    for layer in range(L):
+        k_pages, v_pages = ops.write_kv(k_pages, v_pages, k[layer], v[layer], slots, layer=layer)
+    unowned = jnp.isnan(case.k_cache).any(-1).transpose(0, 1, 3, 2)[:, :, None]  # [L, P, 1, K, page] as the scales
+    k_pages, v_pages = (x.replace(scale=jnp.where(unowned, jnp.nan, x.scale)) for x in (k_pages, v_pages))
+    return dataclasses.replace(case, k_cache=k_pages, v_cache=v_pages)
 
 
 def check_close(got, case: Case, want, dtype):

@@ -4,6 +4,7 @@ Mosaic lowering check that need no TPU.
 
 The parameter sets cover each batch kind, GQA ratio (1, 3, 4, 8), head dim (64, 128), dtype,
 cache layout, window, soft cap and block size at least once, rather than their full product.
+8-bit pages are checked against the reference reading the same `QuantizedPages`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_int
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import ops
+from pallas_kernels.kv_quant import QuantizedPages
 from pallas_kernels.ragged_paged_attention_tpu import padded_group, ragged_paged_attention_tpu
-from tests.pallas_kernels.cases import BATCHES, check_close, make_case
+from tests.pallas_kernels.cases import BATCHES, check_close, make_case, quantized
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -55,6 +58,34 @@ def test_matches_reference(batch, N, K, H, dtype, stacked, options):
     check_close(got, case, case.reference(**_reference_options(options)), dtype)
 
 
+# 8-bit pages: (batch, N, K, H, dtype, stacked cache, kv_cache_dtype, kernel options)
+KV8_CASES = [
+    ("mixed", 4, 2, 64, F32, True, "int8", dict(pages_per_block=2)),
+    ("mixed", 8, 1, 128, BF16, True, "int8", dict(sliding_window=5, soft_cap=1.5, q_block=4)),
+    ("mixed", 4, 2, 64, F32, False, "fp8", dict(sliding_window=7, pages_per_block=3)),
+]
+
+
+@pytest.mark.parametrize("batch, N, K, H, dtype, stacked, kv_cache_dtype, options", KV8_CASES)
+def test_8bit_pages_match_reference(batch, N, K, H, dtype, stacked, kv_cache_dtype, options):
+    case = quantized(make_case(**BATCHES[batch], num_heads=N, num_kv_heads=K, head_dim=H, dtype=dtype),
+                     kv_cache_dtype)
+    k, v = (case.k_cache, case.v_cache) if stacked else case.layer_caches()
+    got = ragged_paged_attention_tpu(case.q, k.values, v.values, *case.args()[3:],
+                                     layer=jnp.int32(case.layer) if stacked else None, k_scale=k.scale,
+                                     v_scale=v.scale, interpret=True, **options)
+    assert got.shape == case.q.shape and got.dtype == dtype
+    check_close(got, case, case.reference(**_reference_options(options)), dtype)
+
+
+def test_ops_hands_8bit_pages_to_the_kernel():
+    """`ops.ragged_paged_attention` with QuantizedPages on the pallas_tpu backend: values and scales
+    reach the kernel (interpreted off TPU), which gives the reference's answer."""
+    case = quantized(make_case(q_lens=[1, 6], kv_lens=[5, 6], num_heads=2, num_kv_heads=1, head_dim=128), "int8")
+    got = ops.ragged_paged_attention(*case.args(), layer=case.layer, q_block=8, backend="pallas_tpu")
+    check_close(got, case, case.reference(), F32)
+
+
 def test_junk_page_table_entries_past_a_sequence_are_not_read():
     case = make_case(**BATCHES["mixed"], num_heads=4, num_kv_heads=2, head_dim=64)
     table = np.asarray(case.page_table)
@@ -65,10 +96,17 @@ def test_junk_page_table_entries_past_a_sequence_are_not_read():
     check_close(got, case, case.reference(), F32)
 
 
-def test_no_races_between_copies_and_compute():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_no_races_between_copies_and_compute(kv_cache_dtype):
     case = make_case(q_lens=[1, 9], kv_lens=[6, 13], num_heads=4, num_kv_heads=2, head_dim=64)
+    scales = {}
+    if kv_cache_dtype != "auto":  # 8-bit pages: the scales' copies share the slots with the values'
+        case = quantized(case, kv_cache_dtype)
+        scales = dict(k_scale=case.k_cache.scale, v_scale=case.v_cache.scale)
+    k, v = (x.values if scales else x for x in (case.k_cache, case.v_cache))
     params = pltpu.InterpretParams(detect_races=True)
-    got = ragged_paged_attention_tpu(*case.args(), layer=case.layer, pages_per_block=1, interpret=params)
+    got = ragged_paged_attention_tpu(case.q, k, v, *case.args()[3:], layer=case.layer, pages_per_block=1,
+                                     interpret=params, **scales)
     check_close(got, case, case.reference(), F32)
     assert not mosaic_interpret.races.races_found
 
@@ -106,6 +144,22 @@ def test_lowers_to_mosaic_for_tpu(dtype, stacked, options):
                                           **options)
 
     args = (case.q, k_cache, v_cache, *case.args()[3:], layer)
+    lowered = jax.jit(attention).trace(*args).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()
+
+
+@pytest.mark.parametrize("kv_cache_dtype, dtype", [("int8", BF16), ("fp8", F32)])
+def test_8bit_pages_lower_to_mosaic_for_tpu(kv_cache_dtype, dtype):
+    """As above, with 8-bit values and their scales (copied and converted in the kernel)."""
+    case = make_case(**BATCHES["mixed"], num_heads=8, num_kv_heads=2, head_dim=128, dtype=dtype)
+    pages = QuantizedPages.zeros(case.k_cache.shape, kv_cache_dtype, dtype)
+
+    def attention(q, values, scale, kv_lens, page_table, cu_q_lens, num_seqs, layer):
+        return ragged_paged_attention_tpu(q, values, values, kv_lens, page_table, cu_q_lens, num_seqs, layer=layer,
+                                          k_scale=scale, v_scale=scale, sliding_window=5, q_block=16,
+                                          pages_per_block=2)
+
+    args = (case.q, pages.values, pages.scale, *case.args()[3:], jnp.int32(case.layer))
     lowered = jax.jit(attention).trace(*args).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()
 
