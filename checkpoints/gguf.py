@@ -202,6 +202,11 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {w.shape}, expected {shape}")
         return w
 
+    @staticmethod
+    def _norm(cfg: ModelConfig):
+        """A norm weight as the file holds it -> jaxinfer's (Gemma: the file holds offset + w)."""
+        return (lambda w: w - cfg.norm_offset) if cfg.norm_offset else (lambda w: w)
+
     def _layer_table(self, cfg: ModelConfig) -> dict:
         """name -> (GGUF suffix, torch shape, convert to jaxinfer's layout) for one layer's tensors.
         The converters are shape-generic (-1 on the input axis), so they lay out a quantized
@@ -209,10 +214,7 @@ class GGUFFile:
         D, F = cfg.hidden_size, cfg.intermediate_size
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         unpermute = cfg.arch in _PERMUTED_QK and self.architecture in _PERMUTED_QK
-        norm_offset = cfg.norm_offset  # Gemma: the file holds offset + w
-
-        def norm(w):
-            return w - norm_offset if norm_offset else w
+        norm = self._norm(cfg)
 
         def qk(w, heads):  # [heads*H, ...] rows interleaved -> rotate-half layout
             if not unpermute:
@@ -252,7 +254,7 @@ class GGUFFile:
 
         Keys: "embed", "final_norm", "lm_head" (untied only) and "layers.<name>" with a leading
         L axis; float arrays have `cfg.dtype`. With `quantization` ("int8" / "int4") the
-        projections, embedding and lm_head keep the file's own blocks (`_quantized`); the config the
+        projections, embedding and lm_head keep the file's own blocks (`_qtensor`); the config the
         model is built with is then `dataclasses.replace(cfg, quantization=spec)`.
 
         Raises:
@@ -261,7 +263,6 @@ class GGUFFile:
         """
         L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
         dt = _NUMPY_DTYPES[cfg.dtype]
-        norm_offset = cfg.norm_offset
         per_layer = self._layer_table(cfg)
         quantized = set(quantized_names(cfg)) if quantization else set()
         params: dict[str, np.ndarray] = {}
@@ -305,8 +306,7 @@ class GGUFFile:
                     tensors.append(t.map(convert))
                     bar.update()
                 add_quantized(name, tensors, True)
-            final = self._tensor("output_norm.weight", (D,))
-            params["final_norm"] = (final - norm_offset if norm_offset else final).astype(dt)
+            params["final_norm"] = self._norm(cfg)(self._tensor("output_norm.weight", (D,))).astype(dt)
             bar.update()
             if not cfg.tie_word_embeddings:
                 if "lm_head" in quantized:

@@ -54,10 +54,10 @@ def decode(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> QTensor:
     [out, in] = `shape`, grouped along axis 1.
 
     Raises:
-      NotImplementedError: the type has no exact int4/int8 form (see EXACT_TYPES).
+      ValueError: the type has no exact int4/int8 form (see EXACT_TYPES; callers check first).
     """
     if type_name not in EXACT_TYPES:
-        raise NotImplementedError(type_name)
+        raise ValueError(f"GGUF type {type_name} has no exact int4/int8 form; exact types: {sorted(EXACT_TYPES)}")
     rows, cols = shape
     blocks = np.ascontiguousarray(data).reshape(-1, data.shape[-1]).view(np.uint8)
     blocks = blocks.reshape(rows * cols // (QK_K if type_name.endswith("_K") else 32), -1)
