@@ -41,8 +41,8 @@ from checkpoints.gguf_blocks import EXACT_TYPES, decode
 from checkpoints.stacking import stack_per_layer
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
-from jaxinfer.quantization import (GROUP_AXIS, QTensor, QuantSpec, WeightQuant, float_group, merge_layers, quantize,
-                                   quantized_names, to_params)
+from jaxinfer.quantization import (EMBEDDING_METHOD, GROUP_AXIS, QTensor, QuantSpec, WeightQuant, float_group,
+                                   merge_layers, quantize, quantized_names, to_params)
 
 logger = logging.getLogger(__name__)
 
@@ -283,9 +283,10 @@ class GGUFFile:
             weights.append(wq)
             params.update({(f"layers.{k}" if stacked else k): v for k, v in arrays.items()})
 
+        embedding_method = EMBEDDING_METHOD.get(quantization)  # the embedding / lm_head stay 8-bit under int4
         with bar:
             if "embed" in quantized:
-                add_quantized("embed", [self._qtensor("token_embd.weight", (V, D), quantization)], False)
+                add_quantized("embed", [self._qtensor("token_embd.weight", (V, D), embedding_method)], False)
             else:
                 params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
             bar.update()
@@ -310,7 +311,7 @@ class GGUFFile:
             bar.update()
             if not cfg.tie_word_embeddings:
                 if "lm_head" in quantized:
-                    add_quantized("lm_head", [self._qtensor("output.weight", (V, D), quantization).map(
+                    add_quantized("lm_head", [self._qtensor("output.weight", (V, D), embedding_method).map(
                         lambda w: w.T)], False)
                 else:
                     params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt)

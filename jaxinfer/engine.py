@@ -47,6 +47,7 @@ from jaxinfer.engine_config import (  # noqa: F401 (EngineConfig and set_compila
     DEFAULT_PAGE_SIZE,
     SP_NEEDS_REFERENCE,
     EngineConfig,
+    default_layer_loop,
     kv_cache_budget,
     set_compilation_cache,
 )
@@ -175,7 +176,7 @@ class LLMEngine:
         else:
             self.scheduler = DataParallelScheduler(sched_config, self.kv_managers,
                                                    eos_token_ids=tokenizer.eos_token_ids)
-        layer_loop = comp.layer_loop or ("per_layer" if device.platform == "cpu" and self.mesh is None else "model")
+        layer_loop = comp.layer_loop or default_layer_loop(device.platform, self.mesh, config, sched.max_num_seqs)
         one_device = self.mesh is None and jax.process_count() == 1
         if sched.async_scheduling and not one_device:
             raise InvalidRequestError("async_scheduling=True runs on one device in one process; with tensor, data or "

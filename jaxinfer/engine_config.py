@@ -127,7 +127,8 @@ class CompileConfig:
       attention_backend: `pallas_kernels.ops` backend.
       layer_loop: "per_layer" (one compiled layer run once per layer from the host: fast steps
         and fast compiles on CPU), "model" (one graph per step over the model's own loop, scanned
-        or unrolled), or None: per_layer on CPU without a mesh, model elsewhere (decision 48).
+        or unrolled), or None: per_layer on CPU without a mesh (model for quantized weights and at
+        most 16 sequences), model elsewhere (`engine.default_layer_loop`, decisions 48 and 60).
       compilation_cache_dir: persistent XLA compilation cache for the entry points to set
         (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
         variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.
@@ -247,3 +248,15 @@ def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
         return DEFAULT_CPU_KV_CACHE_BYTES
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return int(free * config.cache.memory_fraction)
+
+
+def default_layer_loop(platform: str, mesh, config, max_num_seqs: int) -> str:
+    """"per_layer" on CPU without a mesh (decision 48), "model" elsewhere; and "model" on CPU for
+    quantized weights when every decode step fits the native kernel (at most
+    `quantized_matmul_cpu.MAX_ROWS` sequences): one graph then saves the 30 layer dispatches that,
+    once the matmuls read 4-bit weights, are a fifth of the step (decision 60)."""
+    if platform != "cpu" or mesh is not None:
+        return "model"
+    from pallas_kernels.quantized_matmul_cpu import MAX_ROWS
+
+    return "model" if config.quantization is not None and max_num_seqs <= MAX_ROWS else "per_layer"

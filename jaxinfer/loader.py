@@ -87,8 +87,9 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, scan_layer
         shardings (GGUF files are dequantized on the host and placed by the engine).
       quantization: "int8" or "int4" keeps the projections, embedding and lm_head quantized in
         memory (`jaxinfer.quantization`): a GGUF's own blocks, a float checkpoint's weights
-        quantized at load, a quantized orbax checkpoint as stored; None: float weights (a quantized
-        orbax checkpoint then keeps its own quantization).
+        quantized at load (the embedding and lm_head to 8 bits under int4), a quantized orbax
+        checkpoint as stored; None: float weights (a quantized orbax checkpoint then keeps its own
+        quantization).
 
     Raises:
       ModelNotFoundError, CheckpointError, UnsupportedModelError, TokenizerError, ValueError (an

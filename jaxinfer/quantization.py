@@ -41,6 +41,12 @@ LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 # Group sizes for weights quantized from float (a file's own groups are kept as they are).
 DEFAULT_GROUP = {"int4": 32, "int8": None}  # None: one scale per output channel
+# The embedding and lm_head stay 8-bit (one scale per vocabulary row / output) under int4, as a GGUF
+# Q4 file keeps them (SmolLM2's Q4_1 file: token_embd Q8_0) and GPTQ / AWQ leave the lm_head in
+# float: SmolLM2's tied embedding at int4 (groups of 32) has 8.7% relative error against 1.2% at
+# int8, and it raised HumanEval perplexity by 6.1% where the int4 layers add nothing measurable
+# (docs/BENCHMARKS.md, "Quantization's accuracy").
+EMBEDDING_METHOD = {"int4": "int8", "int8": "int8"}
 INT8_MAX, INT4_LEVELS = 127, 15
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # tried per group; the lowest squared error wins
 
@@ -262,8 +268,9 @@ def stored_shape(shape: tuple[int, ...], wq: WeightQuant, axis: int) -> dict[str
 
 def quantize_params(cfg, weights: dict, method: str, *, progress: bool = True) -> tuple[QuantSpec, dict]:
     """Float weights keyed like the model's state ("embed", "lm_head", "layers.<name>" [L, ...])
-    -> (QuantSpec, the weights with the projections, embedding and lm_head quantized round-to-nearest
-    to `method`, one layer at a time under a tqdm bar). Host-side numpy; arrays may be jax arrays.
+    -> (QuantSpec, the weights with the projections quantized round-to-nearest to `method` and the
+    embedding and lm_head to EMBEDDING_METHOD[method], one layer at a time under a tqdm bar).
+    Host-side numpy; arrays may be jax arrays.
 
     Raises:
       ValueError: a weight's input axis is not a multiple of the group size.
@@ -288,9 +295,10 @@ def quantize_params(cfg, weights: dict, method: str, *, progress: bool = True) -
                     bar.update()
                 wq, arrays = to_params(name, merge_layers(layers, bits, axis), axis + 1)
                 out |= {f"layers.{k}": v for k, v in arrays.items()}
-            else:
+            else:  # the embedding / lm_head
                 w = np.asarray(weights[name], np.float32)
-                t = quantize(w, bits=bits, group=float_group(method, w.shape[axis]), axis=axis)
+                m = EMBEDDING_METHOD[method]
+                t = quantize(w, bits=8 if m == "int8" else 4, group=float_group(m, w.shape[axis]), axis=axis)
                 bar.update()
                 wq, arrays = to_params(name, t, axis)
                 out |= arrays

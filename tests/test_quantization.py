@@ -260,6 +260,8 @@ def test_float_gguf_is_quantized_at_load(tmp_path):
     for method in ("int8", "int4"):
         m = load_model(str(path), progress=False, quantization=method)
         assert m.config.quantization.method == method
+        spec = m.config.quantization  # int4 projections keep an 8-bit embedding (EMBEDDING_METHOD)
+        assert spec.get("wq").bits == (8 if method == "int8" else 4) and spec.get("embed").bits == 8
         assert params_bytes(m.params) < params_bytes(base.params)
         got = ReferenceGenerator(m.config, m.graphdef, m.params).logits(prompt)
         weights = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(m.params)}
@@ -461,3 +463,18 @@ def test_the_server_reports_the_quantization(tiny_llama):
     finally:
         app.extensions["jaxinfer"].drain(timeout=0)
     assert "--quantization {int8,int4}" in server.build_parser().format_help()
+
+
+def test_the_cpu_layer_loop_default_follows_the_quantization(smollm2_int4, smollm2):
+    """Quantized weights with at most MAX_ROWS sequences: one graph per step on CPU (every decode
+    step runs the native kernel, and the layer dispatches are what is left); otherwise per layer."""
+    from jaxinfer.engine_config import default_layer_loop
+    from pallas_kernels.quantized_matmul_cpu import MAX_ROWS
+
+    q, f = smollm2_int4.config, smollm2.config
+    assert q.quantization is not None and f.quantization is None
+    assert default_layer_loop("cpu", None, q, MAX_ROWS) == "model"
+    assert default_layer_loop("cpu", None, q, MAX_ROWS + 1) == "per_layer"
+    assert default_layer_loop("cpu", None, f, 1) == "per_layer"
+    assert default_layer_loop("gpu", None, f, 64) == "model"
+    assert smollm2.engine.runner.layer_loop == "per_layer" and smollm2_int4.engine.runner.layer_loop == "model"

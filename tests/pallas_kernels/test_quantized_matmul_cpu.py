@@ -26,7 +26,8 @@ def _weights(rng, K, N, bits, group, transpose, offset=True):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("M, K, N, group", [(1, 64, 48, 32), (1, 96, 200, 32), (3, 96, 200, 32), (4, 64, 100, 32),
-                                           (17, 160, 72, 16), (2, 128, 130, 128)])
+                                           (17, 160, 72, 16), (2, 128, 130, 128), (1, 576, 1536, 32),
+                                           (2, 256, 72, 32), (5, 128, 104, 16), (16, 64, 40, 8)])
 def test_native_matches_the_reference(bits, transpose, M, K, N, group):
     rng = np.random.default_rng(M * 1000 + K + N)
     values, scale, offset = _weights(rng, K, N, bits, group, transpose)
