@@ -13,6 +13,7 @@ import os
 import jax
 
 from jaxinfer.errors import InvalidRequestError
+from jaxinfer.speculative import SpeculativeConfig
 from pallas_kernels import ops
 from pallas_kernels.kv_quant import KV_CACHE_DTYPES
 from sharding.mesh import ParallelConfig
@@ -77,6 +78,8 @@ class SchedulingConfig:
         host and "device" share the cores: measured slower, decision 50) and with tensor / data /
         sequence parallelism or several hosts (synchronous steps); True / False: as asked.
       seed: seeds requests that set none.
+      speculative_config: speculative decoding (`jaxinfer.speculative.SpeculativeConfig`, or a dict
+        of its fields); None: off. Steps then run synchronously on one replica.
     """
 
     max_model_len: int | None = None
@@ -86,8 +89,10 @@ class SchedulingConfig:
     policy: str = "fcfs"
     async_scheduling: bool | None = None
     seed: int = 0
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         _check(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= self.max_num_seqs,
                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
@@ -128,7 +133,8 @@ class CompileConfig:
       layer_loop: "per_layer" (one compiled layer run once per layer from the host: fast steps
         and fast compiles on CPU), "model" (one graph per step over the model's own loop, scanned
         or unrolled), or None: per_layer on CPU without a mesh (model for quantized weights and at
-        most 16 sequences), model elsewhere (`engine.default_layer_loop`, decisions 48 and 60).
+        most `quantized_matmul_cpu.MAX_ROWS` (32) sequences), model elsewhere
+        (`engine.default_layer_loop`, decisions 48, 60 and 62).
       compilation_cache_dir: persistent XLA compilation cache for the entry points to set
         (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
         variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.

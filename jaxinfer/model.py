@@ -31,7 +31,7 @@ from jaxinfer.attention import Attend
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import ACTIVATIONS, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from jaxinfer.quantization import GROUP_AXIS, stored_shape
-from pallas_kernels.quantized_matmul import dequantize, quantized_matmul
+from pallas_kernels.quantized_matmul import dequantize, quantized_matmul, quantized_matmuls
 
 # A window no context reaches: full attention for a layer whose window is traced data.
 NO_WINDOW = 1 << 30
@@ -76,6 +76,20 @@ def linear(x, p: dict, name: str, cfg: ModelConfig, k: int, n: int):
     offset = p.get(f"{name}_offset")
     return quantized_matmul(x, p[name].reshape(-1, n), p[f"{name}_scale"].reshape(-1, n),
                             None if offset is None else offset.reshape(-1, n), bits=wq.bits)
+
+
+def linears(x, p: dict, names: tuple[str, ...], cfg: ModelConfig, k: int, ns: tuple[int, ...]) -> list:
+    """[linear(x, p, name, cfg, k, n) for name, n in zip(names, ns)]: projections of one input.
+    Quantized, they go to `quantized_matmuls` together (one native call on CPU)."""
+    quant = cfg.quantization
+    if quant is None or any(quant.get(name) is None for name in names):
+        return [linear(x, p, name, cfg, k, n) for name, n in zip(names, ns)]
+    weights = []
+    for name, n in zip(names, ns):
+        offset = p.get(f"{name}_offset")
+        weights.append((p[name].reshape(-1, n), p[f"{name}_scale"].reshape(-1, n),
+                        None if offset is None else offset.reshape(-1, n), quant.get(name).bits))
+    return quantized_matmuls(x, weights)
 
 
 class DecoderLayers(nnx.Module):
@@ -162,9 +176,8 @@ def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, a
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
     F = cfg.intermediate_size
     h = rms_norm(x, p["attn_norm"], eps, off)
-    q = linear(h, p, "wq", cfg, D, N * H).reshape(B, T, N, H)
-    k = linear(h, p, "wk", cfg, D, K * H).reshape(B, T, K, H)
-    v = linear(h, p, "wv", cfg, D, K * H).reshape(B, T, K, H)
+    q, k, v = linears(h, p, ("wq", "wk", "wv"), cfg, D, (N * H, K * H, K * H))
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     if cfg.attention_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     if cfg.is_gemma:
@@ -175,7 +188,8 @@ def decoder_layer(p: dict[str, jax.Array], x, cos, sin, kv_cache, layer, meta, a
     h = linear(attn.reshape(B, T, N * H), p, "wo", cfg, N * H, D)
     x = x + (rms_norm(h, p["post_attn_norm"], eps, off) if cfg.is_gemma else h)
     h = rms_norm(x, p["mlp_norm"], eps, off)  # the gated MLP: act(h @ w_gate) * (h @ w_up) @ w_down
-    h = ACTIVATIONS[cfg.hidden_act](linear(h, p, "w_gate", cfg, D, F)) * linear(h, p, "w_up", cfg, D, F)
+    gate, up = linears(h, p, ("w_gate", "w_up"), cfg, D, (F, F))
+    h = ACTIVATIONS[cfg.hidden_act](gate) * up
     h = linear(h, p, "w_down", cfg, F, D)
     x = x + (rms_norm(h, p["post_mlp_norm"], eps, off) if cfg.is_gemma else h)
     return x, kv_cache

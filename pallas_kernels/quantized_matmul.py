@@ -37,8 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dequantize", "matmul_backend", "quantized_matmul", "quantized_matmul_reference", "split_int4_activations",
-           "unpack_int4", "weight_dims"]
+__all__ = ["dequantize", "matmul_backend", "quantized_matmul", "quantized_matmul_reference", "quantized_matmuls",
+           "split_int4_activations", "unpack_int4", "weight_dims"]
 
 
 def unpack_int4(packed: jax.Array, axis: int, group: int) -> jax.Array:
@@ -122,6 +122,15 @@ def matmul_backend(backend: str):
         _BACKEND.reset(token)
 
 
+def _use_native_cpu(name: str, x) -> bool:
+    """Whether an "auto" call on CPU takes the native kernel (a step of at most MAX_ROWS tokens)."""
+    if name != "auto" or jax.default_backend() != "cpu":
+        return False
+    from pallas_kernels import quantized_matmul_cpu
+
+    return math.prod(x.shape[:-1]) <= quantized_matmul_cpu.MAX_ROWS and quantized_matmul_cpu.available()
+
+
 def quantized_matmul(x, values, scale, offset=None, *, bits: int, transpose: bool = False, out_dtype=None,
                      backend: str | None = None):
     """x @ W through `backend` (None: the one `matmul_backend` set, else "auto"; see the module
@@ -130,13 +139,11 @@ def quantized_matmul(x, values, scale, offset=None, *, bits: int, transpose: boo
 
     name = backend or _BACKEND.get()
     impl = resolve_backend(name)
-    if impl == "reference" and name == "auto" and jax.default_backend() == "cpu":
+    if impl == "reference" and _use_native_cpu(name, x):
         from pallas_kernels import quantized_matmul_cpu
 
-        rows = math.prod(x.shape[:-1])
-        if rows <= quantized_matmul_cpu.MAX_ROWS and quantized_matmul_cpu.available():
-            return quantized_matmul_cpu.quantized_matmul_cpu(x, values, scale, offset, bits=bits, transpose=transpose,
-                                                             out_dtype=out_dtype)
+        return quantized_matmul_cpu.quantized_matmul_cpu(x, values, scale, offset, bits=bits, transpose=transpose,
+                                                         out_dtype=out_dtype)
     kwargs = dict(bits=bits, transpose=transpose, out_dtype=out_dtype)
     if impl == "pallas_gpu":
         from pallas_kernels.quantized_matmul_gpu import quantized_matmul_gpu
@@ -147,3 +154,18 @@ def quantized_matmul(x, values, scale, offset=None, *, bits: int, transpose: boo
 
         return quantized_matmul_tpu(x, values, scale, offset, interpret=jax.default_backend() != "tpu", **kwargs)
     return quantized_matmul_reference(x, values, scale, offset, **kwargs)
+
+
+def quantized_matmuls(x, weights, *, out_dtype=None, backend: str | None = None) -> list[jax.Array]:
+    """[x @ W for W in weights], weights as (values, scale, offset or None, bits): several
+    projections of one input (q / k / v, gate / up). On CPU's native kernel they are one call whose
+    threads share the joint columns (a small projection alone runs on one thread); elsewhere one
+    `quantized_matmul` each."""
+    from pallas_kernels.ops import resolve_backend
+
+    name = backend or _BACKEND.get()
+    if resolve_backend(name) == "reference" and _use_native_cpu(name, x):
+        from pallas_kernels import quantized_matmul_cpu
+
+        return quantized_matmul_cpu.quantized_matmuls_cpu(x, weights, out_dtype=out_dtype)
+    return [quantized_matmul(x, v, s, o, bits=b, out_dtype=out_dtype, backend=backend) for v, s, o, b in weights]

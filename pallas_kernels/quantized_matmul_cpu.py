@@ -32,8 +32,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TARGET = "jaxinfer_quantized_matmul"
-MAX_ROWS = 16  # larger steps: XLA's dequantize-then-dot wins (docs/BENCHMARKS.md)
+MAX_ROWS = 32  # larger steps (prefill chunks): XLA's dequantize-then-dot (docs/BENCHMARKS.md)
 THREADS = int(os.environ.get("JAXINFER_NATIVE_THREADS", os.cpu_count() or 1))
+# from this many rows of x the kernel dequantizes panels of W once and reuses them for every row
+PANEL_ROWS = int(os.environ.get("JAXINFER_PANEL_ROWS", 8))
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantized_matmul_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -84,8 +86,10 @@ def available() -> bool:
         return False
 
 
-def quantized_matmul_cpu(x, values, scale, offset=None, *, bits: int, transpose: bool = False, out_dtype=None):
-    """`quantized_matmul` (same contract) on the native kernel; x is computed in float32.
+def quantized_matmuls_cpu(x, weights, *, transpose: bool = False, out_dtype=None) -> list[jax.Array]:
+    """[x @ W for W in weights] in one call of the native kernel (threads split the weights' joint
+    columns: q, k and v, or gate and up, run as one threaded call). weights: (values, scale,
+    offset or None, bits) per weight, each as `quantized_matmul` takes them; x is computed in float32.
 
     Raises:
       RuntimeError: the kernel could not be built here (see `available`).
@@ -94,12 +98,27 @@ def quantized_matmul_cpu(x, values, scale, offset=None, *, bits: int, transpose:
         raise RuntimeError("the native CPU quantized matmul could not be built here; use the reference backend")
     out_dtype = out_dtype or x.dtype
     K = x.shape[-1]
-    N = values.shape[0] if transpose else values.shape[-1]
-    groups = scale.shape[1] if transpose else scale.shape[0]
     x2 = x.reshape(-1, K).astype(jnp.float32)
-    has_offset = offset is not None
-    off = offset.astype(jnp.float32) if has_offset else jnp.zeros((1, 1), jnp.float32)
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(
-        x2, values, scale.astype(jnp.float32), off, bits=np.int64(bits), group=np.int64(K // groups),
-        transpose=np.int64(transpose), has_offset=np.int64(has_offset), threads=np.int64(THREADS))
-    return y.reshape(*x.shape[:-1], N).astype(out_dtype)
+    operands, outs, bits, groups, has_offset = [], [], [], [], []
+    no_offset = jnp.zeros((1, 1), jnp.float32)
+    for values, scale, offset, b in weights:
+        n = values.shape[0] if transpose else values.shape[-1]
+        groups.append(K // (scale.shape[1] if transpose else scale.shape[0]))
+        bits.append(b)
+        has_offset.append(offset is not None)
+        operands += [values, scale.astype(jnp.float32), no_offset if offset is None else offset.astype(jnp.float32)]
+        outs.append(jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
+    ys = jax.ffi.ffi_call(TARGET, outs)(
+        x2, *operands, bits=np.asarray(bits, np.int64), group=np.asarray(groups, np.int64),
+        has_offset=np.asarray(has_offset, np.int64), transpose=np.int64(transpose), threads=np.int64(THREADS),
+        panel_rows=np.int64(PANEL_ROWS))
+    return [y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype) for y in ys]
+
+
+def quantized_matmul_cpu(x, values, scale, offset=None, *, bits: int, transpose: bool = False, out_dtype=None):
+    """`quantized_matmul` (same contract) on the native kernel; x is computed in float32.
+
+    Raises:
+      RuntimeError: the kernel could not be built here (see `available`).
+    """
+    return quantized_matmuls_cpu(x, [(values, scale, offset, bits)], transpose=transpose, out_dtype=out_dtype)[0]

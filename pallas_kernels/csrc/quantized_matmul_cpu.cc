@@ -287,43 +287,278 @@ int64_t MatmulVector(bool transpose, const float* x, const uint8_t* q, const flo
   }
   return done;
 }
+
+// ---- Many rows (a batch of decode steps): dequantize a panel of W once, reuse it for every row ----
+// The blocks above convert each weight once per 4 rows of x, so at 32 rows they read and convert the
+// whole matrix 8 times. Here a panel of W (KC inputs x NC outputs) is dequantized into floats
+// (values * scale + offset, in cache) once per call, then a register-blocked float kernel runs every
+// row of x over it: the conversion is paid once per weight, the FMAs run from L1 / L2 like a float GEMM.
+
+constexpr int64_t kPanelOutputs = 64;   // [K, N]: NC, outputs a panel (4 strips of 16)
+constexpr int64_t kPanelInputs = 256;   // [K, N]: KC target (whole groups): a 64 KB panel in L2
+constexpr int64_t kPanelOutputsNK = 24; // [N, K]: NC (8 blocks of 3 outputs), KC = K up to kPanelInputsNK
+constexpr int64_t kPanelInputsNK = 2048;
+
+// panel[k - k0][n - n0] = W[k, n] for k in [k0, k0 + kc) (whole groups), n in [n0, n0 + nc) (nc % 8 == 0)
+template <int BITS>
+void DequantKN(const uint8_t* q, const float* s, const float* o, float* panel, int64_t N, int64_t G, int64_t k0,
+               int64_t kc, int64_t n0, int64_t nc) {
+  for (int64_t g = k0 / G; g < (k0 + kc) / G; ++g) {
+    const float* sg = s + g * N + n0;
+    const float* og = o ? o + g * N + n0 : nullptr;
+    if (BITS == 8) {
+      for (int64_t j = 0; j < G; ++j) {
+        const int8_t* row = reinterpret_cast<const int8_t*>(q) + (g * G + j) * N + n0;
+        float* out = panel + (g * G + j - k0) * nc;
+        for (int64_t n = 0; n < nc; n += 8) {
+          __m256 w = _mm256_mul_ps(Int8x8(row + n), _mm256_loadu_ps(sg + n));
+          if (og) w = _mm256_add_ps(w, _mm256_loadu_ps(og + n));
+          _mm256_storeu_ps(out + n, w);
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < G / 2; ++j) {
+        const uint8_t* row = q + (g * (G / 2) + j) * N + n0;
+        float* out_lo = panel + (g * G + j - k0) * nc;
+        float* out_hi = panel + (g * G + G / 2 + j - k0) * nc;
+        for (int64_t n = 0; n < nc; n += 8) {
+          __m256 lo, hi;
+          Nibbles8(row + n, &lo, &hi);
+          const __m256 sv = _mm256_loadu_ps(sg + n), ov = _mm256_loadu_ps(og + n);
+          _mm256_storeu_ps(out_lo + n, _mm256_add_ps(_mm256_mul_ps(lo, sv), ov));
+          _mm256_storeu_ps(out_hi + n, _mm256_add_ps(_mm256_mul_ps(hi, sv), ov));
+        }
+      }
+    }
+  }
+}
+
+// The panel kernels keep their accumulators in named registers (one variable per row and vector,
+// `JAXINFER_ROWS` below): written as arrays indexed in loops, GCC 12 kept them in registers but also
+// stored every one to the stack on every step of the k loop whenever the sizes were not compile-time
+// constants (28 against 72 G FLOP/s on one core, seen in the assembly and timed).
+#define JAXINFER_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define JAXINFER_ROWS4(X) X(0) X(1) X(2) X(3)
+
+// y[m, n : n + 16] += x[m, k0 : k0 + kc] @ panel[:, j : j + 16] for rows m < MR (<= 6)
+template <int MR>
+void PanelKN(const float* x, const float* panel, float* y, int64_t K, int64_t N, int64_t k0, int64_t kc, int64_t nc,
+             int64_t j, int64_t n) {
+#define JAXINFER_ZERO(i) __m256 lo##i = _mm256_setzero_ps(), hi##i = _mm256_setzero_ps();
+  JAXINFER_ROWS6(JAXINFER_ZERO)
+#undef JAXINFER_ZERO
+  const float* p = panel + j;
+  const float* xk = x + k0;
+  for (int64_t k = 0; k < kc; ++k, p += nc, ++xk) {
+    const __m256 b0 = _mm256_loadu_ps(p), b1 = _mm256_loadu_ps(p + 8);
+#define JAXINFER_FMA(i)                                          \
+    if constexpr (MR > i) {                                      \
+      const __m256 a = _mm256_broadcast_ss(xk + i * K);          \
+      lo##i = _mm256_fmadd_ps(a, b0, lo##i);                     \
+      hi##i = _mm256_fmadd_ps(a, b1, hi##i);                     \
+    }
+    JAXINFER_ROWS6(JAXINFER_FMA)
+#undef JAXINFER_FMA
+  }
+#define JAXINFER_STORE(i)                                                      \
+  if constexpr (MR > i) {                                                      \
+    float* yp = y + i * N + n;                                                 \
+    _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), lo##i));           \
+    _mm256_storeu_ps(yp + 8, _mm256_add_ps(_mm256_loadu_ps(yp + 8), hi##i));   \
+  }
+  JAXINFER_ROWS6(JAXINFER_STORE)
+#undef JAXINFER_STORE
+}
+
+// panel[n - n0][k - k0] = W[k, n] for the [N, K] layout (rows of K / (8 / BITS) bytes), nc outputs
+template <int BITS>
+void DequantNK(const uint8_t* q, const float* s, const float* o, float* panel, int64_t K, int64_t G, int64_t k0,
+               int64_t kc, int64_t n0, int64_t nc) {
+  const int64_t NG = K / G, row_bytes = BITS == 8 ? K : K / 2;
+  for (int64_t r = 0; r < nc; ++r) {
+    const uint8_t* row = q + (n0 + r) * row_bytes;
+    float* out = panel + r * kc - k0;
+    for (int64_t g = k0 / G; g < (k0 + kc) / G; ++g) {
+      const __m256 sv = _mm256_set1_ps(s[(n0 + r) * NG + g]);
+      const __m256 ov = o ? _mm256_set1_ps(o[(n0 + r) * NG + g]) : _mm256_setzero_ps();
+      if (BITS == 8) {
+        for (int64_t k = 0; k < G; k += 8) {
+          __m256 w = _mm256_mul_ps(Int8x8(reinterpret_cast<const int8_t*>(row) + g * G + k), sv);
+          if (o) w = _mm256_add_ps(w, ov);
+          _mm256_storeu_ps(out + g * G + k, w);
+        }
+      } else {
+        for (int64_t j = 0; j < G / 2; j += 8) {
+          __m256 lo, hi;
+          Nibbles8(row + g * (G / 2) + j, &lo, &hi);
+          _mm256_storeu_ps(out + g * G + j, _mm256_add_ps(_mm256_mul_ps(lo, sv), ov));
+          _mm256_storeu_ps(out + g * G + G / 2 + j, _mm256_add_ps(_mm256_mul_ps(hi, sv), ov));
+        }
+      }
+    }
+  }
+}
+
+// y[m, n + r] += x[m, k0 : k0 + kc] . panel[j + r, :] for rows m < MR (<= 4), r < 3 (kc % 8 == 0):
+// 12 accumulators, 3 weight vectors and one of x fill the 16 registers
+template <int MR>
+void PanelNK(const float* x, const float* panel, float* y, int64_t K, int64_t N, int64_t k0, int64_t kc, int64_t j,
+             int64_t n) {
+#define JAXINFER_ZERO(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0;
+  JAXINFER_ROWS4(JAXINFER_ZERO)
+#undef JAXINFER_ZERO
+  const float* p = panel + j * kc;
+  for (int64_t k = 0; k < kc; k += 8) {
+    const __m256 w0 = _mm256_loadu_ps(p + k), w1 = _mm256_loadu_ps(p + kc + k), w2 = _mm256_loadu_ps(p + 2 * kc + k);
+#define JAXINFER_FMA(i)                                          \
+    if constexpr (MR > i) {                                      \
+      const __m256 a = _mm256_loadu_ps(x + i * K + k0 + k);      \
+      c##i##0 = _mm256_fmadd_ps(a, w0, c##i##0);                 \
+      c##i##1 = _mm256_fmadd_ps(a, w1, c##i##1);                 \
+      c##i##2 = _mm256_fmadd_ps(a, w2, c##i##2);                 \
+    }
+    JAXINFER_ROWS4(JAXINFER_FMA)
+#undef JAXINFER_FMA
+  }
+#define JAXINFER_STORE(i)                               \
+  if constexpr (MR > i) {                               \
+    y[i * N + n] += HorizontalSum(c##i##0);             \
+    y[i * N + n + 1] += HorizontalSum(c##i##1);         \
+    y[i * N + n + 2] += HorizontalSum(c##i##2);         \
+  }
+  JAXINFER_ROWS4(JAXINFER_STORE)
+#undef JAXINFER_STORE
+}
+
+template <int MR>
+void PanelRows(bool transpose, const float* x, const float* panel, float* y, int64_t K, int64_t N, int64_t k0,
+               int64_t kc, int64_t nc, int64_t j, int64_t n) {
+  if constexpr (MR <= 4) {
+    if (transpose) return PanelNK<MR>(x, panel, y, K, N, k0, kc, j, n);
+  }
+  PanelKN<MR>(x, panel, y, K, N, k0, kc, nc, j, n);
+}
+
+// Rows [0, M), columns [n0, n1) through dequantized panels; returns the first column left to the
+// plain loops (whole strips of 16 / blocks of 3 outputs only; n0 when the group does not suit).
+template <int BITS>
+int64_t MatmulPanels(bool transpose, const float* x, const uint8_t* q, const float* s, const float* o, float* y,
+                     int64_t M, int64_t K, int64_t N, int64_t G, int64_t n0, int64_t n1) {
+  if (G % (BITS == 8 ? 8 : 16) != 0) return n0;
+  const int64_t strip = transpose ? 3 : 16;
+  const int64_t NC = transpose ? kPanelOutputsNK : kPanelOutputs;
+  const int64_t target = transpose ? kPanelInputsNK : kPanelInputs;
+  const int64_t KC = std::max<int64_t>(1, target / G) * G;
+  const int64_t end = n0 + (n1 - n0) / strip * strip;
+  std::vector<float> panel(NC * std::min(KC, K));
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + end, 0.0f);
+  for (int64_t nb = n0; nb < end; nb += NC) {
+    const int64_t nc = std::min(NC, end - nb);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      if (transpose) DequantNK<BITS>(q, s, o, panel.data(), K, G, k0, kc, nb, nc);
+      else DequantKN<BITS>(q, s, o, panel.data(), N, G, k0, kc, nb, nc);
+      for (int64_t j = 0; j < nc; j += strip) {
+        int64_t m = 0;
+        if (transpose) {
+          for (; m + 4 <= M; m += 4) PanelRows<4>(true, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j);
+        } else {
+          for (; m + 6 <= M; m += 6) PanelRows<6>(false, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j);
+        }
+        switch (M - m) {
+          case 1: PanelRows<1>(transpose, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j); break;
+          case 2: PanelRows<2>(transpose, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j); break;
+          case 3: PanelRows<3>(transpose, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j); break;
+          case 4: PanelRows<4>(transpose, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j); break;
+          case 5: PanelRows<5>(transpose, x + m * K, panel.data(), y + m * N, K, N, k0, kc, nc, j, nb + j); break;
+          default: break;
+        }
+      }
+    }
+  }
+  return end;
+}
 #endif
 
-ffi::Error QuantizedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                               ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y, int64_t bits,
-                               int64_t group, int64_t transpose, int64_t has_offset, int64_t threads) {
-  const auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || (bits != 4 && bits != 8) || group <= 0)
-    return ffi::Error::InvalidArgument("quantized_matmul_cpu: x and y must be 2-D, bits 4 or 8, group > 0");
-  const int64_t M = xd[0], K = xd[1], N = yd[1];
-  if (K % group != 0 || (bits == 4 && group % 2 != 0))
-    return ffi::Error::InvalidArgument("quantized_matmul_cpu: the group must divide K (and be even for int4)");
+// One weight of a call: its stored arrays, its output and where its columns sit in the call's joint
+// column space.
+struct Weight {
+  const uint8_t* q;
+  const float* s;
+  const float* o;  // nullptr: no offset
+  float* y;
+  int64_t N, bits, G, first;
+};
+
+// y[:, n0 : n1) of one weight: the vector / panel blocks take whole blocks of columns, the plain
+// loops the rest.
+void Columns(const Weight& w, bool transpose, const float* x, int64_t M, int64_t K, int64_t panel_rows, int64_t n0,
+             int64_t n1) {
+#ifdef JAXINFER_AVX2
+  if (M >= panel_rows) {
+    n0 = w.bits == 8 ? MatmulPanels<8>(transpose, x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1)
+                     : MatmulPanels<4>(transpose, x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1);
+  } else {
+    n0 = w.bits == 8 ? MatmulVector<8>(transpose, x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1)
+                     : MatmulVector<4>(transpose, x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1);
+  }
+  if (n0 >= n1) return;
+#endif
+  if (transpose) {
+    if (w.bits == 8) MatmulNK<8>(x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1);
+    else MatmulNK<4>(x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1);
+  } else {
+    if (w.bits == 8) MatmulKN<8>(x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1);
+    else MatmulKN<4>(x, w.q, w.s, w.o, w.y, M, K, w.N, w.G, n0, n1);
+  }
+}
+
+// y_i = x @ W_i for every weight i of the call (q/k/v, or gate/up: one input, several outputs).
+// args after x: (q, scale, offset) per weight; bits / group / has_offset: one entry per weight.
+ffi::Error QuantizedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                               ffi::Span<const int64_t> bits, ffi::Span<const int64_t> group,
+                               ffi::Span<const int64_t> has_offset, int64_t transpose, int64_t threads,
+                               int64_t panel_rows) {
+  const auto xd = x.dimensions();
+  const size_t count = rets.size();
+  if (xd.size() != 2 || args.size() != 3 * count || bits.size() != count || group.size() != count ||
+      has_offset.size() != count)
+    return ffi::Error::InvalidArgument("quantized_matmul_cpu: x must be 2-D, with (q, scale, offset), bits, group "
+                                       "and has_offset for every output");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<Weight> weights;
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    auto q = args.get<ffi::AnyBuffer>(3 * i);
+    auto scale = args.get<ffi::Buffer<ffi::F32>>(3 * i + 1);
+    auto offset = args.get<ffi::Buffer<ffi::F32>>(3 * i + 2);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (q.has_error() || scale.has_error() || offset.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("quantized_matmul_cpu: a weight's arrays or output have the wrong type");
+    const auto yd = (*y)->dimensions();
+    if (yd.size() != 2 || yd[0] != M || (bits[i] != 4 && bits[i] != 8) || group[i] <= 0 || K % group[i] != 0 ||
+        (bits[i] == 4 && group[i] % 2 != 0))
+      return ffi::Error::InvalidArgument("quantized_matmul_cpu: outputs [M, N], bits 4 or 8, a group dividing K "
+                                         "(even for int4)");
+    weights.push_back({static_cast<const uint8_t*>(q->untyped_data()), scale->typed_data(),
+                       has_offset[i] ? offset->typed_data() : nullptr, (*y)->typed_data(), yd[1], bits[i], group[i],
+                       total});
+    total += yd[1];
+  }
   const float* xp = x.typed_data();
-  const auto* qp = static_cast<const uint8_t*>(q.untyped_data());
-  const float* sp = scale.typed_data();
-  const float* op = has_offset ? offset.typed_data() : nullptr;
-  float* yp = y->typed_data();
-  // Threads only for big matrices: waking a second thread costs more than a small matvec (measured on
-  // 2 cores: SmolLM2's q/k/v/o projections ran faster on one thread, its MLP and lm_head on two).
-  const int64_t T = K * N < kThreadedWeights ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, N / 64));
-  const int64_t chunk = ((N + T - 1) / T + 15) / 16 * 16;
+  // Threads only for enough work: waking a second thread costs more than a small matvec (measured on
+  // 2 cores: SmolLM2's q/k/v/o projections each ran faster on one thread, its MLP and lm_head on two).
+  // The work grows with the rows (a weight counts once per 4 rows of x) and with the weights of the
+  // call: q, k and v together are one threaded call. Threads split the joint columns in blocks of 64.
+  const int64_t work = K * total * ((M + 3) / 4);
+  const int64_t T = work < kThreadedWeights ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, total / 64));
+  const int64_t chunk = ((total + T - 1) / T + 63) / 64 * 64;
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
-    int64_t n0 = std::min(N, t * chunk);
-    const int64_t n1 = std::min(N, n0 + chunk);
-    if (n0 >= n1) continue;
-#ifdef JAXINFER_AVX2
-    // the vector blocks take whole blocks of columns; the plain loops below take the rest
-    n0 = bits == 8 ? MatmulVector<8>(transpose, xp, qp, sp, op, yp, M, K, N, group, n0, n1)
-                   : MatmulVector<4>(transpose, xp, qp, sp, op, yp, M, K, N, group, n0, n1);
-    if (n0 >= n1) continue;
-#endif
-    if (transpose) {
-      if (bits == 8) MatmulNK<8>(xp, qp, sp, op, yp, M, K, N, group, n0, n1);
-      else MatmulNK<4>(xp, qp, sp, op, yp, M, K, N, group, n0, n1);
-    } else {
-      if (bits == 8) MatmulKN<8>(xp, qp, sp, op, yp, M, K, N, group, n0, n1);
-      else MatmulKN<4>(xp, qp, sp, op, yp, M, K, N, group, n0, n1);
+    const int64_t a = t * chunk, b = std::min(total, a + chunk);
+    for (const Weight& w : weights) {
+      const int64_t n0 = std::max<int64_t>(0, a - w.first), n1 = std::min(w.N, b - w.first);
+      if (n0 < n1) Columns(w, transpose, xp, M, K, panel_rows, n0, n1);
     }
   }
   return ffi::Error::Success();
@@ -334,12 +569,11 @@ ffi::Error QuantizedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQuantizedMatmul, QuantizedMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("group")
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("bits")
+                                  .Attr<ffi::Span<const int64_t>>("group")
+                                  .Attr<ffi::Span<const int64_t>>("has_offset")
                                   .Attr<int64_t>("transpose")
-                                  .Attr<int64_t>("has_offset")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("panel_rows"));

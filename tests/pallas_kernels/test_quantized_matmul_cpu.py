@@ -27,7 +27,10 @@ def _weights(rng, K, N, bits, group, transpose, offset=True):
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("M, K, N, group", [(1, 64, 48, 32), (1, 96, 200, 32), (3, 96, 200, 32), (4, 64, 100, 32),
                                            (17, 160, 72, 16), (2, 128, 130, 128), (1, 576, 1536, 32),
-                                           (2, 256, 72, 32), (5, 128, 104, 16), (16, 64, 40, 8)])
+                                           (2, 256, 72, 32), (5, 128, 104, 16), (16, 64, 40, 8),
+                                           # from PANEL_ROWS rows: dequantized panels, 6-row blocks + a tail
+                                           (8, 96, 200, 32), (32, 576, 192, 32), (45, 640, 136, 64),
+                                           (33, 576, 1536, 32)])
 def test_native_matches_the_reference(bits, transpose, M, K, N, group):
     rng = np.random.default_rng(M * 1000 + K + N)
     values, scale, offset = _weights(rng, K, N, bits, group, transpose)
@@ -36,6 +39,26 @@ def test_native_matches_the_reference(bits, transpose, M, K, N, group):
                                                                                            offset)
     want = qm.quantized_matmul_reference(x, values, scale, offset, bits=bits, transpose=transpose)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("M", [1, 3, 32])
+def test_several_weights_in_one_call_with_mixed_containers(M):
+    """q / k / v in one call: joint columns split over threads, each weight its own bits and group."""
+    rng = np.random.default_rng(M)
+    K = 256
+    specs = [(320, 32, 4, True), (64, 32, 8, False), (136, 64, 4, True), (1000, 16, 8, True)]
+    weights = [(*_weights(rng, K, N, bits, group, False, offset), bits) for N, group, bits, offset in specs]
+    x = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
+    got = jax.jit(lambda x: native.quantized_matmuls_cpu(x, weights))(x)
+    assert [g.shape for g in got] == [(M, N) for N, *_ in specs]
+    for g, (values, scale, offset, bits) in zip(got, weights):
+        want = qm.quantized_matmul_reference(x, values, scale, offset, bits=bits)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+    # quantized_matmuls (what the model calls) gives the same through the reference backend
+    with qm.matmul_backend("reference"):
+        ref = qm.quantized_matmuls(x, weights)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()))
 
 
 def test_int8_without_offsets_bf16_activations_and_batch_dims():
