@@ -91,6 +91,7 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, *, threads: int
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxinfer.cli import KV_CACHE_DTYPE_HELP, QUANTIZATION_HELP
+    from jaxinfer.speculative import SPECULATIVE_HELP, speculative_flag
     from jaxinfer.registry import DEFAULT_MODEL, REGISTRY
 
     p = argparse.ArgumentParser(prog="jaxinfer serve", description="OpenAI-compatible HTTP server")
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=["int8", "int4"], help=QUANTIZATION_HELP)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"], help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--speculative-config", type=speculative_flag, default=None, help=SPECULATIVE_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     p.add_argument("--max-num-seqs", type=int, default=16, help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens computed per step")
@@ -164,7 +166,8 @@ def _run(args, config: ServerConfig) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, progress=False,
+              speculative_config=args.speculative_config, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, progress=False,
               warmup=False, enable_prefix_caching=not args.no_prefix_caching,
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
               sequence_parallel_size=args.sequence_parallel_size, attention_backend=args.attention_backend)

@@ -2,9 +2,10 @@
 
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+from jaxinfer.speculative import SpeculativeConfig
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "SpeculativeConfig", "RequestOutput", "RequestOutputKind", "CompletionOutput"]
 
 
 def __getattr__(name):

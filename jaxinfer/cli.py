@@ -14,6 +14,7 @@ import time
 
 from jaxinfer.errors import JaxinferError
 from jaxinfer.registry import DEFAULT_MODEL, REGISTRY
+from jaxinfer.speculative import SPECULATIVE_HELP, speculative_flag
 
 
 def _status(message: str) -> None:
@@ -39,6 +40,7 @@ def _add_common(p: argparse.ArgumentParser, *, temperature: float, max_tokens: i
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=["int8", "int4"], help=QUANTIZATION_HELP)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"], help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--speculative-config", type=speculative_flag, default=None, help=SPECULATIVE_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model's heads, MLP and vocabulary over (data x sequence x "
@@ -63,7 +65,7 @@ def _load(args):
     _status(f"loading {args.model} ...")
     # One conversation at a time: a one-sequence engine compiles the fewest step shapes.
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
-              kv_cache_dtype=args.kv_cache_dtype,
+              kv_cache_dtype=args.kv_cache_dtype, speculative_config=args.speculative_config,
               max_model_len=args.max_model_len, max_num_seqs=1, max_num_batched_tokens=256, warmup=False,
               progress=False,
               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,

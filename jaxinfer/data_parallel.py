@@ -116,10 +116,11 @@ class DataParallelScheduler:
     def schedule(self) -> DataParallelOutput:
         return DataParallelOutput(tuple(r.schedule() for r in self.replicas))
 
-    def update(self, output: DataParallelOutput, sampled: Mapping[str, Sequence[int]]) -> SchedulerUpdate:
+    def update(self, output: DataParallelOutput, sampled: Mapping[str, Sequence[int]],
+               drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerUpdate:
         updates = []
         for replica, out in zip(self.replicas, output.replicas):
-            updates += replica.update(out, sampled).requests
+            updates += replica.update(out, sampled, drafts).requests
         for u in updates:
             if u.finished:
                 self._forget(u.request_id)

@@ -147,6 +147,12 @@ class LLMEngine:
 
         max_tokens = sched.max_num_batched_tokens
         sp = pc.sequence_parallel_size
+        spec = sched.speculative_config
+        if spec is not None and (pc.data_parallel_size > 1 or sp > 1 or jax.process_count() > 1
+                                 or sched.async_scheduling):
+            raise InvalidRequestError("speculative decoding runs synchronous steps on one replica: leave "
+                                      "async_scheduling unset and data / sequence parallelism at 1 (tensor "
+                                      "parallelism works), or drop speculative_config")
         rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size * sp,
                           max_pages_per_seq=max_pages_per_seq,
                           token_buckets=buckets.token_buckets or pow2_buckets(min(16, max_tokens), max_tokens),
@@ -157,7 +163,8 @@ class LLMEngine:
                           max_prefill_seqs=sched.max_prefill_seqs,
                           pages_per_item=buckets.pages_per_item,
                           attention_backend=comp.attention_backend, sequence_parallel_size=sp,
-                          kv_cache_dtype=cache.kv_cache_dtype)
+                          kv_cache_dtype=cache.kv_cache_dtype,
+                          num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0)
         if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < sched.max_num_seqs:
             raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                       f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
@@ -170,7 +177,7 @@ class LLMEngine:
         self.kv_manager = self.kv_managers[0]
         sched_config = SchedulerConfig(max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=max_tokens,
                                        max_model_len=self.max_model_len, policy=sched.policy,
-                                       max_prefill_seqs=sched.max_prefill_seqs)
+                                       max_prefill_seqs=sched.max_prefill_seqs, speculative=spec)
         if pc.data_parallel_size == 1:
             self.scheduler = Scheduler(sched_config, self.kv_manager, eos_token_ids=tokenizer.eos_token_ids)
         else:
@@ -183,10 +190,10 @@ class LLMEngine:
                                       "sequence parallelism or several hosts leave it unset (steps run synchronously)")
         # Default: on where the device is not the host's own cores (decision 50: on this 2-core CPU
         # the overlap costs the step a core and measured 9% slower).
-        default_async = one_device and device.platform != "cpu"
+        default_async = one_device and device.platform != "cpu" and spec is None
         self.async_scheduling = default_async if sched.async_scheduling is None else sched.async_scheduling
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
-                             layer_loop=layer_loop, async_scheduling=self.async_scheduling)
+                             layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec)
         self.output_processor = OutputProcessor(tokenizer)
         self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
@@ -276,7 +283,7 @@ class LLMEngine:
             result = self.runner.execute(out)  # async: dispatches `out`, returns the step before it (or None)
         if result is None:
             return []  # (the first step of a run is in flight: nothing to report yet)
-        update = self.scheduler.update(result.out, result.token_ids)
+        update = self.scheduler.update(result.out, result.token_ids, result.draft_token_ids)
         processed = self.output_processor.process(update, result)
         self._account(result.out, result, processed, start)
         return processed.outputs

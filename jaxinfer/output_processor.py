@@ -112,17 +112,21 @@ class OutputProcessor:
                 m.first_scheduled_time = result.start_time
             if sample.index == 0 and u.num_cached_tokens > 0:
                 m.num_cached_tokens = u.num_cached_tokens
+            if u.num_draft_tokens:
+                m.num_drafts += 1
+                m.num_draft_tokens += u.num_draft_tokens
+                m.num_accepted_tokens += u.num_accepted_tokens
             if sample.finished or not (u.new_token_ids or u.finished):
                 continue
             touched[state.request_id] = state
-            for token_id in u.new_token_ids:
+            for i, token_id in enumerate(u.new_token_ids):
                 m.first_token_time = m.first_token_time or now
                 m.last_token_time = now
                 m.num_generation_tokens += 1
                 step.num_new_tokens += 1
                 sample.token_ids.append(token_id)
                 if sample.logprobs is not None:
-                    s = result.sampled[u.request_id]
+                    s = result.sampled[u.request_id][i]
                     sample.logprobs.append(self._logprob_dict(token_id, s.logprob, s.top_logprobs))
                 stop_string = sample.detok.add_token(token_id)
                 if stop_string is not None:  # the core has not seen it: abort the sample there

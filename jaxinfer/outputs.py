@@ -32,6 +32,14 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_drafts: int = 0  # speculative decoding: decode steps that verified drafts
+    num_draft_tokens: int = 0  # drafts verified
+    num_accepted_tokens: int = 0  # drafts accepted
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens per verify step (the accepted drafts and the target's own token); None without drafts."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
 
     @property
     def queue_time(self) -> float | None:

@@ -61,6 +61,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.was_admitted = False  # its data went to the runner (NewRequestData)
         self.stop_reason: int | str | None = None
+        self.spec_token_ids: list[int] = []  # speculative decoding: proposed for its next step
+        self.num_draft_tokens = 0  # drafts it verified
+        self.num_accepted_tokens = 0  # of which accepted
         # The sampling seed: the params' seed, else one the engine draws.
         self.seed = seed if seed is not None else (sampling_params.seed or 0)
 

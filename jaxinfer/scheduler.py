@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, Sequence
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.speculative import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class SchedulerConfig:
     max_model_len: int = 8192
     policy: str = "fcfs"
     max_prefill_seqs: int = 4
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 1 \
@@ -70,6 +72,9 @@ class ScheduledChunk:
     num_tokens: int
     new_block_ids: tuple[int, ...]  # pages appended to the request's page table (all of them after (re)admission)
     samples: bool  # the chunk reaches the end of the request's tokens: sample the next one
+    # speculative decoding: proposed tokens after the request's last one, the chunk's last
+    # len(draft_token_ids) tokens; the step verifies them (num_tokens counts them)
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,8 @@ class RequestUpdate:
     status: RequestStatus
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    num_draft_tokens: int = 0  # speculative decoding: drafts it verified this step
+    num_accepted_tokens: int = 0  # of which accepted
 
     @property
     def finished(self) -> bool:
@@ -143,6 +150,10 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by _queue_key
         self.running: list[Request] = []  # admission order
         self.num_preemptions = 0
+        # speculative decoding: decodes that verified drafts, drafts verified / accepted (per position)
+        k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
+        self.spec_counts = dict(spec_num_drafts=0, spec_num_draft_tokens=0, spec_num_accepted_tokens=0)
+        self.spec_proposed_by_position, self.spec_accepted_by_position = [0] * k, [0] * k
         self._finished_ids: list[str] = []  # ended since the last schedule (told to the runner)
 
     # ---- queue --------------------------------------------------------------------------------
@@ -191,6 +202,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_pages_sent = 0  # the runner drops its page table (`preempted_ids`)
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -205,19 +217,22 @@ class Scheduler:
         preempted: list[str] = []
         new: list[NewRequestData] = []
         prefills = 0  # chunks of more than one token
+        speculate = self._speculates()
 
         # Running requests first, in admission order; preempt from the back when pages run out.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(self._num_to_compute(request), budget)
+            drafts = self._drafts(request, budget) if speculate and n == 1 else ()
+            n += len(drafts)
             if n <= 0:
                 i += 1  # its step in flight ends it (max_tokens / the context): nothing more to compute
                 continue
-            if n > 1 and prefills >= self.config.max_prefill_seqs:
+            if n > 1 and not drafts and prefills >= self.config.max_prefill_seqs:
                 i += 1  # a prefill in progress waits a step for a prefill slot; decodes go on
                 continue
-            prefills += n > 1
+            prefills += n > 1 and not drafts
             while self.kv.allocate_slots(request, n) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -225,7 +240,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chunks.append(self._chunk(request, request.num_computed_tokens, n))
+                chunks.append(self._chunk(request, request.num_computed_tokens, n, drafts))
                 budget -= n
                 i += 1
                 continue
@@ -258,6 +273,33 @@ class Scheduler:
         return SchedulerOutput(chunks=tuple(chunks), num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
                                preempted_ids=tuple(preempted), new_requests=tuple(new), finished_ids=finished)
 
+    def _speculates(self) -> bool:
+        """Whether this step's decodes verify drafts: only in steps without prefill chunks (a verify
+        step is shaped for decodes: 1 + k tokens a sequence), so not while a running request is still
+        prefilling or a waiting one could be admitted, and not above the batch size where
+        speculation stops paying (`SpeculativeConfig.disable_by_batch_size`)."""
+        spec = self.config.speculative
+        if spec is None or not self.running:
+            return False
+        if spec.disable_by_batch_size is not None and len(self.running) >= spec.disable_by_batch_size:
+            return False
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return False
+        return all(r.num_tokens + r.num_pending_tokens - r.num_computed_tokens <= 1 for r in self.running)
+
+    def _drafts(self, request: Request, budget: int) -> tuple[int, ...]:
+        """The drafts a decode verifies this step: its proposed tokens, cut so the step's tokens stay
+        within max_tokens, the context and the token budget."""
+        spec = self.config.speculative
+        if not request.spec_token_ids:
+            return ()
+        if (spec.min_acceptance > 0 and request.num_draft_tokens >= spec.probe_drafts
+                and request.num_accepted_tokens < spec.min_acceptance * request.num_draft_tokens):
+            return ()  # its drafts do not pay: it decodes plainly from now on
+        room = min(request.sampling_params.max_tokens - len(request.output_token_ids),
+                   self.config.max_model_len - request.num_tokens, budget) - 1
+        return tuple(request.spec_token_ids[:max(0, room)])
+
     def _num_to_compute(self, request: Request) -> int:
         """Tokens a running request has left to compute (its pending one included), or 0 when a
         step already in flight samples its last token (max_tokens or the context end)."""
@@ -267,24 +309,28 @@ class Scheduler:
             return 0
         return request.num_tokens + pending - request.num_computed_tokens
 
-    def _chunk(self, request: Request, start: int, n: int) -> ScheduledChunk:
-        """The chunk of positions [start, start + n); counts them computed (and the sampled token
-        pending) now, so the next step can be scheduled before this one's results are back."""
+    def _chunk(self, request: Request, start: int, n: int, drafts: tuple[int, ...] = ()) -> ScheduledChunk:
+        """The chunk of positions [start, start + n) (its last len(drafts) tokens drafts); counts them
+        computed (and the sampled token pending) now, so the next step can be scheduled before this
+        one's results are back (`update` moves it back past rejected drafts)."""
         pages = self.kv.get_block_ids(request.request_id)
         new_pages, request.num_pages_sent = tuple(pages[request.num_pages_sent:]), len(pages)
-        samples = start + n == request.num_tokens + request.num_pending_tokens
+        samples = start + n - len(drafts) == request.num_tokens + request.num_pending_tokens
         request.num_computed_tokens = start + n
         request.num_pending_tokens += samples
         return ScheduledChunk(request_id=request.request_id, start_pos=start, num_tokens=n,
-                              new_block_ids=new_pages, samples=samples)
+                              new_block_ids=new_pages, samples=samples, draft_token_ids=drafts)
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> SchedulerUpdate:
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
+               drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerUpdate:
         """Applies a step's results: appends the sampled tokens (a request preempted since the step
         was scheduled keeps its token), finishes the requests they stop.
 
         Args:
           output: the SchedulerOutput the step ran (the oldest one not yet updated).
-          sampled: request id -> the tokens it sampled (one for a chunk with `samples` set).
+          sampled: request id -> the tokens it sampled (one for a chunk with `samples` set; with
+            drafts, the accepted ones and the target's next token).
+          drafts: request id -> the tokens proposed for its next step (speculative decoding).
 
         Returns:
           Per request that ran: its new tokens and its status (finished ones already freed).
@@ -294,12 +340,16 @@ class Scheduler:
             request = self.requests.get(chunk.request_id)
             if request is None:
                 continue  # finished or aborted since it was scheduled: its results are dropped
-            new_tokens, status = [], None
+            new_tokens, status, drafted, accepted = [], None, 0, 0
             if chunk.samples:
                 request.num_pending_tokens -= 1
                 tokens = sampled.get(chunk.request_id)
                 if not tokens:  # nothing came back: compute the last position again next step
                     request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+                elif chunk.draft_token_ids:  # rejected drafts' slots are computed again (overwritten)
+                    drafted, accepted = len(chunk.draft_token_ids), len(tokens) - 1
+                    request.num_computed_tokens -= drafted - accepted
+                    self._count_drafts(request, drafted, accepted)
                 for token in tokens or ():
                     request.append_output_token(token)
                     new_tokens.append(token)
@@ -307,9 +357,22 @@ class Scheduler:
                     if status is not None:
                         self._finish(request, status)
                         break
+                if not request.is_finished:
+                    request.spec_token_ids = list((drafts or {}).get(chunk.request_id, ()))
             updates.append(RequestUpdate(request.request_id, new_tokens, request.status, request.stop_reason,
-                                         max(0, request.num_cached_tokens)))
+                                         max(0, request.num_cached_tokens), drafted, accepted))
         return SchedulerUpdate(updates)
+
+    def _count_drafts(self, request: Request, drafted: int, accepted: int) -> None:
+        request.num_draft_tokens += drafted
+        request.num_accepted_tokens += accepted
+        c = self.spec_counts
+        c["spec_num_drafts"] += 1
+        c["spec_num_draft_tokens"] += drafted
+        c["spec_num_accepted_tokens"] += accepted
+        for j in range(drafted):
+            self.spec_proposed_by_position[j] += 1
+            self.spec_accepted_by_position[j] += j < accepted
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         p = request.sampling_params
@@ -327,4 +390,6 @@ class Scheduler:
     def stats(self) -> dict[str, float]:
         return {"num_running": len(self.running), "num_waiting": len(self.waiting),
                 "kv_pages_free": self.kv.num_free_blocks, "kv_usage": self.kv.usage,
-                "prefix_cache_hit_rate": self.kv.prefix_cache_hit_rate, "num_preemptions": self.num_preemptions}
+                "prefix_cache_hit_rate": self.kv.prefix_cache_hit_rate, "num_preemptions": self.num_preemptions,
+                **self.spec_counts, "spec_proposed_by_position": list(self.spec_proposed_by_position),
+                "spec_accepted_by_position": list(self.spec_accepted_by_position)}

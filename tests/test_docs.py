@@ -119,7 +119,7 @@ COVERAGE = [
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
     (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|quality|quant_matmul_forms|"
-     r"bench_(generate|compile|sampler))\.py.*",
+     r"bench_(generate|compile|sampler|speculative))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
@@ -127,6 +127,8 @@ COVERAGE = [
     (r"llm = LLM\(\"smollm2-135m\", quantization=\"int4\"\).*",
      ["tests/test_quantization.py::test_int4_smollm2_keeps_the_files_blocks_and_matches_hf",
       "tests/test_quantization.py::test_int8_kv_smollm2_keeps_hfs_greedy_tokens"]),
+    (r"from jaxinfer import LLM, SamplingParams, SpeculativeConfig\n.*", [THIS + "test_readme_speculative_block"]),
+    (r"jaxinfer generate .* --speculative-config .*", [THIS + "test_readme_speculative_block"]),
     (r"llm = LLM\(\"smollm2-135m\", tensor_parallel_size=8\).*",
      ["tests/test_sharding.py::test_tensor_parallel_smollm2_matches_one_device",
       "tests/test_sharding.py::test_data_and_sequence_parallel_smollm2_match_one_device"]),
@@ -411,6 +413,41 @@ def test_readme_python_api_block(smollm2, capsys):
     assert namespace["partial"].finished and namespace["partial"].outputs[0].text in printed
 
 
+@pytest.mark.slow
+def test_readme_speculative_block(smollm2, capsys):
+    """The README's speculative decoding block on the session's SmolLM2 weights (an engine of its
+    own, with the block's SpeculativeConfig), and its CLI line's flag parsed as written."""
+    import copy
+
+    from jaxinfer import SamplingParams
+    from jaxinfer.cli import build_parser
+    from jaxinfer.engine import EngineConfig, LLMEngine
+
+    made = []
+
+    def LLM(model, **kwargs):  # noqa: N802 - stands in for jaxinfer.LLM in the block
+        made.append((model, kwargs))
+        llm = copy.copy(smollm2)
+        runner = smollm2.engine.runner
+        llm.engine = LLMEngine(smollm2.config, runner.graphdef, runner.params, smollm2.get_tokenizer(),
+                               EngineConfig.of(max_num_seqs=1, max_model_len=512, **kwargs))
+        return llm
+
+    block = doc_python("from jaxinfer import LLM, SamplingParams, SpeculativeConfig")
+    namespace = {"__name__": "readme", "LLM": LLM}
+    exec(compile(block.replace("import LLM, ", "import "), "README.md", "exec"), namespace)
+    assert made[0][0] == "smollm2-135m" and made[0][1]["speculative_config"].num_speculative_tokens == 3
+    out = namespace["out"]
+    plain = smollm2.generate(out.prompt, SamplingParams(max_tokens=32, temperature=0))[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids  # identical to plain decoding
+    assert out.metrics.mean_accepted_length > 1.5  # the function is repeated: drafts are accepted
+    assert out.outputs[0].text in capsys.readouterr().out
+    (cmd,) = [c for c in doc_commands() if "--speculative-config" in c]
+    assert build_parser().parse_args(shlex.split(cmd)[1:]).speculative_config.num_speculative_tokens == 3
+    printed, _ = _cli(capsys, cmd)  # and the CLI line as written
+    assert "2, 3" in printed
+
+
 # ---- make run: the server, the README's client and the serving benchmark against it ---------------
 
 
@@ -488,6 +525,8 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
     "quality.py": ["--models", "{tiny}", "--problems", "3", "--max-len", "48", "--greedy-prompts", "2",
                    "--greedy-tokens", "4", "--configs", "float32", "int8 weights", "int8 KV"],
     "quant_matmul_forms.py": ["--rows", "1", "--rounds", "1", "--layers", "2"],
+    "bench_speculative.py": ["--model", "{tiny}", "--batch-sizes", "1", "2", "--max-tokens", "8", "--rounds", "1",
+                             "--max-model-len", "256", "--problem-chars", "40"],
 }
 
 
@@ -525,5 +564,9 @@ def test_benchmark_commands_run(tmp_path):
     assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
     assert re.search(r"\| tiny\.gguf \| int8 KV \| [\d.]+ \| [+-][\d.]+% \| \d/2 \|", outputs["quality.py"])
     assert re.search(r"\| 1 \| int4 native \| [\d.]+ \| [\d.]+x \|", outputs["quant_matmul_forms.py"])
+    for workload in ("grounded", "chat"):  # plain and ngram rows at both batch sizes
+        for row in (rf"\| {workload} \| 2 \| plain \| [\d.]+ \| 1.00x \|",
+                    rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|"):
+            assert re.search(row, outputs["bench_speculative.py"]), row
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \
         outputs["sharding_report.py"]

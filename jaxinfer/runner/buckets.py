@@ -57,6 +57,7 @@ class RunnerConfig:
       attention_backend: `pallas_kernels.ops` backend name.
       sequence_parallel_size: devices of the `seq` mesh axis (tokens and KV pages split over them).
       kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" pages (`pallas_kernels.kv_quant`).
+      num_speculative_tokens: K, most drafts a sequence verifies (0: no speculative decoding).
     """
 
     page_size: int
@@ -71,6 +72,7 @@ class RunnerConfig:
     attention_backend: str = "auto"
     sequence_parallel_size: int = 1
     kv_cache_dtype: str = "auto"
+    num_speculative_tokens: int = 0
 
     @property
     def use_decode_items(self) -> bool:
@@ -146,6 +148,9 @@ def step_shape(rc: RunnerConfig, replicas) -> StepShape:
     seqs = [len(o.chunks) for o in replicas]
     pages = max(chunk_pages(c, rc.page_size) for o in replicas for c in o.chunks)
     width = bucket(rc.page_buckets, pages, "pages per sequence")
+    if any(c.draft_token_ids for o in replicas for c in o.chunks):  # decodes with drafts
+        S = bucket(rc.seq_buckets, max(seqs), "sequences")
+        return verify_shape(rc, S, width)
     if tokens == seqs:  # all decodes
         S = bucket(rc.seq_buckets, max(seqs), "sequences")
         if not rc.use_decode_items:  # the kernels (and sequence parallelism): one query row per block
@@ -158,6 +163,12 @@ def step_shape(rc: RunnerConfig, replicas) -> StepShape:
     return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
 
 
+def verify_shape(rc: RunnerConfig, S: int, W: int) -> StepShape:
+    """A verify step (speculative decoding): S decodes of 1 + K tokens each, every token attends
+    on its own (one query row per block, as the kernels' decode steps do)."""
+    return StepShape(S * (rc.num_speculative_tokens + 1), S, W, 1, 0)
+
+
 def all_step_shapes(rc: RunnerConfig) -> list[StepShape]:
     """Every shape `step_shape` can return: what warm-up compiles."""
     if rc.use_decode_items:
@@ -166,4 +177,6 @@ def all_step_shapes(rc: RunnerConfig) -> list[StepShape]:
         shapes = [StepShape(S, S, W, 1, 0) for S in rc.seq_buckets for W in rc.page_buckets]
     shapes += [StepShape(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T), 0) for T in rc.token_buckets
                for W in rc.page_buckets]
+    if rc.num_speculative_tokens:
+        shapes += [verify_shape(rc, S, W) for S in rc.seq_buckets for W in rc.page_buckets]
     return shapes

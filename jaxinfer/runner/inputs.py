@@ -42,6 +42,15 @@ class ModelInput:
 
 
 @flax.struct.dataclass
+class VerifyInput:
+    """Speculative decoding: where each sequence's positions are and what its drafts say."""
+
+    rows: jax.Array  # [S, K + 1] int32: the chunk's last known token, then its drafts (repeated past them)
+    drafts: jax.Array  # [S, K] int32
+    num_drafts: jax.Array  # [S] int32
+
+
+@flax.struct.dataclass
 class Penalties:
     """Per-row token history, present only when some row in the step needs it."""
 
@@ -129,11 +138,13 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
         request = requests[chunk.request_id]
         pos = np.arange(start, start + n)
         blocks = np.asarray(request.block_ids, np.int32)
-        known = min(n, len(request.token_ids) - start)
+        d = len(chunk.draft_token_ids)
+        tokens[t + n - d:t + n] = chunk.draft_token_ids  # (speculative decoding: verified this step)
+        known = min(n - d, len(request.token_ids) - start)
         tokens[t:t + known] = request.token_ids[start:start + known]
-        if known < n:  # the last token is the one the step in flight samples
+        if known < n - d:  # the last token is the one the step in flight samples
             row = (pending or {}).get(chunk.request_id)
-            if known != n - 1 or row is None:
+            if known != n - d - 1 or row is None:
                 raise RuntimeError(f"request {chunk.request_id!r}: positions {start}..{start + n - 1} scheduled but "
                                    f"only {len(request.token_ids)} tokens known and none in flight")
             if token_src is None:
@@ -141,7 +152,8 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
             token_src[t + known] = row
         positions[t:t + n] = pos
         slots[t:t + n] = blocks[pos // page_size] * page_size + pos % page_size
-        table[s, :len(blocks)] = blocks
+        used = chunk_pages(chunk, page_size)  # (pages past it: held for drafts a step rejected)
+        table[s, :used] = blocks[:used]
         kv_lens[s] = start + n
         t += n
         cu[s + 1] = t
@@ -151,9 +163,22 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
         items = DecodeItems(*decode_items(kv_lens, table, page_size, shape.I, pages_per_item))
     meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=table[:, :W], cu_q_lens=cu,
                               num_seqs=np.int32(len(chunks)), decode_items=items)
-    logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
+    drafts = np.asarray([len(c.draft_token_ids) for c in chunks] + [0] * (S - len(chunks)), np.int32)
+    logits_indices = np.maximum(cu[1:] - 1 - drafts, 0).astype(np.int32)  # a chunk's last known token
     return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta,
                       logits_indices=logits_indices), token_src
+
+
+def build_verify_input(chunks, S: int, K: int, logits_indices) -> VerifyInput:
+    """Rows of the hidden state to verify (speculative decoding: `num_speculative_tokens` = K)."""
+    drafts = np.zeros((S, K), np.int32)
+    num_drafts = np.zeros(S, np.int32)
+    for s, chunk in enumerate(chunks):
+        d = len(chunk.draft_token_ids)
+        drafts[s, :d] = chunk.draft_token_ids
+        num_drafts[s] = d
+    rows = np.asarray(logits_indices)[:, None] + np.minimum(np.arange(K + 1)[None], num_drafts[:, None])
+    return VerifyInput(rows=rows.astype(np.int32), drafts=drafts, num_drafts=num_drafts)
 
 
 def neutral_penalties(S: int, V: int) -> Penalties:
@@ -188,7 +213,8 @@ def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: 
         temperature[s], top_p[s], min_p[s] = p.temperature, p.top_p, p.min_p
         top_k[s] = p.top_k if 0 < p.top_k < V else 0  # k >= vocab keeps every token: disabled
         seeds[s] = request.seed % (1 << 32)
-        num_generated[s] = chunk.start_pos + chunk.num_tokens - request.num_prompt_tokens
+        # (the output index of the token its last known token samples; drafts are not known tokens)
+        num_generated[s] = chunk.start_pos + chunk.num_tokens - len(chunk.draft_token_ids) - request.num_prompt_tokens
         want_logprobs |= p.logprobs is not None
         if p.needs_penalties or num_generated[s] < p.min_tokens:
             needs_history.append((s, request))

@@ -35,11 +35,13 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
-from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, build_model_input, build_sampling_input,
-                                    prompt_logprob_rows, stack_model_inputs, stack_sampling_inputs)
+from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_model_input,
+                                    build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
+                                    stack_sampling_inputs)
 from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
-                                   resolve_tokens, rows_step, sample_step)
+                                   resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.scheduler import SchedulerOutput
+from jaxinfer.speculative import SpeculativeConfig, propose_ngram
 from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
@@ -64,15 +66,16 @@ class PromptLogprob:
 @dataclasses.dataclass
 class StepResult:
     out: SchedulerOutput  # the step these are the results of
-    sampled: dict[str, SampledToken]
+    sampled: dict[str, list[SampledToken]]  # one token a request, or (verified drafts) several
     prompt_logprobs: dict[str, list[PromptLogprob]]
     device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
     start_time: float = 0.0  # time.monotonic() when the step began
+    draft_token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # proposed for the next step
 
     @property
     def token_ids(self) -> dict[str, list[int]]:
         """Request id -> the tokens it sampled this step (what Scheduler.update takes)."""
-        return {rid: [s.token_id] for rid, s in self.sampled.items()}
+        return {rid: [s.token_id for s in tokens] for rid, tokens in self.sampled.items()}
 
 
 @dataclasses.dataclass
@@ -86,6 +89,7 @@ class StepPlan:
     prompt_rows: np.ndarray  # [R] int32 hidden-state rows whose next-token logprobs are wanted
     prompt_targets: np.ndarray  # [R] int32 the prompt token each row predicts
     token_src: np.ndarray | None = None  # [T] rows of the step in flight's tokens (async; -1: known)
+    verify: VerifyInput | None = None  # speculative decoding: the step verifies drafts
 
 
 @dataclasses.dataclass
@@ -94,7 +98,8 @@ class InFlightStep:
 
     out: SchedulerOutput
     start_time: float  # time.monotonic() when the step began
-    tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them)
+    tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them); [S, K + 1] verifying
+    num_accepted: jax.Array | None = None  # [S] drafts accepted per sequence (a verify step)
     logprobs: tuple | None = None
     prompt_logprobs: tuple | None = None
     rows: dict[str, tuple[CachedRequest, int]] = dataclasses.field(default_factory=dict)  # samplers
@@ -118,11 +123,14 @@ class Runner:
         time at the scanned loop's compile time; docs/ARCHITECTURE.md decision 48).
       async_scheduling: the engine submits a step before collecting the previous one (one device,
         no mesh): warm-up also compiles `resolve_tokens`.
+      speculative: speculative decoding (synchronous steps, one replica): after each step the
+        runner proposes the next step's drafts for every request that sampled
+        (`StepResult.draft_token_ids`); steps with drafts run `verify_step`.
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
                  *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model",
-                 async_scheduling: bool = False):
+                 async_scheduling: bool = False, speculative: SpeculativeConfig | None = None):
         if layer_loop not in ("model", "per_layer"):
             raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
         self.config = config
@@ -140,6 +148,11 @@ class Runner:
         if async_scheduling and mesh is not None:
             raise ValueError("async scheduling runs on one device without a mesh")
         self.async_scheduling = async_scheduling  # warm-up compiles resolve_tokens
+        if speculative is not None and (async_scheduling or runner_config.num_speculative_tokens
+                                        != speculative.num_speculative_tokens):
+            raise ValueError("speculative decoding runs synchronous steps with RunnerConfig.num_speculative_tokens "
+                             "= SpeculativeConfig.num_speculative_tokens")
+        self.speculative = speculative
         self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
         make_cache = functools.partial(
             PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
@@ -187,6 +200,14 @@ class Runner:
             rows = np.pad(np.asarray(rows), ((0, pad), (0, 0)))
             si = jax.tree.map(lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), si)
         return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to)
+
+    def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
+        S = vi.num_drafts.shape[0]
+        top = self.rc.seq_buckets[-1]
+        if (si.penalties is not None or si.num_logprobs) and S < top:  # compiled for the largest bucket (_sample)
+            pad = lambda a: np.pad(np.asarray(a), [(0, top - S)] + [(0, 0)] * (np.ndim(a) - 1))  # noqa: E731
+            vi, si = jax.tree.map(pad, vi), jax.tree.map(pad, si)
+        return verify_step(self.params, hidden, vi, si, graphdef=self.graphdef)
 
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
@@ -277,14 +298,20 @@ class Runner:
                 raise RuntimeError("async scheduling runs on one data-parallel replica")
             model_input = stack_model_inputs(inputs, shape.T)
             sampling_input = stack_sampling_inputs(sampling, V)
+        verify = None
+        if any(c.draft_token_ids for c in out.chunks):
+            if len(outs) != 1:
+                raise RuntimeError("speculative decoding runs on one data-parallel replica")
+            verify = build_verify_input(out.chunks, shape.S, self.rc.num_speculative_tokens,
+                                        model_input.logits_indices)
         plan = StepPlan(shape=shape, model_input=model_input, sampling_input=sampling_input,
                         prompt_rows=np.asarray(rows, np.int32),
-                        prompt_targets=np.asarray(step.prompt_targets, np.int32), token_src=srcs[0])
+                        prompt_targets=np.asarray(step.prompt_targets, np.int32), token_src=srcs[0], verify=verify)
         if self.step_hook is not None:  # multi-host: the other processes run the same plan
             if plan.token_src is not None:
                 raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
             self.step_hook(plan)
-        step.tokens, step.logprobs, step.prompt_logprobs = self._dispatch(
+        step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted = self._dispatch(
             plan, in_flight.tokens if in_flight is not None else None)
         self._in_flight = step
         return step
@@ -301,46 +328,73 @@ class Runner:
         tokens = np.asarray(step.tokens)
         lps = None if step.logprobs is None else [np.asarray(a) for a in step.logprobs]
         prompt_lps = None if step.prompt_logprobs is None else [np.asarray(a) for a in step.prompt_logprobs]
+        accepted = None if step.num_accepted is None else np.asarray(step.num_accepted)
         device_seconds = time.perf_counter() - start
+        if accepted is None:  # one token a row: seen as a verify step without drafts
+            tokens, accepted = tokens[:, None], np.zeros(len(tokens), np.int64)
+            lps = None if lps is None else [a[:, None] for a in lps]
         sampled = {}
         for rid, (request, s) in step.rows.items():
-            result = SampledToken(int(tokens[s]))
-            request.token_ids.append(result.token_id)  # (a request finished since has no one reading it)
-            n = request.params.logprobs
-            if n is not None:
-                result.logprob = float(lps[0][s])
-                result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, :n], lps[2][s, :n])]
-            sampled[rid] = result
+            results = []
+            for j in range(int(accepted[s]) + 1):
+                result = SampledToken(int(tokens[s, j]))
+                n = request.params.logprobs
+                if n is not None:
+                    result.logprob = float(lps[0][s, j])
+                    result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, j, :n], lps[2][s, j, :n])]
+                results.append(result)
+            request.token_ids += [r.token_id for r in results]  # (a request finished since has no one reading it)
+            sampled[rid] = results
         prompt = {}
         for r, ((rid, pos, n), target) in enumerate(zip(step.prompt_owners, step.prompt_targets)):
             prompt.setdefault(rid, []).append(PromptLogprob(
                 pos, target, float(prompt_lps[0][r]),
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
-        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time)
-        step.tokens = step.logprobs = step.prompt_logprobs = None  # the device buffers can go
+        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time,
+                                 self._propose(step.rows) if self.speculative is not None else {})
+        step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = None  # the device buffers can go
         if self._in_flight is step:
             self._in_flight = None
         return step.result
 
+    def _propose(self, rows) -> dict[str, list[int]]:
+        """The next step's drafts of every request that sampled (ngram: prompt lookup in its
+        tokens). None for a request whose sampling needs its token history per position
+        (penalties, min_tokens not reached yet)."""
+        spec, drafts = self.speculative, {}
+        for rid, (request, _) in rows.items():
+            p = request.params
+            if p.needs_penalties or len(request.token_ids) - request.num_prompt_tokens < p.min_tokens:
+                continue
+            proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                     spec.prompt_lookup_max)
+            if proposal:
+                drafts[rid] = proposal
+        return drafts
+
     def _dispatch(self, plan: StepPlan, in_flight_tokens=None):
-        """Dispatches the device part of a step (forward, sample, prompt logprobs) without
-        waiting: device arrays (tokens, logprobs, prompt logprobs)."""
+        """Dispatches the device part of a step (forward, sample or verify, prompt logprobs)
+        without waiting: device arrays (tokens, logprobs, prompt logprobs, drafts accepted or None)."""
         inp = plan.model_input
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
         hidden, rows = self._forward(inp, plan.shape.q_block)
-        tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
+        num_accepted = None
+        if plan.verify is not None:
+            tokens, num_accepted, lps = self._verify(hidden, plan.verify, plan.sampling_input)
+        else:
+            tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
         prompt_lps = None
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
             prompt_lps = self._prompt_logprobs(hidden, np.pad(plan.prompt_rows, pad), np.pad(plan.prompt_targets, pad))
-        return tokens, lps, prompt_lps
+        return tokens, lps, prompt_lps, num_accepted
 
     def run_plan(self, plan: StepPlan):
         """The device part of a step (every process of a multi-host run executes it on the same
         plan): forward, sample, prompt logprobs -> (tokens, logprobs, prompt logprobs, seconds
         spent waiting for the device), as numpy arrays."""
-        tokens, lps, prompt_lps = self._dispatch(plan)
+        tokens, lps, prompt_lps, _ = self._dispatch(plan)
         start = time.perf_counter()
         tokens = np.asarray(tokens)
         if lps is not None:

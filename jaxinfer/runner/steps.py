@@ -8,6 +8,8 @@
                                                    one graph for every layer, run L times
       rows_step(x, logits_indices)                 -> (hidden [T, D], rows [S, D])
     sample_step(params, rows, si, graphdef=, pad_to=) -> (tokens [pad_to], logprobs or None)
+    verify_step(params, hidden, vi, si, graphdef=) -> (tokens [S, K + 1], num_accepted [S], logprobs)
+                                                   speculative decoding: drafts verified
     resolve_tokens(tokens, token_src, sampled)     -> tokens [1, T] with the step in flight's samples
                                                    filled in on the device (async scheduling)
     prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
@@ -32,9 +34,10 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embed_inputs, run_layer
 from jaxinfer.paged_attention import paged_attend
-from jaxinfer.runner.inputs import ModelInput, SamplingInput
+from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
+from jaxinfer.speculative.verify import verify
 from pallas_kernels.quantized_matmul import matmul_backend
 
 
@@ -114,6 +117,29 @@ def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_
     if pad_to > tokens.shape[0]:
         tokens = jnp.pad(tokens, (0, pad_to - tokens.shape[0]))
     return tokens, lps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef: nnx.GraphDef):
+    """Speculative decoding's sampler: hidden [T, D] of a step whose chunks end with drafts ->
+    (tokens [S, K + 1], num_accepted [S], logprobs or None, each [S, K + 1, ...]); see
+    `jaxinfer.speculative.verify`. Penalties (and min_tokens' suppression) apply to every position
+    of a row alike: only rows without drafts carry them (the scheduler gives such requests none)."""
+    model = nnx.merge(graphdef, params)
+    S, K1 = vi.rows.shape
+    raw = model.compute_logits(hidden[vi.rows.reshape(-1)])  # [S * (K + 1), V]
+    logits = raw
+    p = si.penalties
+    if p is not None:
+        rep = lambda a: jnp.repeat(a, K1, axis=0)  # noqa: E731
+        logits = apply_penalties(raw, rep(p.seen), rep(p.output_counts), rep(p.repetition), rep(p.presence),
+                                 rep(p.frequency), rep(p.suppress))
+    tokens, num_accepted = verify(logits.reshape(S, K1, -1), vi.drafts, vi.num_drafts, si.temperature, si.top_k,
+                                  si.top_p, si.min_p, si.seeds, si.num_generated)
+    lps = None
+    if si.num_logprobs:
+        lps = tuple(a.reshape(S, K1, *a.shape[1:]) for a in logprobs(raw, tokens.reshape(-1), si.num_logprobs))
+    return tokens, num_accepted, lps
 
 
 @jax.jit

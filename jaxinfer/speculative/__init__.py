@@ -1,0 +1,107 @@
+"""Speculative decoding: proposed tokens verified by the target model in one step.
+
+    SpeculativeConfig(method="ngram", num_speculative_tokens=k)   what `LLM(speculative_config=...)`,
+                                                                  `--speculative-config` take
+    propose_ngram(tokens, k, min_n, max_n)                        prompt lookup (host, numpy)
+    verify(logits [S, k+1, V], drafts [S, k], num_drafts [S], ...) the target's tokens at every
+                                                                  position and how many drafts hold
+
+A request with drafts is scheduled with 1 + d query tokens (its last token and the d drafts); the
+forward pass computes the target's logits at all of them; the sampler draws the target's token at
+each position with the key plain decoding would use for that output index, and the drafts are
+accepted while they equal those tokens. Greedy: the longest prefix equal to the target's argmax,
+then the target's token. Sampling: a deterministic draft d (the proposers here propose greedily) is
+accepted with probability p(d), and on rejection the token comes from p restricted to tokens != d,
+renormalised — exactly the rejection rule min(1, p(d) / q(d)) with q one-hot, so the output has the
+target's distribution; and since each position's draw uses plain decoding's key, a seeded request
+gives the same text with speculation on and off. Rejected positions' KV slots are simply
+overwritten later (`num_computed_tokens` moves back); their pages never enter the prefix cache
+(only pages of known tokens do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.speculative.ngram import propose_ngram
+
+__all__ = ["METHODS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_HELP", "SpeculativeConfig", "propose_ngram",
+           "speculative_flag"]
+
+METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpeculativeConfig:
+    """Attributes:
+      method: "ngram" (prompt lookup: drafts copied from earlier in the request's own tokens).
+      num_speculative_tokens: k, most drafts a request verifies per step (1..MAX_SPECULATIVE_TOKENS).
+      prompt_lookup_min, prompt_lookup_max: ngram: the suffix lengths matched (longest first).
+      min_acceptance: a request whose mean accepted drafts per verified draft falls below this (after
+        `probe_drafts` drafts) stops proposing: speculation that does not pay turns itself off.
+      probe_drafts: drafts verified before `min_acceptance` is judged.
+      disable_by_batch_size: no drafts in steps with at least this many running requests (a large
+        batch is compute-bound: verifying k more tokens per sequence costs more than it saves); None:
+        any batch.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    min_acceptance: float = 0.0
+    probe_drafts: int = 32
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise InvalidRequestError(msg)
+
+        check(self.method in METHODS, f"speculative method must be one of {list(METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        check(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_SPECULATIVE_TOKENS,
+              f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        check(all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) and 1 <= lo <= hi,
+              f"prompt_lookup_min / prompt_lookup_max must be integers with 1 <= min <= max, got {lo!r} / {hi!r}")
+        check(isinstance(self.min_acceptance, (int, float)) and 0 <= self.min_acceptance <= 1,
+              f"min_acceptance must be in [0, 1] (0: never turn speculation off), got {self.min_acceptance!r}")
+        check(isinstance(self.probe_drafts, int) and self.probe_drafts >= 1,
+              f"probe_drafts must be a positive integer, got {self.probe_drafts!r}")
+        b = self.disable_by_batch_size
+        check(b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
+              f"disable_by_batch_size must be None or a positive integer, got {b!r}")
+
+    @classmethod
+    def of(cls, value) -> SpeculativeConfig | None:
+        """From a SpeculativeConfig, a dict of its fields (the JSON of `--speculative-config`), or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise InvalidRequestError(f"unknown speculative_config fields {unknown}; the fields are "
+                                          f"{[f.name for f in dataclasses.fields(cls)]}")
+            return cls(**value)
+        raise InvalidRequestError(f"speculative_config must be a SpeculativeConfig, a dict or None, got {value!r}")
+
+
+SPECULATIVE_HELP = ('speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 3} '
+                    '(fields of jaxinfer.speculative.SpeculativeConfig)')
+
+
+def speculative_flag(text: str) -> SpeculativeConfig:
+    """`--speculative-config`'s argparse type: JSON of SpeculativeConfig's fields."""
+    import argparse
+    import json
+
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"expected a JSON object of SpeculativeConfig fields, got {text!r}")
+        return SpeculativeConfig.of(value)
+    except (json.JSONDecodeError, InvalidRequestError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
