@@ -10,10 +10,11 @@ Workloads (chat-templated, greedy):
     chat      open chat: questions whose answers are not in the prompt
 
 Every configuration is an engine built once with the same settings (max_num_seqs = the largest
-batch); an untimed first round compiles the shapes the runs use; then they are timed round-robin: each round runs every (workload, batch, configuration)
-once; a figure is the median over rounds. Greedy outputs are compared with plain decoding's
-(identical, or the run stops). Printed per row: output tok/s, the ratio to plain, drafts accepted /
-proposed, mean tokens per verify step and acceptance at each draft position.
+batch); an untimed first round compiles the shapes the runs use; then they are timed round-robin:
+each round runs every (workload, batch, configuration) once; a figure is the median over rounds.
+Greedy outputs are compared with plain decoding's (identical, or the run stops). Printed per row:
+output tok/s, the ratio to plain, drafts accepted / proposed, mean tokens per verify step and
+acceptance at each draft position.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
         blocks = np.asarray(request.block_ids, np.int32)
         d = len(chunk.draft_token_ids)
         tokens[t + n - d:t + n] = chunk.draft_token_ids  # (speculative decoding: verified this step)
-        known = min(n - d, len(request.token_ids) - start)
+        known = min(n - d, len(request.token_ids) - start) if n > d else 0  # (a lone draft row: none)
         tokens[t:t + known] = request.token_ids[start:start + known]
         if known < n - d:  # the last token is the one the step in flight samples
             row = (pending or {}).get(chunk.request_id)
@@ -169,15 +169,20 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
                       logits_indices=logits_indices), token_src
 
 
-def build_verify_input(chunks, S: int, K: int, logits_indices) -> VerifyInput:
-    """Rows of the hidden state to verify (speculative decoding: `num_speculative_tokens` = K)."""
+def build_verify_input(chunks, S: int, K: int) -> VerifyInput:
+    """Rows of the hidden state to verify (speculative decoding: `num_speculative_tokens` = K):
+    the step runs `buckets.verify_chunks(chunks)`, chunk s's 1 + d tokens in consecutive rows."""
     drafts = np.zeros((S, K), np.int32)
     num_drafts = np.zeros(S, np.int32)
+    first = np.zeros(S, np.int32)
+    t = 0
     for s, chunk in enumerate(chunks):
         d = len(chunk.draft_token_ids)
         drafts[s, :d] = chunk.draft_token_ids
         num_drafts[s] = d
-    rows = np.asarray(logits_indices)[:, None] + np.minimum(np.arange(K + 1)[None], num_drafts[:, None])
+        first[s] = t + chunk.num_tokens - d - 1  # its last known token
+        t += chunk.num_tokens
+    rows = first[:, None] + np.minimum(np.arange(K + 1)[None], num_drafts[:, None])
     return VerifyInput(rows=rows.astype(np.int32), drafts=drafts, num_drafts=num_drafts)
 
 
@@ -214,7 +219,8 @@ def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: 
         top_k[s] = p.top_k if 0 < p.top_k < V else 0  # k >= vocab keeps every token: disabled
         seeds[s] = request.seed % (1 << 32)
         # (the output index of the token its last known token samples; drafts are not known tokens)
-        num_generated[s] = chunk.start_pos + chunk.num_tokens - len(chunk.draft_token_ids) - request.num_prompt_tokens
+        known = chunk.num_tokens - len(chunk.draft_token_ids)
+        num_generated[s] = chunk.start_pos + known - request.num_prompt_tokens
         want_logprobs |= p.logprobs is not None
         if p.needs_penalties or num_generated[s] < p.min_tokens:
             needs_history.append((s, request))

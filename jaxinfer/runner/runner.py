@@ -34,7 +34,7 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
-from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
+from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
 from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_model_input,
                                     build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
                                     stack_sampling_inputs)
@@ -279,17 +279,20 @@ class Runner:
         outs = getattr(out, "replicas", (out,))
         shape = self.step_shape(out)
         rc, V = self.rc, self.config.vocab_size
+        verifies = any(c.draft_token_ids for c in out.chunks)
+        S = bucket(rc.seq_buckets, len(out.chunks), "sequences") if verifies else shape.S  # sampler rows
         inputs, sampling, rows, srcs = [], [], [], []
         for r, o in enumerate(outs):  # replica r owns rows r*T.. of the tokens and r*S.. of the sequences
-            inp, src = build_model_input(o.chunks, self.requests, shape, rc.page_size, rc.pages_per_item, pending)
+            chunks = verify_chunks(o.chunks) if verifies else o.chunks  # (a verify step: one-token rows)
+            inp, src = build_model_input(chunks, self.requests, shape, rc.page_size, rc.pages_per_item, pending)
             inputs.append(inp)
             srcs.append(src)
-            sampling.append(build_sampling_input(o.chunks, self.requests, shape.S, V, self.eos_token_ids))
+            sampling.append(build_sampling_input(o.chunks, self.requests, S, V, self.eos_token_ids))
             rr, tt, oo = prompt_logprob_rows(o.chunks, self.requests)
             rows += [x + r * shape.T for x in rr]
             step.prompt_targets += tt
             step.prompt_owners += [(rid, pos, self.requests[rid].params.prompt_logprobs) for rid, pos in oo]
-            step.rows.update({chunk.request_id: (self.requests[chunk.request_id], r * shape.S + s)
+            step.rows.update({chunk.request_id: (self.requests[chunk.request_id], r * S + s)
                               for s, chunk in enumerate(o.chunks) if chunk.samples})
         if len(outs) == 1:
             model_input, sampling_input = inputs[0], sampling[0]
@@ -299,11 +302,10 @@ class Runner:
             model_input = stack_model_inputs(inputs, shape.T)
             sampling_input = stack_sampling_inputs(sampling, V)
         verify = None
-        if any(c.draft_token_ids for c in out.chunks):
+        if verifies:
             if len(outs) != 1:
                 raise RuntimeError("speculative decoding runs on one data-parallel replica")
-            verify = build_verify_input(out.chunks, shape.S, self.rc.num_speculative_tokens,
-                                        model_input.logits_indices)
+            verify = build_verify_input(out.chunks, S, self.rc.num_speculative_tokens)
         plan = StepPlan(shape=shape, model_input=model_input, sampling_input=sampling_input,
                         prompt_rows=np.asarray(rows, np.int32),
                         prompt_targets=np.asarray(step.prompt_targets, np.int32), token_src=srcs[0], verify=verify)

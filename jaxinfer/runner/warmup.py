@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model import embedding_arrays
+from jaxinfer.runner.buckets import verify_seqs
 from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input, stack_model_inputs,
                                     stack_sampling_inputs)
 from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, resolve_tokens,
@@ -119,7 +120,7 @@ def aot_graphs(runner) -> list[tuple]:
                     ("sample", S, with_penalties, num_logprobs), rare if with_penalties or num_logprobs else 0)
             if rc.num_speculative_tokens and (S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs)):
                 si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
-                hidden = jax.ShapeDtypeStruct((S * (rc.num_speculative_tokens + 1), D), dtype)
+                hidden = jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype)
                 add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens), si),
                     dict(graphdef=runner.graphdef), ("verify", S, with_penalties, num_logprobs),
                     rare if with_penalties or num_logprobs else 0)
@@ -159,7 +160,7 @@ def warmup_by_running(runner, progress: bool) -> int:
             jax.block_until_ready(runner._sample(sample_rows[S], si))
             count += 1
             if K:  # (one replica: speculative decoding runs without data parallelism)
-                jax.block_until_ready(runner._verify(hidden[S * (K + 1)], empty_verify_input(S, K), si))
+                jax.block_until_ready(runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si))
                 count += 1
     for T, h in hidden.items():
         rows = np.zeros(T * D, np.int32)
