@@ -127,7 +127,7 @@ COVERAGE = [
     (r"llm = LLM\(\"smollm2-135m\", quantization=\"int4\"\).*",
      ["tests/test_quantization.py::test_int4_smollm2_keeps_the_files_blocks_and_matches_hf",
       "tests/test_quantization.py::test_int8_kv_smollm2_keeps_hfs_greedy_tokens"]),
-    (r"from jaxinfer import LLM, SamplingParams, SpeculativeConfig\n.*", [THIS + "test_readme_speculative_block"]),
+    (r"from jaxinfer import LLM, SpeculativeConfig, SamplingParams\n.*", [THIS + "test_readme_speculative_block"]),
     (r"jaxinfer generate .* --speculative-config .*", [THIS + "test_readme_speculative_block"]),
     (r"llm = LLM\(\"smollm2-135m\", tensor_parallel_size=8\).*",
      ["tests/test_sharding.py::test_tensor_parallel_smollm2_matches_one_device",
@@ -433,7 +433,7 @@ def test_readme_speculative_block(smollm2, capsys):
                                EngineConfig.of(max_num_seqs=1, max_model_len=512, **kwargs))
         return llm
 
-    block = doc_python("from jaxinfer import LLM, SamplingParams, SpeculativeConfig")
+    block = doc_python("from jaxinfer import LLM, SpeculativeConfig, SamplingParams")
     namespace = {"__name__": "readme", "LLM": LLM}
     exec(compile(block.replace("import LLM, ", "import "), "README.md", "exec"), namespace)
     assert made[0][0] == "smollm2-135m" and made[0][1]["speculative_config"].num_speculative_tokens == 3
