@@ -108,6 +108,11 @@ class InFlightStep:
     result: StepResult | None = None  # once collected
 
 
+def _pad_rows(tree, pad: int):
+    """Every array of `tree` padded with `pad` zero rows on its first axis (on the host)."""
+    return jax.tree.map(lambda a: np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), tree)
+
+
 class Runner:
     """Owns the device KV cache, the per-request state it needs to build inputs, and runs steps.
 
@@ -196,17 +201,13 @@ class Runner:
             # pad the rows, sample, cut the padding off.
             # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
             # its own); the caller reads the first S rows of the result.
-            pad = self.rc.seq_buckets[-1] - S
-            rows = np.pad(np.asarray(rows), ((0, pad), (0, 0)))
-            si = jax.tree.map(lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), si)
+            rows, si = _pad_rows((rows, si), self.rc.seq_buckets[-1] - S)
         return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to)
 
     def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
         S = vi.num_drafts.shape[0]
-        top = self.rc.seq_buckets[-1]
-        if (si.penalties is not None or si.num_logprobs) and S < top:  # compiled for the largest bucket (_sample)
-            pad = lambda a: np.pad(np.asarray(a), [(0, top - S)] + [(0, 0)] * (np.ndim(a) - 1))  # noqa: E731
-            vi, si = jax.tree.map(pad, vi), jax.tree.map(pad, si)
+        if (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:  # as in _sample
+            vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
         return verify_step(self.params, hidden, vi, si, graphdef=self.graphdef)
 
     def _prompt_logprobs(self, hidden, rows, targets):
