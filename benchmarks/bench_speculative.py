@@ -1,7 +1,9 @@
-"""Speculative decoding on SmolLM2-135M-Instruct: plain decoding vs prompt-lookup ("ngram") drafts,
-at batch 1 and at several concurrent requests, on two workloads, in interleaved rounds.
+"""Speculative decoding on SmolLM2-135M-Instruct: plain decoding vs prompt-lookup ("ngram") drafts
+vs a trained draft head ("eagle", with --eagle HEAD_DIR from `jaxinfer train-draft`), at batch 1
+and at several concurrent requests, on two workloads, in interleaved rounds.
 
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
+                                           [--eagle HEAD_DIR]
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -61,6 +63,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                    help="every engine's weights quantized (the target's matmuls: where verifying k tokens costs "
+                         "least on CPU)")
+    ap.add_argument("--eagle", default=None, metavar="HEAD_DIR",
+                    help="also run method eagle with this draft head (jaxinfer train-draft MODEL HEAD_DIR)")
     ap.add_argument("--problem-chars", type=int, default=0,
                     help="cut each HumanEval problem's code to this many characters (0: whole)")
     args = ap.parse_args()
@@ -71,11 +78,14 @@ def main():
     top = max(args.batch_sizes)
     configs = {"plain": None} | {f"ngram k={k}": SpeculativeConfig(method="ngram", num_speculative_tokens=k)
                                  for k in args.k}
+    if args.eagle:
+        configs |= {f"eagle k={k}": SpeculativeConfig(method="eagle", model=args.eagle, num_speculative_tokens=k)
+                    for k in args.k}
     llms = {}
     for name, spec in configs.items():
         t0 = time.perf_counter()
         llms[name] = LLM(args.model, dtype="float32", max_num_seqs=top, max_model_len=args.max_model_len,
-                         progress=False, warmup=False, speculative_config=spec)
+                         progress=False, warmup=False, speculative_config=spec, quantization=args.quantization)
         print(f"{name}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     texts = {"grounded": grounded_prompts(top, args.problem_chars), "chat": (CHAT * (1 + top // len(CHAT)))[:top]}
     prompts = {w: llms["plain"].chat_prompts([[{"role": "user", "content": t}] for t in texts[w]])
@@ -108,8 +118,9 @@ def main():
 
     import jax
 
+    weights = f", {args.quantization} weights" if args.quantization else ""
     print(f"\n{datetime.date.today()}, {platform.node() or 'this machine'}, jax {jax.__version__} "
-          f"{jax.devices()[0].platform}, {args.model} float32, greedy, {args.max_tokens} new tokens, "
+          f"{jax.devices()[0].platform}, {args.model} float32{weights}, greedy, {args.max_tokens} new tokens, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| workload | batch | configuration | output tok/s | vs plain | accepted / proposed | "
           "tokens per verify step | acceptance by position |")

@@ -173,6 +173,44 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts from a text file (one per line) or a JSONL file (objects with "prompt")."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if path.endswith(".jsonl"):
+        try:
+            return [json.loads(line)["prompt"] for line in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: every line must be a JSON object with a \"prompt\" ({e})") from None
+    return lines
+
+
+def cmd_train_draft(args) -> int:
+    """Trains an EAGLE-style draft head for MODEL on its own answers (jaxinfer.speculative.train)."""
+    from jaxinfer.speculative.train import DraftRecipe, train_draft
+
+    fields = {f: getattr(args, f) for f in ("num_prompts", "num_heldout", "max_tokens", "draft_vocab_size", "steps",
+                                            "batch_size", "learning_rate", "eval_every", "seed", "generate_batch")
+              if getattr(args, f) is not None}
+    try:
+        recipe = DraftRecipe(**fields, **({"unroll": args.k} if args.k is not None else {}))
+        prompts = read_prompt_file(args.prompts) if args.prompts else None
+    except (ValueError, OSError) as e:
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    if prompts is not None and args.num_prompts is None:
+        recipe = dataclasses.replace(recipe, num_prompts=len(prompts))
+    try:
+        train_draft(args.model, args.out_dir, recipe, prompts=prompts, progress=not args.quiet,
+                    log=_status)
+    except ValueError as e:
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="store the weights quantized (restored as they are, without quantizing again)")
     v.set_defaults(func=cmd_convert)
+    t = sub.add_parser("train-draft", help="train an EAGLE-style draft head for speculative decoding (method "
+                                           "\"eagle\") on the model's own answers")
+    t.add_argument("model", help="the target: a registered model name, a .gguf path or a checkpoint directory")
+    t.add_argument("out_dir", help="where the head is saved (load it with SpeculativeConfig(method=\"eagle\", "
+                                   "model=OUT_DIR))")
+    t.add_argument("--prompts", default=None, help="prompts to answer: a text file (one per line) or JSONL with "
+                                                   "\"prompt\" (default: built-in chat questions)")
+    t.add_argument("--num-prompts", type=int, default=None, help="prompts answered (default 320)")
+    t.add_argument("--num-heldout", type=int, default=None, help="of them held out for the acceptance figure (32)")
+    t.add_argument("--max-tokens", type=int, default=None, help="answer length (128)")
+    t.add_argument("--generate-batch", type=int, default=None, help="prompts answered at once (64)")
+    t.add_argument("--draft-vocab-size", type=int, default=None, help="tokens the head can propose (8192)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (1500)")
+    t.add_argument("--batch-size", type=int, default=None, help="positions per step (256)")
+    t.add_argument("--k", type=int, default=None, help="draft steps trained, the k it is best at (3)")
+    t.add_argument("--learning-rate", type=float, default=None, help="peak AdamW learning rate (2e-3)")
+    t.add_argument("--eval-every", type=int, default=None, help="held-out acceptance every this many steps (250)")
+    t.add_argument("--seed", type=int, default=None, help="prompt order and initialisation (0)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train_draft)
     return parser
 
 

@@ -192,8 +192,14 @@ class LLMEngine:
         # the overlap costs the step a core and measured 9% slower).
         default_async = one_device and device.platform != "cpu" and spec is None
         self.async_scheduling = default_async if sched.async_scheduling is None else sched.async_scheduling
+        draft_head = None
+        if spec is not None and spec.method == "eagle":  # checked against this model (typed errors)
+            from jaxinfer.speculative.eagle import load_head
+
+            draft_head = load_head(spec.model, config, params, tokenizer)
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
-                             layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec)
+                             layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec,
+                             draft_head=draft_head)
         self.output_processor = OutputProcessor(tokenizer)
         self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids

@@ -129,6 +129,10 @@ COVERAGE = [
       "tests/test_quantization.py::test_int8_kv_smollm2_keeps_hfs_greedy_tokens"]),
     (r"from jaxinfer import LLM, SpeculativeConfig, SamplingParams\n.*", [THIS + "test_readme_speculative_block"]),
     (r"jaxinfer generate .* --speculative-config .*", [THIS + "test_readme_speculative_block"]),
+    # trained on the tiny model with small-size flags (the default recipe takes half an hour)
+    (r"jaxinfer train-draft( smollm2-135m \./smollm2-eagle)?|"
+     r"jaxinfer chat --model smollm2-135m --speculative-config .*",
+     ["tests/test_eagle.py::test_readme_train_draft_and_chat_commands"]),
     (r"llm = LLM\(\"smollm2-135m\", tensor_parallel_size=8\).*",
      ["tests/test_sharding.py::test_tensor_parallel_smollm2_matches_one_device",
       "tests/test_sharding.py::test_data_and_sequence_parallel_smollm2_match_one_device"]),
@@ -190,7 +194,7 @@ def test_doc_commands_parse():
     parsed = 0
     for cmd in doc_commands():
         parse, args = _parser_for(shlex.split(cmd.replace('"$KEY"', "k")))
-        if parse is None or not args or args[0] in ("generate", "chat", "convert") and len(args) == 1:
+        if parse is None or not args or args[0] in ("generate", "chat", "convert", "train-draft") and len(args) == 1:
             continue
         if args == ["--help"]:
             with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
@@ -513,6 +517,21 @@ def test_make_run_serves_the_readme_client_and_benchmark(tmp_path):
 
 # ---- benchmarks ----------------------------------------------------------------------------------
 
+def _untrained_head(model_path: str, out: str) -> None:
+    """A draft head with fresh parameters for the model at `model_path` (its drafts are poor, which
+    changes nothing but the speed: output stays plain decoding's)."""
+    import jax
+    import numpy as np
+
+    from jaxinfer.loader import load_model
+    from jaxinfer.speculative import eagle
+
+    loaded = load_model(model_path, progress=False)
+    hc = eagle.head_config_for(loaded.config, 64)
+    eagle.save_head(out, hc, eagle.init_head(hc, jax.random.key(0)), np.arange(64),
+                    eagle.target_identity(loaded.config, loaded.tokenizer))
+
+
 SMALL_FLAGS = {  # appended to each documented benchmark command
     "bench_compile.py": ["--layers", "2", "--reps", "1"],
     "bench_generate.py": ["--model", "{tiny}", "--prompt-len", "8", "--decode-steps", "2", "--batch-sizes", "1", "2",
@@ -526,7 +545,7 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
                    "--greedy-tokens", "4", "--configs", "float32", "int8 weights", "int8 KV"],
     "quant_matmul_forms.py": ["--rows", "1", "--rounds", "1", "--layers", "2"],
     "bench_speculative.py": ["--model", "{tiny}", "--batch-sizes", "1", "2", "--max-tokens", "8", "--rounds", "1",
-                             "--max-model-len", "256", "--problem-chars", "40"],
+                             "--max-model-len", "256", "--problem-chars", "40", "--eagle", "{tiny_head}"],
 }
 
 
@@ -540,6 +559,8 @@ def test_benchmark_commands_run(tmp_path):
 
     tiny = str(tmp_path / "tiny.gguf")
     tiny_gguf(tiny)
+    tiny_head = str(tmp_path / "tiny-head")  # an untrained draft head for it (eagle rows: speed and identity)
+    _untrained_head(tiny, tiny_head)
     cmds = [c for c in doc_commands() if re.match(r"(XLA_FLAGS=\S+ )?python benchmarks/(?!serving|bench_attention)", c)]
     assert {re.search(r"benchmarks/(\w+\.py)", c).group(1) for c in cmds} == set(SMALL_FLAGS), cmds
     outputs = {}
@@ -551,7 +572,7 @@ def test_benchmark_commands_run(tmp_path):
             env[key] = value
         script = os.path.basename(argv[1])
         argv = [sys.executable, os.path.join(ROOT, argv[1]), *argv[2:],
-                *(f.format(tiny=tiny) for f in SMALL_FLAGS[script])]
+                *(f.format(tiny=tiny, tiny_head=tiny_head) for f in SMALL_FLAGS[script])]
         done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         outputs[script] = outputs.get(script, "") + done.stdout  # (a script documented twice: both runs)
@@ -564,9 +585,9 @@ def test_benchmark_commands_run(tmp_path):
     assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
     assert re.search(r"\| tiny\.gguf \| int8 KV \| [\d.]+ \| [+-][\d.]+% \| \d/2 \|", outputs["quality.py"])
     assert re.search(r"\| 1 \| int4 native \| [\d.]+ \| [\d.]+x \|", outputs["quant_matmul_forms.py"])
-    for workload in ("grounded", "chat"):  # plain and ngram rows at both batch sizes
+    for workload in ("grounded", "chat"):  # plain, ngram and eagle rows at both batch sizes
         for row in (rf"\| {workload} \| 2 \| plain \| [\d.]+ \| 1.00x \|",
-                    rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|"):
+                    rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|", rf"\| {workload} \| 2 \| eagle k=3 \| [\d.]+ \|"):
             assert re.search(row, outputs["bench_speculative.py"]), row
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \
         outputs["sharding_report.py"]

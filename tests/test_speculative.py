@@ -140,7 +140,7 @@ def test_verified_tokens_follow_the_target_distribution_with_bad_drafts():
 def _oracle(monkeypatch, continuations: dict[tuple, list[int]], wrong_every: int = 4):
     """Replaces prompt lookup with a proposer that knows each prompt's plain continuation and
     proposes it, every `wrong_every`-th draft position wrong (long accepted runs, partial ones too)."""
-    from jaxinfer.runner import runner as runner_module
+    from jaxinfer.speculative import proposers
 
     def propose(tokens, k, min_n, max_n):
         for prompt, cont in continuations.items():
@@ -149,7 +149,7 @@ def _oracle(monkeypatch, continuations: dict[tuple, list[int]], wrong_every: int
                 drafts = list(cont[done:done + k])
                 return [t if (done + j + 1) % wrong_every else (t + 1) % 200 for j, t in enumerate(drafts)]
         return []
-    monkeypatch.setattr(runner_module, "propose_ngram", propose)
+    monkeypatch.setattr(proposers, "propose_ngram", propose)
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_output_is_plain_decodings(tiny, k):

@@ -39,9 +39,11 @@ from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, Ve
                                     build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
                                     stack_sampling_inputs)
 from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
-                                   resolve_tokens, rows_step, sample_step, verify_step)
+                                   propose_step, resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.scheduler import SchedulerOutput
-from jaxinfer.speculative import SpeculativeConfig, propose_ngram
+from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative.eagle import DraftHead
+from jaxinfer.speculative.proposers import next_drafts
 from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class InFlightStep:
     start_time: float  # time.monotonic() when the step began
     tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them); [S, K + 1] verifying
     num_accepted: jax.Array | None = None  # [S] drafts accepted per sequence (a verify step)
+    drafts: jax.Array | None = None  # [S, k] the draft head's proposals for the next step (eagle)
     logprobs: tuple | None = None
     prompt_logprobs: tuple | None = None
     rows: dict[str, tuple[CachedRequest, int]] = dataclasses.field(default_factory=dict)  # samplers
@@ -131,11 +134,14 @@ class Runner:
       speculative: speculative decoding (synchronous steps, one replica): after each step the
         runner proposes the next step's drafts for every request that sampled
         (`StepResult.draft_token_ids`); steps with drafts run `verify_step`.
+      draft_head: speculative method "eagle": the loaded head (`speculative.eagle.load_head`); its
+        drafts are proposed on the device right after each step's sampler (`propose_step`).
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
                  *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model",
-                 async_scheduling: bool = False, speculative: SpeculativeConfig | None = None):
+                 async_scheduling: bool = False, speculative: SpeculativeConfig | None = None,
+                 draft_head: DraftHead | None = None):
         if layer_loop not in ("model", "per_layer"):
             raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
         self.config = config
@@ -158,6 +164,11 @@ class Runner:
             raise ValueError("speculative decoding runs synchronous steps with RunnerConfig.num_speculative_tokens "
                              "= SpeculativeConfig.num_speculative_tokens")
         self.speculative = speculative
+        if (draft_head is not None) != (speculative is not None and speculative.method == "eagle"):
+            raise ValueError("a draft head goes with speculative method 'eagle', and only with it")
+        if draft_head is not None and mesh is not None:  # replicated over the mesh
+            draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self.draft_head = draft_head
         self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
         make_cache = functools.partial(
             PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
@@ -205,10 +216,16 @@ class Runner:
         return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to)
 
     def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
+        """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows)."""
         S = vi.num_drafts.shape[0]
         if (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:  # as in _sample
             vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
-        return verify_step(self.params, hidden, vi, si, graphdef=self.graphdef)
+        return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef), vi
+
+    def _propose_on_device(self, hidden, tokens, vi: VerifyInput | None = None, num_accepted=None):
+        """eagle: the next step's drafts [S, k] of every sampler row (see `propose_step`)."""
+        return propose_step(self.params, self.draft_head, hidden, tokens, None if vi is None else vi.rows,
+                            num_accepted, graphdef=self.graphdef, num_drafts=self.rc.num_speculative_tokens)
 
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
@@ -314,7 +331,7 @@ class Runner:
             if plan.token_src is not None:
                 raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
             self.step_hook(plan)
-        step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted = self._dispatch(
+        step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
             plan, in_flight.tokens if in_flight is not None else None)
         self._in_flight = step
         return step
@@ -332,6 +349,7 @@ class Runner:
         lps = None if step.logprobs is None else [np.asarray(a) for a in step.logprobs]
         prompt_lps = None if step.prompt_logprobs is None else [np.asarray(a) for a in step.prompt_logprobs]
         accepted = None if step.num_accepted is None else np.asarray(step.num_accepted)
+        device_drafts = None if step.drafts is None else np.asarray(step.drafts)
         device_seconds = time.perf_counter() - start
         if accepted is None:  # one token a row: seen as a verify step without drafts
             tokens, accepted = tokens[:, None], np.zeros(len(tokens), np.int64)
@@ -353,51 +371,41 @@ class Runner:
             prompt.setdefault(rid, []).append(PromptLogprob(
                 pos, target, float(prompt_lps[0][r]),
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
-        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time,
-                                 self._propose(step.rows) if self.speculative is not None else {})
-        step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = None  # the device buffers can go
+        drafts = next_drafts(self.speculative, step.rows, device_drafts) if self.speculative is not None else {}
+        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts)
+        step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = None  # buffers can go
         if self._in_flight is step:
             self._in_flight = None
         return step.result
 
-    def _propose(self, rows) -> dict[str, list[int]]:
-        """The next step's drafts of every request that sampled (ngram: prompt lookup in its
-        tokens). None for a request whose sampling needs its token history per position
-        (penalties, min_tokens not reached yet)."""
-        spec, drafts = self.speculative, {}
-        for rid, (request, _) in rows.items():
-            p = request.params
-            if p.needs_penalties or len(request.token_ids) - request.num_prompt_tokens < p.min_tokens:
-                continue
-            proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                     spec.prompt_lookup_max)
-            if proposal:
-                drafts[rid] = proposal
-        return drafts
-
     def _dispatch(self, plan: StepPlan, in_flight_tokens=None):
         """Dispatches the device part of a step (forward, sample or verify, prompt logprobs)
-        without waiting: device arrays (tokens, logprobs, prompt logprobs, drafts accepted or None)."""
+        without waiting: device arrays (tokens, logprobs, prompt logprobs, drafts accepted or None,
+        the draft head's next drafts or None)."""
         inp = plan.model_input
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
         hidden, rows = self._forward(inp, plan.shape.q_block)
-        num_accepted = None
+        num_accepted = drafts = None
         if plan.verify is not None:
-            tokens, num_accepted, lps = self._verify(hidden, plan.verify, plan.sampling_input)
+            tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, plan.sampling_input)
+            if self.draft_head is not None:
+                drafts = self._propose_on_device(hidden, tokens, vi, num_accepted)
         else:
             tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
+            if self.draft_head is not None:
+                drafts = self._propose_on_device(rows, tokens)
         prompt_lps = None
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
             prompt_lps = self._prompt_logprobs(hidden, np.pad(plan.prompt_rows, pad), np.pad(plan.prompt_targets, pad))
-        return tokens, lps, prompt_lps, num_accepted
+        return tokens, lps, prompt_lps, num_accepted, drafts
 
     def run_plan(self, plan: StepPlan):
         """The device part of a step (every process of a multi-host run executes it on the same
         plan): forward, sample, prompt logprobs -> (tokens, logprobs, prompt logprobs, seconds
         spent waiting for the device), as numpy arrays."""
-        tokens, lps, prompt_lps, _ = self._dispatch(plan)
+        tokens, lps, prompt_lps, _, _ = self._dispatch(plan)
         start = time.perf_counter()
         tokens = np.asarray(tokens)
         if lps is not None:

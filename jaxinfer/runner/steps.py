@@ -10,6 +10,9 @@
     sample_step(params, rows, si, graphdef=, pad_to=) -> (tokens [pad_to], logprobs or None)
     verify_step(params, hidden, vi, si, graphdef=) -> (tokens [S, K + 1], num_accepted [S], logprobs)
                                                    speculative decoding: drafts verified
+    propose_step(params, head, hidden, tokens, verify_rows=, num_accepted=, graphdef=, num_drafts=)
+                                                -> drafts [S, k]: the EAGLE head's proposals for the
+                                                   next step, dispatched right after the sampler
     resolve_tokens(tokens, token_src, sampled)     -> tokens [1, T] with the step in flight's samples
                                                    filled in on the device (async scheduling)
     prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
@@ -32,11 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import embed_inputs, run_layer
+from jaxinfer.model import EMBED_KEYS, embed_inputs, run_layer
 from jaxinfer.paged_attention import paged_attend
 from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
+from jaxinfer.speculative import eagle
 from jaxinfer.speculative.verify import verify
 from pallas_kernels.quantized_matmul import matmul_backend
 
@@ -140,6 +144,28 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef:
     if si.num_logprobs:
         lps = tuple(a.reshape(S, K1, *a.shape[1:]) for a in logprobs(raw, tokens.reshape(-1), si.num_logprobs))
     return tokens, num_accepted, lps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_drafts"))
+def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None, num_accepted=None, *,
+                 graphdef: nnx.GraphDef, num_drafts: int):
+    """The draft head's next drafts [S, k] for every sampler row, from the hidden state that sampled
+    each row's last new token and that token: after a sample step hidden [S, D] (its rows) and
+    tokens [P >= S]; after a verify step hidden [T, D], tokens [S, K + 1], verify_rows [S, K + 1]
+    (`VerifyInput.rows`) and num_accepted [S] (the last new token is at num_accepted)."""
+    model = nnx.merge(graphdef, params)
+    if verify_rows is None:
+        feature, token = hidden, tokens[:hidden.shape[0]]
+    else:
+        last = num_accepted[:, None]
+        feature = hidden[jnp.take_along_axis(verify_rows, last, axis=1)[:, 0]]
+        token = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
+    arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
+
+    def embed(t):
+        return embed_inputs(model.cfg, arrays, t[None], jnp.zeros_like(t)[None])[0][0]
+
+    return eagle.propose(head, embed, feature, token, num_drafts)
 
 
 @jax.jit

@@ -19,8 +19,8 @@ from jaxinfer.model import embedding_arrays
 from jaxinfer.runner.buckets import verify_seqs
 from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input, stack_model_inputs,
                                     stack_sampling_inputs)
-from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, resolve_tokens,
-                                   rows_step, sample_step, verify_step)
+from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, propose_step,
+                                   resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.sampling_params import MAX_LOGPROBS
 
 # The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
@@ -124,6 +124,16 @@ def aot_graphs(runner) -> list[tuple]:
                 add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens), si),
                     dict(graphdef=runner.graphdef), ("verify", S, with_penalties, num_logprobs),
                     rare if with_penalties or num_logprobs else 0)
+        K = rc.num_speculative_tokens
+        if runner.draft_head is not None:  # eagle: drafts after a sample step and after a verify step
+            i32 = jnp.int32
+            kw = dict(graphdef=runner.graphdef, num_drafts=K)
+            add(propose_step, (runner.params, runner.draft_head, rows,
+                               jax.ShapeDtypeStruct((max(S, rc.seq_buckets[-1]),), i32), None, None), kw,
+                ("propose", S), 0)  # (None passed as the runner passes it: jit keys on the arguments' structure)
+            add(propose_step, (runner.params, runner.draft_head, jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype),
+                               jax.ShapeDtypeStruct((S, K + 1), i32), np.zeros((S, K + 1), np.int32),
+                               jax.ShapeDtypeStruct((S,), i32)), kw, ("propose_verify", S), 0)
     return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
 
 def empty_verify_input(S: int, K: int) -> VerifyInput:
@@ -160,8 +170,13 @@ def warmup_by_running(runner, progress: bool) -> int:
             jax.block_until_ready(runner._sample(sample_rows[S], si))
             count += 1
             if K:  # (one replica: speculative decoding runs without data parallelism)
-                jax.block_until_ready(runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si))
+                tokens, accepted, _, vi = runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si)
                 count += 1
+                if runner.draft_head is not None and not (with_penalties or num_logprobs):
+                    jax.block_until_ready(runner._propose_on_device(hidden[verify_seqs(rc, S)], tokens, vi, accepted))
+                    jax.block_until_ready(runner._propose_on_device(sample_rows[S], runner._sample(sample_rows[S],
+                                                                                                   si)[0]))
+                    count += 2
     for T, h in hidden.items():
         rows = np.zeros(T * D, np.int32)
         jax.block_until_ready(runner._prompt_logprobs(h, rows, rows))

@@ -1,0 +1,224 @@
+"""An EAGLE-style draft head: drafts from the target's own last hidden state, k tokens in one jit.
+
+The target's hidden state h_t (its last decoder block's output, before the final norm) already
+summarises the context; the token it sampled from it, x_{t+1}, is the one thing it does not hold.
+The head maps the two to a guess of the next hidden state and reads a token from that guess with
+the target's own final norm and output head, then feeds its guess back in:
+
+    f_1 = head(h_t, embed(x_{t+1}))   ~ h_{t+1}  ->  d_1 = argmax lm_head(norm(f_1))
+    f_2 = head(f_1, embed(d_1))       ~ h_{t+2}  ->  d_2 ...                          (k times)
+
+    head(f, e) = y + mlp(norm(y)),  y = W_fc [norm_e(e); norm_f(f)]       (a SwiGLU block, no attention)
+
+Differences from the EAGLE paper's head, each for this runtime's sake:
+  - no attention over earlier features: the head has no KV cache of its own (nothing to page,
+    roll back or keep in step with the target's), and h_t carries the context;
+  - a draft vocabulary: the head scores only the `draft_vocab_size` tokens the target emits most
+    often in its training data (the target's output-head rows of those tokens, gathered once at
+    load). SmolLM2's output head is 21% of its weights; scoring 8k of its 49k rows makes a draft
+    step ~1/6 of that, and the tokens left out are rarely the argmax (coverage is printed by
+    `train-draft`). Drafts are proposed greedily, so verification's rejection rule is exact for them.
+
+    init_head(hc, key) -> params             trainable arrays (a dict)
+    head_step(...), draft_logits(...)        one draft step, its logits over the draft vocabulary
+    propose(head, embed_fn, feature, token, k) -> drafts [S, k] (target token ids)
+    save_head(path, ...), load_head(path, cfg, params, tokenizer) -> DraftHead (ready for the runner)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.layers import rms_norm
+
+HEAD_FORMAT = "jaxinfer-draft-head"
+HEAD_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The head's shapes and the target facts its math needs (hashable: a static jit argument)."""
+
+    hidden_size: int
+    intermediate_size: int
+    draft_vocab_size: int
+    rms_norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # the target's final norm: weight + offset (Gemma: 1)
+    dtype: str = "float32"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def init_head(hc: HeadConfig, key) -> dict:
+    """Fresh trainable parameters: the fc's feature half starts as the identity (the first guess of
+    the next hidden state is the current one), the rest small and random."""
+    D, F = hc.hidden_size, hc.intermediate_size
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    normal = lambda k, shape, std: std * jax.random.normal(k, shape, jnp.float32)  # noqa: E731
+    fc = jnp.concatenate([normal(k1, (D, D), 0.02), jnp.eye(D, dtype=jnp.float32)], axis=0)  # [2D, D]
+    return {"norm_e": jnp.ones((D,)), "norm_f": jnp.ones((D,)), "fc": fc, "mlp_norm": jnp.ones((D,)),
+            "gate": normal(k2, (D, F), 0.02), "up": normal(k3, (D, F), 0.02),
+            "down": normal(k4, (F, D), 0.02 / F ** 0.5)}
+
+
+def head_step(params: dict, hc: HeadConfig, feature, emb):
+    """feature (h_t or the previous guess), emb (the next token's embedding): [..., D] -> the guess
+    of the next hidden state [..., D] (in feature's dtype)."""
+    eps, dt = hc.rms_norm_eps, feature.dtype
+    x = jnp.concatenate([rms_norm(emb, params["norm_e"].astype(dt), eps), rms_norm(feature, params["norm_f"].astype(dt),
+                                                                                     eps)], axis=-1)
+    y = x @ params["fc"].astype(dt)
+    z = rms_norm(y, params["mlp_norm"].astype(dt), eps)
+    return y + (jax.nn.silu(z @ params["gate"].astype(dt)) * (z @ params["up"].astype(dt))) @ params["down"].astype(dt)
+
+
+def draft_logits(final_norm, lm_head, hc: HeadConfig, feature):
+    """feature [..., D] -> float32 logits over the draft vocabulary [..., N]: the target's final norm,
+    then its output head's rows of the draft tokens (`lm_head` [N, D])."""
+    x = rms_norm(feature, final_norm, hc.rms_norm_eps, hc.norm_offset)
+    return jnp.einsum("...D,ND->...N", x, lm_head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftHead:
+    """A head ready to propose: trainable params and, from the target, its final norm and its output
+    head's rows of the draft vocabulary; `token_map` [N] maps draft index -> target token id."""
+
+    params: dict
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array  # [N, D]
+    token_map: jax.Array  # [N] int32
+    config: HeadConfig = dataclasses.field(metadata=dict(static=True))
+
+
+def propose(head: DraftHead, embed, feature, token, k: int):
+    """feature [S, D]: the target's hidden state that sampled `token` [S] -> drafts [S, k] int32 (the
+    k tokens after `token`, greedily), all on the device. `embed`: tokens [S] -> [S, D]."""
+    drafts = []
+    for _ in range(k):  # k <= MAX_SPECULATIVE_TOKENS: unrolled
+        feature = head_step(head.params, head.config, feature, embed(token))
+        token = head.token_map[jnp.argmax(draft_logits(head.final_norm, head.lm_head, head.config, feature), axis=-1)]
+        drafts.append(token)
+    return jnp.stack(drafts, axis=1).astype(jnp.int32)
+
+
+# ---- the target's identity (a head trained for one model refuses another) ---------------------------
+
+def target_identity(cfg, tokenizer) -> dict:
+    """What a head depends on: the target's width, vocabulary and the tokens' spellings."""
+    spell = hashlib.sha256()
+    for i in range(cfg.vocab_size):
+        try:
+            piece = tokenizer.id_to_token(i)
+        except Exception:  # an id the tokenizer does not have (padding rows of the embedding)
+            piece = None
+        spell.update(str(piece).encode("utf-8", "replace") + b"\0")
+    return {"arch": cfg.arch, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+            "num_layers": cfg.num_layers, "vocabulary_sha256": spell.hexdigest()}
+
+
+def output_rows(cfg, params, token_ids: np.ndarray):
+    """The target's output-head rows [N, D] (the model's dtype) of `token_ids`: tied models'
+    embedding rows, else the lm_head's columns; quantized weights are dequantized."""
+    from jaxinfer.quantization import GROUP_AXIS
+    from pallas_kernels.quantized_matmul import dequantize
+
+    name = "embed" if cfg.tie_word_embeddings else "lm_head"
+    axis = 0 if cfg.tie_word_embeddings else 1  # the vocabulary axis: [V, D] or [D, V]
+    ids = jnp.asarray(token_ids)
+    take = lambda key: jnp.take(params[key].get_value(), ids, axis=axis)  # noqa: E731
+    wq = cfg.quantization.get(name) if cfg.quantization is not None else None
+    if wq is None:
+        w = take(name)
+    else:
+        w = dequantize(take(name), take(f"{name}_scale"), take(f"{name}_offset") if f"{name}_offset" in params
+                       else None, bits=wq.bits, axis=GROUP_AXIS[name], dtype=jnp.dtype(cfg.dtype))
+    return (w if cfg.tie_word_embeddings else w.T).astype(cfg.dtype)
+
+
+def head_config_for(cfg, draft_vocab_size: int, intermediate_size: int | None = None) -> HeadConfig:
+    return HeadConfig(hidden_size=cfg.hidden_size, intermediate_size=intermediate_size or cfg.intermediate_size,
+                      draft_vocab_size=draft_vocab_size, rms_norm_eps=cfg.rms_norm_eps,
+                      norm_offset=cfg.norm_offset, dtype=cfg.dtype)
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+def save_head(path: str | os.PathLike, hc: HeadConfig, params: dict, token_map: np.ndarray, identity: dict,
+              info: dict | None = None) -> None:
+    """OUT_DIR/draft_head.json (format, head config, target identity, training info) and
+    OUT_DIR/params/ (orbax: the trainable arrays and token_map)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(path, exist_ok=True)
+    arrays = {k: np.asarray(v, np.float32) for k, v in params.items()} | {"token_map": np.asarray(token_map, np.int32)}
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, "params"), arrays, force=True)
+    meta = {"format": HEAD_FORMAT, "version": HEAD_VERSION, "head": hc.to_json(), "target": identity,
+            "training": info or {}}
+    with open(os.path.join(path, "draft_head.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def read_head_meta(path: str | os.PathLike) -> dict:
+    meta_path = os.path.join(os.fspath(path), "draft_head.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise InvalidRequestError(f"speculative_config.model={os.fspath(path)!r} is not a draft head directory (no "
+                                  "draft_head.json); write one with `jaxinfer train-draft MODEL OUT_DIR`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidRequestError(f"cannot read {meta_path}: {e}") from None
+    if meta.get("format") != HEAD_FORMAT or meta.get("version") != HEAD_VERSION:
+        raise InvalidRequestError(f"{meta_path} is not a version-{HEAD_VERSION} {HEAD_FORMAT} file")
+    return meta
+
+
+def load_head(path: str | os.PathLike, cfg, params, tokenizer) -> DraftHead:
+    """The head at `path`, checked against the target (`cfg`, its parameter state `params`,
+    `tokenizer`) and completed with the target's final norm and output rows.
+
+    Raises:
+      InvalidRequestError: not a head directory, or a head trained for another model (width,
+        vocabulary or the tokens' spellings differ) — the message says which.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    meta = read_head_meta(path)
+    want, have = meta["target"], target_identity(cfg, tokenizer)
+    diff = [k for k in ("hidden_size", "vocab_size", "vocabulary_sha256") if want.get(k) != have[k]]
+    if diff:
+        what = ", ".join(f"{k}: head {want.get(k)!r}, target {have[k]!r}" for k in diff)
+        raise InvalidRequestError(f"the draft head at {path} was trained for another model ({what}); train one for "
+                                  f"this model with `jaxinfer train-draft MODEL {path}`")
+    hc = HeadConfig(**{**meta["head"], "dtype": cfg.dtype, "norm_offset": cfg.norm_offset})
+    D, F, N = hc.hidden_size, hc.intermediate_size, hc.draft_vocab_size
+    shapes = {"norm_e": (D,), "norm_f": (D,), "fc": (2 * D, D), "mlp_norm": (D,), "gate": (D, F), "up": (D, F),
+              "down": (F, D)}
+    abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    abstract["token_map"] = jax.ShapeDtypeStruct((N,), jnp.int32)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            arrays = ckpt.restore(os.path.join(path, "params"), abstract)
+    except Exception as e:  # orbax raises many types for missing / mismatched arrays
+        raise InvalidRequestError(f"{path}: cannot restore the draft head ({type(e).__name__}: {e})") from None
+    token_map = np.asarray(arrays.pop("token_map"))
+    if token_map.min() < 0 or token_map.max() >= cfg.vocab_size:
+        raise InvalidRequestError(f"{path}: its draft vocabulary has ids outside the target's [0, {cfg.vocab_size})")
+    dt = jnp.dtype(cfg.dtype)
+    return DraftHead(params={k: v.astype(dt) for k, v in arrays.items()},
+                     final_norm=params["final_norm"].get_value(), lm_head=output_rows(cfg, params, token_map),
+                     token_map=jnp.asarray(token_map), config=hc)

@@ -1,0 +1,389 @@
+"""`jaxinfer train-draft MODEL OUT_DIR`: an EAGLE-style draft head trained on the target's own outputs.
+
+    1. prompts: `chat_prompts` (questions composed from a topic and a form with a fixed seed; the
+       topics: a curated list, then whole words of the target's vocabulary, thousands of them,
+       so answers cover many subjects), and held-out questions on topics no training prompt has
+       (`heldout_prompts`); a file of your own with --prompts (its first num_heldout held out);
+    2. the target answers them greedily (`ReferenceGenerator`, static batches), so the head learns
+       what the target says, not what some corpus says;
+    3. one forward pass over each prompt + answer gives the target's hidden state at every
+       position (its next-token distribution is the output head applied to it);
+    4. the draft vocabulary: the `draft_vocab_size` tokens the target emitted most often;
+    5. optax (AdamW, linear warm-up then cosine decay, global-norm clipping) trains the head
+       unrolled for `unroll` draft steps on its own guesses (what it sees when proposing k tokens):
+       per step, cross-entropy against the target's distribution over the draft vocabulary plus a
+       smooth-L1 pull of its normalised guess towards the target's normalised hidden state; later
+       steps weigh `step_decay` less;
+    6. every `eval_every` steps, and at the end, the held-out answers are drafted exactly as the
+       engine drafts (`eagle.propose`, k = unroll) and the mean accepted length (1 + drafts equal
+       to the target's greedy tokens) is shown;
+    7. saved with orbax (`eagle.save_head`) beside a JSON of the recipe and the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import random
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.speculative import eagle
+
+logger = logging.getLogger(__name__)
+
+TOPICS = ["the ocean", "volcanoes", "the moon", "honey bees", "electric cars", "photosynthesis", "the Roman Empire",
+          "black holes", "rainforests", "the human heart", "coffee", "chess", "the internet", "earthquakes",
+          "recycling", "sleep", "vaccines", "the solar system", "dinosaurs", "music theory", "renewable energy",
+          "the printing press", "penguins", "glaciers", "the stock market", "yoga", "bread baking", "airplanes",
+          "the immune system", "deserts", "a healthy diet", "time management", "public speaking", "gardening",
+          "the water cycle", "friendship", "saving money", "video games", "mountains", "the brain", "rain",
+          "electricity", "the pyramids of Egypt", "birds", "cooking pasta", "exercise", "reading books",
+          "climate change", "robots", "the history of writing", "magnets", "trees", "photography", "soccer",
+          "learning to swim", "the Arctic", "smartphones", "bridges", "whales", "the alphabet", "teamwork",
+          "stars", "insects", "painting", "trains", "tea", "the seasons", "clouds", "fire safety", "libraries"]
+
+FORMS = ["Tell me about {t}.", "Explain {t} in simple terms.", "What are some interesting facts about {t}?",
+         "Write a short paragraph about {t}.", "Why is {t} important?", "Give me three tips related to {t}.",
+         "How would you describe {t} to a ten-year-old?", "What is the history of {t}?",
+         "Write a short poem about {t}.", "What are the pros and cons of {t}?", "Summarize what you know about {t}.",
+         "What questions do people often ask about {t}? Answer two of them.",
+         "Write a short story that involves {t}.", "List a few common misconceptions about {t}.",
+         "How does {t} affect everyday life?", "Write an encouraging note to someone curious about {t}."]
+
+
+HELDOUT_TOPICS = ["lighthouses", "origami", "the Great Wall of China", "octopuses", "hot air balloons", "jazz",
+                  "coral reefs", "bicycles", "kites", "chocolate", "the Olympic Games", "submarines"]
+
+
+def vocabulary_words(tokenizer, vocab_size: int) -> list[str]:
+    """Whole lower-case words (6+ letters) that are single tokens of a byte-level BPE vocabulary:
+    thousands of topics for prompts (none for vocabularies without such tokens)."""
+    import re
+
+    words = []
+    for i in range(vocab_size):
+        try:
+            piece = tokenizer.id_to_token(i)
+        except Exception:
+            continue
+        if isinstance(piece, str) and piece[:1] in ("\u0120", "\u2581") and re.fullmatch("[a-z]{6,}", piece[1:]):
+            words.append(piece[1:])
+    return words
+
+
+def chat_prompts(n: int, seed: int = 0, words: Sequence[str] = ()) -> list[str]:
+    """`n` distinct training questions: a topic (TOPICS, then `words`) in one of FORMS, drawn with
+    `seed`. HELDOUT_TOPICS never appear (`heldout_prompts` asks about those)."""
+    held = {t.lower() for t in HELDOUT_TOPICS}
+    topics = TOPICS + [w for w in words if w not in held and w not in TOPICS]
+    rng = random.Random(seed)
+    if n > len(topics) * len(FORMS):
+        raise ValueError(f"at most {len(topics) * len(FORMS)} built-in prompts; pass a prompt file for more")
+    picked: dict[tuple[int, int], None] = {}
+    while len(picked) < n:
+        picked.setdefault((rng.randrange(len(topics)), rng.randrange(len(FORMS))))
+    return [FORMS[f].format(t=topics[t]) for t, f in picked]
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` questions about HELDOUT_TOPICS (topics no training prompt has)."""
+    pairs = [f.format(t=t) for t in HELDOUT_TOPICS for f in FORMS]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftRecipe:
+    """How `train_draft` builds its data and trains. The defaults are the recipe for SmolLM2-135M on
+    a 2-core CPU (docs/BENCHMARKS.md has its time and held-out acceptance)."""
+
+    num_prompts: int = 320  # answered by the target; `num_heldout` of them are held out
+    num_heldout: int = 32
+    max_tokens: int = 128  # answer length
+    generate_batch: int = 64
+    draft_vocab_size: int = 8192
+    intermediate_size: int | None = None  # the head's MLP width; None: the target's
+    steps: int = 1500
+    batch_size: int = 256  # positions per optimizer step
+    unroll: int = 3  # draft steps trained (the k it is best at)
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    feature_weight: float = 1.0
+    step_decay: float = 0.8
+    eval_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_prompts", "max_tokens", "generate_batch", "draft_vocab_size", "steps", "batch_size",
+                     "unroll", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 1 <= self.num_heldout < self.num_prompts:
+            raise ValueError(f"num_heldout must be in [1, num_prompts), got {self.num_heldout}")
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Prompt + answer sequences flattened: hidden [M, D] (the target's, pre-norm), tokens [M], and
+    the starts: positions whose next `unroll` tokens are all answer tokens of the same sequence."""
+
+    hidden: np.ndarray
+    tokens: np.ndarray
+    starts: np.ndarray
+    num_answer_tokens: int
+
+
+def _hidden_fn(loaded):
+    """jit: tokens [B, T] -> the target's hidden states [B, T, D] (before the final norm)."""
+    from flax import nnx
+
+    from jaxinfer.attention import DenseAttentionMeta, DenseKVCache, dense_attend
+    from jaxinfer.model import params_for_layer_loop
+
+    cfg = loaded.config
+    params = params_for_layer_loop(cfg, loaded.params)
+
+    @jax.jit
+    def run(params, tokens):
+        B, T = tokens.shape
+        cache = DenseKVCache.zeros(num_layers=cfg.num_layers, batch_size=B, max_len=T, num_kv_heads=cfg.num_kv_heads,
+                                   head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.dtype))
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        hidden, _ = nnx.merge(loaded.graphdef, params).forward(tokens, positions, cache,
+                                                               DenseAttentionMeta(start_pos=jnp.zeros((B,), jnp.int32)),
+                                                               dense_attend)
+        return hidden.astype(jnp.float32)
+
+    return lambda tokens: run(params, tokens)
+
+
+def build_corpus(loaded, sequences: Sequence[tuple[list[int], list[int]]], unroll: int, batch: int = 16,
+                 progress: bool = True) -> Corpus:
+    """sequences: (prompt ids, answer ids) -> their hidden states, in batches of one padded length."""
+    from jaxinfer.reference import next_power_of_two
+
+    hidden_fn = _hidden_fn(loaded)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    hs, toks, starts, offset, answers = [None] * len(sequences), [None] * len(sequences), [], 0, 0
+    it = range(0, len(order), batch)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="target hidden states", unit="batch")
+    for b in it:
+        idx = order[b:b + batch]
+        seqs = [sequences[i][0] + sequences[i][1] for i in idx]
+        T = next_power_of_two(max(map(len, seqs)), 16)
+        arr = np.zeros((batch, T), np.int32)  # one batch size: a compile per length bucket only
+        for r, s in enumerate(seqs):
+            arr[r, :len(s)] = s
+        h = np.asarray(hidden_fn(arr))
+        for r, (i, s) in enumerate(zip(idx, seqs)):
+            hs[i], toks[i] = h[r, :len(s)], np.asarray(s, np.int32)
+    for i, (prompt, answer) in enumerate(sequences):
+        n, p = len(prompt) + len(answer), len(prompt)
+        # start t: h_t sampled token t + 1 (an answer token); drafts are tokens t + 2 .. t + 1 + unroll
+        starts += range(offset + p - 1, offset + n - 1 - unroll)
+        offset += n
+        answers += len(answer)
+    return Corpus(np.concatenate(hs), np.concatenate(toks), np.asarray(starts, np.int64), answers)
+
+
+def draft_vocabulary(answers: Sequence[Sequence[int]], size: int, vocab_size: int,
+                     always: Sequence[int] = ()) -> tuple[np.ndarray, float]:
+    """The `size` tokens the target emitted most often (`always` included), sorted -> (ids, the share
+    of answer tokens they cover)."""
+    emitted = np.concatenate([np.asarray(a, np.int64) for a in answers] + [np.zeros(0, np.int64)])
+    counts = np.bincount(emitted, minlength=vocab_size).astype(np.float64)
+    counts[list(always)] = np.inf
+    ids = np.sort(np.argsort(-counts, kind="stable")[:min(size, vocab_size)]).astype(np.int32)
+    return ids, float(np.isin(emitted, ids).mean()) if len(emitted) else 1.0
+
+
+def _embed_fn(cfg, embed_arrays):
+    from jaxinfer.model import embed_inputs
+
+    def embed(tokens):  # [...] -> [..., D]
+        flat = tokens.reshape(1, -1)
+        x, _ = embed_inputs(cfg, embed_arrays, flat, jnp.zeros_like(flat))
+        return x[0].reshape(*tokens.shape, -1)
+
+    return embed
+
+
+def _normalised(x, eps):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def make_loss(cfg, hc: eagle.HeadConfig, recipe: DraftRecipe):
+    """loss(params, frozen, hidden [B, 1 + unroll, D], tokens [B, unroll]) -> (loss, per-step top-1
+    agreement with the target [unroll])."""
+
+    def loss_fn(params, frozen, hidden, tokens):
+        embed = _embed_fn(cfg, frozen["embed"])
+        feature, total, agree = hidden[:, 0], 0.0, []
+        weights = [recipe.step_decay ** j for j in range(recipe.unroll)]
+        for j in range(recipe.unroll):
+            feature = eagle.head_step(params, hc, feature, embed(tokens[:, j]))
+            logits = eagle.draft_logits(frozen["final_norm"], frozen["lm_head"], hc, feature)
+            target = eagle.draft_logits(frozen["final_norm"], frozen["lm_head"], hc, hidden[:, j + 1])
+            ce = -jnp.sum(jax.nn.softmax(target) * jax.nn.log_softmax(logits), axis=-1).mean()
+            diff = _normalised(feature, hc.rms_norm_eps) - _normalised(hidden[:, j + 1], hc.rms_norm_eps)
+            reg = jnp.mean(jnp.where(jnp.abs(diff) < 1, 0.5 * diff * diff, jnp.abs(diff) - 0.5))
+            total = total + weights[j] * (ce + recipe.feature_weight * reg)
+            agree.append(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(target, -1)))
+        return total / sum(weights), jnp.stack(agree)
+
+    return loss_fn
+
+
+def heldout_acceptance(head: eagle.DraftHead, embed, corpus: Corpus, k: int, max_starts: int = 4096,
+                       batch: int = 512) -> tuple[float, list[float]]:
+    """Drafts k tokens at held-out answer positions exactly as the engine does and counts how many
+    lead-in drafts equal the target's greedy tokens -> (mean accepted length incl. the target's own
+    token, acceptance rate per draft position)."""
+    propose = jax.jit(functools.partial(eagle.propose, head, embed, k=k))
+    starts = corpus.starts[:: max(1, len(corpus.starts) // max_starts)]
+    accepted, by_pos = [], np.zeros(k)
+    for b in range(0, len(starts), batch):
+        s = starts[b:b + batch]
+        pad = batch - len(s)
+        s_pad = np.concatenate([s, np.repeat(s[:1], pad)])
+        drafts = np.asarray(propose(jnp.asarray(corpus.hidden[s_pad]), jnp.asarray(corpus.tokens[s_pad + 1])))[:len(s)]
+        truth = corpus.tokens[s[:, None] + 2 + np.arange(k)[None]]
+        # an answer may end before k more tokens: compare only inside the sequence (starts guarantee unroll)
+        match = np.cumprod(drafts == truth, axis=1)
+        accepted.append(match.sum(1))
+        by_pos += match.sum(0)
+    acc = np.concatenate(accepted) if accepted else np.zeros(0)
+    n = max(1, len(acc))
+    return 1.0 + float(acc.mean() if len(acc) else 0.0), (by_pos / n).tolist()
+
+
+def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *, prompts: Sequence[str] | None = None,
+                progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Trains and saves a draft head for `model` to `out_dir`; returns the figures it saved."""
+    import optax
+
+    from jaxinfer.loader import load_model
+    from jaxinfer.reference import ReferenceGenerator
+    from jaxinfer.sampling import SamplingParams
+
+    t_start = time.perf_counter()
+    loaded = load_model(model, dtype="float32", scan_layers=False, progress=progress)  # unrolled: faster steps
+    cfg, tok = loaded.config, loaded.tokenizer
+    if prompts is not None:  # the held-out ones: the file's first num_heldout
+        texts = list(prompts)
+        if len(texts) <= recipe.num_heldout:
+            raise ValueError(f"{len(texts)} prompts: need more than num_heldout={recipe.num_heldout}")
+    else:  # held out: other topics than any training prompt's
+        texts = heldout_prompts(recipe.num_heldout, recipe.seed) + chat_prompts(
+            recipe.num_prompts - recipe.num_heldout, recipe.seed, vocabulary_words(tok, cfg.vocab_size))
+
+    def encode(text):
+        if tok.chat_template:
+            return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
+        return tok.encode(text)
+
+    prompt_ids = [encode(t) for t in texts]
+    gen = ReferenceGenerator(cfg, loaded.graphdef, loaded.params)
+    params_greedy = SamplingParams(temperature=0.0, max_tokens=recipe.max_tokens)
+    answers = []
+    batches = range(0, len(prompt_ids), recipe.generate_batch)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="target answers", unit="batch")
+    t0 = time.perf_counter()
+    for b in batches:
+        chunk = prompt_ids[b:b + recipe.generate_batch]
+        answers += [g.token_ids for g in gen.generate(chunk, [params_greedy] * len(chunk),
+                                                      eos_token_ids=tok.eos_token_ids)]
+    gen_seconds = time.perf_counter() - t0
+    num_answer = sum(map(len, answers))
+    log(f"target answers: {len(answers)} prompts, {num_answer} tokens in {gen_seconds:.0f} s")
+    del gen
+
+    held = recipe.num_heldout
+    train_seqs = list(zip(prompt_ids[held:], answers[held:]))
+    held_seqs = list(zip(prompt_ids[:held], answers[:held]))
+    token_map, coverage = draft_vocabulary([a for _, a in train_seqs], recipe.draft_vocab_size, cfg.vocab_size,
+                                           always=tok.eos_token_ids)
+    log(f"draft vocabulary: {len(token_map)} tokens cover {coverage:.1%} of the training answers' tokens")
+    t0 = time.perf_counter()
+    train = build_corpus(loaded, train_seqs, recipe.unroll, progress=progress)
+    held_corpus = build_corpus(loaded, held_seqs, recipe.unroll, progress=False)
+    log(f"hidden states: {len(train.tokens)} training positions ({len(train.starts)} starts), "
+        f"{len(held_corpus.starts)} held-out starts in {time.perf_counter() - t0:.0f} s")
+    if not len(train.starts) or not len(held_corpus.starts):
+        raise ValueError("the target's answers are too short to train on: raise max_tokens or give other prompts")
+
+    from jaxinfer.model import embedding_arrays
+
+    hc = eagle.head_config_for(cfg, len(token_map), recipe.intermediate_size)
+    hc = dataclasses.replace(hc, dtype="float32")
+    frozen = {"embed": embedding_arrays(loaded.params), "final_norm": loaded.params["final_norm"].get_value(),
+              "lm_head": eagle.output_rows(cfg, loaded.params, token_map).astype(jnp.float32)}
+    embed = _embed_fn(cfg, frozen["embed"])
+    params = eagle.init_head(hc, jax.random.key(recipe.seed))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, recipe.warmup_steps,
+                                                  max(recipe.steps, recipe.warmup_steps + 1),
+                                                  recipe.learning_rate * 0.05)
+    opt = optax.chain(optax.clip_by_global_norm(recipe.clip_norm),
+                      optax.adamw(schedule, weight_decay=recipe.weight_decay))
+    opt_state = opt.init(params)
+    loss_fn = make_loss(cfg, hc, recipe)
+
+    @jax.jit
+    def step(params, opt_state, hidden, tokens):
+        (loss, agree), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, hidden, tokens)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, agree
+
+    def runtime_head(params):
+        return eagle.DraftHead(params=params, final_norm=frozen["final_norm"], lm_head=frozen["lm_head"],
+                               token_map=jnp.asarray(token_map), config=hc)
+
+    rng = np.random.default_rng(recipe.seed)
+    U = recipe.unroll
+    history, t0, losses = [], time.perf_counter(), []
+    steps = range(1, recipe.steps + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="training the draft head", unit="step")
+    for i in steps:
+        s = train.starts[rng.integers(0, len(train.starts), recipe.batch_size)]
+        hidden = train.hidden[s[:, None] + np.arange(U + 1)[None]]  # h_t .. h_{t+U}
+        tokens = train.tokens[s[:, None] + 1 + np.arange(U)[None]]  # x_{t+1} .. x_{t+U}
+        params, opt_state, loss, agree = step(params, opt_state, hidden, tokens)
+        losses.append(float(loss))
+        if i % recipe.eval_every == 0 or i == recipe.steps:
+            mal, by_pos = heldout_acceptance(runtime_head(params), embed, held_corpus, U)
+            entry = dict(step=i, loss=float(np.mean(losses[-50:])), top1_agreement=np.asarray(agree).round(3).tolist(),
+                         heldout_mean_accepted_length=round(mal, 3),
+                         heldout_acceptance_by_position=[round(a, 3) for a in by_pos],
+                         seconds=round(time.perf_counter() - t0, 1))
+            history.append(entry)
+            log(f"step {i}: loss {entry['loss']:.3f}, held-out mean accepted length {mal:.2f} at k={U} "
+                f"(by position {', '.join(f'{a:.2f}' for a in by_pos)})")
+    train_seconds = time.perf_counter() - t0
+    final = history[-1]
+    info = dict(recipe=dataclasses.asdict(recipe), model=model, num_prompts=len(texts), answer_tokens=num_answer,
+                draft_vocab_coverage=round(coverage, 4), generate_seconds=round(gen_seconds, 1),
+                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t_start, 1),
+                heldout_mean_accepted_length=final["heldout_mean_accepted_length"],
+                heldout_acceptance_by_position=final["heldout_acceptance_by_position"], history=history)
+    eagle.save_head(out_dir, hc, jax.device_get(params), token_map, eagle.target_identity(cfg, tok), info)
+    log(f"saved the draft head to {out_dir} ({info['total_seconds']:.0f} s in all); use it with "
+        f"speculative_config={{\"method\": \"eagle\", \"model\": \"{out_dir}\", \"num_speculative_tokens\": {U}}}")
+    return info

@@ -1,0 +1,243 @@
+"""EAGLE-style draft head: `jaxinfer train-draft` trains one that loads and proposes, the engine's
+output with it is exactly plain decoding's (greedy and seeded sampling), no pages leak, and a head
+for another model, a missing head and bad flags are typed errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.loader import load_model
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative import eagle
+from jaxinfer.speculative.train import DraftRecipe, chat_prompts, draft_vocabulary, train_draft
+from jaxinfer.testing import engine as testing_engine
+from jaxinfer.testing import tiny_gguf
+
+TINY_RECIPE = DraftRecipe(num_prompts=24, num_heldout=4, max_tokens=40, generate_batch=16, draft_vocab_size=96,
+                          steps=60, batch_size=64, eval_every=30, warmup_steps=10, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_gguf(path, max_position_embeddings=4096)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_model(tiny_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_path, tmp_path_factory):
+    """A head trained by the CLI on the tiny model (seconds)."""
+    from jaxinfer import cli
+
+    out = str(tmp_path_factory.mktemp("head") / "head")
+    argv = ["train-draft", tiny_path, out, "--quiet"]
+    for name, value in (("--num-prompts", 24), ("--num-heldout", 4), ("--max-tokens", 40), ("--generate-batch", 16),
+                        ("--draft-vocab-size", 96), ("--steps", 60), ("--batch-size", 64), ("--eval-every", 30),
+                        ("--learning-rate", 3e-3)):
+        argv += [name, str(value)]
+    assert cli.main(argv) == 0
+    return out
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(5, 250, size=int(rng.integers(3, 40)))] for _ in range(n)]
+
+
+def _generate(model, prompts, params, spec=None, abort_after=None, **settings):
+    engine = testing_engine.make_engine(model, **{**dict(max_num_seqs=4, page_size=16, num_pages=160), **settings},
+                                        speculative_config=spec)
+    outs = testing_engine.run(engine, {str(i): (p, params(i)) for i, p in enumerate(prompts)}, abort_after)
+    return {rid: o.outputs[0].token_ids for rid, o in outs.items()}, engine
+
+
+def _eagle(head_dir, k=3, **fields):
+    return SpeculativeConfig(method="eagle", model=head_dir, num_speculative_tokens=k, **fields)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def test_train_draft_writes_a_head_with_its_figures(head_dir, tiny):
+    meta = json.load(open(os.path.join(head_dir, "draft_head.json")))
+    assert meta["format"] == eagle.HEAD_FORMAT
+    assert meta["target"] == eagle.target_identity(tiny.config, tiny.tokenizer)
+    info = meta["training"]
+    assert info["recipe"]["steps"] == 60 and len(info["history"]) == 2  # evaluated at 30 and 60
+    assert info["heldout_mean_accepted_length"] >= 1.0 and len(info["heldout_acceptance_by_position"]) == 3
+    assert info["history"][-1]["loss"] < info["history"][0]["loss"] * 1.5  # (it trains; no divergence)
+    head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
+    assert head.lm_head.shape == (96, tiny.config.hidden_size) and head.token_map.shape == (96,)
+    tokens = np.asarray(head.token_map)
+    assert np.all(np.diff(tokens) > 0) and set(tiny.tokenizer.eos_token_ids) <= set(tokens.tolist())
+
+
+def test_the_head_learns_the_targets_next_tokens(tiny_path, tmp_path):
+    """Trained longer on the tiny model, held-out drafts agree with the target far more often than
+    the untrained head's do (the figure is the same code path the engine drafts with)."""
+    recipe = DraftRecipe(**{**TINY_RECIPE.__dict__, "steps": 150, "eval_every": 150})
+    untrained = train_draft(tiny_path, str(tmp_path / "h0"), DraftRecipe(**{**recipe.__dict__, "steps": 1,
+                                                                             "eval_every": 1}),
+                            progress=False, log=lambda s: None)
+    trained = train_draft(tiny_path, str(tmp_path / "h1"), recipe, progress=False, log=lambda s: None)
+    # (a random-weight model's answers are hard to predict: the margins are what 150 steps reach)
+    assert trained["heldout_mean_accepted_length"] > untrained["heldout_mean_accepted_length"] + 0.05, (
+        trained["history"], untrained["history"])
+    assert trained["history"][-1]["top1_agreement"][0] > 4 * untrained["history"][-1]["top1_agreement"][0]
+
+
+def test_draft_vocabulary_keeps_the_most_emitted_tokens_and_eos():
+    ids, coverage = draft_vocabulary([[5, 5, 5, 7, 7, 9], [5, 7, 11]], 3, 20, always=[2])
+    assert ids.tolist() == [2, 5, 7] and coverage == pytest.approx(7 / 9)
+    assert len(set(chat_prompts(300))) == 300 and chat_prompts(5, seed=1) != chat_prompts(5, seed=2)
+
+
+# ---- the engine with the head: identical output ---------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_is_plain_decodings(tiny, head_dir, k):
+    """16 mixed-length prompts at once, chunked prefill, a pool small enough to preempt, prompts
+    sharing pages in the prefix cache."""
+    prompts = _prompts(14) + [list(range(40, 80)) * 2, list(range(40, 80)) * 2 + [9]]
+    params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
+    settings = dict(max_num_batched_tokens=32, num_pages=26, max_num_seqs=8)
+    plain, _ = _generate(tiny, prompts, params, **settings)
+    spec, engine = _generate(tiny, prompts, params, _eagle(head_dir, k), **settings)
+    assert spec == plain
+    s = engine.stats()
+    assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0  # the head proposed, and well enough
+    assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0
+
+
+def test_seeded_sampling_gives_the_same_text(tiny, head_dir):
+    prompts = _prompts(6, seed=3)
+    params = lambda i: SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=100 + i,  # noqa: E731
+                                      ignore_eos=True)
+    plain, _ = _generate(tiny, prompts, params)
+    spec, engine = _generate(tiny, prompts, params, _eagle(head_dir))
+    assert spec == plain
+    assert engine.stats()["spec_num_drafts"] > 0
+
+
+def test_random_requests_with_aborts_and_preemption_leak_no_pages(tiny, head_dir):
+    rng = np.random.default_rng(11)
+    prompts = _prompts(200, seed=11)
+    params = lambda i: SamplingParams(max_tokens=int(rng.integers(1, 30)),  # noqa: E731
+                                      temperature=float(rng.choice([0.0, 1.0])), seed=i, ignore_eos=bool(i % 3))
+    abort_after = {str(i): int(rng.integers(1, 40)) for i in rng.choice(200, 40, replace=False)}
+    outs, engine = _generate(tiny, prompts, params, _eagle(head_dir), abort_after=abort_after, num_pages=16,
+                             max_num_seqs=8, max_num_batched_tokens=64)
+    assert len(outs) == 200
+    s = engine.stats()
+    assert s["kv_pages_used"] == 0 and s["num_running"] == 0 and not engine.has_unfinished_requests()
+    assert s["num_preemptions"] > 0 and s["spec_num_drafts"] > 0
+    pool = engine.kv_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks - 1
+
+
+def test_nothing_compiles_after_warmup(tiny, head_dir):
+    """Warm-up compiles the proposer after sample and after verify steps of every sequence bucket."""
+    engine = testing_engine.make_engine(tiny, max_num_seqs=4, page_size=16, num_pages=40,
+                                        speculative_config=_eagle(head_dir))
+    engine.warmup()
+    events, listening = [], [True]
+
+    def listener(event, duration, **kwargs):
+        if listening[0] and event in ("/jax/core/compile/backend_compile_duration",
+                                      "/jax/core/compile/jaxpr_trace_duration"):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        params = lambda i: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.9, seed=i,  # noqa: E731
+                                          ignore_eos=True, logprobs=2 if i == 3 else None)
+        outs = {str(i): (p, params(i)) for i, p in enumerate(_prompts(6, seed=5))}
+        outs = testing_engine.run(engine, outs)
+    finally:
+        listening[0] = False
+    assert len(outs) == 6 and engine.stats()["spec_num_drafts"] > 0
+    assert events == [], f"{len(events)} compile events after warm-up"
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def test_a_head_for_another_model_or_no_head_is_a_typed_error(tiny, head_dir, tmp_path):
+    other_path = tmp_path / "other.gguf"
+    tiny_gguf(other_path, hidden_size=32, num_heads=2, num_kv_heads=1, max_position_embeddings=4096)
+    other = load_model(str(other_path), progress=False)
+    with pytest.raises(InvalidRequestError, match="trained for another model .*hidden_size.*train-draft"):
+        testing_engine.make_engine(other, speculative_config=_eagle(head_dir))
+    with pytest.raises(InvalidRequestError, match="not a draft head directory .*train-draft"):
+        testing_engine.make_engine(tiny, speculative_config=_eagle(str(tmp_path)))
+    with pytest.raises(InvalidRequestError, match='"eagle" needs model='):
+        SpeculativeConfig(method="eagle")
+    with pytest.raises(InvalidRequestError, match="method 'ngram' takes none"):
+        SpeculativeConfig(method="ngram", model=head_dir)
+
+
+def test_train_draft_flags_are_checked(tiny_path, tmp_path, capsys):
+    from jaxinfer import cli
+
+    assert cli.main(["train-draft", tiny_path, str(tmp_path / "h"), "--steps", "0"]) == 2
+    assert "steps must be a positive integer" in capsys.readouterr().err
+    assert cli.main(["train-draft", tiny_path, str(tmp_path / "h"), "--num-heldout", "30", "--num-prompts", "8"]) == 2
+    assert "num_heldout" in capsys.readouterr().err
+
+
+def test_readme_train_draft_and_chat_commands(tiny_path, tmp_path, capsys, monkeypatch):
+    """The README's two eagle commands as written, on the tiny model (its path for smollm2-135m) with
+    small-size training flags appended: the head trains, saves, and the chat answers through it."""
+    import shlex
+
+    from jaxinfer import cli
+    from tests.test_docs import doc_commands
+
+    (train,) = {c for c in doc_commands() if c.startswith("jaxinfer train-draft ")}
+    (chat,) = {c for c in doc_commands() if c.startswith("jaxinfer chat") and '"eagle"' in c}
+    monkeypatch.chdir(tmp_path)
+    small = ["--num-prompts", "12", "--num-heldout", "2", "--max-tokens", "24", "--steps", "10", "--eval-every", "10",
+             "--draft-vocab-size", "64", "--quiet"]
+    assert cli.main(shlex.split(train.replace("smollm2-135m", tiny_path))[1:] + small) == 0
+    assert "held-out mean accepted length" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "smollm2-eagle" / "draft_head.json")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello there\n"))
+    assert cli.main(shlex.split(chat.replace("smollm2-135m", tiny_path))[1:] + ["--max-tokens", "16"]) == 0
+    assert capsys.readouterr().out.startswith("> hello there\n")
+
+
+# ---- the real model ---------------------------------------------------------------------------------
+
+def test_smollm2_greedy_with_a_draft_head_is_plain_decoding(smollm2, tmp_path):
+    """SmolLM2 with an untrained head (its drafts are poor, which verification must not notice): 16
+    mixed-length prompts together, chunked prefill, preemption, prompts sharing pages."""
+    from jaxinfer.engine import EngineConfig, LLMEngine
+    from tests.test_engine_smollm2 import _prompts as smollm2_prompts
+
+    runner = smollm2.engine.runner
+    cfg, tokenizer = smollm2.config, smollm2.get_tokenizer()
+    hc = eagle.head_config_for(cfg, 4096)
+    eagle.save_head(tmp_path, hc, eagle.init_head(hc, jax.random.key(0)), np.arange(4096),
+                    eagle.target_identity(cfg, tokenizer))
+    prompts = smollm2_prompts(tokenizer, 16, 128)
+    prompts[-1] = prompts[5] + prompts[-1]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in smollm2.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    engine = LLMEngine(cfg, runner.graphdef, runner.params, tokenizer, EngineConfig.of(
+        max_num_seqs=8, max_num_batched_tokens=128, page_size=16, num_pages=28, max_model_len=512,
+        speculative_config=SpeculativeConfig(method="eagle", model=str(tmp_path), num_speculative_tokens=3)))
+    outs = testing_engine.run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
+    assert [outs[str(i)].outputs[0].token_ids for i in range(16)] == plain
+    s = engine.stats()
+    assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0
+    assert s["kv_pages_used"] == 0 and s["spec_num_drafts"] > 0
