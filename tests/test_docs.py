@@ -446,7 +446,7 @@ def test_readme_speculative_block(smollm2, capsys):
     assert out.outputs[0].token_ids == plain.outputs[0].token_ids  # identical to plain decoding
     assert out.metrics.mean_accepted_length > 1.5  # the function is repeated: drafts are accepted
     assert out.outputs[0].text in capsys.readouterr().out
-    (cmd,) = [c for c in doc_commands() if "--speculative-config" in c]
+    (cmd,) = [c for c in doc_commands() if "--speculative-config" in c and "ngram" in c]
     assert build_parser().parse_args(shlex.split(cmd)[1:]).speculative_config.num_speculative_tokens == 3
     printed, _ = _cli(capsys, cmd)  # and the CLI line as written
     assert "2, 3" in printed

@@ -103,13 +103,13 @@ class DraftRecipe:
     """How `train_draft` builds its data and trains. The defaults are the recipe for SmolLM2-135M on
     a 2-core CPU (docs/BENCHMARKS.md has its time and held-out acceptance)."""
 
-    num_prompts: int = 320  # answered by the target; `num_heldout` of them are held out
+    num_prompts: int = 576  # answered by the target; `num_heldout` of them are held out
     num_heldout: int = 32
     max_tokens: int = 128  # answer length
     generate_batch: int = 64
     draft_vocab_size: int = 8192
     intermediate_size: int | None = None  # the head's MLP width; None: the target's
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 256  # positions per optimizer step
     unroll: int = 3  # draft steps trained (the k it is best at)
     learning_rate: float = 2e-3
