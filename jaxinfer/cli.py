@@ -197,15 +197,10 @@ def cmd_train_draft(args) -> int:
     try:
         recipe = DraftRecipe(**fields, **({"unroll": args.k} if args.k is not None else {}))
         prompts = read_prompt_file(args.prompts) if args.prompts else None
-    except (ValueError, OSError) as e:
-        print(f"jaxinfer: error: {e}", file=sys.stderr)
-        return 2
-    if prompts is not None and args.num_prompts is None:
-        recipe = dataclasses.replace(recipe, num_prompts=len(prompts))
-    try:
-        train_draft(args.model, args.out_dir, recipe, prompts=prompts, progress=not args.quiet,
-                    log=_status)
-    except ValueError as e:
+        if prompts is not None and args.num_prompts is None:
+            recipe = dataclasses.replace(recipe, num_prompts=len(prompts))
+        train_draft(args.model, args.out_dir, recipe, prompts=prompts, progress=not args.quiet, log=_status)
+    except (ValueError, OSError) as e:  # a bad flag or prompt file (typed model errors: main's handler)
         print(f"jaxinfer: error: {e}", file=sys.stderr)
         return 2
     return 0

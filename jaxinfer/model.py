@@ -203,10 +203,9 @@ def embedding_arrays(params) -> dict:
     return {k: params[k].get_value() for k in EMBED_KEYS if k in params}
 
 
-def embed_inputs(cfg: ModelConfig, embed: dict, tokens, positions):
-    """tokens, positions: [B, T] -> (x [B, T, D], RoPE tables: (global (cos, sin), local or None)).
-    `embed`: the embedding's arrays (`embedding_arrays`); quantized rows are gathered, then
-    dequantized."""
+def embed_tokens(cfg: ModelConfig, embed: dict, tokens):
+    """tokens [...] -> their embeddings [..., D] as the model's first block sees them. `embed`: the
+    embedding's arrays (`embedding_arrays`); quantized rows are gathered, then dequantized."""
     if "embed_scale" in embed:
         take = functools.partial(jnp.take, indices=tokens, axis=0)
         wq = cfg.quantization.get("embed")
@@ -214,9 +213,15 @@ def embed_inputs(cfg: ModelConfig, embed: dict, tokens, positions):
         x = dequantize(take(embed["embed"]), take(embed["embed_scale"]), None if offset is None else take(offset),
                        bits=wq.bits, axis=-1, dtype=jnp.dtype(cfg.dtype))
     else:
-        x = jnp.take(embed["embed"], tokens, axis=0)  # [B, T, D]
+        x = jnp.take(embed["embed"], tokens, axis=0)  # [..., D]
     if cfg.is_gemma:  # HF multiplies by the scale rounded to the embedding's dtype
         x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+    return x
+
+
+def embed_inputs(cfg: ModelConfig, embed: dict, tokens, positions):
+    """tokens, positions: [B, T] -> (x [B, T, D], RoPE tables: (global (cos, sin), local or None))."""
+    x = embed_tokens(cfg, embed, tokens)
     rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
                                                  cfg.rope_freq_factors))
     local_rope = None

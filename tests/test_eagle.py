@@ -151,21 +151,11 @@ def test_nothing_compiles_after_warmup(tiny, head_dir):
     engine = testing_engine.make_engine(tiny, max_num_seqs=4, page_size=16, num_pages=40,
                                         speculative_config=_eagle(head_dir))
     engine.warmup()
-    events, listening = [], [True]
-
-    def listener(event, duration, **kwargs):
-        if listening[0] and event in ("/jax/core/compile/backend_compile_duration",
-                                      "/jax/core/compile/jaxpr_trace_duration"):
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with testing_engine.compile_events() as events:
         params = lambda i: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.9, seed=i,  # noqa: E731
                                           ignore_eos=True, logprobs=2 if i == 3 else None)
         outs = {str(i): (p, params(i)) for i, p in enumerate(_prompts(6, seed=5))}
         outs = testing_engine.run(engine, outs)
-    finally:
-        listening[0] = False
     assert len(outs) == 6 and engine.stats()["spec_num_drafts"] > 0
     assert events == [], f"{len(events)} compile events after warm-up"
 

@@ -16,7 +16,8 @@ from jaxinfer.loader import load_model
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.testing import tiny_gguf
-from jaxinfer.testing.engine import assert_no_pages_held, make_engine, random_prompts, run  # noqa: F401 (shared)
+from jaxinfer.testing.engine import (assert_no_pages_held, compile_events, make_engine, random_prompts,  # noqa: F401 (shared)
+                                     run)
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -258,16 +259,7 @@ def test_default_context_shrinks_to_the_budget_with_a_warning(tiny, caplog):
 def test_nothing_compiles_after_warmup(async_scheduling, tiny):
     engine = make_engine(tiny, async_scheduling=async_scheduling, num_pages=48)
     engine.warmup()
-    events = []
-    listening = [True]
-
-    def listener(event, duration, **kwargs):
-        if listening[0] and event in ("/jax/core/compile/backend_compile_duration",
-                                      "/jax/core/compile/jaxpr_trace_duration"):
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compile_events() as events:
         rng = random.Random(1)
         requests = {}
         for i in range(40):
@@ -280,8 +272,6 @@ def test_nothing_compiles_after_warmup(async_scheduling, tiny):
                 prompt_logprobs=rng.choice([None, None, 2]), ignore_eos=rng.random() < 0.5)
             requests[f"r{i}"] = (ids, params)
         outs = run(engine, requests, {f"r{i}": rng.randint(1, 30) for i in range(0, 40, 7)})
-    finally:
-        listening[0] = False
     assert len(outs) == 40
     assert events == [], f"{len(events)} compile events after warm-up"
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import EMBED_KEYS, embed_inputs, run_layer
+from jaxinfer.model import EMBED_KEYS, embed_inputs, embed_tokens, run_layer
 from jaxinfer.paged_attention import paged_attend
 from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
@@ -161,11 +161,7 @@ def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None
         feature = hidden[jnp.take_along_axis(verify_rows, last, axis=1)[:, 0]]
         token = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
     arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
-
-    def embed(t):
-        return embed_inputs(model.cfg, arrays, t[None], jnp.zeros_like(t)[None])[0][0]
-
-    return eagle.propose(head, embed, feature, token, num_drafts)
+    return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts)
 
 
 @jax.jit

@@ -167,15 +167,15 @@ def warmup_by_running(runner, progress: bool) -> int:
             si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
             if D > 1:
                 si = stack_sampling_inputs([si] * D, V)
-            jax.block_until_ready(runner._sample(sample_rows[S], si))
+            sampled, _ = runner._sample(sample_rows[S], si)
+            jax.block_until_ready(sampled)
             count += 1
             if K:  # (one replica: speculative decoding runs without data parallelism)
                 tokens, accepted, _, vi = runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si)
                 count += 1
                 if runner.draft_head is not None and not (with_penalties or num_logprobs):
                     jax.block_until_ready(runner._propose_on_device(hidden[verify_seqs(rc, S)], tokens, vi, accepted))
-                    jax.block_until_ready(runner._propose_on_device(sample_rows[S], runner._sample(sample_rows[S],
-                                                                                                   si)[0]))
+                    jax.block_until_ready(runner._propose_on_device(sample_rows[S], sampled))
                     count += 2
     for T, h in hidden.items():
         rows = np.zeros(T * D, np.int32)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.model import embed_tokens
 from jaxinfer.speculative import eagle
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,6 @@ class Corpus:
     hidden: np.ndarray
     tokens: np.ndarray
     starts: np.ndarray
-    num_answer_tokens: int
 
 
 def _hidden_fn(loaded):
@@ -172,7 +172,7 @@ def build_corpus(loaded, sequences: Sequence[tuple[list[int], list[int]]], unrol
 
     hidden_fn = _hidden_fn(loaded)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-    hs, toks, starts, offset, answers = [None] * len(sequences), [None] * len(sequences), [], 0, 0
+    hs, toks, starts, offset = [None] * len(sequences), [None] * len(sequences), [], 0
     it = range(0, len(order), batch)
     if progress:
         from tqdm.auto import tqdm
@@ -188,13 +188,12 @@ def build_corpus(loaded, sequences: Sequence[tuple[list[int], list[int]]], unrol
         h = np.asarray(hidden_fn(arr))
         for r, (i, s) in enumerate(zip(idx, seqs)):
             hs[i], toks[i] = h[r, :len(s)], np.asarray(s, np.int32)
-    for i, (prompt, answer) in enumerate(sequences):
+    for prompt, answer in sequences:
         n, p = len(prompt) + len(answer), len(prompt)
         # start t: h_t sampled token t + 1 (an answer token); drafts are tokens t + 2 .. t + 1 + unroll
         starts += range(offset + p - 1, offset + n - 1 - unroll)
         offset += n
-        answers += len(answer)
-    return Corpus(np.concatenate(hs), np.concatenate(toks), np.asarray(starts, np.int64), answers)
+    return Corpus(np.concatenate(hs), np.concatenate(toks), np.asarray(starts, np.int64))
 
 
 def draft_vocabulary(answers: Sequence[Sequence[int]], size: int, vocab_size: int,
@@ -208,17 +207,6 @@ def draft_vocabulary(answers: Sequence[Sequence[int]], size: int, vocab_size: in
     return ids, float(np.isin(emitted, ids).mean()) if len(emitted) else 1.0
 
 
-def _embed_fn(cfg, embed_arrays):
-    from jaxinfer.model import embed_inputs
-
-    def embed(tokens):  # [...] -> [..., D]
-        flat = tokens.reshape(1, -1)
-        x, _ = embed_inputs(cfg, embed_arrays, flat, jnp.zeros_like(flat))
-        return x[0].reshape(*tokens.shape, -1)
-
-    return embed
-
-
 def _normalised(x, eps):
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
@@ -229,7 +217,7 @@ def make_loss(cfg, hc: eagle.HeadConfig, recipe: DraftRecipe):
     agreement with the target [unroll])."""
 
     def loss_fn(params, frozen, hidden, tokens):
-        embed = _embed_fn(cfg, frozen["embed"])
+        embed = functools.partial(embed_tokens, cfg, frozen["embed"])
         feature, total, agree = hidden[:, 0], 0.0, []
         weights = [recipe.step_decay ** j for j in range(recipe.unroll)]
         for j in range(recipe.unroll):
@@ -246,12 +234,17 @@ def make_loss(cfg, hc: eagle.HeadConfig, recipe: DraftRecipe):
     return loss_fn
 
 
-def heldout_acceptance(head: eagle.DraftHead, embed, corpus: Corpus, k: int, max_starts: int = 4096,
+@functools.partial(jax.jit, static_argnames=("cfg", "k"))
+def _propose(head: eagle.DraftHead, embed_arrays, feature, token, *, cfg, k: int):
+    return eagle.propose(head, functools.partial(embed_tokens, cfg, embed_arrays), feature, token, k)
+
+
+def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus: Corpus, k: int, max_starts: int = 4096,
                        batch: int = 512) -> tuple[float, list[float]]:
     """Drafts k tokens at held-out answer positions exactly as the engine does and counts how many
     lead-in drafts equal the target's greedy tokens -> (mean accepted length incl. the target's own
-    token, acceptance rate per draft position)."""
-    propose = jax.jit(functools.partial(eagle.propose, head, embed, k=k))
+    token, acceptance rate per draft position). `embed_arrays`: the target's (`embedding_arrays`)."""
+    propose = functools.partial(_propose, head, embed_arrays, cfg=cfg, k=k)
     starts = corpus.starts[:: max(1, len(corpus.starts) // max_starts)]
     accepted, by_pos = [], np.zeros(k)
     for b in range(0, len(starts), batch):
@@ -333,7 +326,6 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
     hc = dataclasses.replace(hc, dtype="float32")
     frozen = {"embed": embedding_arrays(loaded.params), "final_norm": loaded.params["final_norm"].get_value(),
               "lm_head": eagle.output_rows(cfg, loaded.params, token_map).astype(jnp.float32)}
-    embed = _embed_fn(cfg, frozen["embed"])
     params = eagle.init_head(hc, jax.random.key(recipe.seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, recipe.warmup_steps,
                                                   max(recipe.steps, recipe.warmup_steps + 1),
@@ -344,7 +336,7 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
     loss_fn = make_loss(cfg, hc, recipe)
 
     @jax.jit
-    def step(params, opt_state, hidden, tokens):
+    def step(params, opt_state, frozen, hidden, tokens):  # (frozen an argument: not baked into the graph)
         (loss, agree), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, hidden, tokens)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, agree
@@ -365,10 +357,10 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
         s = train.starts[rng.integers(0, len(train.starts), recipe.batch_size)]
         hidden = train.hidden[s[:, None] + np.arange(U + 1)[None]]  # h_t .. h_{t+U}
         tokens = train.tokens[s[:, None] + 1 + np.arange(U)[None]]  # x_{t+1} .. x_{t+U}
-        params, opt_state, loss, agree = step(params, opt_state, hidden, tokens)
+        params, opt_state, loss, agree = step(params, opt_state, frozen, hidden, tokens)
         losses.append(float(loss))
         if i % recipe.eval_every == 0 or i == recipe.steps:
-            mal, by_pos = heldout_acceptance(runtime_head(params), embed, held_corpus, U)
+            mal, by_pos = heldout_acceptance(runtime_head(params), cfg, frozen["embed"], held_corpus, U)
             entry = dict(step=i, loss=float(np.mean(losses[-50:])), top1_agreement=np.asarray(agree).round(3).tolist(),
                          heldout_mean_accepted_length=round(mal, 3),
                          heldout_acceptance_by_position=[round(a, 3) for a in by_pos],

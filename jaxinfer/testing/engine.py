@@ -3,6 +3,9 @@ settings, a run to completion with aborts at chosen steps, the no-leak check, ra
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import numpy as np
 
 from jaxinfer.engine import LLMEngine
@@ -17,6 +20,23 @@ def make_engine(model, **overrides) -> LLMEngine:
     """An LLMEngine over `model` (a `loader.LoadedModel`) with TEST_ENGINE_SETTINGS, `overrides` on top."""
     settings = {**TEST_ENGINE_SETTINGS, **overrides}
     return LLMEngine(model.config, model.graphdef, model.params, model.tokenizer, EngineConfig.of(**settings))
+
+
+@contextlib.contextmanager
+def compile_events():
+    """Yields a list that collects the JAX compile events (tracing, backend compiles) of the block."""
+    events, listening = [], [True]
+
+    def listener(event, duration, **kwargs):
+        if listening[0] and event in ("/jax/core/compile/backend_compile_duration",
+                                      "/jax/core/compile/jaxpr_trace_duration"):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)  # (JAX has no unregister: muted after)
+    try:
+        yield events
+    finally:
+        listening[0] = False
 
 
 def run(engine: LLMEngine, requests: dict, abort_after: dict | None = None) -> dict:
