@@ -1,9 +1,11 @@
 """Speculative decoding on SmolLM2-135M-Instruct: plain decoding vs prompt-lookup ("ngram") drafts
-vs a trained draft head ("eagle", with --eagle HEAD_DIR from `jaxinfer train-draft`), at batch 1
-and at several concurrent requests, on two workloads, in interleaved rounds.
+vs a smaller draft model ("draft", with --draft MODEL, e.g. the first layers of the target from
+`jaxinfer convert smollm2-135m DIR --num-layers 8`) vs a trained draft head ("eagle", with --eagle
+HEAD_DIR from `jaxinfer train-draft`), at batch 1 and at several concurrent requests, on two
+workloads, in interleaved rounds.
 
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
-                                           [--eagle HEAD_DIR]
+                                           [--draft MODEL ...] [--eagle HEAD_DIR]
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -66,6 +68,8 @@ def main():
     ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
                     help="every engine's weights quantized (the target's matmuls: where verifying k tokens costs "
                          "least on CPU)")
+    ap.add_argument("--draft", nargs="+", default=[], metavar="MODEL",
+                    help="also run method draft with each of these draft models (same vocabulary as --model)")
     ap.add_argument("--eagle", default=None, metavar="HEAD_DIR",
                     help="also run method eagle with this draft head (jaxinfer train-draft MODEL HEAD_DIR)")
     ap.add_argument("--problem-chars", type=int, default=0,
@@ -78,6 +82,9 @@ def main():
     top = max(args.batch_sizes)
     configs = {"plain": None} | {f"ngram k={k}": SpeculativeConfig(method="ngram", num_speculative_tokens=k)
                                  for k in args.k}
+    for model in args.draft:
+        configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}":
+                    SpeculativeConfig(method="draft", model=model, num_speculative_tokens=k) for k in args.k}
     if args.eagle:
         configs |= {f"eagle k={k}": SpeculativeConfig(method="eagle", model=args.eagle, num_speculative_tokens=k)
                     for k in args.k}

@@ -157,6 +157,7 @@ def cmd_convert(args) -> int:
         if args.quantization:  # round-to-nearest groups, once, here: loading restores them as they are
             spec, weights = quantize_params(cfg, weights, args.quantization, progress=True)
             cfg = dataclasses.replace(cfg, quantization=spec)
+        cfg, weights = _keep_layers(cfg, weights, args.num_layers)
         out = orbax_io.save(args.out_dir, cfg, weights, source=os.path.abspath(path), hf_tokenizer_dir=path)
     elif os.path.isdir(path):
         raise CheckpointError(f"{path} is already a jaxinfer orbax checkpoint")
@@ -166,11 +167,28 @@ def cmd_convert(args) -> int:
         _status(f"{path}: GGUF ({gguf.architecture})")
         weights, spec = gguf.load_params(cfg, progress=True, quantization=args.quantization)
         cfg = dataclasses.replace(cfg, quantization=spec)
+        cfg, weights = _keep_layers(cfg, weights, args.num_layers)
         out = orbax_io.save(args.out_dir, cfg, weights, gguf.metadata, source=os.path.abspath(path))
     weights_kind = f"{cfg.dtype}, {args.quantization} weights" if args.quantization else cfg.dtype
     _status(f"wrote {out} ({cfg.num_params() / 1e6:.0f}M parameters, {weights_kind}) in "
             f"{time.perf_counter() - t0:.1f}s; load it with LLM(model={out!r}) or --model {out}")
     return 0
+
+
+def _keep_layers(cfg, weights: dict, num_layers: int | None):
+    """The first `num_layers` decoder layers of a model (stacked "layers.*" arrays), its embedding,
+    final norm and head unchanged: a smaller model of the same vocabulary (a draft for speculative
+    method "draft")."""
+    if num_layers is None:
+        return cfg, weights
+    from jaxinfer.errors import InvalidRequestError
+
+    if not 1 <= num_layers <= cfg.num_layers:
+        raise InvalidRequestError(f"--num-layers must be in [1, {cfg.num_layers}] (the model has {cfg.num_layers} "
+                                  f"layers), got {num_layers}")
+    weights = {k: v[:num_layers] if k.startswith("layers.") else v for k, v in weights.items()}
+    _status(f"keeping the first {num_layers} of {cfg.num_layers} layers")
+    return dataclasses.replace(cfg, num_layers=num_layers), weights
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -227,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored parameter dtype (loading can cast to another)")
     v.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="store the weights quantized (restored as they are, without quantizing again)")
+    v.add_argument("--num-layers", type=int, default=None,
+                   help="keep only the first N decoder layers: a smaller model of the same vocabulary, e.g. a "
+                        "draft for --speculative-config '{\"method\": \"draft\", ...}'")
     v.set_defaults(func=cmd_convert)
     t = sub.add_parser("train-draft", help="train an EAGLE-style draft head for speculative decoding (method "
                                            "\"eagle\") on the model's own answers")

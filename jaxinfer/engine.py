@@ -111,11 +111,24 @@ class LLMEngine:
             raise InvalidRequestError(kv8_error)
         page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
-        page_bytes = PagedKVCache.bytes_per_page(num_layers=config.num_layers, page_size=page_size,
-                                                 num_kv_heads=config.num_kv_heads // pc.tensor_parallel_size,
-                                                 head_dim=ops.kv_cache_head_dim(config.head_dim,
-                                                                                comp.attention_backend),
-                                                 dtype=jnp.dtype(config.dtype), kv_cache_dtype=cache.kv_cache_dtype)
+        spec = sched.speculative_config
+        draft_model = None
+        if spec is not None and spec.method == "draft":  # loaded and checked against this model (typed errors)
+            if self.mesh is not None or jax.process_count() > 1:
+                raise InvalidRequestError('speculative method "draft" runs on one device in one process: leave '
+                                          'parallelism at 1, or use method "ngram" or "eagle"')
+            from jaxinfer.speculative.draft import load_draft
+
+            draft_model = load_draft(spec.model, config, tokenizer, self.max_model_len)
+
+        def bytes_per_page(cfg):
+            return PagedKVCache.bytes_per_page(num_layers=cfg.num_layers, page_size=page_size,
+                                               num_kv_heads=cfg.num_kv_heads // pc.tensor_parallel_size,
+                                               head_dim=ops.kv_cache_head_dim(cfg.head_dim, comp.attention_backend),
+                                               dtype=jnp.dtype(cfg.dtype), kv_cache_dtype=cache.kv_cache_dtype)
+
+        # A page holds a page of the target's cache and (speculative method "draft") one of the draft's.
+        page_bytes = bytes_per_page(config) + (bytes_per_page(draft_model.config) if draft_model is not None else 0)
         if cache.num_pages is not None:
             num_pages = cache.num_pages
         else:
@@ -147,7 +160,6 @@ class LLMEngine:
 
         max_tokens = sched.max_num_batched_tokens
         sp = pc.sequence_parallel_size
-        spec = sched.speculative_config
         if spec is not None and (pc.data_parallel_size > 1 or sp > 1 or jax.process_count() > 1
                                  or sched.async_scheduling):
             raise InvalidRequestError("speculative decoding runs synchronous steps on one replica: leave "
@@ -199,7 +211,7 @@ class LLMEngine:
             draft_head = load_head(spec.model, config, params, tokenizer)
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
                              layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec,
-                             draft_head=draft_head)
+                             draft_head=draft_head, draft_model=draft_model)
         self.output_processor = OutputProcessor(tokenizer)
         self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids

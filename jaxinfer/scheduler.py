@@ -51,6 +51,13 @@ class SchedulerConfig:
     max_prefill_seqs: int = 4
     speculative: SpeculativeConfig | None = None
 
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """Slots reserved past each chunk's tokens: speculative method "draft" writes the keys of its
+        k proposals there right after the step (`speculative.draft`)."""
+        spec = self.speculative
+        return spec.num_speculative_tokens if spec is not None and spec.method == "draft" else 0
+
     def __post_init__(self):
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 1 \
                 or self.max_prefill_seqs <= 0:
@@ -233,7 +240,7 @@ class Scheduler:
                 i += 1  # a prefill in progress waits a step for a prefill slot; decodes go on
                 continue
             prefills += n > 1 and not drafts
-            while self.kv.allocate_slots(request, n) is None:
+            while self.kv.allocate_slots(request, n + self._lookahead(request.num_computed_tokens + n)) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -253,7 +260,7 @@ class Scheduler:
                 break  # (checked before the prefix-cache lookup, which hashes the prompt)
             hits, num_cached = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens + request.num_pending_tokens - num_cached, budget)
-            if self.kv.allocate_slots(request, n, hits) is None:
+            if self.kv.allocate_slots(request, n + self._lookahead(num_cached + n), hits) is None:
                 break
             prefills += n > 1
             self.waiting.pop(0)
@@ -272,6 +279,10 @@ class Scheduler:
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(chunks=tuple(chunks), num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
                                preempted_ids=tuple(preempted), new_requests=tuple(new), finished_ids=finished)
+
+    def _lookahead(self, end: int) -> int:
+        """Slots to reserve past position `end` (`SchedulerConfig.num_lookahead_tokens`), within the context."""
+        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - end))
 
     def _speculates(self) -> bool:
         """Whether this step's decodes verify drafts: only in steps without prefill chunks (a verify

@@ -111,6 +111,9 @@ COVERAGE = [
       "tests/test_cli.py::test_generate_compiles_on_first_use_unless_warmup_is_asked"]),
     (r"jaxinfer convert smollm2-135m \./smollm2-int4 --quantization int4|jaxinfer generate .* --quantization int4 "
      r"--kv-cache-dtype int8", [THIS + "test_readme_quantized_convert_and_generate"]),
+    (r"jaxinfer convert smollm2-135m \./smollm2-draft --num-layers 8|"
+     r"jaxinfer generate .* --speculative-config '\{\"method\": \"draft\".*",
+     ["tests/test_draft_model.py::test_readme_draft_commands"]),
     (r"jaxinfer convert( .*)?|jaxinfer chat --model \./smollm2-orbax .*", [THIS + "test_readme_convert_then_chat"]),
     (r"scripts/tpu_vm/create\.sh .*--dry-run", ["tests/test_tpu_vm_scripts.py::test_readme_dry_run_as_written"]),
     (r"scripts/tpu_vm/\w+\.sh( --zone \$Z.*)?", ["tests/test_tpu_vm_scripts.py::test_tpu_md_walkthrough_as_written"]),

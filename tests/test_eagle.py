@@ -19,6 +19,7 @@ from jaxinfer.speculative import eagle
 from jaxinfer.speculative.train import DraftRecipe, chat_prompts, draft_vocabulary, train_draft
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing import tiny_gguf
+from tests import speculative_checks
 
 TINY_RECIPE = DraftRecipe(num_prompts=24, num_heldout=4, max_tokens=40, generate_batch=16, draft_vocab_size=96,
                           steps=60, batch_size=64, eval_every=30, warmup_steps=10, learning_rate=3e-3)
@@ -56,11 +57,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[int(t) for t in rng.integers(5, 250, size=int(rng.integers(3, 40)))] for _ in range(n)]
 
 
-def _generate(model, prompts, params, spec=None, abort_after=None, **settings):
-    engine = testing_engine.make_engine(model, **{**dict(max_num_seqs=4, page_size=16, num_pages=160), **settings},
-                                        speculative_config=spec)
-    outs = testing_engine.run(engine, {str(i): (p, params(i)) for i, p in enumerate(prompts)}, abort_after)
-    return {rid: o.outputs[0].token_ids for rid, o in outs.items()}, engine
+_generate = testing_engine.generate
 
 
 def _eagle(head_dir, k=3, **fields):
@@ -131,33 +128,13 @@ def test_seeded_sampling_gives_the_same_text(tiny, head_dir):
 
 
 def test_random_requests_with_aborts_and_preemption_leak_no_pages(tiny, head_dir):
-    rng = np.random.default_rng(11)
-    prompts = _prompts(200, seed=11)
-    params = lambda i: SamplingParams(max_tokens=int(rng.integers(1, 30)),  # noqa: E731
-                                      temperature=float(rng.choice([0.0, 1.0])), seed=i, ignore_eos=bool(i % 3))
-    abort_after = {str(i): int(rng.integers(1, 40)) for i in rng.choice(200, 40, replace=False)}
-    outs, engine = _generate(tiny, prompts, params, _eagle(head_dir), abort_after=abort_after, num_pages=16,
-                             max_num_seqs=8, max_num_batched_tokens=64)
-    assert len(outs) == 200
-    s = engine.stats()
-    assert s["kv_pages_used"] == 0 and s["num_running"] == 0 and not engine.has_unfinished_requests()
-    assert s["num_preemptions"] > 0 and s["spec_num_drafts"] > 0
-    pool = engine.kv_manager.pool
-    assert pool.num_free_blocks == pool.num_blocks - 1
+    speculative_checks.check_random_requests_leak_no_pages(tiny, _eagle(head_dir), _prompts(200, seed=11), seed=11,
+                                                           num_pages=16)
 
 
 def test_nothing_compiles_after_warmup(tiny, head_dir):
     """Warm-up compiles the proposer after sample and after verify steps of every sequence bucket."""
-    engine = testing_engine.make_engine(tiny, max_num_seqs=4, page_size=16, num_pages=40,
-                                        speculative_config=_eagle(head_dir))
-    engine.warmup()
-    with testing_engine.compile_events() as events:
-        params = lambda i: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.9, seed=i,  # noqa: E731
-                                          ignore_eos=True, logprobs=2 if i == 3 else None)
-        outs = {str(i): (p, params(i)) for i, p in enumerate(_prompts(6, seed=5))}
-        outs = testing_engine.run(engine, outs)
-    assert len(outs) == 6 and engine.stats()["spec_num_drafts"] > 0
-    assert events == [], f"{len(events)} compile events after warm-up"
+    speculative_checks.check_nothing_compiles_after_warmup(tiny, _eagle(head_dir), _prompts(6, seed=5))
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
@@ -209,25 +186,12 @@ def test_readme_train_draft_and_chat_commands(tiny_path, tmp_path, capsys, monke
 # ---- the real model ---------------------------------------------------------------------------------
 
 def test_smollm2_greedy_with_a_draft_head_is_plain_decoding(smollm2, tmp_path):
-    """SmolLM2 with an untrained head (its drafts are poor, which verification must not notice): 16
-    mixed-length prompts together, chunked prefill, preemption, prompts sharing pages."""
-    from jaxinfer.engine import EngineConfig, LLMEngine
-    from tests.test_engine_smollm2 import _prompts as smollm2_prompts
-
-    runner = smollm2.engine.runner
+    """SmolLM2 with an untrained head (its drafts are poor, which verification must not notice;
+    `speculative_checks`: 16 prompts together, chunked prefill, preemption, prefix-cache hits)."""
     cfg, tokenizer = smollm2.config, smollm2.get_tokenizer()
     hc = eagle.head_config_for(cfg, 4096)
     eagle.save_head(tmp_path, hc, eagle.init_head(hc, jax.random.key(0)), np.arange(4096),
                     eagle.target_identity(cfg, tokenizer))
-    prompts = smollm2_prompts(tokenizer, 16, 128)
-    prompts[-1] = prompts[5] + prompts[-1]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    plain = [o.outputs[0].token_ids for o in smollm2.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    engine = LLMEngine(cfg, runner.graphdef, runner.params, tokenizer, EngineConfig.of(
-        max_num_seqs=8, max_num_batched_tokens=128, page_size=16, num_pages=28, max_model_len=512,
-        speculative_config=SpeculativeConfig(method="eagle", model=str(tmp_path), num_speculative_tokens=3)))
-    outs = testing_engine.run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
-    assert [outs[str(i)].outputs[0].token_ids for i in range(16)] == plain
-    s = engine.stats()
-    assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0
-    assert s["kv_pages_used"] == 0 and s["spec_num_drafts"] > 0
+    s = speculative_checks.check_smollm2_greedy_is_plain_decoding(
+        smollm2, SpeculativeConfig(method="eagle", model=str(tmp_path), num_speculative_tokens=3))
+    assert s["spec_num_drafts"] > 0

@@ -20,6 +20,7 @@ from jaxinfer.speculative import SpeculativeConfig, propose_ngram, speculative_f
 from jaxinfer.speculative.verify import verify
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing import tiny_gguf
+from tests import speculative_checks
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-def _generate(model, prompts, params, spec=None, abort_after=None, **settings):
-    engine = testing_engine.make_engine(model, **{**dict(max_num_seqs=4, page_size=16, num_pages=160), **settings},
-                                        speculative_config=spec)
-    outs = testing_engine.run(engine, {str(i): (p, params(i)) for i, p in enumerate(prompts)}, abort_after)
-    return {rid: o.outputs[0].token_ids for rid, o in outs.items()}, engine
+_generate = testing_engine.generate
 
 
 # ---- prompt lookup --------------------------------------------------------------------------------
@@ -216,19 +213,9 @@ def test_request_metrics_report_drafts_and_acceptance(tiny, monkeypatch):
 
 
 def test_random_requests_with_drafts_aborts_and_preemption_leak_no_pages(tiny):
-    rng = np.random.default_rng(7)
-    prompts = _prompts(200, seed=7)
-    params = lambda i: SamplingParams(max_tokens=int(rng.integers(1, 30)),  # noqa: E731
-                                      temperature=float(rng.choice([0.0, 1.0])), seed=i, ignore_eos=bool(i % 3))
-    abort_after = {str(i): int(rng.integers(1, 40)) for i in rng.choice(200, 40, replace=False)}
-    outs, engine = _generate(tiny, prompts, params, SpeculativeConfig(num_speculative_tokens=3),
-                             abort_after=abort_after, num_pages=30, max_num_seqs=8, max_num_batched_tokens=64)
-    assert len(outs) == 200
-    s = engine.stats()
-    assert s["kv_pages_used"] == 0 and s["num_running"] == 0 and not engine.has_unfinished_requests()
-    assert s["num_preemptions"] > 0 and s["spec_num_accepted_tokens"] > 0
-    pool = engine.kv_manager.pool
-    assert pool.num_free_blocks == pool.num_blocks - 1  # every page free or cached-free
+    s = speculative_checks.check_random_requests_leak_no_pages(tiny, SpeculativeConfig(num_speculative_tokens=3),
+                                                               _prompts(200, seed=7), seed=7, num_pages=30)
+    assert s["spec_num_accepted_tokens"] > 0
 
 
 def test_no_drafts_above_the_batch_size_limit_or_when_they_do_not_pay(tiny):
@@ -271,23 +258,7 @@ def test_flags_and_engine_settings(tiny):
 
 
 def test_smollm2_greedy_with_drafts_is_plain_decoding(smollm2):
-    """The real model: 16 mixed-length prompts submitted together (input-grounded text, so prompt
-    lookup proposes), chunked prefill, a pool small enough to preempt, prompts sharing pages."""
-    from jaxinfer.engine import EngineConfig, LLMEngine
-    from tests.test_engine_smollm2 import _prompts as smollm2_prompts
-
-    tokenizer = smollm2.get_tokenizer()
-    prompts = smollm2_prompts(tokenizer, 16, 128)
-    prompts[-1] = prompts[5] + prompts[-1]  # admitted late: finds prompt 5's pages in the prefix cache
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    plain = [o.outputs[0].token_ids for o in smollm2.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    runner = smollm2.engine.runner
-    engine = LLMEngine(smollm2.config, runner.graphdef, runner.params, tokenizer, EngineConfig.of(
-        max_num_seqs=8, max_num_batched_tokens=128, page_size=16, num_pages=28, max_model_len=512,
-        speculative_config=SpeculativeConfig(num_speculative_tokens=3)))
-    outs = testing_engine.run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
-    assert [outs[str(i)].outputs[0].token_ids for i in range(16)] == plain
-    s = engine.stats()
-    assert s["num_preemptions"] > 0, {k: v for k, v in s.items() if "spec" in k or "pre" in k}
-    assert s["prefix_cache_hit_tokens"] > 0, {k: v for k, v in s.items() if "spec" in k or "pre" in k}
-    assert s["kv_pages_used"] == 0 and s["spec_num_accepted_tokens"] > 0, s
+    """The real model (`speculative_checks`: 16 mixed-length prompts of input-grounded text, so prompt
+    lookup proposes, submitted together, chunked prefill, preemption, prefix-cache hits)."""
+    s = speculative_checks.check_smollm2_greedy_is_plain_decoding(smollm2, SpeculativeConfig(num_speculative_tokens=3))
+    assert s["spec_num_accepted_tokens"] > 0, s

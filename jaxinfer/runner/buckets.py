@@ -164,6 +164,25 @@ def step_shape(rc: RunnerConfig, replicas) -> StepShape:
     return StepShape(T, rc.seq_buckets[-1], width, rc.mixed_q_block(T), 0)
 
 
+def decode_shape(rc: RunnerConfig, num_seqs: int, kv_lens) -> StepShape:
+    """The decode-step shape of `num_seqs` one-token rows whose sequences are `kv_lens` long once
+    the row is written (the draft model's proposal steps: `inputs.build_draft_inputs`)."""
+    S = bucket(rc.seq_buckets, num_seqs, "sequences")
+    if not rc.use_decode_items:
+        pages = max(-(-n // rc.page_size) for n in kv_lens)
+        return StepShape(S, S, bucket(rc.page_buckets, pages, "pages per sequence"), 1, 0)
+    per_item = rc.page_size * rc.pages_per_item
+    items = sum(-(-n // per_item) for n in kv_lens)
+    return StepShape(S, S, 1, 1, bucket(rc.item_buckets(S), items, "decode work items"))
+
+
+def decode_shapes(rc: RunnerConfig) -> list[StepShape]:
+    """Every shape `decode_shape` can return."""
+    if rc.use_decode_items:
+        return [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
+    return [StepShape(S, S, W, 1, 0) for S in rc.seq_buckets for W in rc.page_buckets]
+
+
 def verify_chunks(chunks) -> list:
     """A verify step's chunks as one-token decodes: a decode with d drafts at positions p..p+d
     becomes d + 1 decodes of the same request at p, p + 1, ... (the j-th attends to positions
@@ -201,10 +220,7 @@ def verify_shape(rc: RunnerConfig, S: int, W: int, rows=None) -> StepShape:
 
 def all_step_shapes(rc: RunnerConfig) -> list[StepShape]:
     """Every shape `step_shape` can return: what warm-up compiles."""
-    if rc.use_decode_items:
-        shapes = [StepShape(S, S, 1, 1, I) for S in rc.seq_buckets for I in rc.item_buckets(S)]
-    else:
-        shapes = [StepShape(S, S, W, 1, 0) for S in rc.seq_buckets for W in rc.page_buckets]
+    shapes = decode_shapes(rc)
     shapes += [StepShape(T, rc.seq_buckets[-1], W, rc.mixed_q_block(T), 0) for T in rc.token_buckets
                for W in rc.page_buckets]
     for S in rc.seq_buckets if rc.num_speculative_tokens else ():  # verify steps' decode shapes

@@ -34,16 +34,19 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
-from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
-from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_model_input,
-                                    build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
-                                    stack_sampling_inputs)
-from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
-                                   propose_step, resolve_tokens, rows_step, sample_step, verify_step)
+from jaxinfer.runner.buckets import (RunnerConfig, StepShape, all_step_shapes, bucket, decode_shape, step_shape,
+                                     verify_chunks)
+from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_draft_inputs,
+                                    build_model_input, build_sampling_input, build_verify_input, draft_positions,
+                                    prompt_logprob_rows, stack_model_inputs, stack_sampling_inputs)
+from jaxinfer.runner.steps import (AttentionSpec, draft_propose_step, embed_step, forward_step, layer_step,
+                                   prompt_logprobs_step, propose_step, resolve_tokens, rows_step, sample_step,
+                                   verify_step)
 from jaxinfer.scheduler import SchedulerOutput
 from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative.draft import DraftModel
 from jaxinfer.speculative.eagle import DraftHead
-from jaxinfer.speculative.proposers import next_drafts
+from jaxinfer.speculative.proposers import next_drafts, proposes
 from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
@@ -136,12 +139,15 @@ class Runner:
         (`StepResult.draft_token_ids`); steps with drafts run `verify_step`.
       draft_head: speculative method "eagle": the loaded head (`speculative.eagle.load_head`); its
         drafts are proposed on the device right after each step's sampler (`propose_step`).
+      draft_model: speculative method "draft": the loaded draft model (`speculative.draft.load_draft`);
+        it runs every step's tokens into its own KV cache (the target's page tables) and, once a
+        step's tokens are known, decodes k drafts from them (`draft_propose_step`).
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
                  *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model",
                  async_scheduling: bool = False, speculative: SpeculativeConfig | None = None,
-                 draft_head: DraftHead | None = None):
+                 draft_head: DraftHead | None = None, draft_model: DraftModel | None = None):
         if layer_loop not in ("model", "per_layer"):
             raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
         self.config = config
@@ -169,12 +175,13 @@ class Runner:
         if draft_head is not None and mesh is not None:  # replicated over the mesh
             draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.draft_head = draft_head
+        if (draft_model is not None) != (speculative is not None and speculative.method == "draft"):
+            raise ValueError("a draft model goes with speculative method 'draft', and only with it")
+        if draft_model is not None and mesh is not None:
+            raise ValueError("speculative method 'draft' runs on one device without a mesh")
+        self.draft_model = draft_model
         self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
-        make_cache = functools.partial(
-            PagedKVCache.zeros, num_layers=config.num_layers, num_pages=runner_config.num_pages,
-            page_size=runner_config.page_size, num_kv_heads=config.num_kv_heads,
-            head_dim=ops.kv_cache_head_dim(config.head_dim, runner_config.attention_backend),
-            dtype=jnp.dtype(config.dtype), kv_cache_dtype=runner_config.kv_cache_dtype)
+        make_cache = functools.partial(self._make_cache, config)
         if mesh is None:
             self.kv_cache = make_cache()
         else:  # parameters and cache placed by the sharding rules; the cache is allocated sharded
@@ -188,6 +195,19 @@ class Runner:
             self.layer_params = [{name[-1]: arrays[i] for name, arrays in layers.items()}
                                  for i in range(config.num_layers)]
         self._layer_ids = [jnp.int32(i) for i in range(config.num_layers)]  # on the device once
+        self.draft_params = self.draft_kv_cache = None
+        if draft_model is not None:  # its own cache: the same pages and slots, its own layers and heads
+            self.draft_params = params_for_layer_loop(draft_model.config, draft_model.params)
+            # committed to the device like its parameters and like every cache a step returns, so the
+            # graphs warm-up compiles are the ones steps call
+            self.draft_kv_cache = jax.device_put(self._make_cache(draft_model.config), jax.local_devices()[0])
+
+    def _make_cache(self, config: ModelConfig) -> PagedKVCache:
+        rc = self.rc
+        return PagedKVCache.zeros(num_layers=config.num_layers, num_pages=rc.num_pages, page_size=rc.page_size,
+                                  num_kv_heads=config.num_kv_heads,
+                                  head_dim=ops.kv_cache_head_dim(config.head_dim, rc.attention_backend),
+                                  dtype=jnp.dtype(config.dtype), kv_cache_dtype=rc.kv_cache_dtype)
 
     # ---- the compiled steps (shared: see steps.py) ------------------------------------------------
 
@@ -226,6 +246,23 @@ class Runner:
         """eagle: the next step's drafts [S, k] of every sampler row (see `propose_step`)."""
         return propose_step(self.params, self.draft_head, hidden, tokens, None if vi is None else vi.rows,
                             num_accepted, graphdef=self.graphdef, num_drafts=self.rc.num_speculative_tokens)
+
+    def _draft_forward(self, inp: ModelInput, q_block: int) -> None:
+        """draft: the step's tokens through the draft model, into its own KV cache."""
+        _, _, self.draft_kv_cache = forward_step(self.draft_params, self.draft_kv_cache, inp,
+                                                 graphdef=self.draft_model.graphdef, attention=self.attention,
+                                                 q_block=q_block)
+
+    def _propose_with_draft(self, requests: list[CachedRequest]) -> np.ndarray:
+        """draft: k greedy drafts [len(requests), k] from each request's last token (its history
+        is up to date: the step's tokens are collected)."""
+        k, rc = self.rc.num_speculative_tokens, self.rc
+        ends = [int(draft_positions(r, k, rc.page_size)[-1]) + 1 for r in requests]
+        shape = decode_shape(rc, len(requests), ends)
+        inp = build_draft_inputs(requests, k, shape, rc.page_size, rc.pages_per_item)
+        drafts, self.draft_kv_cache = draft_propose_step(self.draft_params, self.draft_kv_cache, inp,
+                                                         graphdef=self.draft_model.graphdef, attention=self.attention)
+        return np.asarray(drafts)[:len(requests)]
 
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
@@ -371,7 +408,20 @@ class Runner:
             prompt.setdefault(rid, []).append(PromptLogprob(
                 pos, target, float(prompt_lps[0][r]),
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
-        drafts = next_drafts(self.speculative, step.rows, device_drafts) if self.speculative is not None else {}
+        drafts = {}
+        if self.speculative is not None:
+            proposed = None  # ngram: proposed on the host from each request's tokens
+            if device_drafts is not None:  # eagle
+                proposed = {rid: device_drafts[s].tolist() for rid, (_, s) in step.rows.items()}
+            elif self.draft_model is not None:
+                wanted = [(rid, request) for rid, (request, _) in step.rows.items()
+                          if proposes(request) and request.block_ids]
+                if wanted:
+                    rows = self._propose_with_draft([request for _, request in wanted])
+                    proposed = {rid: rows[i].tolist() for i, (rid, _) in enumerate(wanted)}
+                else:
+                    proposed = {}
+            drafts = next_drafts(self.speculative, step.rows, proposed)
         step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts)
         step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = None  # buffers can go
         if self._in_flight is step:
@@ -386,6 +436,8 @@ class Runner:
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
         hidden, rows = self._forward(inp, plan.shape.q_block)
+        if self.draft_model is not None:  # the draft's cache holds every token the target's does
+            self._draft_forward(inp, plan.shape.q_block)
         num_accepted = drafts = None
         if plan.verify is not None:
             tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, plan.sampling_input)

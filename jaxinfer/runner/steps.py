@@ -13,6 +13,8 @@
     propose_step(params, head, hidden, tokens, verify_rows=, num_accepted=, graphdef=, num_drafts=)
                                                 -> drafts [S, k]: the EAGLE head's proposals for the
                                                    next step, dispatched right after the sampler
+    draft_propose_step(params, kv_cache, inp, graphdef=, attention=) -> (drafts [S, k], kv_cache): a draft
+                                                   model's k greedy decode steps in one graph
     resolve_tokens(tokens, token_src, sampled)     -> tokens [1, T] with the step in flight's samples
                                                    filled in on the device (async scheduling)
     prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
@@ -162,6 +164,26 @@ def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None
         token = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
     arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
     return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts)
+
+
+@functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("graphdef", "attention"))
+def draft_propose_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, attention: AttentionSpec):
+    """The draft model's k greedy decode steps in one graph (speculative method "draft"): `inp`
+    stacks k decode inputs (`inputs.build_draft_inputs`); step i feeds the token step i - 1 chose
+    (step 0: `inp.tokens[0]`) -> (drafts [S, k], kv_cache)."""
+    model = nnx.merge(graphdef, params)
+    attend = attention.attend(1)
+
+    def body(carry, step):
+        tokens, kv_cache = carry
+        positions, meta = step
+        with matmul_backend(attention.matmul_backend):
+            hidden, kv_cache = model.forward(tokens, positions, kv_cache, meta, attend)
+            chosen = jnp.argmax(model.compute_logits(hidden[0]), axis=-1).astype(jnp.int32)
+        return (chosen[None], kv_cache), chosen
+
+    (_, kv_cache), drafts = jax.lax.scan(body, (inp.tokens[0], kv_cache), (inp.positions, inp.meta))
+    return drafts.T, kv_cache
 
 
 @jax.jit

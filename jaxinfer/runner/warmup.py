@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model import embedding_arrays
-from jaxinfer.runner.buckets import verify_seqs
-from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input, stack_model_inputs,
-                                    stack_sampling_inputs)
-from jaxinfer.runner.steps import (embed_step, forward_step, layer_step, prompt_logprobs_step, propose_step,
-                                   resolve_tokens, rows_step, sample_step, verify_step)
+from jaxinfer.runner.buckets import decode_shapes, verify_seqs
+from jaxinfer.runner.inputs import (VerifyInput, empty_draft_inputs, empty_model_input, neutral_sampling_input,
+                                    stack_model_inputs, stack_sampling_inputs)
+from jaxinfer.runner.steps import (draft_propose_step, embed_step, forward_step, layer_step, prompt_logprobs_step,
+                                   propose_step, resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.sampling_params import MAX_LOGPROBS
 
 # The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
@@ -103,6 +103,10 @@ def aot_graphs(runner) -> list[tuple]:
             add(forward_step, (runner.params, runner.kv_cache, inp),
                 dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block), ("forward", shape),
                 priority)
+        if runner.draft_model is not None:  # draft: the step's tokens through the draft model too
+            add(forward_step, (runner.draft_params, runner.draft_kv_cache, inp),
+                dict(graphdef=runner.draft_model.graphdef, attention=runner.attention, q_block=shape.q_block),
+                ("draft_forward", shape), priority)
         if runner.async_scheduling:
             src = np.zeros(shape.T, np.int32)
             add(resolve_tokens, (inp.tokens, src, jax.ShapeDtypeStruct((rc.seq_buckets[-1],), jnp.int32)), {},
@@ -134,6 +138,11 @@ def aot_graphs(runner) -> list[tuple]:
             add(propose_step, (runner.params, runner.draft_head, jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype),
                                jax.ShapeDtypeStruct((S, K + 1), i32), np.zeros((S, K + 1), np.int32),
                                jax.ShapeDtypeStruct((S,), i32)), kw, ("propose_verify", S), 0)
+    if runner.draft_model is not None:  # draft: its k decode steps after a step, every decode shape
+        for shape in decode_shapes(rc):
+            inp = empty_draft_inputs(shape, rc.num_speculative_tokens, rc.page_size, rc.pages_per_item)
+            add(draft_propose_step, (runner.draft_params, runner.draft_kv_cache, inp),
+                dict(graphdef=runner.draft_model.graphdef, attention=runner.attention), ("draft_propose", shape), 1)
     return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
 
 def empty_verify_input(S: int, K: int) -> VerifyInput:

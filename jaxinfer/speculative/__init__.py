@@ -4,6 +4,8 @@
                                                                   `--speculative-config` take
     propose_ngram(tokens, k, min_n, max_n)                        prompt lookup (host, numpy)
     eagle.propose(head, embed, feature, token, k)                 a draft head (device, `train-draft`)
+    draft.DraftModel                                              a smaller model of the same vocabulary
+                                                                  with its own paged KV (device)
     verify(logits [S, k+1, V], drafts [S, k], num_drafts [S], ...) the target's tokens at every
                                                                   position and how many drafts hold
 
@@ -30,16 +32,18 @@ from jaxinfer.speculative.ngram import propose_ngram
 __all__ = ["METHODS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_HELP", "SpeculativeConfig", "propose_ngram",
            "speculative_flag"]
 
-METHODS = ("ngram", "eagle")
+METHODS = ("ngram", "draft", "eagle")
 MAX_SPECULATIVE_TOKENS = 8
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpeculativeConfig:
     """Attributes:
-      method: "ngram" (prompt lookup: drafts copied from earlier in the request's own tokens) or
+      method: "ngram" (prompt lookup: drafts copied from earlier in the request's own tokens),
+        "draft" (a smaller model of the same vocabulary decodes k tokens greedily; see `draft`) or
         "eagle" (a draft head over the target's hidden state, `jaxinfer train-draft`; see `eagle`).
-      model: eagle: the draft head's directory (what `jaxinfer train-draft MODEL OUT_DIR` wrote).
+      model: draft: the draft model (a registered name, a .gguf file, a HF or jaxinfer checkpoint
+        directory); eagle: the draft head's directory (what `jaxinfer train-draft MODEL OUT_DIR` wrote).
       num_speculative_tokens: k, most drafts a request verifies per step (1..MAX_SPECULATIVE_TOKENS).
       prompt_lookup_min, prompt_lookup_max: ngram: the suffix lengths matched (longest first).
       min_acceptance: a request whose mean accepted drafts per verified draft falls below this (after
@@ -66,12 +70,16 @@ class SpeculativeConfig:
 
         check(self.method in METHODS, f"speculative method must be one of {list(METHODS)}, got {self.method!r}")
         check(self.model is None or isinstance(self.model, str),
-              f"speculative_config.model must be a path (a draft head directory), got {self.model!r}")
+              f"speculative_config.model must be a path or model name, got {self.model!r}")
         check(self.method != "eagle" or self.model,
               'method "eagle" needs model=<the draft head directory> (write one with `jaxinfer train-draft MODEL '
               'OUT_DIR`)')
-        check(self.method == "eagle" or self.model is None,
-              f'speculative_config.model is the eagle draft head\'s directory; method {self.method!r} takes none')
+        check(self.method != "draft" or self.model,
+              'method "draft" needs model=<a smaller model with the same tokenizer> (a registered name, a .gguf '
+              'file or a checkpoint directory)')
+        check(self.method != "ngram" or self.model is None,
+              f"speculative_config.model is the draft model or the eagle head's directory; method {self.method!r} "
+              "takes none")
         k = self.num_speculative_tokens
         check(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_SPECULATIVE_TOKENS,
               f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
@@ -100,7 +108,8 @@ class SpeculativeConfig:
         raise InvalidRequestError(f"speculative_config must be a SpeculativeConfig, a dict or None, got {value!r}")
 
 
-SPECULATIVE_HELP = ('speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 3} or '
+SPECULATIVE_HELP = ('speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 3}, '
+                    '{"method": "draft", "model": "DRAFT_MODEL", "num_speculative_tokens": 3} or '
                     '{"method": "eagle", "model": "HEAD_DIR", "num_speculative_tokens": 3} '
                     '(fields of jaxinfer.speculative.SpeculativeConfig)')
 

@@ -28,7 +28,6 @@ Differences from the EAGLE paper's head, each for this runtime's sake:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -116,15 +115,10 @@ def propose(head: DraftHead, embed, feature, token, k: int):
 
 def target_identity(cfg, tokenizer) -> dict:
     """What a head depends on: the target's width, vocabulary and the tokens' spellings."""
-    spell = hashlib.sha256()
-    for i in range(cfg.vocab_size):
-        try:
-            piece = tokenizer.id_to_token(i)
-        except Exception:  # an id the tokenizer does not have (padding rows of the embedding)
-            piece = None
-        spell.update(str(piece).encode("utf-8", "replace") + b"\0")
+    from jaxinfer.speculative.draft import vocabulary_sha256
+
     return {"arch": cfg.arch, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-            "num_layers": cfg.num_layers, "vocabulary_sha256": spell.hexdigest()}
+            "num_layers": cfg.num_layers, "vocabulary_sha256": vocabulary_sha256(cfg.vocab_size, tokenizer)}
 
 
 def output_rows(cfg, params, token_ids: np.ndarray):

@@ -1,6 +1,8 @@
 """The proposers behind `SpeculativeConfig.method`, seen by the runner through one function.
 
     "ngram"  prompt lookup on the host, from each request's own tokens (`ngram.propose_ngram`)
+    "draft"  a smaller model of the same vocabulary on the device, k greedy decode steps in one
+             graph once the step's tokens are known (`runner.steps.draft_propose_step`)
     "eagle"  a draft head on the device, run right after the sampler in the same dispatch
              (`eagle.propose` inside `runner.steps.propose_step`): its drafts [S, k] come back with
              the step's tokens, so proposing costs no host round trip of its own
@@ -9,8 +11,6 @@
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from jaxinfer.speculative.ngram import propose_ngram
 
@@ -22,15 +22,16 @@ def proposes(request) -> bool:
     return not p.needs_penalties and len(request.token_ids) - request.num_prompt_tokens >= p.min_tokens
 
 
-def next_drafts(spec, rows: dict, device_drafts: np.ndarray | None = None) -> dict[str, list[int]]:
-    """rows: request id -> (CachedRequest, its sampler row) of a collected step; device_drafts
-    [S, k] (eagle: the drafts proposed on the device after that step) -> request id -> drafts."""
+def next_drafts(spec, rows: dict, proposed: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """rows: request id -> (CachedRequest, its sampler row) of a collected step; proposed: request
+    id -> the drafts a model proposed after that step on the device (draft, eagle; None: ngram,
+    proposed here) -> request id -> the drafts of every request that takes them."""
     drafts = {}
-    for rid, (request, s) in rows.items():
+    for rid, (request, _) in rows.items():
         if not proposes(request):
             continue
-        if device_drafts is not None:
-            proposal = device_drafts[s].tolist()
+        if proposed is not None:
+            proposal = proposed.get(rid, [])
         else:
             proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.prompt_lookup_min,
                                      spec.prompt_lookup_max)

@@ -68,3 +68,12 @@ def random_prompts(cfg, lengths, seed=0) -> list[list[int]]:
     """Prompts of random token ids in [3, vocab) with the given lengths."""
     rng = np.random.default_rng(seed)
     return [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
+
+
+def generate(model, prompts, params, spec=None, abort_after=None, **settings):
+    """Runs {str(i): prompt} with params(i) through an engine (speculative_config=spec) ->
+    ({id: output token ids}, the engine)."""
+    engine = make_engine(model, **{**dict(max_num_seqs=4, page_size=16, num_pages=160), **settings},
+                         speculative_config=spec)
+    outs = run(engine, {str(i): (p, params(i)) for i, p in enumerate(prompts)}, abort_after)
+    return {rid: o.outputs[0].token_ids for rid, o in outs.items()}, engine

@@ -1,0 +1,194 @@
+"""Speculative method "draft": a smaller model of the same vocabulary proposes with its own paged KV
+cache. A draft that is the target itself has every draft accepted (its cache holds the right keys
+through chunked prefill, preemption and prefix-cache hits); with a real smaller draft the output is
+exactly plain decoding's (greedy and seeded sampling); no pages leak; nothing compiles after
+warm-up; the page pool holds a page of both caches in one budget; a draft of another vocabulary or
+context is a typed error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.loader import load_model
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative.draft import load_draft
+from jaxinfer.testing import engine as testing_engine
+from jaxinfer.testing import tiny_gguf
+from tests import speculative_checks
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_gguf(path, max_position_embeddings=4096)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_model(tiny_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def first_layer(tiny_path, tmp_path_factory):
+    """The tiny model's first layer of two, written by `jaxinfer convert --num-layers 1`."""
+    from jaxinfer import cli
+
+    out = str(tmp_path_factory.mktemp("draft") / "first-layer")
+    assert cli.main(["convert", tiny_path, out, "--num-layers", "1"]) == 0
+    return out
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(5, 250, size=int(rng.integers(3, 40)))] for _ in range(n)]
+
+
+_generate = testing_engine.generate
+
+
+def _draft(model, k=3, **fields):
+    return SpeculativeConfig(method="draft", model=model, num_speculative_tokens=k, **fields)
+
+
+# 16 mixed-length prompts at once, chunked prefill (32-token budget), a pool small enough to preempt,
+# two prompts sharing pages in the prefix cache
+BUSY = dict(max_num_batched_tokens=32, num_pages=30, max_num_seqs=8)
+
+
+def _busy_prompts():
+    return _prompts(14) + [list(range(40, 80)) * 2, list(range(40, 80)) * 2 + [9]]
+
+
+# ---- the draft's cache is right: the target as its own draft -------------------------------------
+
+def test_the_target_as_its_own_draft_has_every_draft_accepted(tiny, tiny_path):
+    """The draft's keys must be the target's at every position it reads — written by the step's own
+    tokens, by its proposals in the look-ahead slots, kept across prefix-cache hits and rebuilt after
+    preemption — or the same weights would propose other tokens than the target chooses."""
+    params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
+    plain, _ = _generate(tiny, _busy_prompts(), params, **BUSY)
+    spec, engine = _generate(tiny, _busy_prompts(), params, _draft(tiny_path), **BUSY)
+    assert spec == plain
+    s = engine.stats()
+    assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0
+    assert s["spec_num_draft_tokens"] > 200
+    # (float rounding may differ between the draft's decode rows and the target's verify rows: a rare flip)
+    assert s["spec_num_accepted_tokens"] >= 0.97 * s["spec_num_draft_tokens"], s
+
+
+# ---- a smaller draft: identical output ------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_is_plain_decodings(tiny, first_layer, k):
+    params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
+    plain, _ = _generate(tiny, _busy_prompts(), params, **BUSY)
+    spec, engine = _generate(tiny, _busy_prompts(), params, _draft(first_layer, k), **BUSY)
+    assert spec == plain
+    s = engine.stats()
+    assert s["spec_num_drafts"] > 0 and 0 < s["spec_num_accepted_tokens"] < s["spec_num_draft_tokens"]
+    assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0
+
+
+def test_seeded_sampling_gives_the_same_text(tiny, first_layer):
+    prompts = _prompts(6, seed=3)
+    params = lambda i: SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=100 + i,  # noqa: E731
+                                      ignore_eos=True)
+    plain, _ = _generate(tiny, prompts, params)
+    spec, engine = _generate(tiny, prompts, params, _draft(first_layer))
+    assert spec == plain
+    assert engine.stats()["spec_num_accepted_tokens"] > 0
+
+
+def test_random_requests_with_aborts_and_preemption_leak_no_pages(tiny, first_layer):
+    speculative_checks.check_random_requests_leak_no_pages(tiny, _draft(first_layer), _prompts(200, seed=13), seed=13,
+                                                           num_pages=16)
+
+
+def test_nothing_compiles_after_warmup(tiny, first_layer):
+    """Warm-up compiles the draft's forward for every step shape and its proposal for every decode shape."""
+    speculative_checks.check_nothing_compiles_after_warmup(tiny, _draft(first_layer), _prompts(6, seed=5))
+
+
+def test_one_budget_holds_a_page_of_both_caches(tiny, first_layer):
+    budget = 4 << 20
+    plain = testing_engine.make_engine(tiny, num_pages=None, kv_cache_memory=budget, max_model_len=512)
+    draft = testing_engine.make_engine(tiny, num_pages=None, kv_cache_memory=budget, max_model_len=512,
+                                       speculative_config=_draft(first_layer))
+    # the tiny model has 2 layers, its first-layer draft 1 of the same width: a page costs 1.5x
+    assert draft.page_bytes == plain.page_bytes * 3 // 2
+    assert draft.num_pages == budget // draft.page_bytes
+    runner = draft.runner
+    assert runner.draft_kv_cache.k.shape[1:] == runner.kv_cache.k.shape[1:]  # same pages, slots and heads
+    assert runner.draft_kv_cache.k.shape[0] == 1 and runner.kv_cache.k.shape[0] == 2
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def test_a_draft_of_another_vocabulary_or_context_is_a_typed_error(tiny, tiny_path, tmp_path):
+    bigger = dataclasses.replace(tiny.config, vocab_size=tiny.config.vocab_size + 8)  # a target of 8 more tokens
+    with pytest.raises(InvalidRequestError, match="vocabulary of 259 tokens, the target 267.*share the target's"):
+        load_draft(tiny_path, bigger, tiny.tokenizer, 256)
+
+    class Respelled:  # the same ids spelled otherwise
+        def id_to_token(self, i):
+            return f"<{tiny.tokenizer.id_to_token(i)}>"
+
+    with pytest.raises(InvalidRequestError, match="spells its .* tokens differently"):
+        load_draft(tiny_path, tiny.config, Respelled(), 256)
+    short = tmp_path / "short.gguf"
+    tiny_gguf(short, max_position_embeddings=128)
+    with pytest.raises(InvalidRequestError, match="128-token context, shorter than .*max_model_len"):
+        testing_engine.make_engine(tiny, max_model_len=512, speculative_config=_draft(str(short)))
+    with pytest.raises(InvalidRequestError, match="cannot load the draft model"):
+        testing_engine.make_engine(tiny, speculative_config=_draft(str(tmp_path / "missing.gguf")))
+    with pytest.raises(InvalidRequestError, match='"draft" needs model='):
+        SpeculativeConfig(method="draft")
+
+
+def test_convert_keeps_the_first_layers_and_checks_the_count(tiny, tiny_path, first_layer, tmp_path, capsys):
+    from jaxinfer import cli
+
+    draft = load_model(first_layer, progress=False)
+    assert draft.config.num_layers == 1 and draft.config.vocab_size == tiny.config.vocab_size
+    np.testing.assert_array_equal(np.asarray(draft.params["layers"]["wq"].get_value()),
+                                  np.asarray(tiny.params["layers"]["wq"].get_value())[:1])
+    assert cli.main(["convert", tiny_path, str(tmp_path / "x"), "--num-layers", "3"]) != 0
+    assert "--num-layers must be in [1, 2]" in capsys.readouterr().err
+
+
+# ---- the real model ----------------------------------------------------------------------------------
+
+def test_smollm2_greedy_with_a_draft_model_is_plain_decoding(smollm2, tmp_path):
+    """SmolLM2 with its own first 6 layers as the draft (`speculative_checks`: 16 prompts together,
+    chunked prefill, preemption, prefix-cache hits)."""
+    from jaxinfer import cli
+
+    assert cli.main(["convert", "smollm2-135m", str(tmp_path / "smollm2-6"), "--num-layers", "6"]) == 0
+    s = speculative_checks.check_smollm2_greedy_is_plain_decoding(smollm2, _draft(str(tmp_path / "smollm2-6")))
+    assert s["spec_num_accepted_tokens"] > 0, s
+
+
+def test_readme_draft_commands(tiny_path, tmp_path, capsys, monkeypatch):
+    """The README's two draft commands as written, on the tiny model (its path for smollm2-135m, its
+    first layer of 2 for the first 8, and the generate command's --model): the cut model is written
+    and drafts for the target."""
+    import os
+    import shlex
+
+    from jaxinfer import cli
+    from tests.test_docs import doc_commands
+
+    (convert,) = {c for c in doc_commands() if c.startswith("jaxinfer convert") and "--num-layers" in c}
+    (generate,) = {c for c in doc_commands() if c.startswith("jaxinfer generate") and '"draft"' in c}
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(convert.replace("smollm2-135m", tiny_path).replace("--num-layers 8", "--num-layers 1"))
+    assert cli.main(argv[1:]) == 0
+    assert "keeping the first" in capsys.readouterr().err and os.path.isdir(tmp_path / "smollm2-draft")
+    assert cli.main(shlex.split(generate)[1:] + ["--model", tiny_path, "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
