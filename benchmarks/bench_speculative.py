@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gzip
 import json
 import os
@@ -68,6 +69,9 @@ def main():
     ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
                     help="every engine's weights quantized (the target's matmuls: where verifying k tokens costs "
                          "least on CPU)")
+    ap.add_argument("--disable-by-batch-size", default="auto",
+                    help='SpeculativeConfig.disable_by_batch_size: "auto" (the platform\'s measured limit), "none" '
+                         "(drafts at any batch size) or a number")
     ap.add_argument("--draft", nargs="+", default=[], metavar="MODEL",
                     help="also run method draft with each of these draft models (same vocabulary as --model)")
     ap.add_argument("--eagle", default=None, metavar="HEAD_DIR",
@@ -80,13 +84,16 @@ def main():
     from jaxinfer.speculative import SpeculativeConfig
 
     top = max(args.batch_sizes)
-    configs = {"plain": None} | {f"ngram k={k}": SpeculativeConfig(method="ngram", num_speculative_tokens=k)
-                                 for k in args.k}
+    limit = {"auto": "auto", "none": None}.get(args.disable_by_batch_size.lower(), None)
+    if args.disable_by_batch_size.lower() not in ("auto", "none"):
+        limit = int(args.disable_by_batch_size)
+    spec = functools.partial(SpeculativeConfig, disable_by_batch_size=limit)
+    configs = {"plain": None} | {f"ngram k={k}": spec(method="ngram", num_speculative_tokens=k) for k in args.k}
     for model in args.draft:
         configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}":
-                    SpeculativeConfig(method="draft", model=model, num_speculative_tokens=k) for k in args.k}
+                    spec(method="draft", model=model, num_speculative_tokens=k) for k in args.k}
     if args.eagle:
-        configs |= {f"eagle k={k}": SpeculativeConfig(method="eagle", model=args.eagle, num_speculative_tokens=k)
+        configs |= {f"eagle k={k}": spec(method="eagle", model=args.eagle, num_speculative_tokens=k)
                     for k in args.k}
     llms = {}
     for name, spec in configs.items():
@@ -128,6 +135,7 @@ def main():
     weights = f", {args.quantization} weights" if args.quantization else ""
     print(f"\n{datetime.date.today()}, {platform.node() or 'this machine'}, jax {jax.__version__} "
           f"{jax.devices()[0].platform}, {args.model} float32{weights}, greedy, {args.max_tokens} new tokens, "
+          f"disable_by_batch_size={args.disable_by_batch_size}, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| workload | batch | configuration | output tok/s | vs plain | accepted / proposed | "
           "tokens per verify step | acceptance by position |")

@@ -112,6 +112,8 @@ class LLMEngine:
         page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         max_pages_per_seq = -(-self.max_model_len // page_size)
         spec = sched.speculative_config
+        if spec is not None:  # "auto" settings: this platform's measured ones
+            spec = spec.resolve(device.platform)
         draft_model = None
         if spec is not None and spec.method == "draft":  # loaded and checked against this model (typed errors)
             if self.mesh is not None or jax.process_count() > 1:

@@ -292,7 +292,7 @@ class Scheduler:
         spec = self.config.speculative
         if spec is None or not self.running:
             return False
-        if spec.disable_by_batch_size is not None and len(self.running) >= spec.disable_by_batch_size:
+        if not spec.drafts_at(len(self.running)):
             return False
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return False

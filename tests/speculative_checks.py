@@ -44,21 +44,23 @@ def check_nothing_compiles_after_warmup(model, spec, prompts):
     assert events == [], f"{len(events)} compile events after warm-up"
 
 
-def check_smollm2_greedy_is_plain_decoding(smollm2, spec) -> dict:
-    """The real model with `spec`: 16 mixed-length prompts submitted together, chunked prefill, a
-    pool small enough to preempt, a prompt admitted late that finds another's pages in the prefix
-    cache; greedy tokens equal plain decoding's. Returns the engine's stats."""
+def check_smollm2_greedy_is_plain_decoding(smollm2, spec_for_k, ks=(1, 3, 5)) -> dict[int, dict]:
+    """The real model with `spec_for_k(k)` for each k: 16 mixed-length prompts submitted together,
+    chunked prefill, a pool small enough to preempt, a prompt admitted late that finds another's
+    pages in the prefix cache; greedy tokens equal plain decoding's. Returns each k's engine stats."""
     tokenizer = smollm2.get_tokenizer()
     prompts = smollm2_prompts(tokenizer, 16, 128)
     prompts[-1] = prompts[5] + prompts[-1]  # admitted late: finds prompt 5's pages in the prefix cache
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     plain = [o.outputs[0].token_ids for o in smollm2.generate([{"prompt_token_ids": p} for p in prompts], params)]
     runner = smollm2.engine.runner
-    engine = LLMEngine(smollm2.config, runner.graphdef, runner.params, tokenizer, EngineConfig.of(
-        max_num_seqs=8, max_num_batched_tokens=128, page_size=16, num_pages=28, max_model_len=512,
-        speculative_config=spec))
-    outs = testing_engine.run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
-    assert [outs[str(i)].outputs[0].token_ids for i in range(16)] == plain
-    s = engine.stats()
-    assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0, s
-    return s
+    stats = {}
+    for k in ks:
+        engine = LLMEngine(smollm2.config, runner.graphdef, runner.params, tokenizer, EngineConfig.of(
+            max_num_seqs=8, max_num_batched_tokens=128, page_size=16, num_pages=28, max_model_len=512,
+            speculative_config=spec_for_k(k)))
+        outs = testing_engine.run(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
+        assert [outs[str(i)].outputs[0].token_ids for i in range(16)] == plain, f"k={k}"
+        s = stats[k] = engine.stats()
+        assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0, (k, s)
+    return stats

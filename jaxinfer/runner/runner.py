@@ -264,6 +264,23 @@ class Runner:
                                                          graphdef=self.draft_model.graphdef, attention=self.attention)
         return np.asarray(drafts)[:len(requests)]
 
+    def _model_drafts(self, step: InFlightStep, device_drafts: np.ndarray | None) -> dict | None:
+        """The drafts a model proposed after a collected step, by request id (eagle: the head's, on
+        the device with the step; draft: the draft model's, now); None for ngram (proposed on the host
+        by `next_drafts`). None proposed where that many running requests turn drafts off."""
+        method = self.speculative.method
+        if method == "eagle":
+            if device_drafts is None:
+                return {}
+            return {rid: device_drafts[s].tolist() for rid, (_, s) in step.rows.items()}
+        if method != "draft" or not self.speculative.drafts_at(len(step.out.chunks)):
+            return None if method == "ngram" else {}
+        wanted = [(rid, request) for rid, (request, _) in step.rows.items() if proposes(request) and request.block_ids]
+        if not wanted:
+            return {}
+        rows = self._propose_with_draft([request for _, request in wanted])
+        return {rid: rows[i].tolist() for i, (rid, _) in enumerate(wanted)}
+
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
 
@@ -368,8 +385,10 @@ class Runner:
             if plan.token_src is not None:
                 raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
             self.step_hook(plan)
+        # eagle proposes for every sampler row, unless as many running requests turn drafts off
+        propose = self.draft_head is not None and self.speculative.drafts_at(len(out.chunks))
         step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
-            plan, in_flight.tokens if in_flight is not None else None)
+            plan, in_flight.tokens if in_flight is not None else None, propose)
         self._in_flight = step
         return step
 
@@ -410,28 +429,17 @@ class Runner:
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
         drafts = {}
         if self.speculative is not None:
-            proposed = None  # ngram: proposed on the host from each request's tokens
-            if device_drafts is not None:  # eagle
-                proposed = {rid: device_drafts[s].tolist() for rid, (_, s) in step.rows.items()}
-            elif self.draft_model is not None:
-                wanted = [(rid, request) for rid, (request, _) in step.rows.items()
-                          if proposes(request) and request.block_ids]
-                if wanted:
-                    rows = self._propose_with_draft([request for _, request in wanted])
-                    proposed = {rid: rows[i].tolist() for i, (rid, _) in enumerate(wanted)}
-                else:
-                    proposed = {}
-            drafts = next_drafts(self.speculative, step.rows, proposed)
+            drafts = next_drafts(self.speculative, step.rows, self._model_drafts(step, device_drafts))
         step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts)
         step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = None  # buffers can go
         if self._in_flight is step:
             self._in_flight = None
         return step.result
 
-    def _dispatch(self, plan: StepPlan, in_flight_tokens=None):
-        """Dispatches the device part of a step (forward, sample or verify, prompt logprobs)
-        without waiting: device arrays (tokens, logprobs, prompt logprobs, drafts accepted or None,
-        the draft head's next drafts or None)."""
+    def _dispatch(self, plan: StepPlan, in_flight_tokens=None, propose: bool = False):
+        """Dispatches the device part of a step (forward, sample or verify, prompt logprobs, and with
+        `propose` the draft head's proposals) without waiting: device arrays (tokens, logprobs,
+        prompt logprobs, drafts accepted or None, the draft head's next drafts or None)."""
         inp = plan.model_input
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
@@ -441,11 +449,11 @@ class Runner:
         num_accepted = drafts = None
         if plan.verify is not None:
             tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, plan.sampling_input)
-            if self.draft_head is not None:
+            if propose:
                 drafts = self._propose_on_device(hidden, tokens, vi, num_accepted)
         else:
             tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
-            if self.draft_head is not None:
+            if propose:
                 drafts = self._propose_on_device(rows, tokens)
         prompt_lps = None
         if len(plan.prompt_rows):

@@ -29,11 +29,16 @@ import dataclasses
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.speculative.ngram import propose_ngram
 
-__all__ = ["METHODS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_HELP", "SpeculativeConfig", "propose_ngram",
-           "speculative_flag"]
+__all__ = ["AUTO_DISABLE_BY_BATCH_SIZE", "METHODS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_HELP", "SpeculativeConfig",
+           "propose_ngram", "speculative_flag"]
 
 METHODS = ("ngram", "draft", "eagle")
 MAX_SPECULATIVE_TOKENS = 8
+# disable_by_batch_size="auto": from 4 running requests on, a verify step of 4 x (1 + k) rows costs
+# more than its accepted drafts save on a 2-core CPU (docs/BENCHMARKS.md: prompt lookup 1.15-1.20x
+# at 1-2 requests, 0.83x at 4, f32); accelerators verify a few rows per sequence at the cost of one
+# (memory-bound), so no limit there until measured otherwise.
+AUTO_DISABLE_BY_BATCH_SIZE = {"cpu": 4}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,7 +56,8 @@ class SpeculativeConfig:
       probe_drafts: drafts verified before `min_acceptance` is judged.
       disable_by_batch_size: no drafts in steps with at least this many running requests (a large
         batch is compute-bound: verifying k more tokens per sequence costs more than it saves); None:
-        any batch.
+        any batch; "auto": the measured limit of the platform the engine runs on
+        (`AUTO_DISABLE_BY_BATCH_SIZE`; resolved by the engine, `resolve`).
     """
 
     method: str = "ngram"
@@ -61,7 +67,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     min_acceptance: float = 0.0
     probe_drafts: int = 32
-    disable_by_batch_size: int | None = None
+    disable_by_batch_size: int | None | str = "auto"
 
     def __post_init__(self):
         def check(ok, msg):
@@ -91,8 +97,22 @@ class SpeculativeConfig:
         check(isinstance(self.probe_drafts, int) and self.probe_drafts >= 1,
               f"probe_drafts must be a positive integer, got {self.probe_drafts!r}")
         b = self.disable_by_batch_size
-        check(b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
-              f"disable_by_batch_size must be None or a positive integer, got {b!r}")
+        check(b is None or b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
+              f'disable_by_batch_size must be "auto", None or a positive integer, got {b!r}')
+
+    def resolve(self, platform: str) -> SpeculativeConfig:
+        """This config with "auto" settings replaced by `platform`'s ("cpu", "gpu", "tpu")."""
+        if self.disable_by_batch_size != "auto":
+            return self
+        return dataclasses.replace(self, disable_by_batch_size=AUTO_DISABLE_BY_BATCH_SIZE.get(platform))
+
+    def drafts_at(self, num_running: int) -> bool:
+        """Whether a step with `num_running` running requests verifies drafts (`disable_by_batch_size`,
+        resolved)."""
+        b = self.disable_by_batch_size
+        if b == "auto":
+            raise ValueError('disable_by_batch_size "auto" is resolved by the engine (SpeculativeConfig.resolve)')
+        return b is None or num_running < b
 
     @classmethod
     def of(cls, value) -> SpeculativeConfig | None:
