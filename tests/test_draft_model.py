@@ -179,20 +179,25 @@ def test_smollm2_greedy_with_a_draft_model_is_plain_decoding(smollm2, tmp_path):
 
 
 def test_readme_draft_commands(tiny_path, tmp_path, capsys, monkeypatch):
-    """The README's two draft commands as written, on the tiny model (its path for smollm2-135m, its
-    first layer of 2 for the first 8, and the generate command's --model): the cut model is written
-    and drafts for the target."""
+    """The docs' draft commands as written, on the tiny model (its path for smollm2-135m, its first
+    layer of 2 for the first 6 or 8, and the generate command's --model): each convert writes the
+    cut model, and the generate line drafts with it."""
     import os
+    import re
     import shlex
 
     from jaxinfer import cli
     from tests.test_docs import doc_commands
 
-    (convert,) = {c for c in doc_commands() if c.startswith("jaxinfer convert") and "--num-layers" in c}
+    converts = sorted(c for c in doc_commands() if c.startswith("jaxinfer convert") and "--num-layers" in c)
     (generate,) = {c for c in doc_commands() if c.startswith("jaxinfer generate") and '"draft"' in c}
-    monkeypatch.chdir(tmp_path)
-    argv = shlex.split(convert.replace("smollm2-135m", tiny_path).replace("--num-layers 8", "--num-layers 1"))
-    assert cli.main(argv[1:]) == 0
-    assert "keeping the first" in capsys.readouterr().err and os.path.isdir(tmp_path / "smollm2-draft")
+    assert len(converts) == 2  # README's and docs/BENCHMARKS.md's
+    for i, convert in enumerate(converts):
+        os.makedirs(tmp_path / str(i))
+        monkeypatch.chdir(tmp_path / str(i))
+        argv = shlex.split(re.sub(r"--num-layers \d+", "--num-layers 1", convert.replace("smollm2-135m", tiny_path)))
+        assert cli.main(argv[1:]) == 0
+        assert "keeping the first 1 of 2 layers" in capsys.readouterr().err
+        assert os.path.isdir(tmp_path / str(i) / "smollm2-draft")
     assert cli.main(shlex.split(generate)[1:] + ["--model", tiny_path, "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
