@@ -196,58 +196,80 @@ void GroupKN(const float* x, const uint8_t* q, const float* s, const float* o, c
   }
 }
 
-// y[m, n : n + NR] for rows m < MR, [N, K] layout (q's rows of K / (8 / BITS) bytes).
+// y[m, n : n + NR] for rows m < MR (<= 4), outputs r < NR (<= 4), [N, K] layout (q's rows of K / (8 / BITS)
+// bytes). Each weight vector is multiplied by its group's scale as it is converted, so one accumulator
+// per (row, output) sums the whole row (a second set folding each group's sum by its scale doubled the
+// registers and spilled: 7-8 G weights/s against 12-16 for the [K, N] blocks). The accumulators are
+// named variables, c<row><output>, for the reason the panel kernels' note below gives; the offsets'
+// share (sum over groups of xsum * offset) is added at the end.
+#define JAXINFER_FMA_ROW(i, r, w, xk) \
+  if constexpr (MR > i) c##i##r = _mm256_fmadd_ps(_mm256_loadu_ps((xk) + (i) * K), (w), c##i##r);
+#define JAXINFER_FMA_ROWS(r, w, xk) \
+  JAXINFER_FMA_ROW(0, r, w, xk) JAXINFER_FMA_ROW(1, r, w, xk) JAXINFER_FMA_ROW(2, r, w, xk) JAXINFER_FMA_ROW(3, r, w, xk)
+#define JAXINFER_OUTPUTS(X) X(0) X(1) X(2) X(3)
+
 template <int BITS, int MR, int NR>
 void BlockNK(const float* x, const uint8_t* q, const float* s, const float* o, const float* xsum, float* y,
              int64_t K, int64_t N, int64_t G, int64_t n) {
+  static_assert(MR <= 4 && NR <= 4, "16 named accumulators at most");
   const int64_t NG = K / G, row_bytes = BITS == 8 ? K : K / 2;
-  __m256 tot[MR][NR];
-  float off[MR][NR] = {};
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_setzero_ps();
+#define JAXINFER_ZERO(r) __m256 c0##r = _mm256_setzero_ps(), c1##r = c0##r, c2##r = c0##r, c3##r = c0##r;
+  JAXINFER_OUTPUTS(JAXINFER_ZERO)
+#undef JAXINFER_ZERO
   for (int64_t g = 0; g < NG; ++g) {
-    __m256 acc[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
     if (BITS == 8) {
       for (int64_t k = 0; k < G; k += 8) {
-        __m256 w[NR];
-        for (int r = 0; r < NR; ++r)
-          w[r] = Int8x8(reinterpret_cast<const int8_t*>(q) + (n + r) * row_bytes + g * G + k);
-        for (int m = 0; m < MR; ++m) {
-          const __m256 xv = _mm256_loadu_ps(x + m * K + g * G + k);
-          for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+        const float* xk = x + g * G + k;
+#define JAXINFER_INT8(r)                                                                                 \
+        if constexpr (NR > r) {                                                                          \
+          const int8_t* p = reinterpret_cast<const int8_t*>(q) + (n + r) * row_bytes + g * G + k;         \
+          const __m256 w = _mm256_mul_ps(Int8x8(p), _mm256_broadcast_ss(s + (n + r) * NG + g));         \
+          JAXINFER_FMA_ROWS(r, w, xk)                                                                    \
         }
+        JAXINFER_OUTPUTS(JAXINFER_INT8)
+#undef JAXINFER_INT8
       }
     } else {
       for (int64_t j = 0; j < G / 2; j += 8) {
-        __m256 lo[NR], hi[NR];
-        for (int r = 0; r < NR; ++r) Nibbles8(q + (n + r) * row_bytes + g * (G / 2) + j, &lo[r], &hi[r]);
-        for (int m = 0; m < MR; ++m) {
-          const __m256 xl = _mm256_loadu_ps(x + m * K + g * G + j);
-          const __m256 xh = _mm256_loadu_ps(x + m * K + g * G + G / 2 + j);
-          for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xh, hi[r], _mm256_fmadd_ps(xl, lo[r], acc[m][r]));
+        const float* xl = x + g * G + j;
+        const float* xh = xl + G / 2;
+#define JAXINFER_INT4(r)                                                                                 \
+        if constexpr (NR > r) {                                                                          \
+          __m256 lo, hi;                                                                                 \
+          Nibbles8(q + (n + r) * row_bytes + g * (G / 2) + j, &lo, &hi);                                 \
+          const __m256 sv = _mm256_broadcast_ss(s + (n + r) * NG + g);                                   \
+          const __m256 wl = _mm256_mul_ps(lo, sv), wh = _mm256_mul_ps(hi, sv);                          \
+          JAXINFER_FMA_ROWS(r, wl, xl)                                                                   \
+          JAXINFER_FMA_ROWS(r, wh, xh)                                                                   \
         }
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 sv = _mm256_set1_ps(s[(n + r) * NG + g]);
-      for (int m = 0; m < MR; ++m) {
-        tot[m][r] = _mm256_fmadd_ps(acc[m][r], sv, tot[m][r]);
-        if (o) off[m][r] += xsum[m * NG + g] * o[(n + r) * NG + g];
+        JAXINFER_OUTPUTS(JAXINFER_INT4)
+#undef JAXINFER_INT4
       }
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) y[m * N + n + r] = HorizontalSum(tot[m][r]) + off[m][r];
+#define JAXINFER_STORE_ROW(i, r)                                                                         \
+  if constexpr (MR > i) {                                                                                \
+    float off = 0.0f;                                                                                    \
+    if (o)                                                                                               \
+      for (int64_t g = 0; g < NG; ++g) off += xsum[(i) * NG + g] * o[(n + r) * NG + g];                  \
+    y[(i) * N + n + r] = HorizontalSum(c##i##r) + off;                                                   \
+  }
+#define JAXINFER_STORE(r) \
+  if constexpr (NR > r) { JAXINFER_STORE_ROW(0, r) JAXINFER_STORE_ROW(1, r) JAXINFER_STORE_ROW(2, r) JAXINFER_STORE_ROW(3, r) }
+  JAXINFER_OUTPUTS(JAXINFER_STORE)
+#undef JAXINFER_STORE
+#undef JAXINFER_STORE_ROW
 }
+#undef JAXINFER_FMA_ROWS
+#undef JAXINFER_FMA_ROW
+#undef JAXINFER_OUTPUTS
 
 // Rows [m0, m0 + MR) and columns [n0, n1) on the vector blocks; returns the first column they left.
 template <int BITS, int MR>
 int64_t VectorRows(bool transpose, const float* x, const uint8_t* q, const float* s, const float* o,
                    const float* xsum, float* y, int64_t K, int64_t N, int64_t G, int64_t n0, int64_t n1) {
   constexpr int V = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // [K, N]: 8V outputs a block, MR * V accumulators
-  constexpr int NR = MR <= 2 ? 4 : 2;  // [N, K]: outputs a block
+  constexpr int NR = MR <= 3 ? 4 : 3;  // [N, K]: outputs a block (MR x NR <= 12 accumulators)
   int64_t n = n0;
   if (transpose) {
     for (; n + NR <= n1; n += NR) BlockNK<BITS, MR, NR>(x, q, s, o, xsum, y, K, N, G, n);
