@@ -126,8 +126,8 @@ def test_one_budget_holds_a_page_of_both_caches(tiny, first_layer):
     assert draft.page_bytes == plain.page_bytes * 3 // 2
     assert draft.num_pages == budget // draft.page_bytes
     runner = draft.runner
-    assert runner.draft_kv_cache.k.shape[1:] == runner.kv_cache.k.shape[1:]  # same pages, slots and heads
-    assert runner.draft_kv_cache.k.shape[0] == 1 and runner.kv_cache.k.shape[0] == 2
+    assert runner.drafter.kv_cache.k.shape[1:] == runner.kv_cache.k.shape[1:]  # same pages, slots and heads
+    assert runner.drafter.kv_cache.k.shape[0] == 1 and runner.kv_cache.k.shape[0] == 2
 
 
 # ---- bad input ---------------------------------------------------------------------------------------

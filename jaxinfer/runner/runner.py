@@ -20,7 +20,6 @@ runner of the same model and shapes in the process).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -34,84 +33,23 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
-from jaxinfer.runner.buckets import (RunnerConfig, StepShape, all_step_shapes, bucket, decode_shape, step_shape,
-                                     verify_chunks)
-from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_draft_inputs,
-                                    build_model_input, build_sampling_input, build_verify_input, draft_positions,
-                                    prompt_logprob_rows, stack_model_inputs, stack_sampling_inputs)
-from jaxinfer.runner.steps import (AttentionSpec, draft_propose_step, embed_step, forward_step, layer_step,
-                                   prompt_logprobs_step, propose_step, resolve_tokens, rows_step, sample_step,
-                                   verify_step)
+from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
+from jaxinfer.runner.drafter import Drafter
+from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
+from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_model_input,
+                                    build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
+                                    stack_sampling_inputs)
+from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
+                                   resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.scheduler import SchedulerOutput
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative.draft import DraftModel
 from jaxinfer.speculative.eagle import DraftHead
-from jaxinfer.speculative.proposers import next_drafts, proposes
+from jaxinfer.speculative.proposers import next_drafts
 from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclasses.dataclass
-class SampledToken:
-    token_id: int
-    logprob: float | None = None  # under the raw distribution, when asked for
-    top_logprobs: list[tuple[int, float]] | None = None  # best first
-
-
-@dataclasses.dataclass
-class PromptLogprob:
-    position: int  # the prompt token this is the log-probability of
-    token_id: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]]
-
-
-@dataclasses.dataclass
-class StepResult:
-    out: SchedulerOutput  # the step these are the results of
-    sampled: dict[str, list[SampledToken]]  # one token a request, or (verified drafts) several
-    prompt_logprobs: dict[str, list[PromptLogprob]]
-    device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
-    start_time: float = 0.0  # time.monotonic() when the step began
-    draft_token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # proposed for the next step
-
-    @property
-    def token_ids(self) -> dict[str, list[int]]:
-        """Request id -> the tokens it sampled this step (what Scheduler.update takes)."""
-        return {rid: [s.token_id for s in tokens] for rid, tokens in self.sampled.items()}
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """Everything the device part of a step needs (host numpy arrays): what process 0 sends to
-    the others in a multi-host run."""
-
-    shape: StepShape
-    model_input: ModelInput
-    sampling_input: SamplingInput
-    prompt_rows: np.ndarray  # [R] int32 hidden-state rows whose next-token logprobs are wanted
-    prompt_targets: np.ndarray  # [R] int32 the prompt token each row predicts
-    token_src: np.ndarray | None = None  # [T] rows of the step in flight's tokens (async; -1: known)
-    verify: VerifyInput | None = None  # speculative decoding: the step verifies drafts
-
-
-@dataclasses.dataclass
-class InFlightStep:
-    """A dispatched step: its device outputs and which request sampled in which row."""
-
-    out: SchedulerOutput
-    start_time: float  # time.monotonic() when the step began
-    tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them); [S, K + 1] verifying
-    num_accepted: jax.Array | None = None  # [S] drafts accepted per sequence (a verify step)
-    drafts: jax.Array | None = None  # [S, k] the draft head's proposals for the next step (eagle)
-    logprobs: tuple | None = None
-    prompt_logprobs: tuple | None = None
-    rows: dict[str, tuple[CachedRequest, int]] = dataclasses.field(default_factory=dict)  # samplers
-    prompt_owners: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (id, position, top n)
-    prompt_targets: list[int] = dataclasses.field(default_factory=list)
-    result: StepResult | None = None  # once collected
 
 
 def _pad_rows(tree, pad: int):
@@ -170,16 +108,6 @@ class Runner:
             raise ValueError("speculative decoding runs synchronous steps with RunnerConfig.num_speculative_tokens "
                              "= SpeculativeConfig.num_speculative_tokens")
         self.speculative = speculative
-        if (draft_head is not None) != (speculative is not None and speculative.method == "eagle"):
-            raise ValueError("a draft head goes with speculative method 'eagle', and only with it")
-        if draft_head is not None and mesh is not None:  # replicated over the mesh
-            draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        self.draft_head = draft_head
-        if (draft_model is not None) != (speculative is not None and speculative.method == "draft"):
-            raise ValueError("a draft model goes with speculative method 'draft', and only with it")
-        if draft_model is not None and mesh is not None:
-            raise ValueError("speculative method 'draft' runs on one device without a mesh")
-        self.draft_model = draft_model
         self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
         make_cache = functools.partial(self._make_cache, config)
         if mesh is None:
@@ -195,12 +123,12 @@ class Runner:
             self.layer_params = [{name[-1]: arrays[i] for name, arrays in layers.items()}
                                  for i in range(config.num_layers)]
         self._layer_ids = [jnp.int32(i) for i in range(config.num_layers)]  # on the device once
-        self.draft_params = self.draft_kv_cache = None
-        if draft_model is not None:  # its own cache: the same pages and slots, its own layers and heads
-            self.draft_params = params_for_layer_loop(draft_model.config, draft_model.params)
-            # committed to the device like its parameters and like every cache a step returns, so the
-            # graphs warm-up compiles are the ones steps call
-            self.draft_kv_cache = jax.device_put(self._make_cache(draft_model.config), jax.local_devices()[0])
+        self.drafter = None  # speculative decoding's proposers on the device (`drafter`)
+        if speculative is not None:
+            self.drafter = Drafter(speculative, runner_config, self.attention, draft_head=draft_head,
+                                   draft_model=draft_model, mesh=mesh, make_cache=self._make_cache)
+        elif draft_head is not None or draft_model is not None:
+            raise ValueError("a draft head or draft model goes with a speculative config")
 
     def _make_cache(self, config: ModelConfig) -> PagedKVCache:
         rc = self.rc
@@ -241,45 +169,6 @@ class Runner:
         if (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:  # as in _sample
             vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
         return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef), vi
-
-    def _propose_on_device(self, hidden, tokens, vi: VerifyInput | None = None, num_accepted=None):
-        """eagle: the next step's drafts [S, k] of every sampler row (see `propose_step`)."""
-        return propose_step(self.params, self.draft_head, hidden, tokens, None if vi is None else vi.rows,
-                            num_accepted, graphdef=self.graphdef, num_drafts=self.rc.num_speculative_tokens)
-
-    def _draft_forward(self, inp: ModelInput, q_block: int) -> None:
-        """draft: the step's tokens through the draft model, into its own KV cache."""
-        _, _, self.draft_kv_cache = forward_step(self.draft_params, self.draft_kv_cache, inp,
-                                                 graphdef=self.draft_model.graphdef, attention=self.attention,
-                                                 q_block=q_block)
-
-    def _propose_with_draft(self, requests: list[CachedRequest]) -> np.ndarray:
-        """draft: k greedy drafts [len(requests), k] from each request's last token (its history
-        is up to date: the step's tokens are collected)."""
-        k, rc = self.rc.num_speculative_tokens, self.rc
-        ends = [int(draft_positions(r, k, rc.page_size)[-1]) + 1 for r in requests]
-        shape = decode_shape(rc, len(requests), ends)
-        inp = build_draft_inputs(requests, k, shape, rc.page_size, rc.pages_per_item)
-        drafts, self.draft_kv_cache = draft_propose_step(self.draft_params, self.draft_kv_cache, inp,
-                                                         graphdef=self.draft_model.graphdef, attention=self.attention)
-        return np.asarray(drafts)[:len(requests)]
-
-    def _model_drafts(self, step: InFlightStep, device_drafts: np.ndarray | None) -> dict | None:
-        """The drafts a model proposed after a collected step, by request id (eagle: the head's, on
-        the device with the step; draft: the draft model's, now); None for ngram (proposed on the host
-        by `next_drafts`). None proposed where that many running requests turn drafts off."""
-        method = self.speculative.method
-        if method == "eagle":
-            if device_drafts is None:
-                return {}
-            return {rid: device_drafts[s].tolist() for rid, (_, s) in step.rows.items()}
-        if method != "draft" or not self.speculative.drafts_at(len(step.out.chunks)):
-            return None if method == "ngram" else {}
-        wanted = [(rid, request) for rid, (request, _) in step.rows.items() if proposes(request) and request.block_ids]
-        if not wanted:
-            return {}
-        rows = self._propose_with_draft([request for _, request in wanted])
-        return {rid: rows[i].tolist() for i, (rid, _) in enumerate(wanted)}
 
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
@@ -386,7 +275,7 @@ class Runner:
                 raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
             self.step_hook(plan)
         # eagle proposes for every sampler row, unless as many running requests turn drafts off
-        propose = self.draft_head is not None and self.speculative.drafts_at(len(out.chunks))
+        propose = self.drafter is not None and self.drafter.proposes_on_device(len(out.chunks))
         step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
             plan, in_flight.tokens if in_flight is not None else None, propose)
         self._in_flight = step
@@ -428,8 +317,9 @@ class Runner:
                 pos, target, float(prompt_lps[0][r]),
                 [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
         drafts = {}
-        if self.speculative is not None:
-            drafts = next_drafts(self.speculative, step.rows, self._model_drafts(step, device_drafts))
+        if self.drafter is not None:
+            drafts = next_drafts(self.speculative, step.rows,
+                                 self.drafter.proposals(step.rows, len(step.out.chunks), device_drafts))
         step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts)
         step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = None  # buffers can go
         if self._in_flight is step:
@@ -444,17 +334,17 @@ class Runner:
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
         hidden, rows = self._forward(inp, plan.shape.q_block)
-        if self.draft_model is not None:  # the draft's cache holds every token the target's does
-            self._draft_forward(inp, plan.shape.q_block)
+        if self.drafter is not None:  # (draft: its cache holds every token the target's does)
+            self.drafter.forward(inp, plan.shape.q_block)
         num_accepted = drafts = None
         if plan.verify is not None:
             tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, plan.sampling_input)
             if propose:
-                drafts = self._propose_on_device(hidden, tokens, vi, num_accepted)
+                drafts = self.drafter.head_drafts(self.params, self.graphdef, hidden, tokens, vi, num_accepted)
         else:
             tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
             if propose:
-                drafts = self._propose_on_device(rows, tokens)
+                drafts = self.drafter.head_drafts(self.params, self.graphdef, rows, tokens)
         prompt_lps = None
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape

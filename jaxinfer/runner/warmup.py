@@ -71,6 +71,7 @@ def aot_graphs(runner) -> list[tuple]:
     results (hidden states, sampled rows), real where they are what a step passes."""
     rc, cfg, V = runner.rc, runner.config, runner.config.vocab_size
     dtype, D = jnp.dtype(cfg.dtype), cfg.hidden_size
+    drafter = runner.drafter  # speculative decoding's proposers (None without)
     graphs, seen = [], set()
 
     def add(fn, args, kwargs, key, priority):
@@ -103,9 +104,9 @@ def aot_graphs(runner) -> list[tuple]:
             add(forward_step, (runner.params, runner.kv_cache, inp),
                 dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block), ("forward", shape),
                 priority)
-        if runner.draft_model is not None:  # draft: the step's tokens through the draft model too
-            add(forward_step, (runner.draft_params, runner.draft_kv_cache, inp),
-                dict(graphdef=runner.draft_model.graphdef, attention=runner.attention, q_block=shape.q_block),
+        if drafter is not None and drafter.model is not None:  # draft: the step's tokens through it too
+            add(forward_step, (drafter.params, drafter.kv_cache, inp),
+                dict(graphdef=drafter.model.graphdef, attention=runner.attention, q_block=shape.q_block),
                 ("draft_forward", shape), priority)
         if runner.async_scheduling:
             src = np.zeros(shape.T, np.int32)
@@ -129,20 +130,20 @@ def aot_graphs(runner) -> list[tuple]:
                     dict(graphdef=runner.graphdef), ("verify", S, with_penalties, num_logprobs),
                     rare if with_penalties or num_logprobs else 0)
         K = rc.num_speculative_tokens
-        if runner.draft_head is not None:  # eagle: drafts after a sample step and after a verify step
+        if drafter is not None and drafter.head is not None:  # eagle: after a sample step and a verify step
             i32 = jnp.int32
             kw = dict(graphdef=runner.graphdef, num_drafts=K)
-            add(propose_step, (runner.params, runner.draft_head, rows,
+            add(propose_step, (runner.params, drafter.head, rows,
                                jax.ShapeDtypeStruct((max(S, rc.seq_buckets[-1]),), i32), None, None), kw,
                 ("propose", S), 0)  # (None passed as the runner passes it: jit keys on the arguments' structure)
-            add(propose_step, (runner.params, runner.draft_head, jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype),
+            add(propose_step, (runner.params, drafter.head, jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype),
                                jax.ShapeDtypeStruct((S, K + 1), i32), np.zeros((S, K + 1), np.int32),
                                jax.ShapeDtypeStruct((S,), i32)), kw, ("propose_verify", S), 0)
-    if runner.draft_model is not None:  # draft: its k decode steps after a step, every decode shape
+    if drafter is not None and drafter.model is not None:  # draft: its k decode steps, every decode shape
         for shape in decode_shapes(rc):
             inp = empty_draft_inputs(shape, rc.num_speculative_tokens, rc.page_size, rc.pages_per_item)
-            add(draft_propose_step, (runner.draft_params, runner.draft_kv_cache, inp),
-                dict(graphdef=runner.draft_model.graphdef, attention=runner.attention), ("draft_propose", shape), 1)
+            add(draft_propose_step, (drafter.params, drafter.kv_cache, inp),
+                dict(graphdef=drafter.model.graphdef, attention=runner.attention), ("draft_propose", shape), 1)
     return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
 
 def empty_verify_input(S: int, K: int) -> VerifyInput:
@@ -182,9 +183,11 @@ def warmup_by_running(runner, progress: bool) -> int:
             if K:  # (one replica: speculative decoding runs without data parallelism)
                 tokens, accepted, _, vi = runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si)
                 count += 1
-                if runner.draft_head is not None and not (with_penalties or num_logprobs):
-                    jax.block_until_ready(runner._propose_on_device(hidden[verify_seqs(rc, S)], tokens, vi, accepted))
-                    jax.block_until_ready(runner._propose_on_device(sample_rows[S], sampled))
+                drafter = runner.drafter
+                if drafter is not None and drafter.head is not None and not (with_penalties or num_logprobs):
+                    jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef,
+                                                              hidden[verify_seqs(rc, S)], tokens, vi, accepted))
+                    jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef, sample_rows[S], sampled))
                     count += 2
     for T, h in hidden.items():
         rows = np.zeros(T * D, np.int32)

@@ -1,0 +1,110 @@
+"""The runner's side of speculative decoding: what each method proposes, and when.
+
+    Drafter(spec, rc, attention, draft_head=, draft_model=, mesh=)
+      head_drafts(params, graphdef, hidden, tokens, vi=, num_accepted=)  eagle: the head's drafts [S, k],
+                                          dispatched with the step (after its sampler or verifier)
+      forward(inp, q_block)               draft: the step's tokens through the draft model, into its
+                                          own KV cache (the target's page tables, `speculative.draft`)
+      proposals(rows, num_running, device_drafts) -> {request id: drafts} | None   after a step is
+                                          collected: the head's drafts (eagle), k greedy decode steps
+                                          of the draft model (draft), or None (ngram: proposed on the
+                                          host by `speculative.proposers.next_drafts`)
+
+No proposals where as many requests run as turn drafts off (`SpeculativeConfig.drafts_at`): the
+next step verifies none. The draft model's forward still runs, so its cache holds every token.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jaxinfer.model import params_for_layer_loop
+from jaxinfer.runner.buckets import RunnerConfig, decode_shape
+from jaxinfer.runner.inputs import CachedRequest, ModelInput, VerifyInput, build_draft_inputs, draft_positions
+from jaxinfer.runner.steps import AttentionSpec, draft_propose_step, forward_step, propose_step
+from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative.draft import DraftModel
+from jaxinfer.speculative.eagle import DraftHead
+from jaxinfer.speculative.proposers import proposes
+
+
+class Drafter:
+    """Args:
+      spec: the speculative config (resolved: no "auto" left).
+      rc: the runner's config (k, page size, buckets).
+      attention: the runner's attention spec (the draft model attends like the target).
+      draft_head: method "eagle": the loaded head (`speculative.eagle.load_head`).
+      draft_model: method "draft": the loaded draft model (`speculative.draft.load_draft`).
+      mesh: the runner's mesh (the head is replicated over it; method "draft" runs without one).
+      make_cache: ModelConfig -> an empty PagedKVCache of the runner's geometry.
+    """
+
+    def __init__(self, spec: SpeculativeConfig, rc: RunnerConfig, attention: AttentionSpec, *,
+                 draft_head: DraftHead | None = None, draft_model: DraftModel | None = None, mesh=None,
+                 make_cache=None):
+        if (draft_head is not None) != (spec.method == "eagle"):
+            raise ValueError("a draft head goes with speculative method 'eagle', and only with it")
+        if (draft_model is not None) != (spec.method == "draft"):
+            raise ValueError("a draft model goes with speculative method 'draft', and only with it")
+        if draft_model is not None and mesh is not None:
+            raise ValueError("speculative method 'draft' runs on one device without a mesh")
+        if draft_head is not None and mesh is not None:  # replicated over the mesh
+            draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self.spec, self.rc, self.attention = spec, rc, attention
+        self.head, self.model = draft_head, draft_model
+        self.params = self.kv_cache = None
+        if draft_model is not None:  # its own cache: the same pages and slots, its own layers and heads
+            self.params = params_for_layer_loop(draft_model.config, draft_model.params)
+            # committed to the device like its parameters and like every cache a step returns, so the
+            # graphs warm-up compiles are the ones steps call
+            self.kv_cache = jax.device_put(make_cache(draft_model.config), jax.local_devices()[0])
+
+    # ---- eagle ---------------------------------------------------------------------------------
+
+    def proposes_on_device(self, num_running: int) -> bool:
+        """Whether the head proposes in a step of `num_running` requests (eagle)."""
+        return self.head is not None and self.spec.drafts_at(num_running)
+
+    def head_drafts(self, params, graphdef, hidden, tokens, vi: VerifyInput | None = None, num_accepted=None):
+        """eagle: the next step's drafts [S, k] of every sampler row (see `propose_step`); `params`,
+        `graphdef`: the target's (its embedding, final norm and output rows)."""
+        return propose_step(params, self.head, hidden, tokens, None if vi is None else vi.rows, num_accepted,
+                            graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens)
+
+    # ---- draft ---------------------------------------------------------------------------------
+
+    def forward(self, inp: ModelInput, q_block: int) -> None:
+        """draft: the step's tokens through the draft model, into its own KV cache."""
+        if self.model is not None:
+            _, _, self.kv_cache = forward_step(self.params, self.kv_cache, inp, graphdef=self.model.graphdef,
+                                               attention=self.attention, q_block=q_block)
+
+    def model_drafts(self, requests: list[CachedRequest]) -> np.ndarray:
+        """draft: k greedy drafts [len(requests), k] from each request's last token (its history is up
+        to date: the step's tokens are collected)."""
+        rc, k = self.rc, self.rc.num_speculative_tokens
+        ends = [int(draft_positions(r, k, rc.page_size)[-1]) + 1 for r in requests]
+        inp = build_draft_inputs(requests, k, decode_shape(rc, len(requests), ends), rc.page_size, rc.pages_per_item)
+        drafts, self.kv_cache = draft_propose_step(self.params, self.kv_cache, inp, graphdef=self.model.graphdef,
+                                                   attention=self.attention)
+        return np.asarray(drafts)[:len(requests)]
+
+    # ---- after a step ------------------------------------------------------------------------------
+
+    def proposals(self, rows: dict, num_running: int, device_drafts: np.ndarray | None) -> dict | None:
+        """The drafts a model proposed after a collected step, by request id: the head's, which came
+        back with the step (`device_drafts` [S, k], eagle), or the draft model's, decoded now; None
+        for ngram. rows: request id -> (CachedRequest, its sampler row)."""
+        method = self.spec.method
+        if method == "ngram":
+            return None
+        if method == "eagle":
+            return {} if device_drafts is None else {rid: device_drafts[s].tolist() for rid, (_, s) in rows.items()}
+        if not self.spec.drafts_at(num_running):
+            return {}  # the next step verifies none
+        wanted = [(rid, request) for rid, (request, _) in rows.items() if proposes(request) and request.block_ids]
+        if not wanted:
+            return {}
+        drafts = self.model_drafts([request for _, request in wanted])
+        return {rid: drafts[i].tolist() for i, (rid, _) in enumerate(wanted)}

@@ -1,0 +1,79 @@
+"""What a step is while it runs and what it gives back.
+
+    StepPlan      the device part of a step as host arrays (what process 0 sends the others)
+    InFlightStep  a dispatched step: its device outputs, which request sampled in which row
+    StepResult    a collected step: sampled tokens (several a request when drafts held), logprobs,
+                  prompt logprobs, the next step's drafts, timing
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxinfer.runner.buckets import StepShape
+from jaxinfer.runner.inputs import CachedRequest, ModelInput, SamplingInput, VerifyInput
+from jaxinfer.scheduler import SchedulerOutput
+
+
+@dataclasses.dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # under the raw distribution, when asked for
+    top_logprobs: list[tuple[int, float]] | None = None  # best first
+
+
+@dataclasses.dataclass
+class PromptLogprob:
+    position: int  # the prompt token this is the log-probability of
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class StepResult:
+    out: SchedulerOutput  # the step these are the results of
+    sampled: dict[str, list[SampledToken]]  # one token a request, or (verified drafts) several
+    prompt_logprobs: dict[str, list[PromptLogprob]]
+    device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
+    start_time: float = 0.0  # time.monotonic() when the step began
+    draft_token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # proposed for the next step
+
+    @property
+    def token_ids(self) -> dict[str, list[int]]:
+        """Request id -> the tokens it sampled this step (what Scheduler.update takes)."""
+        return {rid: [s.token_id for s in tokens] for rid, tokens in self.sampled.items()}
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """Everything the device part of a step needs (host numpy arrays): what process 0 sends to
+    the others in a multi-host run."""
+
+    shape: StepShape
+    model_input: ModelInput
+    sampling_input: SamplingInput
+    prompt_rows: np.ndarray  # [R] int32 hidden-state rows whose next-token logprobs are wanted
+    prompt_targets: np.ndarray  # [R] int32 the prompt token each row predicts
+    token_src: np.ndarray | None = None  # [T] rows of the step in flight's tokens (async; -1: known)
+    verify: VerifyInput | None = None  # speculative decoding: the step verifies drafts
+
+
+@dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step: its device outputs and which request sampled in which row."""
+
+    out: SchedulerOutput
+    start_time: float  # time.monotonic() when the step began
+    tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them); [S, K + 1] verifying
+    num_accepted: jax.Array | None = None  # [S] drafts accepted per sequence (a verify step)
+    drafts: jax.Array | None = None  # [S, k] the draft head's proposals for the next step (eagle)
+    logprobs: tuple | None = None
+    prompt_logprobs: tuple | None = None
+    rows: dict[str, tuple[CachedRequest, int]] = dataclasses.field(default_factory=dict)  # samplers
+    prompt_owners: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (id, position, top n)
+    prompt_targets: list[int] = dataclasses.field(default_factory=list)
+    result: StepResult | None = None  # once collected
