@@ -27,7 +27,8 @@ from typing import Iterable, Mapping, Sequence
 
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
-from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerUpdate
+from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.scheduler_output import SchedulerOutput, SchedulerUpdate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import time
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
-from jaxinfer.scheduler import SchedulerUpdate
+from jaxinfer.scheduler_output import SchedulerUpdate
 from jaxinfer.tokenizer import Tokenizer
 
 

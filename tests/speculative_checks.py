@@ -1,6 +1,6 @@
 """The checks every speculative method passes (tests/test_speculative.py: ngram, test_eagle.py,
-test_draft_model.py): pages never leak, nothing compiles after warm-up, SmolLM2's greedy output is
-plain decoding's."""
+test_draft_model.py): seeded sampling is unchanged, pages never leak, nothing compiles after warm-up,
+SmolLM2's greedy output is plain decoding's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ from jaxinfer.engine import EngineConfig, LLMEngine
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.testing import engine as testing_engine
 from tests.test_engine_smollm2 import _prompts as smollm2_prompts
+
+
+def check_seeded_sampling_gives_the_same_text(model, spec, prompts, temperature: float = 0.8,
+                                             top_p: float = 0.9) -> dict:
+    """Seeded sampled requests give the same tokens with `spec` as without (each position is drawn with
+    plain decoding's key). Returns the speculative engine's stats."""
+    params = lambda i: SamplingParams(max_tokens=30, temperature=temperature, top_p=top_p, seed=100 + i,  # noqa: E731
+                                      ignore_eos=True)
+    plain, _ = testing_engine.generate(model, prompts, params)
+    spec_out, engine = testing_engine.generate(model, prompts, params, spec)
+    assert spec_out == plain
+    return engine.stats()
 
 
 def check_random_requests_leak_no_pages(model, spec, prompts, seed: int, **settings):

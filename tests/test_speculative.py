@@ -172,13 +172,9 @@ def test_greedy_output_is_plain_decodings(tiny, k):
 
 
 def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(tiny):
-    prompts = _prompts(6, seed=3)
-    params = lambda i: SamplingParams(max_tokens=30, temperature=0.7, top_p=0.95, seed=100 + i,  # noqa: E731
-                                      ignore_eos=True)
-    plain, _ = _generate(tiny, prompts, params)
-    spec, engine = _generate(tiny, prompts, params, _ngram(3))
-    assert spec == plain
-    assert engine.stats()["spec_num_drafts"] > 0
+    s = speculative_checks.check_seeded_sampling_gives_the_same_text(tiny, _ngram(3), _prompts(6, seed=3),
+                                                                     temperature=0.7, top_p=0.95)
+    assert s["spec_num_drafts"] > 0
 
 
 def test_stops_and_max_tokens_inside_an_accepted_run_are_exact(tiny, monkeypatch):

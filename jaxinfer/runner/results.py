@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxinfer.runner.buckets import StepShape
 from jaxinfer.runner.inputs import CachedRequest, ModelInput, SamplingInput, VerifyInput
-from jaxinfer.scheduler import SchedulerOutput
+from jaxinfer.scheduler_output import SchedulerOutput
 
 
 @dataclasses.dataclass

@@ -35,13 +35,13 @@ from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_laye
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
 from jaxinfer.runner.drafter import Drafter
-from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
 from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_model_input,
                                     build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
                                     stack_sampling_inputs)
+from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
 from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
                                    resolve_tokens, rows_step, sample_step, verify_step)
-from jaxinfer.scheduler import SchedulerOutput
+from jaxinfer.scheduler_output import SchedulerOutput
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative.draft import DraftModel
 from jaxinfer.speculative.eagle import DraftHead
