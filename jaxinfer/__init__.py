@@ -2,10 +2,12 @@
 
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+from jaxinfer.structured_output import StructuredOutputsParams
 from jaxinfer.speculative import SpeculativeConfig
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "SpeculativeConfig", "RequestOutput", "RequestOutputKind", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "SpeculativeConfig", "StructuredOutputsParams", "RequestOutput",
+           "RequestOutputKind", "CompletionOutput"]
 
 
 def __getattr__(name):

@@ -62,6 +62,7 @@ from jaxinfer.runner import Runner, RunnerConfig
 from jaxinfer.runner.buckets import pow2_buckets
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.structured_output import GrammarCompiler
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import ops
 from sharding.mesh import make_mesh
@@ -215,7 +216,10 @@ class LLMEngine:
                              layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec,
                              draft_head=draft_head, draft_model=draft_model)
         self.output_processor = OutputProcessor(tokenizer)
-        self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings)
+        self.grammars = GrammarCompiler(tokenizer, config.vocab_size)  # structured outputs
+        self.runner.grammars = self.grammars
+        self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings,
+                                              self.grammars)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
         self._holding: dict[str, list[Request]] = {}  # n > 1: samples waiting for sample 0's prompt
         self._stopped: list[str] = []  # samples a stop string ended: aborted in the core at the next step

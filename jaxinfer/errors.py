@@ -47,3 +47,16 @@ class TokenizerError(JaxinferError):
 
 class ChatTemplateError(InvalidRequestError):
     """A chat request the model's template cannot render (bad roles, missing template)."""
+
+
+class InvalidStructuredOutputError(InvalidRequestError):
+    """A JSON schema, regex, choice list or grammar that cannot constrain generation.
+
+    Attributes:
+      field: which constraint it was ("json", "regex", "choice", "grammar", "json_object"), so
+        the server can name the request field that carried it.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -7,7 +7,8 @@ engine; the layers inside trust what passed.
 
 Checks: the prompt is a non-empty list of ints inside the vocabulary and shorter than the context;
 the sampling parameters are a `SamplingParams` (which checks its own ranges when built; stop token
-ids past the vocabulary are allowed and never match). Pure and thread-safe: the server validates in the request's
+ids past the vocabulary are allowed and never match) whose structured-output spec, if any, compiles
+against this model's vocabulary (`GrammarCompiler`). Pure and thread-safe: the server validates in the request's
 thread, so a bad request never reaches the engine thread.
 """
 
@@ -38,9 +39,12 @@ class InputProcessor:
       max_model_len: the engine's context; a prompt must leave room for one generated token.
       max_position_embeddings: the model's own limit (named in the error, as what the context can
         be raised to).
+      grammars: compiles structured-output specs for this model (None: a request with one is refused).
     """
 
-    def __init__(self, vocab_size: int, max_model_len: int, max_position_embeddings: int | None = None):
+    def __init__(self, vocab_size: int, max_model_len: int, max_position_embeddings: int | None = None,
+                 grammars=None):
+        self.grammars = grammars
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_position_embeddings = max_position_embeddings or max_model_len
@@ -67,6 +71,10 @@ class InputProcessor:
         """The sampling parameters, checked against the model."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise InvalidRequestError("structured outputs need the model's tokenizer; this engine has none")
+            self.grammars.check(params.structured_outputs)
         return params
 
     def process(self, prompt_token_ids: Sequence[int], params: SamplingParams,

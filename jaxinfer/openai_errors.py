@@ -38,9 +38,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 def _param_path(loc: tuple, body) -> tuple[str, bool]:
     """('messages', 0, 'content', 'str') -> ('messages[0].content', True): the path through the
     request body, without pydantic's union-member tags (the bool: some were dropped)."""
-    out, cur, tagged = "", body, False
+    out, cur, tagged, tag_of = "", body, False, None
     for part in loc:
-        if isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+        if isinstance(cur, dict) and part == cur.get("type") and tag_of is not cur:
+            tag_of, tagged = cur, True  # a discriminated union's tag (its "type"), even where a field has its name
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
             out, cur = out + f"[{part}]", cur[part]
         elif isinstance(cur, dict) and isinstance(part, str) and (part in cur or part.isidentifier()):
             out = f"{out}.{part}" if out else part

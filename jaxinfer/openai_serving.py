@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from jaxinfer import openai_logprobs as logprobs_fmt
 from jaxinfer.async_engine import AsyncEngine, EngineDeadError, PromptSpec, RequestStream
-from jaxinfer.errors import ChatTemplateError, InvalidRequestError, PromptTooLongError
+from jaxinfer.errors import ChatTemplateError, InvalidRequestError, InvalidStructuredOutputError, PromptTooLongError
 from jaxinfer.metrics import ServerMetrics
 from jaxinfer.openai_errors import ApiError, error_body, parse_request  # noqa: F401 (re-exported)
 from jaxinfer.outputs import RequestOutput
@@ -39,6 +39,7 @@ from jaxinfer.protocol import (
     PromptTokensDetails,
     Usage,
 )
+from jaxinfer.structured_output import StructuredOutputsParams
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
@@ -79,14 +80,50 @@ class OpenAIServing:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None):
+    @staticmethod
+    def _structured_outputs(req) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's output constraint and the field that carried it (None, None: none)."""
+        given = []
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", dict(json_object=True)))
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.schema_
+            given.append(("response_format", dict(json=schema) if schema is not None else dict(json_object=True)))
+        for field, key in zip(("guided_json", "guided_regex", "guided_choice", "guided_grammar"),
+                              ("json", "regex", "choice", "grammar")):
+            if getattr(req, field) is not None:
+                given.append((field, {key: getattr(req, field)}))
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise ApiError(400, f"give at most one output constraint; got {', '.join(f for f, _ in given)}",
+                           param=given[1][0])
+        field, spec = given[0]
+        try:
+            return StructuredOutputsParams(**spec), field
+        except InvalidStructuredOutputError as e:
+            raise ApiError(400, str(e), param=field) from None
+
+    def _seal(self, ids, params: SamplingParams, structured_field: str | None):
+        """The ProcessedPrompt of checked ids and their params (a structured-output spec compiled
+        against the model's vocabulary here: a bad one is a 400 naming its field)."""
+        try:
+            return self.engine.engine.input_processor.seal(tuple(ids), params)
+        except InvalidStructuredOutputError as e:
+            raise ApiError(400, str(e), param=structured_field) from None
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e)) from None
+
+    def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                         structured: StructuredOutputsParams | None = None):
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+                ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
                 # streamed: each output carries only what is new; else one output at the end
                 output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
         except InvalidRequestError as e:
@@ -123,6 +160,7 @@ class OpenAIServing:
                            param="best_of")
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        structured, structured_field = self._structured_outputs(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"  # the engine's id too (prompt i of several: -i after it)
         specs, texts = [], []
         for i, prompt in enumerate(prompts):
@@ -136,14 +174,15 @@ class OpenAIServing:
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
             max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", where)
             params = self._sampling_params(req, max_tokens, req.logprobs,
-                                           req.logprobs if req.echo and req.logprobs is not None else None)
-            specs.append(PromptSpec(self.engine.engine.input_processor.seal(tuple(ids), params), params, prompt=text,
+                                           req.logprobs if req.echo and req.logprobs is not None else None, structured)
+            specs.append(PromptSpec(self._seal(ids, params, structured_field), params, prompt=text,
                                     request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}"))
             texts.append(text or "")
         return Prepared("completion", req, specs, texts, request_id, int(time.time()))
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self._check_model(req.model)
+        structured, structured_field = self._structured_outputs(req)
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens disagree; give one of them",
@@ -162,9 +201,9 @@ class OpenAIServing:
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), "messages",
                                       "the conversation")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, logprobs, None)
+        params = self._sampling_params(req, max_tokens, logprobs, None, structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"  # the HTTP response's id is the engine's
-        sealed = self.engine.engine.input_processor.seal(tuple(ids), params)
+        sealed = self._seal(ids, params, structured_field)
         spec = PromptSpec(sealed, params, prompt=text, request_id=request_id)
         return Prepared("chat", req, [spec], [text],
                         request_id, int(time.time()))

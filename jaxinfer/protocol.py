@@ -5,7 +5,9 @@ and out-of-range values are refused with the field named, as OpenAI's API does. 
 models are what the server serialises, and, with the requests, what `/openapi.json` describes.
 
 Fields beyond OpenAI's (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids, skip_special_tokens) take the meanings of `jaxinfer.SamplingParams`.
+stop_token_ids, skip_special_tokens) take the meanings of `jaxinfer.SamplingParams`; the
+structured-output extras take vLLM's names (guided_json, guided_regex, guided_choice,
+guided_grammar) and `jaxinfer.StructuredOutputsParams`' meanings.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None,),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -44,6 +45,32 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="send a last chunk with the token usage")
+
+
+class JsonSchemaSpec(_Strict):
+    """`response_format.json_schema`: OpenAI's structured outputs."""
+
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$", description="the schema's name")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema; absent: any JSON object")
+    strict: bool | None = Field(None, description="always enforced here: the output follows the schema")
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 PositiveTokens = Annotated[int, Field(ge=1, le=INT64)]
@@ -73,6 +100,13 @@ class _SamplingRequest(_Strict):
     min_tokens: int = Field(0, ge=0, le=INT64)
     stop_token_ids: Annotated[list[TokenId], Field(max_length=256)] | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    # Structured outputs in vLLM's spelling (at most one of these and response_format's JSON):
+    guided_json: dict | str | None = Field(None, description="a JSON schema the output follows")
+    guided_regex: str | None = Field(None, min_length=1, description="a regex the output fully matches")
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1024)] \
+        | None = Field(None, description="the output is one of these strings")
+    guided_grammar: str | None = Field(None, min_length=1, description="a Lark or GBNF grammar the output follows")
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]

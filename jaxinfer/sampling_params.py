@@ -11,6 +11,7 @@ import enum
 import math
 
 from jaxinfer.errors import InvalidSamplingParamsError
+from jaxinfer.structured_output import StructuredOutputsParams, to_params
 
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
 
@@ -49,6 +50,9 @@ class SamplingParams:
       ignore_eos: keep generating past the model's end-of-sequence tokens.
       skip_special_tokens: leave control tokens out of the returned text.
       output_kind: what each output of the request carries (`RequestOutputKind`).
+      structured_outputs: what the output must match: a JSON schema, any JSON object, a regex, one
+        of several strings or a grammar (`StructuredOutputsParams`, or a dict of its fields);
+        None: unconstrained.
     """
 
     n: int = 1
@@ -69,6 +73,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -124,6 +129,7 @@ class SamplingParams:
                 object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
             except ValueError:
                 bad(f"output_kind must be one of {[k.value for k in RequestOutputKind]}, got {self.output_kind!r}")
+        object.__setattr__(self, "structured_outputs", to_params(self.structured_outputs))
 
     @property
     def is_greedy(self) -> bool:

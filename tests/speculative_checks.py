@@ -45,12 +45,13 @@ def check_random_requests_leak_no_pages(model, spec, prompts, seed: int, **setti
 
 def check_nothing_compiles_after_warmup(model, spec, prompts):
     """Warm-up compiles every graph the method needs: greedy and sampled requests, one with logprobs,
-    run after it without a compile."""
+    one with a grammar (no drafts: a row of verify steps with a mask), run after it without a compile."""
     engine = testing_engine.make_engine(model, max_num_seqs=4, page_size=16, num_pages=40, speculative_config=spec)
     engine.warmup()
     with testing_engine.compile_events() as events:
         params = lambda i: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.9, seed=i,  # noqa: E731
-                                          ignore_eos=True, logprobs=2 if i == 3 else None)
+                                          ignore_eos=True, logprobs=2 if i == 3 else None,
+                                          structured_outputs=dict(regex="[a-z]{3,30}") if i == 1 else None)
         outs = testing_engine.run(engine, {str(i): (p, params(i)) for i, p in enumerate(prompts)})
     assert len(outs) == len(prompts) and engine.stats()["spec_num_drafts"] > 0
     assert events == [], f"{len(events)} compile events after warm-up"

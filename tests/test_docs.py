@@ -89,6 +89,7 @@ COVERAGE = [
     (r"make bench", [THIS + "test_make_targets_run_what_the_docs_say", THIS + "test_benchmark_commands_run"]),
     (r"make bench-llamacpp", [THIS + "test_make_targets_run_what_the_docs_say"]),  # builds llama.cpp: not in CI
     (r"make bench-quality", [THIS + "test_make_targets_run_what_the_docs_say"]),  # half an hour: not in CI
+    (r"make bench-structured", [THIS + "test_make_targets_run_what_the_docs_say"]),  # installs xgrammar: not in CI
     (r"make fixtures", [THIS + "test_make_targets_run_what_the_docs_say",
                         THIS + "test_fixture_script_made_the_committed_fixtures"]),
     (r"(python )?server\.py( --model smollm2-135m .*)?", [THIS + "test_make_run_serves_the_readme_client_and_benchmark",
@@ -123,7 +124,7 @@ COVERAGE = [
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
     (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|quality|quant_matmul_forms|"
-     r"bench_(generate|compile|sampler|speculative))\.py.*",
+     r"bench_(generate|compile|sampler|speculative|structured))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
@@ -132,6 +133,9 @@ COVERAGE = [
      ["tests/test_quantization.py::test_int4_smollm2_keeps_the_files_blocks_and_matches_hf",
       "tests/test_quantization.py::test_int8_kv_smollm2_keeps_hfs_greedy_tokens"]),
     (r"from jaxinfer import LLM, SpeculativeConfig, SamplingParams\n.*", [THIS + "test_readme_speculative_block"]),
+    (r"from jaxinfer import LLM, SamplingParams, StructuredOutputsParams\n.*",
+     ["tests/test_structured_output.py::test_readme_python_block"]),
+    (r"from pydantic import BaseModel\n.*", ["tests/test_server_structured.py::test_readme_openai_block"]),
     (r"jaxinfer generate .* --speculative-config .*", [THIS + "test_readme_speculative_block"]),
     # trained on the tiny model with small-size flags (the default recipe takes half an hour)
     (r"jaxinfer train-draft( smollm2-135m \./smollm2-eagle)?|"
@@ -239,6 +243,9 @@ def test_make_targets_run_what_the_docs_say():
     assert "pip install -q llama-cpp-python" in llamacpp and "benchmarks/bench_generate.py" in llamacpp
     assert "llama-cpp-python" not in test
     assert "benchmarks/quality.py --hf-export" in _make_n("bench-quality")
+    structured = _make_n("bench-structured")  # xgrammar (and triton) only for its benchmark, never for make test
+    assert "structured-bench]'" in structured and "benchmarks/bench_structured.py" in structured
+    assert "structured-bench" not in test
 
 
 def test_fixture_script_made_the_committed_fixtures():
@@ -551,6 +558,8 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
     "bench_speculative.py": ["--model", "{tiny}", "--batch-sizes", "1", "2", "--max-tokens", "8", "--rounds", "1",
                              "--max-model-len", "256", "--problem-chars", "40", "--eagle", "{tiny_head}",
                              "--draft", "{tiny}"],
+    "bench_structured.py": ["--model", "{tiny}", "--concurrency", "2", "--max-tokens", "4", "--rounds", "1",
+                            "--compile-reps", "1"],
 }
 
 
@@ -600,5 +609,10 @@ def test_benchmark_commands_run(tmp_path):
                     rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|", rf"\| {workload} \| 2 \| eagle k=3 \| [\d.]+ \|",
                     rf"\| {workload} \| 1 \| draft tiny.gguf k=3 \| [\d.]+ \| [\d.]+x \| \d+ / \d+ \|"):
             assert re.search(row, outputs["bench_speculative.py"]), row
+    for schema in ("tool-call", "order", "issue", "pydantic"):  # every schema through llguidance, and the engine
+        assert re.search(rf"\| llguidance \| {schema} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|",
+                         outputs["bench_structured.py"]), schema
+    for fraction in ("0%", "50%", "100%"):
+        assert re.search(rf"\| {fraction} \| [\d.]+ \| [\d.]+x \|", outputs["bench_structured.py"]), fraction
     assert "| (1, 1, 8) | 32/8 | 1.87 GiB | 2.00 GiB (131072 tokens) | all-reduce: 2 x 32 + 1 |" in \
         outputs["sharding_report.py"]

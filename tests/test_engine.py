@@ -264,12 +264,14 @@ def test_nothing_compiles_after_warmup(async_scheduling, tiny):
         requests = {}
         for i in range(40):
             ids = [rng.randrange(3, tiny.config.vocab_size) for _ in range(rng.randint(1, 60))]
+            max_tokens = rng.randint(1, 12)
             params = SamplingParams(
-                max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 0.7, 1.2]), top_k=rng.choice([0, 5]),
+                max_tokens=max_tokens, temperature=rng.choice([0.0, 0.7, 1.2]), top_k=rng.choice([0, 5]),
                 top_p=rng.choice([1.0, 0.8]), min_p=rng.choice([0.0, 0.1]), seed=i, n=rng.choice([1, 2]),
                 repetition_penalty=rng.choice([1.0, 1.1]), frequency_penalty=rng.choice([0.0, 0.4]),
-                min_tokens=rng.choice([0, 2]), logprobs=rng.choice([None, 0, 4]),
-                prompt_logprobs=rng.choice([None, None, 2]), ignore_eos=rng.random() < 0.5)
+                min_tokens=min(rng.choice([0, 2]), max_tokens), logprobs=rng.choice([None, 0, 4]),
+                prompt_logprobs=rng.choice([None, None, 2]), ignore_eos=rng.random() < 0.5,
+                structured_outputs=rng.choice([None, None, dict(regex="[a-z]{2,9}"), dict(choice=["yes", "no"])]))
             requests[f"r{i}"] = (ids, params)
         outs = run(engine, requests, {f"r{i}": rng.randint(1, 30) for i in range(0, 40, 7)})
     assert len(outs) == 40

@@ -30,6 +30,7 @@ import numpy as np
 from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
 from jaxinfer.runner.buckets import StepShape, chunk_pages
 from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxinfer.structured_output import Grammar, bitmask_width, fill_bitmasks
 from pallas_kernels.paged_attention_reference import decode_items
 
 
@@ -72,6 +73,7 @@ class SamplingInput:
     num_generated: jax.Array  # [S] int32
     penalties: Penalties | None = None
     num_logprobs: int = flax.struct.field(pytree_node=False, default=0)  # 0 or MAX_LOGPROBS
+    bitmask: jax.Array | None = None  # [S, ceil(V / 32)] int32: allowed tokens (structured outputs), -1: all
 
 
 @dataclasses.dataclass
@@ -84,6 +86,7 @@ class CachedRequest:
     params: SamplingParams
     seed: int
     block_ids: list[int] = dataclasses.field(default_factory=list)  # its page table (emptied on preemption)
+    grammar: Grammar | None = None  # structured outputs: advanced by every token sampled for it
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -238,12 +241,27 @@ def neutral_penalties(S: int, V: int) -> Penalties:
                      frequency=np.zeros(S, np.float32), suppress=np.zeros((S, V), bool))
 
 
-def neutral_sampling_input(S: int, V: int, *, with_penalties: bool = False, num_logprobs: int = 0) -> SamplingInput:
+def neutral_sampling_input(S: int, V: int, *, with_penalties: bool = False, num_logprobs: int = 0,
+                           with_bitmask: bool = False) -> SamplingInput:
     """A sampling input that changes nothing (warm-up)."""
     return SamplingInput(temperature=np.ones(S, np.float32), top_k=np.zeros(S, np.int32),
                          top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32), seeds=np.zeros(S, np.uint32),
                          num_generated=np.zeros(S, np.int32),
-                         penalties=neutral_penalties(S, V) if with_penalties else None, num_logprobs=num_logprobs)
+                         penalties=neutral_penalties(S, V) if with_penalties else None, num_logprobs=num_logprobs,
+                         bitmask=np.full((S, bitmask_width(V)), -1, np.int32) if with_bitmask else None)
+
+
+def build_bitmask(chunks, requests: dict[str, CachedRequest], S: int, V: int) -> np.ndarray | None:
+    """The packed allowed-token mask [S, ceil(V / 32)] of a step's rows (structured outputs): each
+    sampling row with a grammar gets its grammar's next tokens, every other row all ones; None when
+    no row has a grammar. The grammars must already have every earlier token of their request."""
+    rows = [(requests[c.request_id].grammar, s) for s, c in enumerate(chunks)
+            if c.samples and requests[c.request_id].grammar is not None]
+    if not rows:
+        return None
+    bitmask = np.full((S, bitmask_width(V)), -1, np.int32)
+    fill_bitmasks(bitmask, rows)
+    return bitmask
 
 
 def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: int,
@@ -338,6 +356,10 @@ def stack_sampling_inputs(inputs: list[SamplingInput], vocab_size: int) -> Sampl
         parts = [s.penalties or neutral_penalties(len(s.temperature), vocab_size) for s in inputs]
         penalties = Penalties(**{f.name: _cat([getattr(p, f.name) for p in parts])
                                  for f in dataclasses.fields(Penalties)})
+    bitmask = None
+    if any(s.bitmask is not None for s in inputs):
+        bitmask = _cat([s.bitmask if s.bitmask is not None else np.full((len(s.temperature), bitmask_width(vocab_size)),
+                                                                          -1, np.int32) for s in inputs])
     fields = ("temperature", "top_k", "top_p", "min_p", "seeds", "num_generated")
     return SamplingInput(**{f: _cat([getattr(s, f) for s in inputs]) for f in fields}, penalties=penalties,
-                         num_logprobs=max(s.num_logprobs for s in inputs))
+                         num_logprobs=max(s.num_logprobs for s in inputs), bitmask=bitmask)

@@ -35,9 +35,9 @@ from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_laye
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
 from jaxinfer.runner.drafter import Drafter
-from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_model_input,
-                                    build_sampling_input, build_verify_input, prompt_logprob_rows, stack_model_inputs,
-                                    stack_sampling_inputs)
+from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_bitmask,
+                                    build_model_input, build_sampling_input, build_verify_input, prompt_logprob_rows,
+                                    stack_model_inputs, stack_sampling_inputs)
 from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
 from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
                                    resolve_tokens, rows_step, sample_step, verify_step)
@@ -55,6 +55,11 @@ logger = logging.getLogger(__name__)
 def _pad_rows(tree, pad: int):
     """Every array of `tree` padded with `pad` zero rows on its first axis (on the host)."""
     return jax.tree.map(lambda a: np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), tree)
+
+
+def _rare(si: SamplingInput) -> bool:
+    """Whether a sampler input needs one of the variants compiled for the largest bucket only."""
+    return si.penalties is not None or bool(si.num_logprobs) or si.bitmask is not None
 
 
 class Runner:
@@ -96,6 +101,7 @@ class Runner:
         self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
         self.requests: dict[str, CachedRequest] = {}
+        self.grammars = None  # structured outputs: a `GrammarCompiler` (the engine sets it)
         self._in_flight: InFlightStep | None = None  # the last submitted step, until collected
         self.attention = AttentionSpec(backend=runner_config.attention_backend,
                                        max_prefill_seqs=runner_config.max_prefill_seqs, mesh=mesh)
@@ -155,8 +161,8 @@ class Runner:
     def _sample(self, rows, si: SamplingInput):
         S = rows.shape[0]
         pad_to = self.rc.seq_buckets[-1] if self.mesh is None else 0  # one token length for resolve_tokens
-        if self.mesh is None and (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:
-            # Penalties and logprobs are compiled for the largest sequence bucket only (start-up):
+        if self.mesh is None and _rare(si) and S < self.rc.seq_buckets[-1]:
+            # Penalties, logprobs and grammar masks are compiled for the largest sequence bucket only (start-up):
             # pad the rows, sample, cut the padding off.
             # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
             # its own); the caller reads the first S rows of the result.
@@ -166,7 +172,7 @@ class Runner:
     def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
         """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows)."""
         S = vi.num_drafts.shape[0]
-        if (si.penalties is not None or si.num_logprobs) and S < self.rc.seq_buckets[-1]:  # as in _sample
+        if _rare(si) and S < self.rc.seq_buckets[-1]:  # as in _sample
             vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
         return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef), vi
 
@@ -190,8 +196,15 @@ class Runner:
             if rid in self.requests:
                 self.requests[rid].block_ids = []  # recomputed later on new pages
         for new in out.new_requests:
+            spec = new.sampling_params.structured_outputs
+            grammar = None
+            if spec is not None:
+                if self.grammars is None:
+                    raise RuntimeError("a request with structured outputs reached a runner without a GrammarCompiler")
+                grammar = self.grammars.grammar(spec)  # (one per sample: each advances on its own tokens)
             self.requests[new.request_id] = CachedRequest(new.request_id, list(new.prompt_token_ids),
-                                                          len(new.prompt_token_ids), new.sampling_params, new.seed)
+                                                          len(new.prompt_token_ids), new.sampling_params, new.seed,
+                                                          grammar=grammar)
         for chunk in out.chunks:
             self.requests[chunk.request_id].block_ids += chunk.new_block_ids
 
@@ -234,6 +247,10 @@ class Runner:
                                          and c.request_id in in_flight.rows for c in out.chunks):
             self.collect(in_flight)  # penalties count every output token: wait for the one in flight
             in_flight = None
+        # A grammar's next mask needs the token the step in flight is sampling for its request: this
+        # step's forward is dispatched first and the mask built while it runs (`_dispatch`).
+        defer_masks = in_flight is not None and any(c.samples and self.requests[c.request_id].grammar is not None
+                                                    and c.request_id in in_flight.rows for c in out.chunks)
         pending = None  # request id -> its row in the step in flight's tokens (the same request, not a reused id)
         if in_flight is not None:
             pending = {rid: row for rid, (req, row) in in_flight.rows.items() if self.requests.get(rid) is req}
@@ -248,7 +265,8 @@ class Runner:
             inp, src = build_model_input(chunks, self.requests, shape, rc.page_size, rc.pages_per_item, pending)
             inputs.append(inp)
             srcs.append(src)
-            sampling.append(build_sampling_input(o.chunks, self.requests, S, V, self.eos_token_ids))
+            si = build_sampling_input(o.chunks, self.requests, S, V, self.eos_token_ids)
+            sampling.append(si if defer_masks else si.replace(bitmask=build_bitmask(o.chunks, self.requests, S, V)))
             rr, tt, oo = prompt_logprob_rows(o.chunks, self.requests)
             rows += [x + r * shape.T for x in rr]
             step.prompt_targets += tt
@@ -276,8 +294,13 @@ class Runner:
             self.step_hook(plan)
         # eagle proposes for every sampler row, unless as many running requests turn drafts off
         propose = self.drafter is not None and self.drafter.proposes_on_device(len(out.chunks))
+        with_masks = None
+        if defer_masks:
+            def with_masks(si):
+                self.collect(in_flight)  # (its results stay cached for the caller)
+                return si.replace(bitmask=build_bitmask(out.chunks, self.requests, S, V))
         step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
-            plan, in_flight.tokens if in_flight is not None else None, propose)
+            plan, in_flight.tokens if in_flight is not None else None, propose, with_masks)
         self._in_flight = step
         return step
 
@@ -310,6 +333,9 @@ class Runner:
                     result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, j, :n], lps[2][s, j, :n])]
                 results.append(result)
             request.token_ids += [r.token_id for r in results]  # (a request finished since has no one reading it)
+            if request.grammar is not None and not request.grammar.accept([r.token_id for r in results]):
+                logger.warning("request %s: its grammar refused a sampled token (%s); only end-of-sequence "
+                               "is allowed from here", rid, request.grammar.error)
             sampled[rid] = results
         prompt = {}
         for r, ((rid, pos, n), target) in enumerate(zip(step.prompt_owners, step.prompt_targets)):
@@ -326,10 +352,12 @@ class Runner:
             self._in_flight = None
         return step.result
 
-    def _dispatch(self, plan: StepPlan, in_flight_tokens=None, propose: bool = False):
+    def _dispatch(self, plan: StepPlan, in_flight_tokens=None, propose: bool = False, with_masks=None):
         """Dispatches the device part of a step (forward, sample or verify, prompt logprobs, and with
         `propose` the draft head's proposals) without waiting: device arrays (tokens, logprobs,
-        prompt logprobs, drafts accepted or None, the draft head's next drafts or None)."""
+        prompt logprobs, drafts accepted or None, the draft head's next drafts or None).
+        `with_masks`: called on the sampling input once the forward is dispatched, it returns the
+        input with its grammar masks (async scheduling: they wait for the step in flight)."""
         inp = plan.model_input
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
@@ -337,12 +365,13 @@ class Runner:
         if self.drafter is not None:  # (draft: its cache holds every token the target's does)
             self.drafter.forward(inp, plan.shape.q_block)
         num_accepted = drafts = None
+        si = plan.sampling_input if with_masks is None else with_masks(plan.sampling_input)
         if plan.verify is not None:
-            tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, plan.sampling_input)
+            tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, si)
             if propose:
                 drafts = self.drafter.head_drafts(self.params, self.graphdef, hidden, tokens, vi, num_accepted)
         else:
-            tokens, lps = self._sample(rows, plan.sampling_input)  # padded past S rows (see _sample)
+            tokens, lps = self._sample(rows, si)  # padded past S rows (see _sample)
             if propose:
                 drafts = self.drafter.head_drafts(self.params, self.graphdef, rows, tokens)
         prompt_lps = None

@@ -44,6 +44,7 @@ from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.speculative import eagle
 from jaxinfer.speculative.verify import verify
+from jaxinfer.structured_output import apply_bitmask
 from pallas_kernels.quantized_matmul import matmul_backend
 
 
@@ -117,6 +118,8 @@ def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_
     p = si.penalties
     if p is not None:
         logits = apply_penalties(raw, p.seen, p.output_counts, p.repetition, p.presence, p.frequency, p.suppress)
+    if si.bitmask is not None:  # structured outputs: tokens the row's grammar does not allow are out
+        logits = apply_bitmask(logits, si.bitmask)
     keys = step_keys(si.seeds, si.num_generated)
     tokens = sample(logits, si.temperature, si.top_k, si.top_p, keys, si.min_p)
     lps = logprobs(raw, tokens, si.num_logprobs) if si.num_logprobs else None
@@ -129,8 +132,8 @@ def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_
 def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef: nnx.GraphDef):
     """Speculative decoding's sampler: hidden [T, D] of a step whose chunks end with drafts ->
     (tokens [S, K + 1], num_accepted [S], logprobs or None, each [S, K + 1, ...]); see
-    `jaxinfer.speculative.verify`. Penalties (and min_tokens' suppression) apply to every position
-    of a row alike: only rows without drafts carry them (the scheduler gives such requests none)."""
+    `jaxinfer.speculative.verify`. Penalties (and min_tokens' suppression) and a grammar's mask apply
+    to every position of a row alike: only rows without drafts carry them (such requests get none)."""
     model = nnx.merge(graphdef, params)
     S, K1 = vi.rows.shape
     raw = model.compute_logits(hidden[vi.rows.reshape(-1)])  # [S * (K + 1), V]
@@ -140,6 +143,8 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef:
         rep = lambda a: jnp.repeat(a, K1, axis=0)  # noqa: E731
         logits = apply_penalties(raw, rep(p.seen), rep(p.output_counts), rep(p.repetition), rep(p.presence),
                                  rep(p.frequency), rep(p.suppress))
+    if si.bitmask is not None:  # (rows with a grammar have no drafts: only their first position samples)
+        logits = apply_bitmask(logits, jnp.repeat(si.bitmask, K1, axis=0))
     tokens, num_accepted = verify(logits.reshape(S, K1, -1), vi.drafts, vi.num_drafts, si.temperature, si.top_k,
                                   si.top_p, si.min_p, si.seeds, si.num_generated)
     lps = None

@@ -9,6 +9,7 @@ inputs, so the graphs see the shardings real steps produce.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import functools
 
 import jax
@@ -23,8 +24,13 @@ from jaxinfer.runner.steps import (draft_propose_step, embed_step, forward_step,
                                    propose_step, resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.sampling_params import MAX_LOGPROBS
 
-# The sampler graphs a step can need besides the plain one: (penalties, logprobs) combinations.
-SAMPLER_VARIANTS = ((False, 0), (True, 0), (False, MAX_LOGPROBS), (True, MAX_LOGPROBS))
+# The sampler graphs a step can need: every (penalties, logprobs, grammar mask) combination.
+SAMPLER_VARIANTS = tuple(itertools.product((False, True), (0, MAX_LOGPROBS), (False, True)))
+
+
+def _variant_kwargs(variant) -> dict:
+    with_penalties, num_logprobs, with_bitmask = variant
+    return dict(with_penalties=with_penalties, num_logprobs=num_logprobs, with_bitmask=with_bitmask)
 
 
 def warmup(runner, progress: bool = False, threads: int = 1, cancel=None) -> int:
@@ -116,19 +122,19 @@ def aot_graphs(runner) -> list[tuple]:
         rows = np.zeros(shape.T, np.int32)
         add(prompt_logprobs_step, (runner.params, hidden, rows, rows), dict(graphdef=runner.graphdef),
             ("prompt_logprobs", shape.T), rare)
-    for S in rc.seq_buckets:  # penalties / logprobs: the largest bucket only (see _sample)
+    for S in rc.seq_buckets:  # penalties / logprobs / grammar masks: the largest bucket only (see _sample)
         rows = jax.ShapeDtypeStruct((S, D), dtype)
-        for with_penalties, num_logprobs in SAMPLER_VARIANTS:
-            if S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs):
-                si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
-                add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1]),
-                    ("sample", S, with_penalties, num_logprobs), rare if with_penalties or num_logprobs else 0)
-            if rc.num_speculative_tokens and (S == rc.seq_buckets[-1] or not (with_penalties or num_logprobs)):
-                si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+        for variant in SAMPLER_VARIANTS:
+            rare_variant = any(variant)
+            if S != rc.seq_buckets[-1] and rare_variant:
+                continue
+            si = neutral_sampling_input(S, V, **_variant_kwargs(variant))
+            add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1]),
+                ("sample", S, *variant), rare if rare_variant else 0)
+            if rc.num_speculative_tokens:
                 hidden = jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype)
                 add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens), si),
-                    dict(graphdef=runner.graphdef), ("verify", S, with_penalties, num_logprobs),
-                    rare if with_penalties or num_logprobs else 0)
+                    dict(graphdef=runner.graphdef), ("verify", S, *variant), rare if rare_variant else 0)
         K = rc.num_speculative_tokens
         if drafter is not None and drafter.head is not None:  # eagle: after a sample step and a verify step
             i32 = jnp.int32
@@ -173,8 +179,8 @@ def warmup_by_running(runner, progress: bool) -> int:
         count += 1
     K = rc.num_speculative_tokens
     for S in rc.seq_buckets:
-        for with_penalties, num_logprobs in SAMPLER_VARIANTS:
-            si = neutral_sampling_input(S, V, with_penalties=with_penalties, num_logprobs=num_logprobs)
+        for variant in SAMPLER_VARIANTS:
+            si = neutral_sampling_input(S, V, **_variant_kwargs(variant))
             if D > 1:
                 si = stack_sampling_inputs([si] * D, V)
             sampled, _ = runner._sample(sample_rows[S], si)
@@ -184,7 +190,7 @@ def warmup_by_running(runner, progress: bool) -> int:
                 tokens, accepted, _, vi = runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si)
                 count += 1
                 drafter = runner.drafter
-                if drafter is not None and drafter.head is not None and not (with_penalties or num_logprobs):
+                if drafter is not None and drafter.head is not None and not any(variant):
                     jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef,
                                                               hidden[verify_seqs(rc, S)], tokens, vi, accepted))
                     jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef, sample_rows[S], sampled))

@@ -17,9 +17,11 @@ from jaxinfer.speculative.ngram import propose_ngram
 
 def proposes(request) -> bool:
     """Whether a request gets drafts: not while its sampling needs its token history per position
-    (penalties, or min_tokens not reached: those change each position's distribution)."""
+    (penalties, or min_tokens not reached: those change each position's distribution), nor with a
+    grammar (each position's mask depends on the tokens before it)."""
     p = request.params
-    return not p.needs_penalties and len(request.token_ids) - request.num_prompt_tokens >= p.min_tokens
+    return not p.needs_penalties and request.grammar is None \
+        and len(request.token_ids) - request.num_prompt_tokens >= p.min_tokens
 
 
 def next_drafts(spec, rows: dict, proposed: dict[str, list[int]] | None = None) -> dict[str, list[int]]:

@@ -1,0 +1,206 @@
+"""Structured outputs on the tiny model: every constrained output matches its regex / choice /
+grammar / JSON schema (checked by `re` and `jsonschema`, not by the grammar library), with async
+scheduling on and off, sampled and greedy, n > 1 with seeds, preemption and prefix-cache hits;
+unconstrained requests in the same batches generate what they generate alone; bad specs are typed
+errors naming the field. The packed mask's unpacking is checked against llguidance's own numpy
+implementation. (SmolLM2 through the OpenAI client: tests/test_server_structured.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax.numpy as jnp
+import jsonschema
+import numpy as np
+import pytest
+
+from jaxinfer import SamplingParams, SpeculativeConfig, StructuredOutputsParams
+from jaxinfer.errors import InvalidRequestError, InvalidSamplingParamsError, InvalidStructuredOutputError
+from jaxinfer.loader import load_model
+from jaxinfer.structured_output import apply_bitmask, bitmask_width
+from jaxinfer.testing import tiny_gguf
+from jaxinfer.testing import engine as testing_engine
+from jaxinfer.testing.engine import assert_no_pages_held, run
+
+REGEX = r"[a-z]{2,6}-[0-9]{1,3}(\.[0-9])?"
+CHOICES = ["alpha", "beta gamma", "delta!"]
+LARK = 'start: "(" item (", " item)* ")"\nitem: /[xyz]/ | "n" NUMBER\nNUMBER: /[0-9]{1,2}/'
+GBNF = 'root ::= "ok" [0-9]{2,3} suffix\nsuffix ::= "!" | "?"'
+# Bounded so a random model's output always closes: enums, small integers, short strings, a short array.
+SCHEMA = {"type": "object", "properties": {
+    "kind": {"enum": ["cat", "dog"]},
+    "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+    "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    "owner": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["id"], "additionalProperties": False}},
+    "required": ["kind", "age", "name", "tags", "owner"], "additionalProperties": False}
+
+SPECS = {"regex": StructuredOutputsParams(regex=REGEX), "choice": StructuredOutputsParams(choice=CHOICES),
+         "lark": StructuredOutputsParams(grammar=LARK), "gbnf": StructuredOutputsParams(grammar=GBNF),
+         "json": StructuredOutputsParams(json=SCHEMA)}
+
+
+def assert_matches(kind: str, text: str) -> None:
+    if kind == "regex":
+        assert re.fullmatch(REGEX, text), text
+    elif kind == "choice":
+        assert text in CHOICES, text
+    elif kind == "lark":
+        assert re.fullmatch(r"\((?:[xyz]|n[0-9]{1,2})(?:, (?:[xyz]|n[0-9]{1,2}))*\)", text), text
+    elif kind == "gbnf":
+        assert re.fullmatch(r"ok[0-9]{2,3}[!?]", text), text
+    else:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_gguf(path, max_position_embeddings=4096)
+    return load_model(str(path), progress=False)
+
+
+def make_engine(model, **overrides):
+    return testing_engine.make_engine(model, **{**dict(max_num_seqs=4, page_size=16, num_pages=160), **overrides})
+
+
+def _requests(tiny, n_prompts=10):
+    """Constrained requests of every kind, greedy and sampled, between unconstrained ones."""
+    rng = np.random.default_rng(3)
+    kinds = list(SPECS) + [None] * 3
+    requests, kind_of = {}, {}
+    for i in range(n_prompts):
+        kind = kinds[i % len(kinds)]
+        ids = rng.integers(3, tiny.config.vocab_size, int(rng.integers(3, 40))).tolist()
+        params = SamplingParams(max_tokens=128, temperature=[0.0, 0.9][i % 2], seed=i,
+                                structured_outputs=SPECS[kind] if kind else None)
+        requests[f"r{i}"], kind_of[f"r{i}"] = (ids, params), kind
+    return requests, kind_of
+
+
+# ---- the spec -----------------------------------------------------------------------------------
+
+def test_params_take_exactly_one_constraint_and_check_their_types():
+    assert SamplingParams(structured_outputs=dict(regex="a+")).structured_outputs == StructuredOutputsParams(regex="a+")
+    as_text = StructuredOutputsParams(json='{"type": "integer"}')
+    assert as_text.json == StructuredOutputsParams(json={"type": "integer"}).json
+    for bad, field in [(dict(), None), (dict(regex="a", choice=["b"]), None), (dict(choice="ab"), "choice"),
+                       (dict(choice=["a", ""]), "choice"), (dict(regex=""), "regex"), (dict(json="{nope"), "json"),
+                       (dict(json=[1]), "json"), (dict(json_object="yes"), "json_object")]:
+        with pytest.raises(InvalidStructuredOutputError) as e:
+            StructuredOutputsParams(**bad)
+        assert e.value.field == field
+    with pytest.raises(InvalidRequestError, match="no field"):
+        SamplingParams(structured_outputs=dict(schema={}))
+    with pytest.raises(InvalidRequestError, match="StructuredOutputsParams"):
+        SamplingParams(structured_outputs="a+")
+    assert not isinstance(InvalidStructuredOutputError("x"), InvalidSamplingParamsError)
+
+
+def test_bad_specs_are_refused_naming_the_field_and_the_engine_keeps_serving(tiny):
+    engine = make_engine(tiny)
+    for spec, field in [(StructuredOutputsParams(regex="(unclosed"), "regex"),
+                        (StructuredOutputsParams(grammar="start: undefined_rule"), "grammar"),
+                        (StructuredOutputsParams(grammar="root ::= ("), "grammar"),
+                        (StructuredOutputsParams(json={"type": "objekt"}), "json"),
+                        (StructuredOutputsParams(json={"$ref": "#/nowhere"}), "json")]:
+        with pytest.raises(InvalidStructuredOutputError) as e:
+            engine.add_request("bad", [5, 6, 7], SamplingParams(structured_outputs=spec))
+        assert e.value.field == field and str(e.value).startswith(field)
+    assert not engine.has_unfinished_requests()
+    outs = run(engine, {"good": ([5, 6, 7], SamplingParams(max_tokens=40, structured_outputs=SPECS["regex"]))})
+    assert_matches("regex", outs["good"].outputs[0].text)
+    assert_no_pages_held(engine)
+
+
+def test_the_packed_mask_unpacks_as_llguidance_reads_it():
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    rng = np.random.default_rng(0)
+    for V in (259, 1000, 1024):
+        logits = rng.normal(size=(5, V)).astype(np.float32)
+        bitmask = rng.integers(-2**31, 2**31, size=(5, bitmask_width(V)), dtype=np.int64).astype(np.int32)
+        bitmask[0] = -1  # all allowed
+        bitmask[1] = 0  # none
+        want = logits.copy()
+        apply_token_bitmask_inplace(want, bitmask)
+        got = np.asarray(apply_bitmask(jnp.asarray(logits), jnp.asarray(bitmask)))
+        np.testing.assert_array_equal(got, want)
+
+
+# ---- in the engine --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_constrained_outputs_match_and_leave_the_others_unchanged(tiny, async_scheduling):
+    requests, kind_of = _requests(tiny)
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    outs = run(engine, requests)
+    for rid, kind in kind_of.items():
+        out = outs[rid].outputs[0]
+        if kind is not None:
+            assert out.finish_reason == "stop", (rid, kind, out.text)
+            assert_matches(kind, out.text)
+    assert_no_pages_held(engine)
+    # the unconstrained requests alone: the same tokens (a grammar in the batch changes no other row)
+    alone = run(make_engine(tiny, async_scheduling=async_scheduling),
+                {rid: requests[rid] for rid, kind in kind_of.items() if kind is None})
+    for rid, out in alone.items():
+        assert out.outputs[0].token_ids == outs[rid].outputs[0].token_ids
+    if async_scheduling:  # the masks wait for the step in flight: the same tokens as synchronous steps
+        sync = run(make_engine(tiny, async_scheduling=False), requests)
+        assert {r: o.outputs[0].token_ids for r, o in sync.items()} == \
+            {r: o.outputs[0].token_ids for r, o in outs.items()}
+
+
+def test_n_samples_with_a_seed_reproduce_through_preemption_and_the_prefix_cache(tiny):
+    prompt = list(range(10, 70))
+    params = SamplingParams(n=3, max_tokens=128, temperature=1.0, seed=11, structured_outputs=SPECS["json"])
+    roomy = run(make_engine(tiny), {"a": (prompt, params)})["a"]
+    texts = [c.text for c in roomy.outputs]
+    for text in texts:
+        assert_matches("json", text)
+    # 16 pages of 16 tokens cannot hold 4 sequences of up to 60 + 128 tokens: requests are preempted and
+    # recomputed; the second run of the same prompt hits the prefix cache.
+    engine = make_engine(tiny, num_pages=16, max_num_seqs=4)
+    outs = run(engine, {"a": (prompt, params), "b": (prompt[:40], SamplingParams(max_tokens=60, temperature=0))})
+    assert engine.stats()["num_preemptions"] > 0
+    assert [c.text for c in outs["a"].outputs] == texts
+    again = run(engine, {"c": (prompt, params)})["c"]
+    assert [c.text for c in again.outputs] == texts and again.metrics.num_cached_tokens > 0
+    assert_no_pages_held(engine)
+
+
+def test_speculative_decoding_gives_grammar_requests_no_drafts_and_the_same_tokens(tiny):
+    requests, kind_of = _requests(tiny, n_prompts=8)
+    plain = run(make_engine(tiny), requests)
+    spec = SpeculativeConfig(num_speculative_tokens=3, disable_by_batch_size=None)
+    engine = make_engine(tiny, speculative_config=spec)
+    outs = run(engine, requests)
+    for rid, kind in kind_of.items():
+        assert outs[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
+        if kind is not None:
+            assert_matches(kind, outs[rid].outputs[0].text)
+    assert_no_pages_held(engine)
+
+
+@pytest.mark.slow
+def test_readme_python_block(smollm2, capsys):
+    """The README's structured-output Python block on the session's SmolLM2 (the weights
+    `LLM("smollm2-135m")` loads). (Its openai block: tests/test_server_structured.py.)"""
+    from tests.test_docs import doc_python
+
+    made = []
+
+    def LLM(model):  # noqa: N802 - stands in for jaxinfer.LLM in the block
+        made.append(model)
+        return smollm2
+
+    block = doc_python("from jaxinfer import LLM, SamplingParams, StructuredOutputsParams")
+    namespace = {"__name__": "readme", "LLM": LLM}
+    exec(compile(block.replace("import LLM, ", "import "), "README.md", "exec"), namespace)
+    assert made == ["smollm2-135m"]
+    text = namespace["out"][0].outputs[0].text
+    assert json.loads(text) == {"city": "Paris", "country": "France"} and text in capsys.readouterr().out
+    assert namespace["yes_no"][0].outputs[0].text in (" yes", " no")
