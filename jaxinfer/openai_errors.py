@@ -38,10 +38,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 def _param_path(loc: tuple, body) -> tuple[str, bool]:
     """('messages', 0, 'content', 'str') -> ('messages[0].content', True): the path through the
     request body, without pydantic's union-member tags (the bool: some were dropped)."""
-    out, cur, tagged, tag_of = "", body, False, None
-    for part in loc:
-        if isinstance(cur, dict) and part == cur.get("type") and tag_of is not cur:
-            tag_of, tagged = cur, True  # a discriminated union's tag (its "type"), even where a field has its name
+    out, cur, tagged = "", body, False
+    for i, part in enumerate(loc):
+        following = loc[i + 1] if i + 1 < len(loc) else None
+        if isinstance(cur, dict) and part == cur.get("type") and following in cur:
+            tagged = True  # a discriminated union's tag (its "type"), even where a field has its name
         elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
             out, cur = out + f"[{part}]", cur[part]
         elif isinstance(cur, dict) and isinstance(part, str) and (part in cur or part.isidentifier()):
@@ -66,7 +67,8 @@ def _pydantic_error(e: pydantic.ValidationError, body: dict) -> ApiError:
         message = f"{param} {_FIELD_HINTS[leaf]}"
     else:
         got = repr(first.get("input"))
-        message = f"{param}: {first['msg']} (got {got[:80] + '...' if len(got) > 80 else got})"
+        msg = first["msg"].removeprefix("Value error, ")  # (a validator's own message)
+        message = f"{param}: {msg} (got {got[:80] + '...' if len(got) > 80 else got})"
     return ApiError(400, message, param=param)
 
 

@@ -36,9 +36,12 @@ from jaxinfer.protocol import (
     CompletionRequest,
     CompletionResponse,
     Delta,
+    DeltaFunction,
+    DeltaToolCall,
     PromptTokensDetails,
     Usage,
 )
+from jaxinfer import tool_calls
 from jaxinfer.structured_output import StructuredOutputsParams
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
@@ -55,6 +58,7 @@ class Prepared:
     prompt_texts: list[str]
     request_id: str
     created: int
+    tools: str | None = None  # chat with tools: "auto" (calls parsed from the text) or "required" (JSON)
 
     @property
     def n(self) -> int:
@@ -189,10 +193,22 @@ class OpenAIServing:
                            param="max_completion_tokens")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        tools, choice = self._tools(req, structured_field)
+        mode = choice if isinstance(choice, str) else "required"
+        name = None if isinstance(choice, str) else choice.function.name
+        if mode == "required":  # the output is the call's JSON, constrained by the arguments' schemas
+            structured = StructuredOutputsParams(json=tool_calls.call_schema(tools, name, req.parallel_tool_calls))
+            structured_field = "tools"
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": None if m.content is None else m.text(),
+                     **({"tool_calls": [c.model_dump() for c in m.tool_calls]} if m.tool_calls else {}),
+                     **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in req.messages]
+        template = self.tokenizer.chat_template or ""
+        messages, extra = tool_calls.render_messages(messages, tools, mode, "tools" in template, name,
+                                                     req.parallel_tool_calls)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                      **extra)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
         # The template writes the special tokens itself: no BOS on top (as LLM.chat does).
@@ -205,8 +221,36 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"  # the HTTP response's id is the engine's
         sealed = self._seal(ids, params, structured_field)
         spec = PromptSpec(sealed, params, prompt=text, request_id=request_id)
-        return Prepared("chat", req, [spec], [text],
-                        request_id, int(time.time()))
+        return Prepared("chat", req, [spec], [text], request_id, int(time.time()),
+                        tools=None if mode == "none" else mode)
+
+    def _tools(self, req: ChatCompletionRequest, structured_field: str | None):
+        """(the tools as dicts, tool_choice: "none" / "auto" / "required" / a NamedToolChoice), each
+        tool's parameters compiled as a JSON schema (a 400 naming the tool that does not)."""
+        tools = [t.model_dump() for t in req.tools or []]
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+        if choice != "none" and not tools:
+            raise ApiError(400, f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} needs "
+                                "tools; give tools or leave tool_choice out", param="tool_choice")
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) != len(names):
+            raise ApiError(400, f"tool names must be unique, got {names}", param="tools")
+        if not isinstance(choice, str) and choice.function.name not in names:
+            raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not one of the tools {names}",
+                           param="tool_choice")
+        if (choice == "required" or not isinstance(choice, str)) and structured_field is not None:
+            raise ApiError(400, f"a required tool call constrains the output itself; leave {structured_field} out",
+                           param=structured_field)
+        for i, tool in enumerate(tools):
+            schema = tool["function"]["parameters"]
+            if schema is None:
+                continue
+            try:
+                self.engine.engine.grammars.check(StructuredOutputsParams(json=schema))
+            except InvalidStructuredOutputError as e:
+                raise ApiError(400, f"tools[{i}].function.parameters is not a usable JSON schema: {e}",
+                               param=f"tools[{i}].function.parameters") from None
+        return tools, choice
 
     def submit(self, prepared: Prepared) -> RequestStream:
         try:
@@ -267,10 +311,13 @@ class OpenAIServing:
                                       choices=choices, usage=usage)
         else:
             k = req.top_logprobs or 0
-            choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                                  logprobs=logprobs_fmt.chat_logprobs(c, k) if req.logprobs else None,
-                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                       for c in outs[0].outputs]
+            choices = []
+            for c in outs[0].outputs:
+                content, calls = _tool_output(prepared.tools, c.text)
+                choices.append(ChatChoice(
+                    index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
+                    logprobs=logprobs_fmt.chat_logprobs(c, k) if req.logprobs else None,
+                    finish_reason="tool_calls" if calls else c.finish_reason, stop_reason=c.stop_reason))
             resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
                                           choices=choices, usage=usage)
         return resp.model_dump(exclude_none=False)
@@ -297,6 +344,32 @@ class OpenAIServing:
                     choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
                                               stop_reason=stop_reason)])
             return _sse(body.model_dump_json(exclude_unset=False))
+
+        held: dict[int, tool_calls.AutoStream] = {}  # tools: each choice's text until its calls are known
+
+        def tool_chunks(index: int, c, logprobs) -> Iterator[bytes]:
+            """A tool request's choice: its content streams (auto: up to a <tool_call>; required:
+            nothing, the output is the call's JSON); the calls go out in one delta at the end."""
+            holder = held.setdefault(index, tool_calls.AutoStream())
+            send = holder.feed(c.text) if prepared.tools == "auto" else (holder.feed_held(c.text) or "")
+            calls = None
+            if c.finish_reason:
+                if prepared.tools == "auto":
+                    rest, calls = holder.finish()
+                else:
+                    calls = tool_calls.parse_constrained(holder.text)
+                    rest = "" if calls else holder.text
+                send += rest
+            if send or logprobs is not None:
+                yield chunk(index, send, None, None, logprobs)
+            if calls:
+                delta = Delta(tool_calls=[DeltaToolCall(index=i, id=call["id"], type="function", function=DeltaFunction(
+                    name=call["function"]["name"], arguments=call["function"]["arguments"]))
+                    for i, call in enumerate(calls)])
+                yield _sse(ChatCompletionChunk(id=prepared.request_id, created=prepared.created, model=self.model_name,
+                                               choices=[ChatChunkChoice(index=index, delta=delta)]).model_dump_json())
+            if c.finish_reason:
+                yield chunk(index, "", "tool_calls" if calls else c.finish_reason, c.stop_reason, None)
 
         if chat:
             for i in range(n):
@@ -330,7 +403,10 @@ class OpenAIServing:
                     sent_chars[index] = chars + len(c.text)
                     if c.finish_reason:
                         finished.add(index)
-                    yield chunk(index, c.text, c.finish_reason, c.stop_reason, logprobs)
+                    if chat and prepared.tools:
+                        yield from tool_chunks(index, c, logprobs)
+                    else:
+                        yield chunk(index, c.text, c.finish_reason, c.stop_reason, logprobs)
         except Exception as e:
             status = "service_unavailable" if isinstance(e, EngineDeadError) else "server_error"
             if not isinstance(e, EngineDeadError):
@@ -346,6 +422,16 @@ class OpenAIServing:
             yield _sse(cls(id=prepared.request_id, created=prepared.created, model=self.model_name, choices=[],
                            usage=_usage(outs)).model_dump_json())
         yield b"data: [DONE]\n\n"
+
+
+def _tool_output(mode: str | None, text: str) -> tuple[str | None, list[dict] | None]:
+    """(content, tool calls) of a chat choice's text under the request's tool mode."""
+    if mode == "required":
+        calls = tool_calls.parse_constrained(text)
+        return (None, calls) if calls else (text, None)
+    if mode == "auto":
+        return tool_calls.parse_auto(text)
+    return text, None
 
 
 def _sse(data: str) -> bytes:

@@ -167,3 +167,66 @@ def test_readme_openai_block(client, capsys):
         'api_key="unused-without---api-key"', 'api_key="k"'), "README.md", "exec"), namespace)
     assert re.fullmatch(r" \(\d{3}\) \d{3}-\d{4}", namespace["r"].choices[0].text)
     assert "city='Paris' country='France'" in capsys.readouterr().out
+
+
+# ---- tool calling -------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}},
+                   "required": ["zone"], "additionalProperties": False}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Madrid", "Nairobi", "Seoul"]
+
+
+def _one_call(i: int, client, stream: bool):
+    """Request i of the 20: required (any tool, one call or a list) or a named function, streamed or not."""
+    name = ["get_weather", "get_time"][i % 4 // 2]
+    choice = "required" if i % 2 else {"type": "function", "function": {"name": name}}
+    kwargs = dict(model="smollm2-135m", messages=_chat(f"What is the weather and the time in {CITIES[i % 10]}?"),
+                  tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=i % 3 != 0, temperature=0.8,
+                  seed=i, max_tokens=160)
+    if not stream:
+        choice_ = client.chat.completions.create(**kwargs).choices[0]
+        return choice, choice_.finish_reason, choice_.message.content, [
+            (c.id, c.function.name, c.function.arguments) for c in choice_.message.tool_calls or []]
+    calls, finish, content = {}, None, ""
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:  # (accumulated as OpenAI's clients do: by index)
+            got = calls.setdefault(call.index, [call.id, "", ""])
+            got[1] += call.function.name or ""
+            got[2] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return choice, finish, content or None, [tuple(calls[k]) for k in sorted(calls)]
+
+
+def test_twenty_required_and_named_tool_calls_validate_streamed_and_not(client):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda i: _one_call(i, client, stream=i >= 10), range(20)))
+    for choice, finish, content, calls in results:
+        assert finish == "tool_calls" and content is None and calls, (choice, finish, content)
+        for call_id, name, arguments in calls:
+            assert call_id.startswith("call_") and name in SCHEMAS
+            if not isinstance(choice, str):
+                assert name == choice["function"]["name"]
+            jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+def test_a_tool_result_goes_back_and_the_answer_comes(client):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}
+    r = client.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=48, tools=[WEATHER], messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 18, "sky": "sunny"})}])
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.content and not choice.message.tool_calls

@@ -204,3 +204,63 @@ def test_readme_python_block(smollm2, capsys):
     text = namespace["out"][0].outputs[0].text
     assert json.loads(text) == {"city": "Paris", "country": "France"} and text in capsys.readouterr().out
     assert namespace["yes_no"][0].outputs[0].text in (" yes", " no")
+
+
+# ---- tool calling's formats (the server's half: tests/test_server_structured.py) -------------------
+
+def test_tool_call_schemas_accept_calls_and_refuse_others():
+    from jaxinfer.tool_calls import call_schema
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}},
+        {"type": "function", "function": {"name": "g"}}]
+    one, many, named = call_schema(tools, parallel=False), call_schema(tools), call_schema(tools, "g")
+    jsonschema.validate({"name": "f", "arguments": {"x": 1}}, one)
+    jsonschema.validate([{"name": "g", "arguments": {}}, {"name": "f", "arguments": {"x": 2}}], many)
+    jsonschema.validate({"name": "g", "arguments": {}}, named)
+    for bad, schema in [({"name": "f", "arguments": {}}, one), ([], many),
+                        ({"name": "f", "arguments": {"x": 1}}, named),
+                        ({"name": "h", "arguments": {}}, one)]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_auto_tool_calls_are_parsed_out_of_text_and_held_back_in_a_stream():
+    from jaxinfer.tool_calls import AutoStream, parse_auto
+
+    text = 'Let me look. <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>\n' \
+           '<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    content, calls = parse_auto(text)
+    assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1} and calls[0]["id"] != calls[1]["id"]
+    for size in (1, 3, 7):
+        stream = AutoStream()
+        sent = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+        rest, streamed_calls = stream.finish()
+        assert "<" not in sent and (sent + rest).strip() == content and len(streamed_calls) == 2
+    assert parse_auto("no calls <tool_call>not json</tool_call>") == ("no calls <tool_call>not json</tool_call>", None)
+    stream = AutoStream()  # text that only looks like the start of a block is sent in the end
+    assert stream.feed("a <tool") == "a " and stream.finish() == ("<tool", None)
+
+
+def test_tools_render_into_any_template_or_the_models_own_tools_section(tiny):
+    from jaxinfer.tool_calls import render_messages
+
+    tools = [{"type": "function", "function": {"name": "f", "description": "does f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "f of 1?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "2", "tool_call_id": "call_1"},
+                {"role": "tool", "content": "3", "tool_call_id": "call_2"}]
+    out, extra = render_messages(messages, tools, "auto", template_has_tools=False)
+    assert extra == {} and [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"].startswith("Be brief.\n\nYou can call these functions")
+    assert '"name": "f"' in out[0]["content"]
+    assert out[2]["content"] == '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'
+    assert out[3]["content"] == "<tool_response>\n2\n</tool_response>\n<tool_response>\n3\n</tool_response>"
+    text = tiny.tokenizer.apply_chat_template(out)  # the tiny model's ChatML template renders it
+    assert "<tool_call>" in text and "<tool_response>" in text
+    out, extra = render_messages(messages, tools, "auto", template_has_tools=True)
+    assert extra["tools"][0]["function"]["name"] == "f" and out[2]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    assert render_messages(messages[:2], tools, "none", template_has_tools=False)[0] == messages[:2]
