@@ -36,6 +36,7 @@ from flask import Flask
 from jaxinfer.http_app import API_KEY_ENV, ServerConfig, ServerState, create_app, logger  # noqa: F401 (the API)
 from jaxinfer.metrics import count_compilations
 from jaxinfer.openapi import openapi_spec  # noqa: F401 (re-exported)
+from jaxinfer.reasoning import REASONING_PARSERS
 
 
 class RunningServer:
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"], help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--speculative-config", type=speculative_flag, default=None, help=SPECULATIVE_HELP)
     p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split chat outputs into reasoning_content and content at this family's thinking markers")
+    p.add_argument("--thinking-token-budget", type=int, default=None,
+                   help="default most tokens a chat request may think (needs --reasoning-parser)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens computed per step")
     p.add_argument("--max-waiting-requests", type=int, default=256,
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--threads must be >= 1 and --port in [0, 65535]")
         config = ServerConfig(served_model_name=args.served_model_name or os.path.basename(str(args.model)),
                               api_key=api_key, max_waiting_requests=args.max_waiting_requests,
-                              max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout)
+                              max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout,
+                              reasoning_parser=args.reasoning_parser, thinking_token_budget=args.thinking_token_budget)
     except ValueError as e:
         print(f"jaxinfer serve: error: {e}", file=sys.stderr)
         return 2

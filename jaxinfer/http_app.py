@@ -44,6 +44,9 @@ class ServerConfig:
       drain_timeout: seconds SIGTERM waits for in-flight requests before aborting them.
       retry_after: seconds suggested to a client refused with 429.
       poll_interval: seconds between client-disconnect checks while a request produces nothing.
+      reasoning_parser: split chat outputs into reasoning_content and content at this model family's
+        thinking markers (`jaxinfer.reasoning.REASONING_PARSERS`); a request may name its own.
+      thinking_token_budget: the default budget of requests that give none (needs a parser).
     """
 
     served_model_name: str
@@ -53,8 +56,17 @@ class ServerConfig:
     drain_timeout: float = 30.0
     retry_after: int = 1
     poll_interval: float = 0.25
+    reasoning_parser: str | None = None
+    thinking_token_budget: int | None = None
 
     def __post_init__(self):
+        from jaxinfer.reasoning import REASONING_PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; choose one of "
+                             f"{sorted(REASONING_PARSERS)}")
+        if self.thinking_token_budget is not None and (self.thinking_token_budget < 0 or self.reasoning_parser is None):
+            raise ValueError("thinking_token_budget must be >= 0 and needs a reasoning_parser")
         if not self.served_model_name:
             raise ValueError("served_model_name must be a non-empty string")
         if self.max_waiting_requests < 0:
@@ -74,7 +86,8 @@ class ServerState:
         self.config = config
         self.metrics = ServerMetrics(self.async_engine.stats, config.served_model_name)
         self.serving = OpenAIServing(self.async_engine, core.tokenizer, config.served_model_name, core.max_model_len,
-                                     self.metrics, config.poll_interval)
+                                     self.metrics, config.poll_interval, reasoning_parser=config.reasoning_parser,
+                                     thinking_token_budget=config.thinking_token_budget)
         ec = core.engine_config
         self.capacity = ec.max_num_seqs * ec.data_parallel_size + config.max_waiting_requests
         self.created = int(time.time())

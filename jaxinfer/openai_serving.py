@@ -35,12 +35,14 @@ from jaxinfer.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    CompletionTokensDetails,
     Delta,
     DeltaFunction,
     DeltaToolCall,
     PromptTokensDetails,
     Usage,
 )
+from jaxinfer import reasoning as reasoning_lib
 from jaxinfer import tool_calls
 from jaxinfer.structured_output import StructuredOutputsParams
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
@@ -59,6 +61,7 @@ class Prepared:
     request_id: str
     created: int
     tools: str | None = None  # chat with tools: "auto" (calls parsed from the text) or "required" (JSON)
+    reasoning: tuple | None = None  # chat with a reasoning parser: (markers, the prompt opens the section)
 
     @property
     def n(self) -> int:
@@ -69,8 +72,11 @@ class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
     def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int,
-                 metrics: ServerMetrics | None = None, poll_interval: float = 0.25):
+                 metrics: ServerMetrics | None = None, poll_interval: float = 0.25, *,
+                 reasoning_parser: str | None = None, thinking_token_budget: int | None = None):
         self.engine = engine
+        self.reasoning_parser = reasoning_parser
+        self.thinking_token_budget = thinking_token_budget
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -120,7 +126,7 @@ class OpenAIServing:
             raise ApiError(400, str(e)) from None
 
     def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
-                         structured: StructuredOutputsParams | None = None):
+                         structured: StructuredOutputsParams | None = None, **extra):
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=req.temperature,
@@ -129,7 +135,7 @@ class OpenAIServing:
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=req.stop, stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
                 # streamed: each output carries only what is new; else one output at the end
-                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
+                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY, **extra)
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from None
 
@@ -206,23 +212,61 @@ class OpenAIServing:
         template = self.tokenizer.chat_template or ""
         messages, extra = tool_calls.render_messages(messages, tools, mode, "tools" in template, name,
                                                      req.parallel_tool_calls)
+        if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
+            raise ApiError(400, "continue_final_message continues a last assistant message: end messages with one "
+                                "and set add_generation_prompt to false", param="continue_final_message")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
                                                       **extra)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
+        if req.continue_final_message:  # the template's text up to the end of the last message's content
+            last = messages[-1]["content"] or ""
+            end = text.rfind(last) if last else -1
+            if end < 0:
+                raise ApiError(400, "the chat template does not write the last message's content as given; "
+                                    "continue_final_message cannot continue it", param="continue_final_message")
+            text = text[:end + len(last)]
+        reasoning, thinking = self._reasoning(req, text)
         # The template writes the special tokens itself: no BOS on top (as LLM.chat does).
         ids = self._validated_ids(self.tokenizer.encode(text, add_special_tokens=False), "messages",
                                   "the conversation")
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), "messages",
                                       "the conversation")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, logprobs, None, structured)
+        params = self._sampling_params(req, max_tokens, logprobs, None, structured, **thinking)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"  # the HTTP response's id is the engine's
         sealed = self._seal(ids, params, structured_field)
         spec = PromptSpec(sealed, params, prompt=text, request_id=request_id)
         return Prepared("chat", req, [spec], [text], request_id, int(time.time()),
-                        tools=None if mode == "none" else mode)
+                        tools=None if mode == "none" else mode, reasoning=reasoning)
+
+    def _reasoning_tokens(self, prepared: Prepared, token_ids) -> int:
+        markers, in_thinking = prepared.reasoning
+        start, end = (self.tokenizer.encode(m, add_special_tokens=False) for m in markers)
+        return reasoning_lib.count_reasoning_tokens(list(token_ids), start, end, in_thinking)
+
+    def _reasoning(self, req: ChatCompletionRequest, prompt_text: str) -> tuple[tuple | None, dict]:
+        """((markers, whether the prompt opens a thinking section) or None, the SamplingParams
+        fields of a thinking budget)."""
+        name = req.reasoning_parser or self.reasoning_parser
+        if name is not None and name not in reasoning_lib.REASONING_PARSERS:
+            raise ApiError(400, f"unknown reasoning parser {name!r}; choose one of "
+                                f"{sorted(reasoning_lib.REASONING_PARSERS)}", param="reasoning_parser")
+        budget = req.thinking_token_budget
+        if budget is None and name is not None and req.reasoning_parser is None:
+            budget = self.thinking_token_budget  # (the server's default goes with the server's parser)
+        if name is None:
+            if budget is not None or req.min_thinking_tokens:
+                raise ApiError(400, "a thinking budget needs a reasoning parser: start the server with "
+                                    "--reasoning-parser or give reasoning_parser", param="thinking_token_budget")
+            return None, {}
+        if budget is not None and req.min_thinking_tokens > budget:
+            raise ApiError(400, f"min_thinking_tokens ({req.min_thinking_tokens}) is above thinking_token_budget "
+                                f"({budget})", param="min_thinking_tokens")
+        markers = reasoning_lib.REASONING_PARSERS[name]
+        return (markers, reasoning_lib.opens_thinking(prompt_text, markers)), dict(
+            thinking_token_budget=budget, min_thinking_tokens=req.min_thinking_tokens, reasoning_markers=markers)
 
     def _tools(self, req: ChatCompletionRequest, structured_field: str | None):
         """(the tools as dicts, tool_choice: "none" / "auto" / "required" / a NamedToolChoice), each
@@ -313,11 +357,18 @@ class OpenAIServing:
             k = req.top_logprobs or 0
             choices = []
             for c in outs[0].outputs:
-                content, calls = _tool_output(prepared.tools, c.text)
+                thought, content = None, c.text
+                if prepared.reasoning is not None:
+                    thought, content = reasoning_lib.split(c.text, prepared.reasoning[1], prepared.reasoning[0])
+                content, calls = _tool_output(prepared.tools, content) if content is not None else (None, None)
                 choices.append(ChatChoice(
-                    index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
+                    index=c.index, message=AssistantMessage(content=content, tool_calls=calls,
+                                                            reasoning_content=thought),
                     logprobs=logprobs_fmt.chat_logprobs(c, k) if req.logprobs else None,
                     finish_reason="tool_calls" if calls else c.finish_reason, stop_reason=c.stop_reason))
+            if prepared.reasoning is not None:
+                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
+                    self._reasoning_tokens(prepared, c.token_ids) for c in outs[0].outputs))
             resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
                                           choices=choices, usage=usage)
         return resp.model_dump(exclude_none=False)
@@ -346,12 +397,14 @@ class OpenAIServing:
             return _sse(body.model_dump_json(exclude_unset=False))
 
         held: dict[int, tool_calls.AutoStream] = {}  # tools: each choice's text until its calls are known
+        thinkers: dict[int, reasoning_lib.ReasoningStream] = {}  # reasoning: each choice's split
+        ids_of: dict[int, list[int]] = {}  # reasoning: each choice's tokens (for the usage's reasoning tokens)
 
-        def tool_chunks(index: int, c, logprobs) -> Iterator[bytes]:
+        def tool_chunks(index: int, text: str, c, logprobs) -> Iterator[bytes]:
             """A tool request's choice: its content streams (auto: up to a <tool_call>; required:
             nothing, the output is the call's JSON); the calls go out in one delta at the end."""
             holder = held.setdefault(index, tool_calls.AutoStream())
-            send = holder.feed(c.text) if prepared.tools == "auto" else (holder.feed_held(c.text) or "")
+            send = holder.feed(text) if prepared.tools == "auto" else (holder.feed_held(text) or "")
             calls = None
             if c.finish_reason:
                 if prepared.tools == "auto":
@@ -403,10 +456,21 @@ class OpenAIServing:
                     sent_chars[index] = chars + len(c.text)
                     if c.finish_reason:
                         finished.add(index)
+                    text = c.text
+                    if chat and prepared.reasoning is not None:  # the thinking section first, as reasoning_content
+                        ids_of[index] = ids_of.get(index, []) + list(c.token_ids)
+                        splitter = thinkers.setdefault(index, reasoning_lib.ReasoningStream(
+                            prepared.reasoning[1], prepared.reasoning[0]))
+                        thought, text = splitter.feed(c.text, final=bool(c.finish_reason))
+                        if thought:
+                            yield _sse(ChatCompletionChunk(
+                                id=prepared.request_id, created=prepared.created, model=self.model_name,
+                                choices=[ChatChunkChoice(index=index, delta=Delta(reasoning_content=thought))]
+                            ).model_dump_json())
                     if chat and prepared.tools:
-                        yield from tool_chunks(index, c, logprobs)
-                    else:
-                        yield chunk(index, c.text, c.finish_reason, c.stop_reason, logprobs)
+                        yield from tool_chunks(index, text, c, logprobs)
+                    elif text or c.finish_reason or logprobs is not None:
+                        yield chunk(index, text, c.finish_reason, c.stop_reason, logprobs)
         except Exception as e:
             status = "service_unavailable" if isinstance(e, EngineDeadError) else "server_error"
             if not isinstance(e, EngineDeadError):
@@ -419,8 +483,12 @@ class OpenAIServing:
         if include_usage:
             outs = sorted(finals, key=lambda o: base[o.request_id])
             cls = ChatCompletionChunk if chat else CompletionResponse
+            usage = _usage(outs)
+            if chat and prepared.reasoning is not None:
+                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
+                    self._reasoning_tokens(prepared, ids) for ids in ids_of.values()))
             yield _sse(cls(id=prepared.request_id, created=prepared.created, model=self.model_name, choices=[],
-                           usage=_usage(outs)).model_dump_json())
+                           usage=usage).model_dump_json())
         yield b"data: [DONE]\n\n"
 
 

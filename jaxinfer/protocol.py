@@ -198,6 +198,13 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: auto with tools, none without")
     parallel_tool_calls: bool = Field(True, description="with tool_choice required: one call or a list of calls")
+    # Reasoning (beyond OpenAI's fields):
+    reasoning_parser: str | None = Field(None, description="this request's thinking markers (default: the server's)")
+    thinking_token_budget: int | None = Field(None, ge=0, le=INT64,
+                                              description="most tokens inside the thinking section; then it ends")
+    min_thinking_tokens: int = Field(0, ge=0, le=INT64, description="the end marker is held back until then")
+    continue_final_message: bool = Field(False, description="continue the last (assistant) message instead of "
+                                                            "starting a new turn; needs add_generation_prompt false")
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: PositiveTokens | None = Field(None, description="most new tokens; None: the rest of the context")
@@ -218,11 +225,16 @@ class PromptTokensDetails(_Out):
     cached_tokens: int = Field(description="prompt tokens served from the prefix cache")
 
 
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int = Field(description="completion tokens inside the thinking section")
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
@@ -272,6 +284,7 @@ class ChatLogprobs(_Out):
 class AssistantMessage(_Out):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -307,6 +320,7 @@ class DeltaToolCall(_Out):
 class Delta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

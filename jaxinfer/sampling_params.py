@@ -52,7 +52,12 @@ class SamplingParams:
       output_kind: what each output of the request carries (`RequestOutputKind`).
       structured_outputs: what the output must match: a JSON schema, any JSON object, a regex, one
         of several strings or a grammar (`StructuredOutputsParams`, or a dict of its fields);
-        None: unconstrained.
+        None: unconstrained. With a thinking section (below) it applies to the answer after it.
+      thinking_token_budget: most tokens sampled inside a thinking section (a prompt that ends with
+        `reasoning_markers[0]` opens one, or an output that begins with it); at the budget the end
+        marker is forced, token by token, and the answer follows. None: no limit.
+      min_thinking_tokens: the end marker's first token is kept out until this many were sampled.
+      reasoning_markers: (start, end) of the model family's thinking section (`jaxinfer.reasoning`).
     """
 
     n: int = 1
@@ -74,6 +79,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None
+    thinking_token_budget: int | None = None
+    min_thinking_tokens: int = 0
+    reasoning_markers: tuple[str, str] = ("<think>", "</think>")
 
     def __post_init__(self):
         def bad(msg):
@@ -130,6 +138,22 @@ class SamplingParams:
             except ValueError:
                 bad(f"output_kind must be one of {[k.value for k in RequestOutputKind]}, got {self.output_kind!r}")
         object.__setattr__(self, "structured_outputs", to_params(self.structured_outputs))
+        budget = self.thinking_token_budget
+        if budget is not None and (not is_int(budget) or budget < 0):
+            bad(f"thinking_token_budget must be None or an integer >= 0, got {budget!r}")
+        if not is_int(self.min_thinking_tokens) or self.min_thinking_tokens < 0 or (
+                budget is not None and self.min_thinking_tokens > budget):
+            bad("min_thinking_tokens must be an integer in [0, thinking_token_budget], "
+                f"got {self.min_thinking_tokens!r}")
+        markers = tuple(self.reasoning_markers) if isinstance(self.reasoning_markers, (list, tuple)) else ()
+        if len(markers) != 2 or not all(isinstance(m, str) and m for m in markers) or markers[0] == markers[1]:
+            bad(f"reasoning_markers must be two different non-empty strings, got {self.reasoning_markers!r}")
+        object.__setattr__(self, "reasoning_markers", markers)
+
+    @property
+    def limits_thinking(self) -> bool:
+        """Whether the sampler watches a thinking section (a budget or a minimum)."""
+        return self.thinking_token_budget is not None or self.min_thinking_tokens > 0
 
     @property
     def is_greedy(self) -> bool:

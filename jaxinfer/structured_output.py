@@ -166,9 +166,14 @@ class Grammar:
     """One sample's grammar state: an llguidance matcher advanced by every token the sample keeps."""
 
     __slots__ = ("matcher",)
+    restricts = True  # (every step: the matcher fills the row)
 
     def __init__(self, matcher):
         self.matcher = matcher
+
+    def restrict(self, row):
+        """The grammar that fills `row` (itself; `reasoning.ThinkingBudget` has the same interface)."""
+        return self
 
     def accept(self, token_ids: Sequence[int]) -> bool:
         """Advances over tokens the sampler chose (under this grammar's mask); False if one was not
@@ -238,6 +243,15 @@ class GrammarCompiler:
         return grammar
 
     check = compile
+
+    def thinking(self, markers: tuple[str, str], prompt_token_ids: Sequence[int]):
+        """(start marker ids, end marker ids, whether the prompt opens the section) for a thinking
+        budget (`reasoning.ThinkingBudget`)."""
+        from jaxinfer.reasoning import opens_thinking
+
+        ids = [self.tokenizer.encode(m, add_special_tokens=False) for m in markers]
+        tail = self.tokenizer.decode(list(prompt_token_ids[-16:]), skip_special_tokens=False)
+        return ids[0], ids[1], opens_thinking(tail, markers)
 
     def grammar(self, spec: StructuredOutputsParams) -> Grammar:
         """A fresh grammar state for one sample of a request with `spec`."""

@@ -230,3 +230,39 @@ def test_a_tool_result_goes_back_and_the_answer_comes(client):
         {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 18, "sky": "sunny"})}])
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.message.content and not choice.message.tool_calls
+
+
+# ---- reasoning ----------------------------------------------------------------------------------------
+
+THINK = [{"role": "user", "content": "What is 17 + 25? Think first."}, {"role": "assistant", "content": "<think>\n"}]
+
+
+def _think(client, budget, stream=False):
+    """The conversation continued inside its opened <think> section, split by the "think" parser."""
+    extra = {"reasoning_parser": "think", "continue_final_message": True, "add_generation_prompt": False}
+    if budget is not None:
+        extra["thinking_token_budget"] = budget
+    kwargs = dict(model="smollm2-135m", messages=THINK, max_tokens=120, temperature=0, extra_body=extra)
+    if not stream:
+        r = client.chat.completions.create(**kwargs)
+        m = r.choices[0].message
+        return m.reasoning_content, m.content, r.usage.completion_tokens_details.reasoning_tokens
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return thought or None, content or None, chunks[-1].usage.completion_tokens_details.reasoning_tokens
+
+
+@pytest.mark.parametrize("budget", [0, 8, 64])
+def test_a_thinking_budget_ends_the_reasoning_then_the_answer_follows(client, smollm2, budget):
+    thought, content, reasoning_tokens = _think(client, budget)
+    tok = smollm2.get_tokenizer()
+    assert reasoning_tokens <= budget and len(tok.encode(thought or "", add_special_tokens=False)) <= budget
+    assert content and "</think>" not in content and "</think>" not in (thought or "")
+    assert _think(client, budget, stream=True) == (thought or None, content, reasoning_tokens)  # split alike
+
+
+def test_without_a_budget_the_reasoning_runs_on(client):
+    thought, content, reasoning_tokens = _think(client, None)
+    assert content is None and reasoning_tokens > 8 and len(thought) > 40  # never closed: all reasoning
+    assert _think(client, None, stream=True) == (thought, content, reasoning_tokens)

@@ -264,3 +264,70 @@ def test_tools_render_into_any_template_or_the_models_own_tools_section(tiny):
     out, extra = render_messages(messages, tools, "auto", template_has_tools=True)
     assert extra["tools"][0]["function"]["name"] == "f" and out[2]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
     assert render_messages(messages[:2], tools, "none", template_has_tools=False)[0] == messages[:2]
+
+
+# ---- reasoning: the split and the thinking budget ---------------------------------------------------
+
+def test_the_reasoning_split_streams_as_it_splits_whole():
+    from jaxinfer.reasoning import ReasoningStream, split
+
+    cases = [("plan it</think>\n\nThe answer.", True), ("plan it", True), ("</think>done", True),
+             ("  <think>a</think>b", False), ("no thinking here", False), ("<thi", False), ("a</thin", True)]
+    for text, opened in cases:
+        whole = split(text, opened)
+        for size in (1, 2, 5, 100):
+            stream = ReasoningStream(opened)
+            parts = [stream.feed(text[i:i + size], final=i + size >= len(text)) for i in range(0, len(text), size)]
+            thought, content = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
+            assert (thought or None, content or None) == (whole[0] or None, whole[1] or None), (text, size)
+    assert split("plan</think>\n\nThe answer.", True) == ("plan", "The answer.")
+    assert split("<think>x</think>y", False) == ("x", "y") and split("just text", False) == (None, "just text")
+
+
+def _think_prompt(tiny, text="Question: 2 + 2? <think>"):
+    return tiny.tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_the_thinking_budget_ends_the_section_at_n_tokens_then_an_answer_follows(tiny, async_scheduling):
+    from jaxinfer.reasoning import count_reasoning_tokens, split
+
+    tok = tiny.tokenizer
+    start, end = (tok.encode(m, add_special_tokens=False) for m in ("<think>", "</think>"))
+    assert len(end) > 1  # (byte tokens: the marker is forced token by token)
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    budgets = [0, 3, 10, 25]
+    requests = {f"b{n}": (_think_prompt(tiny), SamplingParams(max_tokens=60, temperature=0.8, seed=n,
+                                                               thinking_token_budget=n)) for n in budgets}
+    requests["min"] = (_think_prompt(tiny), SamplingParams(max_tokens=60, temperature=0.8, seed=5,
+                                                           thinking_token_budget=20, min_thinking_tokens=12))
+    requests["json"] = (_think_prompt(tiny), SamplingParams(max_tokens=128, temperature=0.8, seed=6,
+                                                            thinking_token_budget=5, structured_outputs=SPECS["json"]))
+    requests["plain"] = (_think_prompt(tiny), SamplingParams(max_tokens=30, temperature=0.8, seed=7))
+    outs = run(engine, requests)
+    for n in budgets:
+        ids = outs[f"b{n}"].outputs[0].token_ids
+        assert count_reasoning_tokens(ids, start, end, True) == n  # (EOS is kept out until the marker)
+        i = next(i for i in range(len(ids)) if ids[i:i + len(end)] == end)
+        assert i == n and len(ids) > n + len(end)  # the marker, then at least one answer token
+        assert split(tok.decode(ids, skip_special_tokens=False), True)[1] is not None
+    ids = outs["min"].outputs[0].token_ids
+    assert 12 <= count_reasoning_tokens(ids, start, end, True) <= 20
+    assert count_reasoning_tokens(outs["json"].outputs[0].token_ids, start, end, True) <= 5
+    assert_matches("json", split(outs["json"].outputs[0].text, True)[1])  # the grammar holds the answer
+    alone = run(make_engine(tiny), {"p": requests["plain"]})["p"]  # a request without a budget: unchanged
+    assert outs["plain"].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert_no_pages_held(engine)
+    if async_scheduling:
+        sync = run(make_engine(tiny), requests)
+        assert {r: o.outputs[0].token_ids for r, o in sync.items()} == \
+            {r: o.outputs[0].token_ids for r, o in outs.items()}
+
+
+def test_thinking_params_are_checked():
+    for bad in [dict(thinking_token_budget=-1), dict(thinking_token_budget=1.5), dict(min_thinking_tokens=-1),
+                dict(thinking_token_budget=4, min_thinking_tokens=5), dict(reasoning_markers=("<t>", "<t>")),
+                dict(reasoning_markers=("<t>",))]:
+        with pytest.raises(InvalidSamplingParamsError):
+            SamplingParams(**bad)
+    assert SamplingParams(thinking_token_budget=0).limits_thinking and not SamplingParams().limits_thinking

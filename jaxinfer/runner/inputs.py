@@ -86,7 +86,8 @@ class CachedRequest:
     params: SamplingParams
     seed: int
     block_ids: list[int] = dataclasses.field(default_factory=list)  # its page table (emptied on preemption)
-    grammar: Grammar | None = None  # structured outputs: advanced by every token sampled for it
+    # structured outputs and / or a thinking budget (`reasoning.ThinkingBudget`): advanced by every token sampled
+    grammar: Grammar | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -252,15 +253,22 @@ def neutral_sampling_input(S: int, V: int, *, with_penalties: bool = False, num_
 
 
 def build_bitmask(chunks, requests: dict[str, CachedRequest], S: int, V: int) -> np.ndarray | None:
-    """The packed allowed-token mask [S, ceil(V / 32)] of a step's rows (structured outputs): each
-    sampling row with a grammar gets its grammar's next tokens, every other row all ones; None when
-    no row has a grammar. The grammars must already have every earlier token of their request."""
+    """The packed allowed-token mask [S, ceil(V / 32)] of a step's rows (structured outputs, thinking
+    budgets): each sampling row whose constraint restricts this step gets its allowed tokens, every
+    other row all ones; None when no row is restricted. The constraints must already have every
+    earlier token of their request."""
     rows = [(requests[c.request_id].grammar, s) for s, c in enumerate(chunks)
-            if c.samples and requests[c.request_id].grammar is not None]
+            if c.samples and requests[c.request_id].grammar is not None and requests[c.request_id].grammar.restricts]
     if not rows:
         return None
     bitmask = np.full((S, bitmask_width(V)), -1, np.int32)
-    fill_bitmasks(bitmask, rows)
+    grammars = []
+    for constraint, s in rows:  # a thinking budget writes its own row, or hands it to the answer's grammar
+        grammar = constraint.restrict(bitmask[s])
+        if grammar is not None:
+            grammars.append((grammar, s))
+    if grammars:
+        fill_bitmasks(bitmask, grammars)
     return bitmask
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
+from jaxinfer.reasoning import ThinkingBudget
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
 from jaxinfer.runner.drafter import Drafter
 from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_bitmask,
@@ -196,12 +197,17 @@ class Runner:
             if rid in self.requests:
                 self.requests[rid].block_ids = []  # recomputed later on new pages
         for new in out.new_requests:
-            spec = new.sampling_params.structured_outputs
+            p = new.sampling_params
             grammar = None
-            if spec is not None:
-                if self.grammars is None:
-                    raise RuntimeError("a request with structured outputs reached a runner without a GrammarCompiler")
-                grammar = self.grammars.grammar(spec)  # (one per sample: each advances on its own tokens)
+            if (p.structured_outputs is not None or p.limits_thinking) and self.grammars is None:
+                raise RuntimeError("a request with structured outputs or a thinking budget reached a runner without "
+                                   "a GrammarCompiler")
+            if p.structured_outputs is not None:
+                grammar = self.grammars.grammar(p.structured_outputs)  # (one per sample: each advances on its own)
+            if p.limits_thinking:
+                start_ids, end_ids, in_thinking = self.grammars.thinking(p.reasoning_markers, new.prompt_token_ids)
+                grammar = ThinkingBudget(start_ids, end_ids, p.thinking_token_budget, p.min_thinking_tokens,
+                                         in_thinking, grammar, () if p.ignore_eos else self.eos_token_ids)
             self.requests[new.request_id] = CachedRequest(new.request_id, list(new.prompt_token_ids),
                                                           len(new.prompt_token_ids), new.sampling_params, new.seed,
                                                           grammar=grammar)
