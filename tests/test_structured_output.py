@@ -154,6 +154,16 @@ def test_constrained_outputs_match_and_leave_the_others_unchanged(tiny, async_sc
             {r: o.outputs[0].token_ids for r, o in outs.items()}
 
 
+def test_a_stop_string_inside_a_constrained_output_ends_it_there(tiny):
+    spec = StructuredOutputsParams(regex="[a-z]{3,8}@[0-9]{2}")
+    outs = run(make_engine(tiny), {str(i): ([5 + i, 40, 50], SamplingParams(max_tokens=40, temperature=1.0, seed=i,
+                                                                             stop=["@"], structured_outputs=spec))
+                                   for i in range(4)})
+    for out in outs.values():
+        c = out.outputs[0]
+        assert re.fullmatch("[a-z]{3,8}", c.text) and c.finish_reason == "stop" and c.stop_reason == "@"
+
+
 def test_n_samples_with_a_seed_reproduce_through_preemption_and_the_prefix_cache(tiny):
     prompt = list(range(10, 70))
     params = SamplingParams(n=3, max_tokens=128, temperature=1.0, seed=11, structured_outputs=SPECS["json"])
