@@ -14,15 +14,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ["quickstart", "serving", "sharding", "kernels"]
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the four notebooks, empty at first: the graphs one
+    notebook compiles (the same model and settings on CPU) are read back by the next."""
+    return str(tmp_path_factory.mktemp("xla"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, tmp_path):
+def test_notebook_runs_top_to_bottom(name, compilation_cache):
     nb = nbformat.read(os.path.join(ROOT, "colab", f"{name}.ipynb"), as_version=4)
     # The kernel is ipykernel's own spec, i.e. this interpreter (the project's venv). It starts in the
     # repository root, as a notebook opened from a checkout would. What the notebooks write lands
     # there (bench-results/, attention.json), ignored by git.
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "MPLBACKEND": "Agg",
-           "JAXINFER_COMPILATION_CACHE": str(tmp_path / "xla")}
+           "JAXINFER_COMPILATION_CACHE": compilation_cache}
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}})
     client.execute(env=env)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

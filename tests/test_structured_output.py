@@ -273,6 +273,19 @@ def test_tools_render_into_any_template_or_the_models_own_tools_section(tiny):
     assert "<tool_call>" in text and "<tool_response>" in text
     out, extra = render_messages(messages, tools, "auto", template_has_tools=True)
     assert extra["tools"][0]["function"]["name"] == "f" and out[2]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    # a template with a tools section (Hermes / Qwen 2.5 style, as HF transformers renders it) gets them itself
+    import copy
+
+    hermes = copy.copy(tiny.tokenizer)
+    hermes.chat_template = (
+        "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+        "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    hermes._template = None
+    text = hermes.apply_chat_template(out, **extra)
+    assert '<tools>{"type": "function", "function": {"name": "f"' in text
+    assert '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>' in text and "<|im_start|>tool\n2" in text
     assert render_messages(messages[:2], tools, "none", template_has_tools=False)[0] == messages[:2]
 
 
