@@ -31,6 +31,7 @@ The engine is single-threaded; `jaxinfer.async_engine.AsyncEngine` runs it on a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -248,14 +249,18 @@ class LLMEngine:
         prompt = self.input_processor.checked(prompt, params)  # (as is if this engine's processor made it)
         ids, params = list(prompt.token_ids), prompt.params
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        k = params.num_samples  # (best_of > n: all drawn, the n best returned)
+        sample_ids = [request_id] if k == 1 else [f"{request_id}#{i}" for i in range(k)]
         in_flight = self.runner.in_flight.chunks if self.runner.in_flight is not None else ()
         if request_id in self._samples or any(sid in self.scheduler.requests for sid in sample_ids) or any(
                 c.request_id in sample_ids for c in in_flight):  # (a step in flight still reports on it)
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        samples = [Request(sid, ids, params, priority=priority, arrival_time=arrival, seed=seed + i,
+        core_params = params  # best_of ranks samples by their tokens' log-probabilities: the sampler returns them
+        if k > params.n and params.logprobs is None:
+            core_params = dataclasses.replace(params, logprobs=0)
+        samples = [Request(sid, ids, core_params, priority=priority, arrival_time=arrival, seed=seed + i,
                            parent_id=request_id, sample_index=i) for i, sid in enumerate(sample_ids)]
         self.output_processor.add_request(request_id, prompt_text, ids, params, sample_ids, arrival)
         self._samples[request_id] = sample_ids

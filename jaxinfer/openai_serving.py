@@ -165,9 +165,11 @@ class OpenAIServing:
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         self._check_model(req.model)
-        if req.best_of is not None and req.best_of != req.n:
-            raise ApiError(400, f"best_of={req.best_of} is not supported: leave it out, or set it equal to n",
-                           param="best_of")
+        if req.best_of is not None and req.best_of < req.n:
+            raise ApiError(400, f"best_of={req.best_of} must be at least n={req.n}", param="best_of")
+        if req.best_of is not None and req.best_of > req.n and req.stream:
+            raise ApiError(400, "best_of > n picks the best samples once they finish: it cannot stream; leave "
+                                "best_of out or set stream to false", param="best_of")
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         structured, structured_field = self._structured_outputs(req)
@@ -184,7 +186,8 @@ class OpenAIServing:
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
             max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", where)
             params = self._sampling_params(req, max_tokens, req.logprobs,
-                                           req.logprobs if req.echo and req.logprobs is not None else None, structured)
+                                           req.logprobs if req.echo and req.logprobs is not None else None, structured,
+                                           best_of=req.best_of)
             specs.append(PromptSpec(self._seal(ids, params, structured_field), params, prompt=text,
                                     request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}"))
             texts.append(text or "")

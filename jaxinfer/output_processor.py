@@ -38,6 +38,7 @@ class _Sample:
     stop_reason: int | str | None = None
     num_sent_tokens: int = 0  # delta mode: token ids (and logprobs) already handed out
     finish_sent: bool = False  # delta mode: an output with its finish reason went out
+    cumulative_logprob: float = 0.0  # of the sampled tokens (when the sampler returned them)
 
     @property
     def finished(self) -> bool:
@@ -125,8 +126,11 @@ class OutputProcessor:
                 m.num_generation_tokens += 1
                 step.num_new_tokens += 1
                 sample.token_ids.append(token_id)
+                s = result.sampled.get(u.request_id)
+                s = s[i] if s is not None and i < len(s) else None
+                if s is not None and s.logprob is not None:
+                    sample.cumulative_logprob += s.logprob
                 if sample.logprobs is not None:
-                    s = result.sampled[u.request_id][i]
                     sample.logprobs.append(self._logprob_dict(token_id, s.logprob, s.top_logprobs))
                 stop_string = sample.detok.add_token(token_id)
                 if stop_string is not None:  # the core has not seen it: abort the sample there
@@ -180,7 +184,12 @@ class OutputProcessor:
             return None
         delta = kind is RequestOutputKind.DELTA
         completions = []
-        for s in state.samples:
+        samples = state.samples
+        if len(samples) > state.params.n:  # best_of: the n best by the documented score, once all finished
+            if not state.finished:
+                return None
+            samples = sorted(samples, key=lambda s: -_score(s, state.params.best_of_score))[:state.params.n]
+        for index, s in enumerate(samples):
             text = s.detok.take_delta(s.finished)
             if delta:
                 # Only the samples that moved; every sample in a request's last output.
@@ -195,9 +204,10 @@ class OutputProcessor:
                 s.num_sent_tokens = len(s.token_ids)
             else:
                 completions.append(CompletionOutput(
-                    index=s.index, text=s.detok.visible_text(s.finished), token_ids=list(s.token_ids),
+                    index=index, text=s.detok.visible_text(s.finished), token_ids=list(s.token_ids),
                     finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                    logprobs=list(s.logprobs) if s.logprobs is not None else None))
+                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                    cumulative_logprob=s.cumulative_logprob if len(state.samples) > state.params.n else None))
         prompt_lps = None
         if state.prompt_logprobs is not None and not (delta and state.prompt_logprobs_sent):
             prompt_lps = [None] + [state.prompt_logprobs.get(p) for p in range(1, len(state.prompt_token_ids))]
@@ -206,3 +216,10 @@ class OutputProcessor:
                              prompt_token_ids=state.prompt_token_ids if delta else list(state.prompt_token_ids),
                              outputs=completions, finished=state.finished, prompt_logprobs=prompt_lps,
                              metrics=dataclasses.replace(state.metrics))
+
+
+def _score(sample: _Sample, how: str) -> float:
+    """best_of's score: the mean or the sum of a sample's token log-probabilities."""
+    if how == "sum":
+        return sample.cumulative_logprob
+    return sample.cumulative_logprob / max(len(sample.token_ids), 1)

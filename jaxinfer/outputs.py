@@ -74,6 +74,8 @@ class CompletionOutput:
       stop_reason: the stop token id or stop string that ended it; None for EOS or length.
       logprobs: per generated token, {token id: Logprob} with the sampled token and the top ones
         (None unless asked for).
+      cumulative_logprob: the sum of the sampled tokens' log-probabilities (set for best_of > n,
+        whose choices are ranked by it or by its mean).
     """
 
     index: int
@@ -82,6 +84,7 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
 
     @property
     def finished(self) -> bool:

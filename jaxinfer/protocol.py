@@ -120,7 +120,8 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = Field(False, description="return the prompt before the completion")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="log-probabilities of the sampled and this many most likely tokens")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="draw best_of samples, return the n with the "
+                                                                  "highest mean log-probability per token")
 
 
 class TextPart(_Strict):

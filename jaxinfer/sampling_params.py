@@ -30,6 +30,11 @@ class SamplingParams:
 
     Attributes:
       n: number of parallel samples for the prompt (they share the prompt's KV pages).
+      best_of: draw this many samples (>= n, sharing the prompt's pages) and return the n best by
+        `best_of_score`; None: n. Outputs come when the request finishes (not with DELTA).
+      best_of_score: "mean" (the mean log-probability per generated token, OpenAI's "highest log
+        probability per token") or "sum" (the sequence's log-probability), of each token under the
+        model's raw distribution (before temperature and the filters, as `logprobs` reports it).
       max_tokens: most new tokens to generate (> 0).
       min_tokens: generate at least this many tokens before EOS or a stop token may end it.
       temperature: 0 is greedy; higher flattens the distribution (>= 0).
@@ -61,6 +66,8 @@ class SamplingParams:
     """
 
     n: int = 1
+    best_of: int | None = None
+    best_of_score: str = "mean"
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -95,6 +102,10 @@ class SamplingParams:
 
         if not is_int(self.n) or self.n <= 0:
             bad(f"n must be a positive integer, got {self.n!r}")
+        if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
+            bad(f"best_of must be None or an integer >= n={self.n}, got {self.best_of!r}")
+        if self.best_of_score not in ("mean", "sum"):
+            bad(f"best_of_score must be 'mean' or 'sum', got {self.best_of_score!r}")
         if not is_int(self.max_tokens) or self.max_tokens <= 0:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
@@ -137,6 +148,9 @@ class SamplingParams:
                 object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
             except ValueError:
                 bad(f"output_kind must be one of {[k.value for k in RequestOutputKind]}, got {self.output_kind!r}")
+        if self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA:
+            bad(f"best_of={self.best_of} > n={self.n} picks the best samples once they finish: it does not stream "
+                "(leave best_of out, or do not stream)")
         object.__setattr__(self, "structured_outputs", to_params(self.structured_outputs))
         budget = self.thinking_token_budget
         if budget is not None and (not is_int(budget) or budget < 0):
@@ -149,6 +163,11 @@ class SamplingParams:
         if len(markers) != 2 or not all(isinstance(m, str) and m for m in markers) or markers[0] == markers[1]:
             bad(f"reasoning_markers must be two different non-empty strings, got {self.reasoning_markers!r}")
         object.__setattr__(self, "reasoning_markers", markers)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples drawn for the request: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def limits_thinking(self) -> bool:

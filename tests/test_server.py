@@ -251,7 +251,9 @@ BAD_REQUESTS = [
     ("unknown field", "POST", "/v1/completions", JSON, {"prompt": "a", "temprature": 0.5}, 400, "temprature"),
     ("stream_options unknown", "POST", "/v1/completions", JSON,
      {"prompt": "a", "stream_options": {"include_usage": True, "x": 1}}, 400, "stream_options.x"),
-    ("best_of != n", "POST", "/v1/completions", JSON, {"prompt": "a", "best_of": 3}, 400, "best_of"),
+    ("best_of < n", "POST", "/v1/completions", JSON, {"prompt": "a", "n": 3, "best_of": 2}, 400, "best_of"),
+    ("best_of > n streamed", "POST", "/v1/completions", JSON, {"prompt": "a", "best_of": 3, "stream": True}, 400,
+     "best_of"),
     ("logit_bias", "POST", "/v1/completions", JSON, {"prompt": "a", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("suffix", "POST", "/v1/completions", JSON, {"prompt": "a", "suffix": "z"}, 400, "suffix"),
     ("wrong model", "POST", "/v1/completions", JSON, {"prompt": "a", "model": "gpt-4"}, 404, "model"),
@@ -572,3 +574,11 @@ def test_jaxinfer_serve_is_the_server_command(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--api-key" in out and "--max-waiting-requests" in out and "--drain-timeout" in out
+
+
+def test_best_of_returns_the_n_choices_with_the_highest_mean_logprob(live):
+    body = {"prompt": "best of", "n": 2, "best_of": 4, "temperature": 1.0, "seed": 5, "max_tokens": 6, "logprobs": 0}
+    status, _, data = post_json(url(live), "/v1/completions", body, AUTH)
+    assert status == 200 and [c["index"] for c in data["choices"]] == [0, 1]
+    means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in data["choices"]]
+    assert means[0] >= means[1] and data["usage"]["completion_tokens"] >= 4  # (all four samples' tokens)
