@@ -102,3 +102,15 @@ def gemma3_hf_reference():
     with open(os.path.join(FIXTURES, "gemma3_hf_reference.json"), encoding="utf-8") as f:
         meta = json.load(f)
     return meta, dict(np.load(os.path.join(FIXTURES, "gemma3_hf_reference.npz")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny random model (`jaxinfer.testing.tiny_gguf`, a 4096-token context) loaded once."""
+    from jaxinfer.loader import load_model
+    from jaxinfer.testing import tiny_gguf
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_gguf(path, max_position_embeddings=4096)
+    return load_model(str(path), progress=False)
+

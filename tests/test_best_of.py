@@ -10,18 +10,14 @@ import pytest
 
 from jaxinfer import SamplingParams
 from jaxinfer.errors import InvalidSamplingParamsError
-from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import RequestOutputKind
-from jaxinfer.testing import tiny_gguf
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing.engine import assert_no_pages_held, run
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    tiny_gguf(path, max_position_embeddings=4096)
-    return load_model(str(path), progress=False)
+@pytest.fixture
+def tiny(tiny_model):
+    return tiny_model
 
 
 def make_engine(model, **overrides):

@@ -17,9 +17,7 @@ import pytest
 
 from jaxinfer import SamplingParams, SpeculativeConfig, StructuredOutputsParams
 from jaxinfer.errors import InvalidRequestError, InvalidSamplingParamsError, InvalidStructuredOutputError
-from jaxinfer.loader import load_model
 from jaxinfer.structured_output import apply_bitmask, bitmask_width
-from jaxinfer.testing import tiny_gguf
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing.engine import assert_no_pages_held, run
 
@@ -55,11 +53,9 @@ def assert_matches(kind: str, text: str) -> None:
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    tiny_gguf(path, max_position_embeddings=4096)
-    return load_model(str(path), progress=False)
+@pytest.fixture
+def tiny(tiny_model):
+    return tiny_model
 
 
 def make_engine(model, **overrides):
