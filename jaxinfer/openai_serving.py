@@ -40,10 +40,12 @@ from jaxinfer.protocol import (
     DeltaFunction,
     DeltaToolCall,
     PromptTokensDetails,
+    SelfConsistencyInfo,
     Usage,
 )
 from jaxinfer import reasoning as reasoning_lib
 from jaxinfer import tool_calls
+from jaxinfer.self_consistency import SelfConsistency
 from jaxinfer.structured_output import StructuredOutputsParams
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
@@ -127,6 +129,14 @@ class OpenAIServing:
 
     def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                          structured: StructuredOutputsParams | None = None, **extra):
+        if req.self_consistency is not None:
+            if req.stream or req.n != 1:
+                raise ApiError(400, "self_consistency returns one voted answer when its samples finish: leave n at 1 "
+                                    "and stream false", param="self_consistency")
+            try:
+                extra["self_consistency"] = SelfConsistency(**req.self_consistency.model_dump())
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), param="self_consistency") from None
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=req.temperature,
@@ -172,6 +182,9 @@ class OpenAIServing:
                                 "best_of out or set stream to false", param="best_of")
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if req.self_consistency is not None and len(prompts) > 1:
+            raise ApiError(400, "self_consistency votes over one prompt's samples: send one prompt",
+                           param="self_consistency")
         structured, structured_field = self._structured_outputs(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"  # the engine's id too (prompt i of several: -i after it)
         specs, texts = [], []
@@ -346,7 +359,7 @@ class OpenAIServing:
             choices = []
             for i, out in enumerate(outs):
                 echo = prepared.prompt_texts[i] if req.echo else ""
-                for c in out.outputs:
+                for c in out.outputs[:1] if out.self_consistency is not None else out.outputs:
                     lp = None
                     if req.logprobs is not None:
                         lp = logprobs_fmt.completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, len(echo))
@@ -355,11 +368,11 @@ class OpenAIServing:
                     choices.append(CompletionChoice(index=i * n + c.index, text=echo + c.text, logprobs=lp,
                                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             resp = CompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                      choices=choices, usage=usage)
+                                      choices=choices, usage=usage, self_consistency=_vote_info(outs[0]))
         else:
             k = req.top_logprobs or 0
             choices = []
-            for c in outs[0].outputs:
+            for c in outs[0].outputs[:1] if outs[0].self_consistency is not None else outs[0].outputs:
                 thought, content = None, c.text
                 if prepared.reasoning is not None:
                     thought, content = reasoning_lib.split(c.text, prepared.reasoning[1], prepared.reasoning[0])
@@ -373,7 +386,7 @@ class OpenAIServing:
                 usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
                     self._reasoning_tokens(prepared, c.token_ids) for c in outs[0].outputs))
             resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                          choices=choices, usage=usage)
+                                          choices=choices, usage=usage, self_consistency=_vote_info(outs[0]))
         return resp.model_dump(exclude_none=False)
 
     def events(self, prepared: Prepared, stream: RequestStream, disconnected: Callable[[], bool]) -> Iterator[bytes]:
@@ -493,6 +506,14 @@ class OpenAIServing:
             yield _sse(cls(id=prepared.request_id, created=prepared.created, model=self.model_name, choices=[],
                            usage=usage).model_dump_json())
         yield b"data: [DONE]\n\n"
+
+
+def _vote_info(out: RequestOutput) -> SelfConsistencyInfo | None:
+    r = out.self_consistency
+    if r is None:
+        return None
+    return SelfConsistencyInfo(answer=r.answer, votes=r.votes, num_samples=r.num_samples, num_tokens=r.num_tokens,
+                               stopped_early=r.stopped_early)
 
 
 def _tool_output(mode: str | None, text: str) -> tuple[str | None, list[dict] | None]:

@@ -22,6 +22,7 @@ import time
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+from jaxinfer.self_consistency import SelfConsistencyResult, confidence, should_stop, tally, winner
 from jaxinfer.scheduler_output import SchedulerUpdate
 from jaxinfer.tokenizer import Tokenizer
 
@@ -39,6 +40,7 @@ class _Sample:
     num_sent_tokens: int = 0  # delta mode: token ids (and logprobs) already handed out
     finish_sent: bool = False  # delta mode: an output with its finish reason went out
     cumulative_logprob: float = 0.0  # of the sampled tokens (when the sampler returned them)
+    answer: str | None = None  # self-consistency: the answer extracted once it finished
 
     @property
     def finished(self) -> bool:
@@ -56,6 +58,7 @@ class _RequestState:
     metrics: RequestMetrics
     prompt_logprobs: dict[int, dict[int, Logprob]] | None = None
     prompt_logprobs_sent: bool = False
+    stopped_early: bool = False  # self-consistency: the vote was decided before every sample finished
 
     @property
     def finished(self) -> bool:
@@ -142,6 +145,8 @@ class OutputProcessor:
                 sample.finish_reason, sample.stop_reason = u.status.value, u.stop_reason
                 sample.detok.flush()
         for state in touched.values():
+            if state.params.self_consistency is not None and not state.finished:
+                self._vote(state, step)
             if state.finished:
                 state.metrics.finished_time = now
             output = self._output(state)
@@ -164,6 +169,26 @@ class OutputProcessor:
         self._retire(state)
         return self._output(state)
 
+    def _votes(self, state: _RequestState) -> tuple[list[_Sample], dict[str, float]]:
+        """(the samples that voted, the votes) of a self-consistency request."""
+        sc = state.params.self_consistency
+        voters = [s for s in state.samples if s.finished and s.finish_reason != "abort"]
+        for s in voters:
+            if s.answer is None:
+                s.answer = sc.extract(s.detok.visible_text(True)) or ""
+        weight = (lambda s: confidence(s.cumulative_logprob, len(s.token_ids))) if sc.weighted else (lambda s: 1.0)
+        return voters, tally([(s.answer or None, weight(s)) for s in voters])
+
+    def _vote(self, state: _RequestState, step: ProcessedStep) -> None:
+        """Stops a self-consistency request's running samples once its rule says the vote is over."""
+        voters, votes = self._votes(state)
+        remaining = [(s, sid) for s, sid in zip(state.samples, state.sample_ids) if not s.finished]
+        if remaining and should_stop(state.params.self_consistency, votes, len(voters), len(remaining)):
+            for s, sid in remaining:  # the core aborts them at its next step; their pages are freed
+                s.finish_reason, s.stop_reason = "abort", "self_consistency"
+                step.abort_ids.append(sid)
+            state.stopped_early = True
+
     def _retire(self, state: _RequestState) -> None:
         del self._states[state.request_id]
         for sid in state.sample_ids:
@@ -185,7 +210,15 @@ class OutputProcessor:
         delta = kind is RequestOutputKind.DELTA
         completions = []
         samples = state.samples
-        if len(samples) > state.params.n:  # best_of: the n best by the documented score, once all finished
+        result = None
+        if state.params.self_consistency is not None:  # the voters, and the vote
+            if not state.finished:
+                return None
+            samples, votes = self._votes(state)
+            result = SelfConsistencyResult(winner(votes), votes, len(samples),
+                                           sum(len(s.token_ids) for s in state.samples), state.stopped_early)
+            samples = sorted(samples, key=lambda s: (s.answer or None) != result.answer)  # the winners first
+        elif len(samples) > state.params.n:  # best_of: the n best by the documented score, once all finished
             if not state.finished:
                 return None
             samples = sorted(samples, key=lambda s: -_score(s, state.params.best_of_score))[:state.params.n]
@@ -215,7 +248,7 @@ class OutputProcessor:
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids if delta else list(state.prompt_token_ids),
                              outputs=completions, finished=state.finished, prompt_logprobs=prompt_lps,
-                             metrics=dataclasses.replace(state.metrics))
+                             metrics=dataclasses.replace(state.metrics), self_consistency=result)
 
 
 def _score(sample: _Sample, how: str) -> float:

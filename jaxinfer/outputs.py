@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxinfer.self_consistency import SelfConsistencyResult
+
 
 @dataclasses.dataclass
 class Logprob:
@@ -98,6 +100,8 @@ class RequestOutput:
     Attributes:
       prompt_logprobs: per prompt token, {token id: Logprob} (None for the first token); None
         unless asked for.
+      self_consistency: with SamplingParams.self_consistency: the voted answer, the votes and what
+        they cost; `outputs` are then the samples that voted.
     """
 
     request_id: str
@@ -107,3 +111,4 @@ class RequestOutput:
     finished: bool = True
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     metrics: RequestMetrics | None = None
+    self_consistency: SelfConsistencyResult | None = None  # the vote (SamplingParams.self_consistency)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_serializer, model_validator
 
 from jaxinfer.sampling_params import MAX_LOGPROBS
 
@@ -70,6 +70,17 @@ ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat]
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
+class SelfConsistencySpec(_Strict):
+    """`self_consistency` (jaxinfer's extra): sample, extract each answer, majority-vote, stop early."""
+
+    answer: str = Field("number", min_length=1, description="number, boxed, last_line, or a regex")
+    max_samples: int = Field(8, ge=2, le=MAX_N, description="most samples drawn")
+    stop_when: Literal["decided", "never"] | Annotated[float, Field(gt=0.5, le=1)] = Field(
+        "decided", description="decided: once the rest cannot change the winner; a share: once the leader holds it")
+    min_samples: int = Field(3, ge=1, le=MAX_N, description="votes needed before a share rule may stop")
+    weighted: bool = Field(False, description="votes weighted by exp(mean token logprob)")
+
+
 PositiveTokens = Annotated[int, Field(ge=1, le=INT64)]
 TokenId = Annotated[int, Field(ge=0, le=INT64)]
 StopString = Annotated[str, Field(min_length=1)]
@@ -104,6 +115,7 @@ class _SamplingRequest(_Strict):
     guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1024)] \
         | None = Field(None, description="the output is one of these strings")
     guided_grammar: str | None = Field(None, min_length=1, description="a Lark or GBNF grammar the output follows")
+    self_consistency: SelfConsistencySpec | None = None
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -222,6 +234,27 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SelfConsistencyInfo(_Out):
+    answer: str | None
+    votes: dict[str, float]
+    num_samples: int = Field(description="samples that finished and voted")
+    num_tokens: int = Field(description="tokens generated over every sample, stopped ones included")
+    stopped_early: bool
+
+
+class _WithVote(_Out):
+    """A response that carries `self_consistency` only when the request asked for a vote."""
+
+    self_consistency: SelfConsistencyInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_an_empty_vote(self, handler):
+        body = handler(self)
+        if isinstance(body, dict) and body.get("self_consistency") is None:
+            body.pop("self_consistency", None)
+        return body
+
+
 class PromptTokensDetails(_Out):
     cached_tokens: int = Field(description="prompt tokens served from the prefix cache")
 
@@ -256,7 +289,7 @@ class CompletionChoice(_Out):
     stop_reason: int | str | None = Field(None, description="the stop token id or string that ended it")
 
 
-class CompletionResponse(_Out):
+class CompletionResponse(_WithVote):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -297,7 +330,7 @@ class ChatChoice(_Out):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(_Out):
+class ChatCompletionResponse(_WithVote):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int

@@ -11,6 +11,7 @@ import enum
 import math
 
 from jaxinfer.errors import InvalidSamplingParamsError
+from jaxinfer.self_consistency import SelfConsistency
 from jaxinfer.structured_output import StructuredOutputsParams, to_params
 
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
@@ -63,6 +64,9 @@ class SamplingParams:
         marker is forced, token by token, and the answer follows. None: no limit.
       min_thinking_tokens: the end marker's first token is kept out until this many were sampled.
       reasoning_markers: (start, end) of the model family's thinking section (`jaxinfer.reasoning`).
+      self_consistency: draw up to `max_samples` samples, extract and majority-vote their answers,
+        stop early once the vote is decided (`jaxinfer.self_consistency.SelfConsistency`, or a dict
+        of its fields); the result is `RequestOutput.self_consistency`. Needs n = 1, no best_of.
     """
 
     n: int = 1
@@ -89,6 +93,7 @@ class SamplingParams:
     thinking_token_budget: int | None = None
     min_thinking_tokens: int = 0
     reasoning_markers: tuple[str, str] = ("<think>", "</think>")
+    self_consistency: SelfConsistency | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -148,6 +153,17 @@ class SamplingParams:
                 object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
             except ValueError:
                 bad(f"output_kind must be one of {[k.value for k in RequestOutputKind]}, got {self.output_kind!r}")
+        sc = self.self_consistency
+        if isinstance(sc, dict):
+            sc = SelfConsistency(**sc)
+            object.__setattr__(self, "self_consistency", sc)
+        if sc is not None:
+            if not isinstance(sc, SelfConsistency):
+                bad(f"self_consistency must be a SelfConsistency (or a dict of its fields), got {type(sc).__name__}")
+            if self.n != 1 or self.best_of is not None:
+                bad("self_consistency returns one voted answer: leave n at 1 and best_of out")
+            if self.output_kind is RequestOutputKind.DELTA:
+                bad("self_consistency votes once its samples finish: it does not stream")
         if self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA:
             bad(f"best_of={self.best_of} > n={self.n} picks the best samples once they finish: it does not stream "
                 "(leave best_of out, or do not stream)")
@@ -166,7 +182,9 @@ class SamplingParams:
 
     @property
     def num_samples(self) -> int:
-        """Samples drawn for the request: best_of, else n."""
+        """Samples drawn for the request: self-consistency's max_samples, best_of, else n."""
+        if self.self_consistency is not None:
+            return self.self_consistency.max_samples
         return self.best_of if self.best_of is not None else self.n
 
     @property

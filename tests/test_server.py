@@ -292,6 +292,14 @@ BAD_REQUESTS = [
       "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("functions (deprecated)", "POST", "/v1/chat/completions", JSON,
      {"messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
+    ("self_consistency with a bad answer regex", "POST", "/v1/completions", JSON,
+     {"prompt": "a", "self_consistency": {"answer": "(x"}}, 400, "self_consistency"),
+    ("self_consistency over the server's cap", "POST", "/v1/completions", JSON,
+     {"prompt": "a", "self_consistency": {"max_samples": 17}}, 400, "self_consistency.max_samples"),
+    ("self_consistency streamed", "POST", "/v1/chat/completions", JSON,
+     {"messages": MSG, "stream": True, "self_consistency": {}}, 400, "self_consistency"),
+    ("self_consistency with n > 1", "POST", "/v1/completions", JSON,
+     {"prompt": "a", "n": 2, "self_consistency": {}}, 400, "self_consistency"),
     ("unknown reasoning parser", "POST", "/v1/chat/completions", JSON, {"messages": MSG, "reasoning_parser": "nope"},
      400, "reasoning_parser"),
     ("negative thinking budget", "POST", "/v1/chat/completions", JSON,
@@ -582,3 +590,15 @@ def test_best_of_returns_the_n_choices_with_the_highest_mean_logprob(live):
     assert status == 200 and [c["index"] for c in data["choices"]] == [0, 1]
     means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in data["choices"]]
     assert means[0] >= means[1] and data["usage"]["completion_tokens"] >= 4  # (all four samples' tokens)
+
+
+def test_self_consistency_returns_the_voted_answer_and_what_it_cost(live):
+    body = {"prompt": "vote", "temperature": 1.0, "seed": 4, "max_tokens": 4, "guided_choice": ["A", "B"],
+            "self_consistency": {"answer": "last_line", "max_samples": 6}}
+    status, _, data = post_json(url(live), "/v1/completions", body, AUTH)
+    vote = data["self_consistency"]
+    assert status == 200 and len(data["choices"]) == 1 and data["choices"][0]["text"] == vote["answer"]
+    assert vote["answer"] == max(vote["votes"], key=vote["votes"].get) and sum(vote["votes"].values()) == \
+        vote["num_samples"] <= 6 and vote["num_tokens"] >= vote["num_samples"]
+    status, _, plain = post_json(url(live), "/v1/completions", {"prompt": "vote", "max_tokens": 2}, AUTH)
+    assert status == 200 and "self_consistency" not in plain  # only requests that ask carry one
