@@ -129,6 +129,14 @@ class ServerMetrics:
                              buckets=E2E_BUCKETS, registry=self.registry)
         self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "arrival to first scheduled", labels,
                                     buckets=TTFT_BUCKETS, registry=self.registry)
+        # What inference-time techniques cost: tokens generated for several samples of one prompt
+        # (n > 1, best_of), for self-consistency's votes, inside thinking sections; and the votes.
+        self.technique_tokens = Counter(f"{PREFIX}_technique_tokens", "generated tokens by technique "
+                                        "(samples: n > 1 or best_of; self_consistency; reasoning)",
+                                        ["model_name", "technique"], registry=self.registry)
+        self.votes = Counter(f"{PREFIX}_self_consistency_samples", "self-consistency samples, by whether they "
+                             "voted or were stopped once the vote was decided", ["model_name", "outcome"],
+                             registry=self.registry)
         self.registry.register(_EngineCollector(stats, model_name))
 
     def observe_http(self, route: str, status: int) -> None:
@@ -145,10 +153,21 @@ class ServerMetrics:
             self.generation_tokens.labels(name).inc(sum(len(c.token_ids) for c in out.outputs))
             return
         self.generation_tokens.labels(name).inc(m.num_generation_tokens)
+        vote = out.self_consistency
+        if vote is not None:
+            self.technique_tokens.labels(name, "self_consistency").inc(vote.num_tokens)
+            self.votes.labels(name, "voted").inc(vote.num_samples)
+            self.votes.labels(name, "stopped").inc(vote.num_stopped)
+        elif len(out.outputs) > 1 or any(c.cumulative_logprob is not None for c in out.outputs):
+            self.technique_tokens.labels(name, "samples").inc(m.num_generation_tokens)
         for hist, value in ((self.ttft, m.time_to_first_token), (self.tpot, m.time_per_output_token),
                             (self.e2e, m.e2e_latency), (self.queue_time, m.queue_time)):
             if value is not None:
                 hist.labels(name).observe(value)
+
+    def observe_reasoning(self, num_tokens: int) -> None:
+        """Tokens a finished chat request spent inside its thinking section."""
+        self.technique_tokens.labels(self.model_name, "reasoning").inc(num_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

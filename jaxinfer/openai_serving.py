@@ -385,6 +385,8 @@ class OpenAIServing:
             if prepared.reasoning is not None:
                 usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
                     self._reasoning_tokens(prepared, c.token_ids) for c in outs[0].outputs))
+                if self.metrics is not None:
+                    self.metrics.observe_reasoning(usage.completion_tokens_details.reasoning_tokens)
             resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
                                           choices=choices, usage=usage, self_consistency=_vote_info(outs[0]))
         return resp.model_dump(exclude_none=False)
@@ -496,13 +498,17 @@ class OpenAIServing:
             return
         if not stream.done:  # the client went away: nothing more to say
             return
+        reasoning_tokens = None
+        if chat and prepared.reasoning is not None:
+            reasoning_tokens = sum(self._reasoning_tokens(prepared, ids) for ids in ids_of.values())
+            if self.metrics is not None:
+                self.metrics.observe_reasoning(reasoning_tokens)
         if include_usage:
             outs = sorted(finals, key=lambda o: base[o.request_id])
             cls = ChatCompletionChunk if chat else CompletionResponse
             usage = _usage(outs)
-            if chat and prepared.reasoning is not None:
-                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
-                    self._reasoning_tokens(prepared, ids) for ids in ids_of.values()))
+            if reasoning_tokens is not None:
+                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
             yield _sse(cls(id=prepared.request_id, created=prepared.created, model=self.model_name, choices=[],
                            usage=usage).model_dump_json())
         yield b"data: [DONE]\n\n"

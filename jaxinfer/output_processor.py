@@ -216,7 +216,8 @@ class OutputProcessor:
                 return None
             samples, votes = self._votes(state)
             result = SelfConsistencyResult(winner(votes), votes, len(samples),
-                                           sum(len(s.token_ids) for s in state.samples), state.stopped_early)
+                                           sum(len(s.token_ids) for s in state.samples), state.stopped_early,
+                                           sum(s.stop_reason == "self_consistency" for s in state.samples))
             samples = sorted(samples, key=lambda s: (s.answer or None) != result.answer)  # the winners first
         elif len(samples) > state.params.n:  # best_of: the n best by the documented score, once all finished
             if not state.finished:

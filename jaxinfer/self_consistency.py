@@ -105,6 +105,7 @@ class SelfConsistencyResult:
       num_samples: samples that finished and voted (the rest were stopped early).
       num_tokens: tokens generated over every sample, stopped ones included (the cost).
       stopped_early: whether samples were stopped before the end.
+      num_stopped: samples stopped (or never run) once the vote was decided.
     """
 
     answer: str | None
@@ -112,6 +113,7 @@ class SelfConsistencyResult:
     num_samples: int
     num_tokens: int
     stopped_early: bool
+    num_stopped: int = 0
 
 
 def tally(answers: list[tuple[str | None, float]]) -> dict[str, float]:

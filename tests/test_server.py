@@ -602,3 +602,8 @@ def test_self_consistency_returns_the_voted_answer_and_what_it_cost(live):
         vote["num_samples"] <= 6 and vote["num_tokens"] >= vote["num_samples"]
     status, _, plain = post_json(url(live), "/v1/completions", {"prompt": "vote", "max_tokens": 2}, AUTH)
     assert status == 200 and "self_consistency" not in plain  # only requests that ask carry one
+    metrics = request(url(live), "GET", "/metrics")[2].decode()  # what the techniques cost, in Prometheus
+    voted = re.search(r'jaxinfer_self_consistency_samples_total\{model_name="tiny",outcome="voted"\} ([\d.]+)', metrics)
+    spent = re.search(r'jaxinfer_technique_tokens_total\{model_name="tiny",technique="self_consistency"\} ([\d.]+)',
+                      metrics)
+    assert float(voted.group(1)) >= vote["num_samples"] and float(spent.group(1)) >= vote["num_tokens"]
