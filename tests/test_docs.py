@@ -70,8 +70,9 @@ def doc_commands() -> list[str]:
     return sorted({text for _, kind, text in doc_snippets() if kind == "command"})
 
 
-def doc_python(start: str) -> str:
-    (block,) = [t for _, kind, t in doc_snippets() if kind == "python" and t.startswith(start)]
+def doc_python(first_line: str) -> str:
+    """The one python block of the docs whose first line is `first_line`."""
+    (block,) = [t for _, kind, t in doc_snippets() if kind == "python" and t.split("\n", 1)[0] == first_line]
     return block
 
 
