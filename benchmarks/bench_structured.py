@@ -243,11 +243,11 @@ def measure_library(lib, tokenizer, schemas, reps, V):
 
 # ---- the engine -------------------------------------------------------------------------------------
 
-def engine_rows(args):
+def engine_rows(args, context: int):
     from jaxinfer import LLM, SamplingParams, StructuredOutputsParams
 
     llm = LLM(args.model, dtype="float32", progress=False, warmup=False, max_num_seqs=args.concurrency,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len or min(512, context))
     tok = llm.get_tokenizer()
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"List {40 + i} inventory items as JSON: id, "
                                                                     f"name and whether each is ok."}])
@@ -290,7 +290,7 @@ def main():
     ap.add_argument("--compile-reps", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: 512, or the model's context if shorter")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-engine", action="store_true", help="only the libraries' table")
     args = ap.parse_args()
@@ -317,7 +317,7 @@ def main():
             continue
         tables[name] = measure_library(lib, tokenizer, schemas, args.compile_reps, V)
         print(f"{name}: measured", flush=True)
-    engine = None if args.skip_engine else engine_rows(args)
+    engine = None if args.skip_engine else engine_rows(args, model.config.max_position_embeddings)
 
     print(f"\n{datetime.date.today()}, {platform.node() or 'this machine'}, jax {jax.__version__} "
           f"({jax.devices()[0].platform}), {args.model} ({V} tokens)")
