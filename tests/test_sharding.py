@@ -5,6 +5,8 @@ errors."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import pytest
 
@@ -99,10 +101,13 @@ def _assert_all_pages_free(engine):
 @pytest.mark.parametrize("dp, tp", [(2, 1), (2, 4), (8, 1)])
 def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
     """Replicas with their own pages and batch slices; more requests than one replica's
-    max_num_seqs, so every replica works; an n = 2 sampled request stays reproducible."""
+    max_num_seqs, so every replica works; an n = 2 sampled request stays reproducible, and so does
+    one with a grammar (its mask stacked with the other replicas' rows)."""
     prompts = random_prompts(tiny.config, [1, 3, 4, 5, 12, 21, 7, 30, 2], seed=3)
     sampled = SamplingParams(n=2, max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
-    requests = {str(i): (p, PARAMS) for i, p in enumerate(prompts)} | {"s": (prompts[4], sampled)}
+    constrained = SamplingParams(max_tokens=12, temperature=1.0, seed=9, structured_outputs=dict(regex="[a-z]{3,9}"))
+    requests = {str(i): (p, PARAMS) for i, p in enumerate(prompts)} | {"s": (prompts[4], sampled),
+                                                                      "g": (prompts[2], constrained)}
     small = dict(max_num_seqs=4, num_pages=32)
     base_engine = _engine(tiny, 1, **small)
     base = run(base_engine, requests)
@@ -113,6 +118,8 @@ def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
     outs = run(engine, requests)
     _assert_same([base[str(i)] for i in range(len(prompts))], [outs[str(i)] for i in range(len(prompts))])
     assert [o.token_ids for o in outs["s"].outputs] == [o.token_ids for o in base["s"].outputs]
+    assert outs["g"].outputs[0].token_ids == base["g"].outputs[0].token_ids
+    assert re.fullmatch("[a-z]{3,9}", outs["g"].outputs[0].text)
     assert engine.stats()["steps"] < base_engine.stats()["steps"]  # the replicas ran side by side
     _assert_all_pages_free(engine)
     cache = engine.runner.kv_cache.k
