@@ -160,6 +160,14 @@ def test_a_stop_string_inside_a_constrained_output_ends_it_there(tiny):
         assert re.fullmatch("[a-z]{3,8}", c.text) and c.finish_reason == "stop" and c.stop_reason == "@"
 
 
+def test_a_complete_grammar_ends_the_request_even_before_min_tokens(tiny):
+    """min_tokens holds EOS back, but a complete grammar allows nothing else: the grammar wins."""
+    params = SamplingParams(max_tokens=20, min_tokens=10, temperature=0.7, seed=1,
+                            structured_outputs=StructuredOutputsParams(choice=["ab"]))
+    out = run(make_engine(tiny), {"a": ([5, 6, 7], params)})["a"].outputs[0]
+    assert out.text == "ab" and out.finish_reason == "stop" and len(out.token_ids) == 3
+
+
 def test_n_samples_with_a_seed_reproduce_through_preemption_and_the_prefix_cache(tiny):
     prompt = list(range(10, 70))
     params = SamplingParams(n=3, max_tokens=128, temperature=1.0, seed=11, structured_outputs=SPECS["json"])

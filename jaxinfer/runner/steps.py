@@ -119,13 +119,21 @@ def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_
     if p is not None:
         logits = apply_penalties(raw, p.seen, p.output_counts, p.repetition, p.presence, p.frequency, p.suppress)
     if si.bitmask is not None:  # structured outputs: tokens the row's grammar does not allow are out
-        logits = apply_bitmask(logits, si.bitmask)
+        logits = _constrain(logits, raw, si.bitmask)
     keys = step_keys(si.seeds, si.num_generated)
     tokens = sample(logits, si.temperature, si.top_k, si.top_p, keys, si.min_p)
     lps = logprobs(raw, tokens, si.num_logprobs) if si.num_logprobs else None
     if pad_to > tokens.shape[0]:
         tokens = jnp.pad(tokens, (0, pad_to - tokens.shape[0]))
     return tokens, lps
+
+
+def _constrain(logits, raw, bitmask):
+    """The grammar's mask over the penalised logits; where that leaves a row nothing (a complete
+    grammar allows only end-of-sequence, which min_tokens holds back) the grammar wins: the mask
+    over the raw logits."""
+    masked = apply_bitmask(logits, bitmask)
+    return jnp.where(jnp.isfinite(masked).any(axis=-1, keepdims=True), masked, apply_bitmask(raw, bitmask))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -144,7 +152,7 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef:
         logits = apply_penalties(raw, rep(p.seen), rep(p.output_counts), rep(p.repetition), rep(p.presence),
                                  rep(p.frequency), rep(p.suppress))
     if si.bitmask is not None:  # (rows with a grammar have no drafts: only their first position samples)
-        logits = apply_bitmask(logits, jnp.repeat(si.bitmask, K1, axis=0))
+        logits = _constrain(logits, raw, jnp.repeat(si.bitmask, K1, axis=0))
     tokens, num_accepted = verify(logits.reshape(S, K1, -1), vi.drafts, vi.num_drafts, si.temperature, si.top_k,
                                   si.top_p, si.min_p, si.seeds, si.num_generated)
     lps = None
