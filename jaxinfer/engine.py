@@ -213,12 +213,11 @@ class LLMEngine:
             from jaxinfer.speculative.eagle import load_head
 
             draft_head = load_head(spec.model, config, params, tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, config.vocab_size)  # structured outputs, thinking budgets
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
                              layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec,
-                             draft_head=draft_head, draft_model=draft_model)
+                             draft_head=draft_head, draft_model=draft_model, grammars=self.grammars)
         self.output_processor = OutputProcessor(tokenizer)
-        self.grammars = GrammarCompiler(tokenizer, config.vocab_size)  # structured outputs
-        self.runner.grammars = self.grammars
         self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings,
                                               self.grammars)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids

@@ -74,7 +74,7 @@ class InputProcessor:
         if params.structured_outputs is not None:
             if self.grammars is None:
                 raise InvalidRequestError("structured outputs need the model's tokenizer; this engine has none")
-            self.grammars.check(params.structured_outputs)
+            self.grammars.compile(params.structured_outputs)
         return params
 
     def process(self, prompt_token_ids: Sequence[int], params: SamplingParams,

@@ -306,7 +306,7 @@ class OpenAIServing:
             if schema is None:
                 continue
             try:
-                self.engine.engine.grammars.check(StructuredOutputsParams(json=schema))
+                self.engine.engine.grammars.compile(StructuredOutputsParams(json=schema))
             except InvalidStructuredOutputError as e:
                 raise ApiError(400, f"tools[{i}].function.parameters is not a usable JSON schema: {e}",
                                param=f"tools[{i}].function.parameters") from None

@@ -242,16 +242,20 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
-    check = compile
+    def constraint(self, params, prompt_token_ids: Sequence[int], eos_token_ids: Sequence[int]):
+        """The per-sample state that masks a request's rows: its grammar (structured outputs), that
+        grammar behind a thinking section (`reasoning.ThinkingBudget`, with a budget or minimum), or
+        None. One per sample: each advances on its own tokens."""
+        grammar = None if params.structured_outputs is None else self.grammar(params.structured_outputs)
+        if not params.limits_thinking:
+            return grammar
+        from jaxinfer.reasoning import ThinkingBudget, opens_thinking
 
-    def thinking(self, markers: tuple[str, str], prompt_token_ids: Sequence[int]):
-        """(start marker ids, end marker ids, whether the prompt opens the section) for a thinking
-        budget (`reasoning.ThinkingBudget`)."""
-        from jaxinfer.reasoning import opens_thinking
-
-        ids = [self.tokenizer.encode(m, add_special_tokens=False) for m in markers]
+        start_ids, end_ids = (self.tokenizer.encode(m, add_special_tokens=False) for m in params.reasoning_markers)
         tail = self.tokenizer.decode(list(prompt_token_ids[-16:]), skip_special_tokens=False)
-        return ids[0], ids[1], opens_thinking(tail, markers)
+        return ThinkingBudget(start_ids, end_ids, params.thinking_token_budget, params.min_thinking_tokens,
+                              opens_thinking(tail, params.reasoning_markers), grammar,
+                              () if params.ignore_eos else eos_token_ids)
 
     def grammar(self, spec: StructuredOutputsParams) -> Grammar:
         """A fresh grammar state for one sample of a request with `spec`."""

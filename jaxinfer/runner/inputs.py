@@ -75,6 +75,11 @@ class SamplingInput:
     num_logprobs: int = flax.struct.field(pytree_node=False, default=0)  # 0 or MAX_LOGPROBS
     bitmask: jax.Array | None = None  # [S, ceil(V / 32)] int32: allowed tokens (structured outputs), -1: all
 
+    @property
+    def largest_bucket_only(self) -> bool:
+        """Whether this input needs a sampler variant compiled for the largest bucket only."""
+        return self.penalties is not None or bool(self.num_logprobs) or self.bitmask is not None
+
 
 @dataclasses.dataclass
 class CachedRequest:

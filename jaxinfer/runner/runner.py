@@ -33,7 +33,6 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
-from jaxinfer.reasoning import ThinkingBudget
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
 from jaxinfer.runner.drafter import Drafter
 from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_bitmask,
@@ -56,11 +55,6 @@ logger = logging.getLogger(__name__)
 def _pad_rows(tree, pad: int):
     """Every array of `tree` padded with `pad` zero rows on its first axis (on the host)."""
     return jax.tree.map(lambda a: np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), tree)
-
-
-def _rare(si: SamplingInput) -> bool:
-    """Whether a sampler input needs one of the variants compiled for the largest bucket only."""
-    return si.penalties is not None or bool(si.num_logprobs) or si.bitmask is not None
 
 
 class Runner:
@@ -86,12 +80,14 @@ class Runner:
       draft_model: speculative method "draft": the loaded draft model (`speculative.draft.load_draft`);
         it runs every step's tokens into its own KV cache (the target's page tables) and, once a
         step's tokens are known, decodes k drafts from them (`draft_propose_step`).
+      grammars: the `structured_output.GrammarCompiler` that makes each sample's mask state
+        (structured outputs, thinking budgets); None: requests with either are refused.
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, runner_config: RunnerConfig,
                  *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model",
                  async_scheduling: bool = False, speculative: SpeculativeConfig | None = None,
-                 draft_head: DraftHead | None = None, draft_model: DraftModel | None = None):
+                 draft_head: DraftHead | None = None, draft_model: DraftModel | None = None, grammars=None):
         if layer_loop not in ("model", "per_layer"):
             raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
         self.config = config
@@ -102,7 +98,7 @@ class Runner:
         self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
         self.requests: dict[str, CachedRequest] = {}
-        self.grammars = None  # structured outputs: a `GrammarCompiler` (the engine sets it)
+        self.grammars = grammars
         self._in_flight: InFlightStep | None = None  # the last submitted step, until collected
         self.attention = AttentionSpec(backend=runner_config.attention_backend,
                                        max_prefill_seqs=runner_config.max_prefill_seqs, mesh=mesh)
@@ -162,7 +158,7 @@ class Runner:
     def _sample(self, rows, si: SamplingInput):
         S = rows.shape[0]
         pad_to = self.rc.seq_buckets[-1] if self.mesh is None else 0  # one token length for resolve_tokens
-        if self.mesh is None and _rare(si) and S < self.rc.seq_buckets[-1]:
+        if self.mesh is None and si.largest_bucket_only and S < self.rc.seq_buckets[-1]:
             # Penalties, logprobs and grammar masks are compiled for the largest sequence bucket only (start-up):
             # pad the rows, sample, cut the padding off.
             # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
@@ -173,7 +169,7 @@ class Runner:
     def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
         """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows)."""
         S = vi.num_drafts.shape[0]
-        if _rare(si) and S < self.rc.seq_buckets[-1]:  # as in _sample
+        if si.largest_bucket_only and S < self.rc.seq_buckets[-1]:  # as in _sample
             vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
         return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef), vi
 
@@ -199,15 +195,11 @@ class Runner:
         for new in out.new_requests:
             p = new.sampling_params
             grammar = None
-            if (p.structured_outputs is not None or p.limits_thinking) and self.grammars is None:
-                raise RuntimeError("a request with structured outputs or a thinking budget reached a runner without "
-                                   "a GrammarCompiler")
-            if p.structured_outputs is not None:
-                grammar = self.grammars.grammar(p.structured_outputs)  # (one per sample: each advances on its own)
-            if p.limits_thinking:
-                start_ids, end_ids, in_thinking = self.grammars.thinking(p.reasoning_markers, new.prompt_token_ids)
-                grammar = ThinkingBudget(start_ids, end_ids, p.thinking_token_budget, p.min_thinking_tokens,
-                                         in_thinking, grammar, () if p.ignore_eos else self.eos_token_ids)
+            if p.structured_outputs is not None or p.limits_thinking:
+                if self.grammars is None:
+                    raise RuntimeError("a request with structured outputs or a thinking budget reached a runner "
+                                       "without a GrammarCompiler")
+                grammar = self.grammars.constraint(p, new.prompt_token_ids, self.eos_token_ids)
             self.requests[new.request_id] = CachedRequest(new.request_id, list(new.prompt_token_ids),
                                                           len(new.prompt_token_ids), new.sampling_params, new.seed,
                                                           grammar=grammar)
