@@ -13,41 +13,22 @@ only maps routes to these calls.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from typing import Callable, Iterator
 
-from jaxinfer import openai_logprobs as logprobs_fmt
+from jaxinfer import openai_responses, tool_calls
+from jaxinfer import reasoning as reasoning_lib
 from jaxinfer.async_engine import AsyncEngine, EngineDeadError, PromptSpec, RequestStream
 from jaxinfer.errors import ChatTemplateError, InvalidRequestError, InvalidStructuredOutputError, PromptTooLongError
 from jaxinfer.metrics import ServerMetrics
 from jaxinfer.openai_errors import ApiError, error_body, parse_request  # noqa: F401 (re-exported)
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    CompletionTokensDetails,
-    Delta,
-    DeltaFunction,
-    DeltaToolCall,
-    PromptTokensDetails,
-    SelfConsistencyInfo,
-    Usage,
-)
-from jaxinfer import reasoning as reasoning_lib
-from jaxinfer import tool_calls
+from jaxinfer.protocol import ChatCompletionRequest, CompletionRequest
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.self_consistency import SelfConsistency
 from jaxinfer.structured_output import StructuredOutputsParams
-from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,7 +44,7 @@ class Prepared:
     request_id: str
     created: int
     tools: str | None = None  # chat with tools: "auto" (calls parsed from the text) or "required" (JSON)
-    reasoning: tuple | None = None  # chat with a reasoning parser: (markers, the prompt opens the section)
+    reasoning: reasoning_lib.ReasoningSpec | None = None  # chat with a reasoning parser
 
     @property
     def n(self) -> int:
@@ -257,14 +238,10 @@ class OpenAIServing:
         return Prepared("chat", req, [spec], [text], request_id, int(time.time()),
                         tools=None if mode == "none" else mode, reasoning=reasoning)
 
-    def _reasoning_tokens(self, prepared: Prepared, token_ids) -> int:
-        markers, in_thinking = prepared.reasoning
-        start, end = (self.tokenizer.encode(m, add_special_tokens=False) for m in markers)
-        return reasoning_lib.count_reasoning_tokens(list(token_ids), start, end, in_thinking)
-
-    def _reasoning(self, req: ChatCompletionRequest, prompt_text: str) -> tuple[tuple | None, dict]:
-        """((markers, whether the prompt opens a thinking section) or None, the SamplingParams
-        fields of a thinking budget)."""
+    def _reasoning(self, req: ChatCompletionRequest, prompt_text: str) -> tuple[reasoning_lib.ReasoningSpec | None,
+                                                                                dict]:
+        """(the request's thinking section (ReasoningSpec) or None, the SamplingParams fields of a
+        thinking budget)."""
         name = req.reasoning_parser or self.reasoning_parser
         if name is not None and name not in reasoning_lib.REASONING_PARSERS:
             raise ApiError(400, f"unknown reasoning parser {name!r}; choose one of "
@@ -281,7 +258,9 @@ class OpenAIServing:
             raise ApiError(400, f"min_thinking_tokens ({req.min_thinking_tokens}) is above thinking_token_budget "
                                 f"({budget})", param="min_thinking_tokens")
         markers = reasoning_lib.REASONING_PARSERS[name]
-        return (markers, reasoning_lib.opens_thinking(prompt_text, markers)), dict(
+        start_ids, end_ids = (self.tokenizer.encode(m, add_special_tokens=False) for m in markers)
+        opened = reasoning_lib.opens_thinking(prompt_text, markers)
+        return reasoning_lib.ReasoningSpec(markers, opened, start_ids, end_ids), dict(
             thinking_token_budget=budget, min_thinking_tokens=req.min_thinking_tokens, reasoning_markers=markers)
 
     def _tools(self, req: ChatCompletionRequest, structured_field: str | None):
@@ -322,7 +301,7 @@ class OpenAIServing:
 
     # ---- engine -> response -----------------------------------------------------------------------
 
-    def _wait(self, stream: RequestStream, disconnected: Callable[[], bool]) -> Iterator[RequestOutput]:
+    def wait(self, stream: RequestStream, disconnected: Callable[[], bool]) -> Iterator[RequestOutput]:
         """The stream's outputs; aborts the requests (freeing their pages) if the client goes away."""
         try:
             while not stream.done:
@@ -340,207 +319,8 @@ class OpenAIServing:
 
     def respond(self, prepared: Prepared, stream: RequestStream, disconnected: Callable[[], bool]) -> dict | None:
         """The whole response once every request finished (None if the client went away)."""
-        finals: dict[str, RequestOutput] = {}
-        try:
-            for out in self._wait(stream, disconnected):
-                if out.finished:
-                    finals[out.request_id] = out
-        except EngineDeadError as e:
-            raise ApiError(503, str(e), type="service_unavailable") from None
-        except Exception as e:
-            logger.exception("request %s failed in the engine", prepared.request_id)
-            raise ApiError(500, f"the engine failed while serving this request: {e}", type="server_error") from None
-        if not stream.done:
-            return None
-        outs = [finals[rid] for rid in stream.request_ids]
-        req, n = prepared.request, prepared.n
-        usage = _usage(outs)
-        if prepared.kind == "completion":
-            choices = []
-            for i, out in enumerate(outs):
-                echo = prepared.prompt_texts[i] if req.echo else ""
-                for c in out.outputs[:1] if out.self_consistency is not None else out.outputs:
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = logprobs_fmt.completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, len(echo))
-                        if req.echo:
-                            lp = logprobs_fmt.join(logprobs_fmt.prompt_logprobs(out, req.logprobs, self.tokenizer), lp)
-                    choices.append(CompletionChoice(index=i * n + c.index, text=echo + c.text, logprobs=lp,
-                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            resp = CompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                      choices=choices, usage=usage, self_consistency=_vote_info(outs[0]))
-        else:
-            k = req.top_logprobs or 0
-            choices = []
-            for c in outs[0].outputs[:1] if outs[0].self_consistency is not None else outs[0].outputs:
-                thought, content = None, c.text
-                if prepared.reasoning is not None:
-                    thought, content = reasoning_lib.split(c.text, prepared.reasoning[1], prepared.reasoning[0])
-                content, calls = _tool_output(prepared.tools, content) if content is not None else (None, None)
-                choices.append(ChatChoice(
-                    index=c.index, message=AssistantMessage(content=content, tool_calls=calls,
-                                                            reasoning_content=thought),
-                    logprobs=logprobs_fmt.chat_logprobs(c, k) if req.logprobs else None,
-                    finish_reason="tool_calls" if calls else c.finish_reason, stop_reason=c.stop_reason))
-            if prepared.reasoning is not None:
-                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
-                    self._reasoning_tokens(prepared, c.token_ids) for c in outs[0].outputs))
-                if self.metrics is not None:
-                    self.metrics.observe_reasoning(usage.completion_tokens_details.reasoning_tokens)
-            resp = ChatCompletionResponse(id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                          choices=choices, usage=usage, self_consistency=_vote_info(outs[0]))
-        return resp.model_dump(exclude_none=False)
+        return openai_responses.respond(self, prepared, stream, disconnected)
 
     def events(self, prepared: Prepared, stream: RequestStream, disconnected: Callable[[], bool]) -> Iterator[bytes]:
         """Server-sent events: one chunk per choice that moved, then usage (if asked) and [DONE]."""
-        req, n = prepared.request, prepared.n
-        base = {rid: i * n for i, rid in enumerate(stream.request_ids)}
-        sent_chars: dict[int, int] = {}  # text offset of each choice (its outputs are deltas)
-        finished: set[int] = set()
-        finals = []
-        chat = prepared.kind == "chat"
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-        def chunk(index: int, text: str, finish, stop_reason, logprobs) -> bytes:
-            if chat:
-                body = ChatCompletionChunk(
-                    id=prepared.request_id, created=prepared.created, model=self.model_name,
-                    choices=[ChatChunkChoice(index=index, delta=Delta(content=text) if text or not finish else Delta(),
-                                             logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)])
-            else:
-                body = CompletionResponse(
-                    id=prepared.request_id, created=prepared.created, model=self.model_name,
-                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
-                                              stop_reason=stop_reason)])
-            return _sse(body.model_dump_json(exclude_unset=False))
-
-        held: dict[int, tool_calls.AutoStream] = {}  # tools: each choice's text until its calls are known
-        thinkers: dict[int, reasoning_lib.ReasoningStream] = {}  # reasoning: each choice's split
-        ids_of: dict[int, list[int]] = {}  # reasoning: each choice's tokens (for the usage's reasoning tokens)
-
-        def tool_chunks(index: int, text: str, c, logprobs) -> Iterator[bytes]:
-            """A tool request's choice: its content streams (auto: up to a <tool_call>; required:
-            nothing, the output is the call's JSON); the calls go out in one delta at the end."""
-            holder = held.setdefault(index, tool_calls.AutoStream())
-            send = holder.feed(text) if prepared.tools == "auto" else (holder.feed_held(text) or "")
-            calls = None
-            if c.finish_reason:
-                if prepared.tools == "auto":
-                    rest, calls = holder.finish()
-                else:
-                    calls = tool_calls.parse_constrained(holder.text)
-                    rest = "" if calls else holder.text
-                send += rest
-            if send or logprobs is not None:
-                yield chunk(index, send, None, None, logprobs)
-            if calls:
-                delta = Delta(tool_calls=[DeltaToolCall(index=i, id=call["id"], type="function", function=DeltaFunction(
-                    name=call["function"]["name"], arguments=call["function"]["arguments"]))
-                    for i, call in enumerate(calls)])
-                yield _sse(ChatCompletionChunk(id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                               choices=[ChatChunkChoice(index=index, delta=delta)]).model_dump_json())
-            if c.finish_reason:
-                yield chunk(index, "", "tool_calls" if calls else c.finish_reason, c.stop_reason, None)
-
-        if chat:
-            for i in range(n):
-                first = ChatCompletionChunk(id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                            choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant",
-                                                                                          content=""))])
-                yield _sse(first.model_dump_json())
-        elif req.echo:
-            for i, text in enumerate(prepared.prompt_texts):
-                for j in range(n):
-                    sent_chars[i * n + j] = 0
-                    yield chunk(i * n + j, text, None, None, None)
-        try:
-            for out in self._wait(stream, disconnected):
-                if out.finished:
-                    finals.append(out)
-                for c in out.outputs:  # deltas (RequestOutputKind.DELTA): only what is new
-                    index = base[out.request_id] + c.index
-                    if index in finished:
-                        continue
-                    chars = sent_chars.get(index, 0)
-                    wants_logprobs = req.logprobs if chat else req.logprobs is not None
-                    moved = c.text or (wants_logprobs and c.token_ids)
-                    if not moved and c.finish_reason is None:
-                        continue
-                    logprobs = None
-                    if chat and wants_logprobs:
-                        logprobs = logprobs_fmt.chat_logprobs(c, req.top_logprobs or 0)
-                    elif wants_logprobs:
-                        logprobs = logprobs_fmt.completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, chars)
-                    sent_chars[index] = chars + len(c.text)
-                    if c.finish_reason:
-                        finished.add(index)
-                    text = c.text
-                    if chat and prepared.reasoning is not None:  # the thinking section first, as reasoning_content
-                        ids_of[index] = ids_of.get(index, []) + list(c.token_ids)
-                        splitter = thinkers.setdefault(index, reasoning_lib.ReasoningStream(
-                            prepared.reasoning[1], prepared.reasoning[0]))
-                        thought, text = splitter.feed(c.text, final=bool(c.finish_reason))
-                        if thought:
-                            yield _sse(ChatCompletionChunk(
-                                id=prepared.request_id, created=prepared.created, model=self.model_name,
-                                choices=[ChatChunkChoice(index=index, delta=Delta(reasoning_content=thought))]
-                            ).model_dump_json())
-                    if chat and prepared.tools:
-                        yield from tool_chunks(index, text, c, logprobs)
-                    elif text or c.finish_reason or logprobs is not None:
-                        yield chunk(index, text, c.finish_reason, c.stop_reason, logprobs)
-        except Exception as e:
-            status = "service_unavailable" if isinstance(e, EngineDeadError) else "server_error"
-            if not isinstance(e, EngineDeadError):
-                logger.exception("streamed request %s failed in the engine", prepared.request_id)
-            yield _sse(json.dumps(error_body(f"the engine stopped serving this request: {e}", status)))
-            yield b"data: [DONE]\n\n"
-            return
-        if not stream.done:  # the client went away: nothing more to say
-            return
-        reasoning_tokens = None
-        if chat and prepared.reasoning is not None:
-            reasoning_tokens = sum(self._reasoning_tokens(prepared, ids) for ids in ids_of.values())
-            if self.metrics is not None:
-                self.metrics.observe_reasoning(reasoning_tokens)
-        if include_usage:
-            outs = sorted(finals, key=lambda o: base[o.request_id])
-            cls = ChatCompletionChunk if chat else CompletionResponse
-            usage = _usage(outs)
-            if reasoning_tokens is not None:
-                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
-            yield _sse(cls(id=prepared.request_id, created=prepared.created, model=self.model_name, choices=[],
-                           usage=usage).model_dump_json())
-        yield b"data: [DONE]\n\n"
-
-
-def _vote_info(out: RequestOutput) -> SelfConsistencyInfo | None:
-    r = out.self_consistency
-    if r is None:
-        return None
-    return SelfConsistencyInfo(answer=r.answer, votes=r.votes, num_samples=r.num_samples, num_tokens=r.num_tokens,
-                               stopped_early=r.stopped_early)
-
-
-def _tool_output(mode: str | None, text: str) -> tuple[str | None, list[dict] | None]:
-    """(content, tool calls) of a chat choice's text under the request's tool mode."""
-    if mode == "required":
-        calls = tool_calls.parse_constrained(text)
-        return (None, calls) if calls else (text, None)
-    if mode == "auto":
-        return tool_calls.parse_auto(text)
-    return text, None
-
-
-def _sse(data: str) -> bytes:
-    return b"data: " + data.encode("utf-8") + b"\n\n"
-
-
-def _usage(outs: list[RequestOutput]) -> Usage:
-    """Token counts of finished requests (from their metrics: a streamed output is only a delta)."""
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(o.metrics.num_generation_tokens if o.metrics is not None else
-                     sum(len(c.token_ids) for c in o.outputs) for o in outs)
-    cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics is not None)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+        return openai_responses.events(self, prepared, stream, disconnected)

@@ -17,7 +17,7 @@ continued assistant message opened it) or when the output begins with it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,6 +25,16 @@ import numpy as np
 REASONING_PARSERS = {"think": ("<think>", "</think>"), "deepseek_r1": ("<think>", "</think>"),
                      "qwen3": ("<think>", "</think>")}
 DEFAULT_MARKERS = REASONING_PARSERS["think"]
+
+
+class ReasoningSpec(NamedTuple):
+    """A request's thinking section as the server splits its output: the markers (and their token
+    ids, to count reasoning tokens) and whether its prompt opened the section."""
+
+    markers: tuple[str, str]
+    in_thinking: bool
+    start_ids: list[int]
+    end_ids: list[int]
 
 
 def opens_thinking(prompt_text: str, markers: tuple[str, str] = DEFAULT_MARKERS) -> bool:
