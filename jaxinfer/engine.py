@@ -24,6 +24,8 @@ max_tokens and the context end are known in advance and waste nothing.
 A request with n > 1 samples becomes n sample requests with seeds seed, seed + 1, ... The first
 sample runs alone until its prompt is computed; the others are admitted then and find the prompt's
 full pages in the prefix cache, so the prompt is computed once and its pages are shared.
+A beam search of width W becomes W beam requests sharing one `beam_search.BeamSearch`; the
+scheduler forks them (see scheduler.py) and `update` reports the search when it ends.
 
 The engine is single-threaded; `jaxinfer.async_engine.AsyncEngine` runs it on a background thread.
 """
@@ -41,6 +43,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.beam_search import BeamSearch
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.config import ModelConfig
 from jaxinfer.data_parallel import DataParallelScheduler
@@ -61,7 +64,7 @@ from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.request import Request, RequestStatus
 from jaxinfer.runner import Runner, RunnerConfig
 from jaxinfer.runner.buckets import pow2_buckets
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.structured_output import GrammarCompiler
 from jaxinfer.tokenizer import Tokenizer
@@ -219,7 +222,8 @@ class LLMEngine:
                              draft_head=draft_head, draft_model=draft_model, grammars=self.grammars)
         self.output_processor = OutputProcessor(tokenizer)
         self.input_processor = InputProcessor(config.vocab_size, self.max_model_len, config.max_position_embeddings,
-                                              self.grammars)
+                                              self.grammars, max_num_seqs=sched.max_num_seqs,
+                                              eos_token_ids=tokenizer.eos_token_ids)
         self._samples: dict[str, list[str]] = {}  # request id -> its samples' scheduler ids
         self._holding: dict[str, list[Request]] = {}  # n > 1: samples waiting for sample 0's prompt
         self._stopped: list[str] = []  # samples a stop string ended: aborted in the core at the next step
@@ -259,15 +263,35 @@ class LLMEngine:
         core_params = params  # best_of ranks samples by their tokens' log-probabilities: the sampler returns them
         if k > params.n and params.logprobs is None:
             core_params = dataclasses.replace(params, logprobs=0)
+        search = None
+        if params.use_beam_search:  # every beam's top candidates come back as its logprobs
+            search = self._beam_search(request_id, sample_ids, ids, params)
+            core_params = dataclasses.replace(params, logprobs=MAX_LOGPROBS)
         samples = [Request(sid, ids, core_params, priority=priority, arrival_time=arrival, seed=seed + i,
                            parent_id=request_id, sample_index=i) for i, sid in enumerate(sample_ids)]
         self.output_processor.add_request(request_id, prompt_text, ids, params, sample_ids, arrival)
         self._samples[request_id] = sample_ids
-        self.scheduler.add_request(samples[0])
-        if samples[1:]:
-            self._holding[request_id] = samples[1:]
+        if search is not None:  # the first beam computes the prompt, the search forks the others
+            for sample in samples:
+                sample.beam = search
+                self.scheduler.add_request(sample)
+        else:
+            self.scheduler.add_request(samples[0])
+            if samples[1:]:
+                self._holding[request_id] = samples[1:]
         self.counters["prompt_tokens"] += len(ids)
         return request_id
+
+    def _beam_search(self, request_id: str, beam_ids: list[str], prompt: list[int], params: SamplingParams):
+        """A request's BeamSearch (its width was checked by the input processor)."""
+        if jax.process_count() > 1:
+            raise InvalidRequestError("beam search runs in one process: use sampling (n, best_of) on a multi-host "
+                                      "engine")
+        stops = self.input_processor.stop_token_ids(params)
+        return BeamSearch(request_id, beam_ids, length_penalty=params.length_penalty,
+                          early_stopping=params.early_stopping,
+                          max_new_tokens=min(params.max_tokens, self.max_model_len - len(prompt)),
+                          stop_token_ids=stops, user_stop_token_ids=params.stop_token_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request (all its samples) and frees its pages.
@@ -311,7 +335,7 @@ class LLMEngine:
             result = self.runner.execute(out)  # async: dispatches `out`, returns the step before it (or None)
         if result is None:
             return []  # (the first step of a run is in flight: nothing to report yet)
-        update = self.scheduler.update(result.out, result.token_ids, result.draft_token_ids)
+        update = self.scheduler.update(result.out, result.token_ids, result.draft_token_ids, result.candidates)
         processed = self.output_processor.process(update, result)
         self._account(result.out, result, processed, start)
         return processed.outputs

@@ -14,7 +14,15 @@ class JaxinferError(Exception):
 
 
 class InvalidRequestError(JaxinferError, ValueError):
-    """A request (prompt or sampling parameters) that cannot be served as given."""
+    """A request (prompt or sampling parameters) that cannot be served as given.
+
+    Attributes:
+      param: the request field at fault, where one is (the server's 400 names it), else None.
+    """
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class EmptyPromptError(InvalidRequestError):

@@ -8,7 +8,8 @@ engine; the layers inside trust what passed.
 Checks: the prompt is a non-empty list of ints inside the vocabulary and shorter than the context;
 the sampling parameters are a `SamplingParams` (which checks its own ranges when built; stop token
 ids past the vocabulary are allowed and never match) whose structured-output spec, if any, compiles
-against this model's vocabulary (`GrammarCompiler`). Pure and thread-safe: the server validates in the request's
+against this model's vocabulary (`GrammarCompiler`), and whose beam width, if any, fits the engine
+(`max_beam_width`). Pure and thread-safe: the server validates in the request's
 thread, so a bad request never reaches the engine thread.
 """
 
@@ -18,7 +19,7 @@ import dataclasses
 from typing import Sequence
 
 from jaxinfer.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +41,14 @@ class InputProcessor:
       max_position_embeddings: the model's own limit (named in the error, as what the context can
         be raised to).
       grammars: compiles structured-output specs for this model (None: a request with one is refused).
+      max_num_seqs, eos_token_ids: the engine's batch limit and end-of-sequence tokens (beam search).
     """
 
     def __init__(self, vocab_size: int, max_model_len: int, max_position_embeddings: int | None = None,
-                 grammars=None):
+                 grammars=None, *, max_num_seqs: int | None = None, eos_token_ids: Sequence[int] = ()):
         self.grammars = grammars
+        self.max_num_seqs = max_num_seqs
+        self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_position_embeddings = max_position_embeddings or max_model_len
@@ -75,7 +79,27 @@ class InputProcessor:
             if self.grammars is None:
                 raise InvalidRequestError("structured outputs need the model's tokenizer; this engine has none")
             self.grammars.compile(params.structured_outputs)
+        if params.use_beam_search and params.beam_width > (limit := self.max_beam_width(params)):
+            raise InvalidRequestError(
+                f"beam_width={params.beam_width} is over this engine's maximum of {limit}: a request's beams run in "
+                f"one batch (max_num_seqs={self.max_num_seqs}) and each beam returns its top "
+                f"{self.candidates_per_beam(params)} x beam_width candidates, at most {MAX_LOGPROBS}; lower "
+                "beam_width (or raise max_num_seqs)", "beam_width")
         return params
+
+    def stop_token_ids(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a sequence of `params`: its stop_token_ids and, unless ignored, EOS."""
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+
+    def candidates_per_beam(self, params: SamplingParams) -> int:
+        """Beam search keeps max(2, 1 + stop tokens) x beam_width candidates a step (HF's rule)."""
+        return max(2, 1 + len(self.stop_token_ids(params)))
+
+    def max_beam_width(self, params: SamplingParams) -> int:
+        """The widest beam search this engine runs for `params`: its beams fit one batch, and every
+        candidate comes from one beam's top MAX_LOGPROBS."""
+        limit = MAX_LOGPROBS // self.candidates_per_beam(params)
+        return limit if self.max_num_seqs is None else min(self.max_num_seqs, limit)
 
     def process(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                 where: str = "prompt") -> ProcessedPrompt:

@@ -154,6 +154,22 @@ class LLM:
                 bar.close()
         return [finished[rid] for rid in ids]
 
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], *, beam_width: int = 4, max_tokens: int = 16,
+                    length_penalty: float = 1.0, early_stopping: bool | str = False, n: int | None = None,
+                    ignore_eos: bool = False, stop_token_ids: Sequence[int] | None = None,
+                    logprobs: int | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Beam search over each prompt (HF transformers' scores and stopping: `jaxinfer.beam_search`);
+        all prompts run together, each prompt's beams sharing its pages.
+
+        Returns one RequestOutput per prompt whose outputs are its `n` best beams (default: all
+        beam_width), best first, each with its text, token ids and `cumulative_logprob`.
+        """
+        params = SamplingParams(use_beam_search=True, beam_width=beam_width, n=beam_width if n is None else n,
+                                temperature=0.0, max_tokens=max_tokens, length_penalty=length_penalty,
+                                early_stopping=early_stopping, ignore_eos=ignore_eos, stop_token_ids=stop_token_ids,
+                                logprobs=logprobs)
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields the request's output as it grows; the last has `finished`. Each output carries
         everything so far, or, with `SamplingParams(output_kind=RequestOutputKind.DELTA)`, only

@@ -130,9 +130,10 @@ class ServerMetrics:
         self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "arrival to first scheduled", labels,
                                     buckets=TTFT_BUCKETS, registry=self.registry)
         # What inference-time techniques cost: tokens generated for several samples of one prompt
-        # (n > 1, best_of), for self-consistency's votes, inside thinking sections; and the votes.
+        # (n > 1, best_of), for self-consistency's votes, by beam search's beams, inside thinking
+        # sections; and the votes.
         self.technique_tokens = Counter(f"{PREFIX}_technique_tokens", "generated tokens by technique "
-                                        "(samples: n > 1 or best_of; self_consistency; reasoning)",
+                                        "(samples: n > 1 or best_of; self_consistency; beams; reasoning)",
                                         ["model_name", "technique"], registry=self.registry)
         self.votes = Counter(f"{PREFIX}_self_consistency_samples", "self-consistency samples, by whether they "
                              "voted or were stopped once the vote was decided", ["model_name", "outcome"],
@@ -158,6 +159,8 @@ class ServerMetrics:
             self.technique_tokens.labels(name, "self_consistency").inc(vote.num_tokens)
             self.votes.labels(name, "voted").inc(vote.num_samples)
             self.votes.labels(name, "stopped").inc(vote.num_stopped)
+        elif m.num_beam_tokens:  # every beam's token of every step
+            self.technique_tokens.labels(name, "beams").inc(m.num_beam_tokens)
         elif len(out.outputs) > 1 or any(c.cumulative_logprob is not None for c in out.outputs):
             self.technique_tokens.labels(name, "samples").inc(m.num_generation_tokens)
         for hist, value in ((self.ttft, m.time_to_first_token), (self.tpot, m.time_per_output_token),

@@ -106,7 +106,7 @@ class OpenAIServing:
         except InvalidStructuredOutputError as e:
             raise ApiError(400, str(e), param=structured_field) from None
         except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=e.param) from None
 
     def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                          structured: StructuredOutputsParams | None = None, **extra):
@@ -118,9 +118,16 @@ class OpenAIServing:
                 extra["self_consistency"] = SelfConsistency(**req.self_consistency.model_dump())
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), param="self_consistency") from None
+        temperature = req.temperature
+        if req.use_beam_search:  # (the beam-search fields are refused by SamplingParams without it)
+            extra.update(use_beam_search=True, beam_width=req.beam_width or max(req.n, 4))
+            if "temperature" not in req.model_fields_set:
+                temperature = 0.0
+        if req.use_beam_search or req.length_penalty != 1.0 or req.early_stopping is not False:
+            extra.update(length_penalty=req.length_penalty, early_stopping=req.early_stopping)
         try:
             return SamplingParams(
-                n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=req.temperature,
+                n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=temperature,
                 top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=req.stop, stop_token_ids=req.stop_token_ids,
@@ -128,7 +135,7 @@ class OpenAIServing:
                 # streamed: each output carries only what is new; else one output at the end
                 output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY, **extra)
         except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=e.param) from None
 
     def _max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str, where: str) -> int:
         room = self.max_model_len - prompt_len
@@ -297,7 +304,7 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise ApiError(503, str(e), type="service_unavailable") from None
         except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=e.param) from None
 
     # ---- engine -> response -----------------------------------------------------------------------
 

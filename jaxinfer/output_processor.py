@@ -2,7 +2,8 @@
 
     SchedulerUpdate (new token ids, finish status per sample)  +  StepResult (logprobs)
       -> detokenize (IncrementalDetokenizer), stop strings (-> the sample ends now; the core aborts
-         it at its next step), logprob dicts, n > 1 fan-in (samples -> one RequestOutput),
+         it at its next step), logprob dicts, n > 1 fan-in (samples -> one RequestOutput), beam
+         search's ranked beams (`SchedulerUpdate.beams`: the n best become the outputs),
          metrics -> RequestOutputs of the kind each request asked for (`RequestOutputKind`):
 
     CUMULATIVE  every output carries everything so far (the pre-v2 behaviour; O(n) per step)
@@ -85,15 +86,18 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     sample_ids: list[str], arrival_time: float) -> None:
+        """sample_ids: the core's ids of the request's samples (or beams: then the outputs are the n
+        best beams, filled in when the search ends)."""
+        num = params.n if params.use_beam_search else len(sample_ids)
         samples = [_Sample(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
                                                      skip_special_tokens=params.skip_special_tokens, stop=params.stop),
-                           logprobs=[] if params.logprobs is not None else None) for i in range(len(sample_ids))]
+                           logprobs=[] if params.logprobs is not None else None) for i in range(num)]
         state = _RequestState(request_id, prompt, prompt_token_ids, params, samples, list(sample_ids),
                               RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids)),
                               prompt_logprobs={} if params.prompt_logprobs is not None else None)
         self._states[request_id] = state
-        for sid, sample in zip(sample_ids, samples):
-            self._owner[sid] = (state, sample)
+        for i, sid in enumerate(sample_ids):  # (a beam is no output of its own: None)
+            self._owner[sid] = (state, None if params.use_beam_search else samples[i])
 
     def process(self, update: SchedulerUpdate, result) -> ProcessedStep:
         """result: the runner's StepResult (logprobs, prompt logprobs, when the step started)."""
@@ -114,13 +118,13 @@ class OutputProcessor:
             m = state.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = result.start_time
-            if sample.index == 0 and u.num_cached_tokens > 0:
+            if (sample is None or sample.index == 0) and u.num_cached_tokens > 0:
                 m.num_cached_tokens = u.num_cached_tokens
             if u.num_draft_tokens:
                 m.num_drafts += 1
                 m.num_draft_tokens += u.num_draft_tokens
                 m.num_accepted_tokens += u.num_accepted_tokens
-            if sample.finished or not (u.new_token_ids or u.finished):
+            if sample is None or sample.finished or not (u.new_token_ids or u.finished):
                 continue
             touched[state.request_id] = state
             for i, token_id in enumerate(u.new_token_ids):
@@ -144,6 +148,12 @@ class OutputProcessor:
             if u.finished and not sample.finished:
                 sample.finish_reason, sample.stop_reason = u.status.value, u.stop_reason
                 sample.detok.flush()
+        for request_id, search in update.beams.items():
+            state = self._states.get(request_id)
+            if state is not None:
+                self._finish_beams(state, search, now)
+                touched[request_id] = state
+                step.num_new_tokens += search.num_beam_tokens
         for state in touched.values():
             if state.params.self_consistency is not None and not state.finished:
                 self._vote(state, step)
@@ -168,6 +178,26 @@ class OutputProcessor:
         state.metrics.finished_time = time.monotonic()
         self._retire(state)
         return self._output(state)
+
+    def _finish_beams(self, state: _RequestState, search, now: float) -> None:
+        """A beam search ended: its n best beams become the request's outputs, best first."""
+        m = state.metrics
+        m.first_token_time = m.first_token_time or now
+        m.last_token_time = now
+        m.num_beam_tokens = search.num_beam_tokens
+        for sample, hyp in zip(state.samples, search.hypotheses):
+            for token_id, lp in zip(hyp.token_ids, hyp.logprobs):
+                sample.token_ids.append(token_id)
+                sample.detok.add_token(token_id)  # (no stop strings: beam search refuses them)
+                if sample.logprobs is not None:
+                    sample.logprobs.append(self._logprob_dict(token_id, lp, None))
+            sample.cumulative_logprob = hyp.cumulative_logprob
+            sample.finish_reason, sample.stop_reason = hyp.finish_reason, hyp.stop_reason
+            sample.detok.flush()
+            m.num_generation_tokens += len(hyp.token_ids)
+        for sample in state.samples:  # (a search returns beam_width >= n beams: none is left over)
+            if not sample.finished:
+                sample.finish_reason = "length"
 
     def _votes(self, state: _RequestState) -> tuple[list[_Sample], dict[str, float]]:
         """(the samples that voted, the votes) of a self-consistency request."""
@@ -241,7 +271,8 @@ class OutputProcessor:
                     index=index, text=s.detok.visible_text(s.finished), token_ids=list(s.token_ids),
                     finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                     logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                    cumulative_logprob=s.cumulative_logprob if len(state.samples) > state.params.n else None))
+                    cumulative_logprob=s.cumulative_logprob if len(state.sample_ids) > state.params.n
+                    or state.params.use_beam_search else None))
         prompt_lps = None
         if state.prompt_logprobs is not None and not (delta and state.prompt_logprobs_sent):
             prompt_lps = [None] + [state.prompt_logprobs.get(p) for p in range(1, len(state.prompt_token_ids))]

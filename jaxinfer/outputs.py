@@ -37,6 +37,7 @@ class RequestMetrics:
     num_drafts: int = 0  # speculative decoding: decode steps that verified drafts
     num_draft_tokens: int = 0  # drafts verified
     num_accepted_tokens: int = 0  # drafts accepted
+    num_beam_tokens: int = 0  # beam search: tokens its beams computed (all beam_width of them, every step)
 
     @property
     def mean_accepted_length(self) -> float | None:

@@ -116,6 +116,12 @@ class _SamplingRequest(_Strict):
         | None = Field(None, description="the output is one of these strings")
     guided_grammar: str | None = Field(None, min_length=1, description="a Lark or GBNF grammar the output follows")
     self_consistency: SelfConsistencySpec | None = None
+    # Beam search (vLLM's extra): the n best of beam_width beams; temperature 0 unless given
+    use_beam_search: bool = False
+    beam_width: int | None = Field(None, ge=1, le=MAX_N, description="beams kept each step (default: max(n, 4))")
+    length_penalty: float = Field(1.0, ge=-10, le=10, description="a finished beam's score is its log-probability "
+                                                                  "/ length ** length_penalty")
+    early_stopping: bool | Literal["never"] = Field(False, description="HF's beam-search stopping rule")
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]

@@ -66,6 +66,17 @@ class Request:
         self.num_accepted_tokens = 0  # of which accepted
         # The sampling seed: the params' seed, else one the engine draws.
         self.seed = seed if seed is not None else (sampling_params.seed or 0)
+        self.beam = None  # beam search: the request's `beam_search.BeamSearch`, shared by its beams
+
+    @property
+    def dormant(self) -> bool:
+        """A beam the search has not forked yet (it waits outside the queue, holding nothing)."""
+        return self.beam is not None and not self.was_admitted and self.request_id != self.beam.root_id
+
+    def set_output(self, output_token_ids: Sequence[int]) -> None:
+        """Replaces the generated tokens (beam search: a beam becomes a fork of another)."""
+        self.output_token_ids = list(output_token_ids)
+        self._all_token_ids = self.prompt_token_ids + self.output_token_ids
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -94,10 +94,14 @@ class SamplingParams:
     min_thinking_tokens: int = 0
     reasoning_markers: tuple[str, str] = ("<think>", "</think>")
     self_consistency: SelfConsistency | None = None
+    use_beam_search: bool = False
+    beam_width: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self):
-        def bad(msg):
-            raise InvalidSamplingParamsError(msg)
+        def bad(msg, param=None):
+            raise InvalidSamplingParamsError(msg, param)
 
         def is_int(x):
             return isinstance(x, int) and not isinstance(x, bool)
@@ -164,7 +168,7 @@ class SamplingParams:
                 bad("self_consistency returns one voted answer: leave n at 1 and best_of out")
             if self.output_kind is RequestOutputKind.DELTA:
                 bad("self_consistency votes once its samples finish: it does not stream")
-        if self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA:
+        if self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA and not self.use_beam_search:
             bad(f"best_of={self.best_of} > n={self.n} picks the best samples once they finish: it does not stream "
                 "(leave best_of out, or do not stream)")
         object.__setattr__(self, "structured_outputs", to_params(self.structured_outputs))
@@ -179,10 +183,46 @@ class SamplingParams:
         if len(markers) != 2 or not all(isinstance(m, str) and m for m in markers) or markers[0] == markers[1]:
             bad(f"reasoning_markers must be two different non-empty strings, got {self.reasoning_markers!r}")
         object.__setattr__(self, "reasoning_markers", markers)
+        self._check_beam_search(bad, is_int, is_num)
+
+    def _check_beam_search(self, bad, is_int, is_num) -> None:
+        if not isinstance(self.use_beam_search, bool):
+            bad(f"use_beam_search must be true or false, got {self.use_beam_search!r}", "use_beam_search")
+        if not is_num(self.length_penalty):
+            bad(f"length_penalty must be a finite number, got {self.length_penalty!r}", "length_penalty")
+        if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
+                not isinstance(self.early_stopping, bool):
+            bad(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}", "early_stopping")
+        if not self.use_beam_search:
+            if self.length_penalty != 1.0 or self.early_stopping is not False:
+                bad("length_penalty and early_stopping apply to beam search: set use_beam_search=True or leave "
+                    "them out", "use_beam_search")
+            return
+        if not is_int(self.beam_width) or self.beam_width < 1:
+            bad(f"beam_width must be an integer >= 1, got {self.beam_width!r}", "beam_width")
+        if self.n > self.beam_width:
+            bad(f"beam search returns at most beam_width={self.beam_width} sequences: n={self.n} is too many "
+                "(raise beam_width or lower n)", "n")
+        if self.temperature != 0:
+            bad(f"beam search picks the most likely sequences: set temperature=0 (got {self.temperature!r})",
+                "temperature")
+        conflicts = [name for name, on in (
+            ("best_of", self.best_of is not None), ("self_consistency", self.self_consistency is not None),
+            ("structured_outputs", self.structured_outputs is not None), ("stop", bool(self.stop)),
+            ("min_tokens", self.min_tokens > 0), ("repetition/presence/frequency penalties", self.needs_penalties),
+            ("thinking_token_budget / min_thinking_tokens", self.limits_thinking),
+            ("prompt_logprobs", self.prompt_logprobs is not None)) if on]
+        if conflicts:
+            bad(f"beam search does not combine with {', '.join(conflicts)}: leave them out or use sampling",
+                "use_beam_search")
+        if self.output_kind is RequestOutputKind.DELTA:
+            bad("beam search ranks its beams once they finish: it does not stream", "stream")
 
     @property
     def num_samples(self) -> int:
-        """Samples drawn for the request: self-consistency's max_samples, best_of, else n."""
+        """Samples drawn for the request: beam_width beams, self-consistency's max_samples, best_of, else n."""
+        if self.use_beam_search:
+            return self.beam_width
         if self.self_consistency is not None:
             return self.self_consistency.max_samples
         return self.best_of if self.best_of is not None else self.n

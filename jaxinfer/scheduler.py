@@ -16,6 +16,15 @@ A chunk counts as computed when it is scheduled, and a chunk that samples leaves
 token, so step N + 1 can be scheduled before step N's tokens are back (async scheduling): a
 running decode is scheduled on its pending token (the runner feeds it from the device), and
 `update` later fills the token in, or ends the request (then step N + 1's work on it is dropped).
+
+Beam search (`jaxinfer.beam_search`): a request's W beams are W requests. Its first beam computes
+the prompt; the others wait outside the queue (dormant) until the search forks them. A beam's step
+returns candidates, not a token: `update` hands them to the request's `BeamSearch`, and once every
+running beam reported, the search picks the W continuations and each beam becomes a fork of its
+parent (`KVCacheManager.fork`: shared pages, the last partial page copied on the device,
+`SchedulerOutput.page_copies`; its tokens in `SchedulerOutput.beam_forks`). A request in beam
+search holds W sequence slots from its admission, so its forks always find room; a beam with a
+step in flight is not scheduled again (async scheduling) until its candidates are back.
 """
 
 from __future__ import annotations
@@ -83,6 +92,14 @@ class Scheduler:
         self.spec_counts = dict(spec_num_drafts=0, spec_num_draft_tokens=0, spec_num_accepted_tokens=0)
         self.spec_proposed_by_position, self.spec_accepted_by_position = [0] * k, [0] * k
         self._finished_ids: list[str] = []  # ended since the last schedule (told to the runner)
+        # beam search, since the last schedule: forked beams new to the runner, forks, page copies
+        self._forked_new: list[NewRequestData] = []
+        self._forks: list[tuple[tuple[str, str, int], ...]] = []
+        self._page_copies: list[tuple[int, int]] = []
+        self._beam_results: dict = {}  # finished searches, reported by the next update
+        self.num_beam_forks = 0  # forks that kept their pages
+        self.num_beam_page_copies = 0  # partial pages copied for them
+        self.num_beam_shared_pages = 0  # pages a fork shares with its parent instead of recomputing
 
     # ---- queue --------------------------------------------------------------------------------
 
@@ -95,6 +112,8 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        if request.dormant:
+            return  # a beam waits for its fork (`_fork_beams`), not for admission
         bisect.insort(self.waiting, request, key=self._queue_key)
 
     def has_unfinished_requests(self) -> bool:
@@ -125,6 +144,18 @@ class Scheduler:
         del self.requests[request.request_id]
         if request.was_admitted:
             self._finished_ids.append(request.request_id)
+        if request.beam is not None:  # a fork the runner has not heard of yet: it never will
+            self._forked_new = [n for n in self._forked_new if n.request_id != request.request_id]
+
+    def _num_seq_slots(self) -> int:
+        """Sequence slots held by the running requests: one each, a beam search W (all its beams)."""
+        searches = {id(r.beam): r.beam.width for r in self.running if r.beam is not None}
+        return sum(r.beam is None for r in self.running) + sum(searches.values())
+
+    def _slots_needed(self, request: Request) -> int:
+        if request.beam is None:
+            return 1
+        return 0 if any(r.beam is request.beam for r in self.running) else request.beam.width
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -162,7 +193,7 @@ class Scheduler:
                 continue
             prefills += n > 1 and not drafts
             while self.kv.allocate_slots(request, n + self._lookahead(request.num_computed_tokens + n)) is None:
-                victim = self.running[-1]
+                victim = self._idle_beam(i + 1) or self.running[-1]  # (the ones before it keep their places)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -174,32 +205,61 @@ class Scheduler:
                 continue
             break  # the request itself was preempted: no pages left for anyone after it
 
-        # Then admit waiting requests while budget, sequence slots and pages last.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            request = self.waiting[0]
+        # Then admit waiting requests while budget, sequence slots and pages last. A beam that
+        # reported before it was preempted is parked: the search has its candidates already.
+        parked = 0
+        while len(self.waiting) > parked and budget > 0 and not preempted:
+            request = self.waiting[parked]
+            if request.beam is not None and request.request_id in request.beam.reports:
+                parked += 1
+                continue
+            if self._num_seq_slots() + self._slots_needed(request) > self.config.max_num_seqs:
+                break
             if request.num_tokens > 1 and prefills >= self.config.max_prefill_seqs:
                 break  # (checked before the prefix-cache lookup, which hashes the prompt)
             hits, num_cached = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens + request.num_pending_tokens - num_cached, budget)
-            if self.kv.allocate_slots(request, n + self._lookahead(num_cached + n), hits) is None:
-                break
-            prefills += n > 1
-            self.waiting.pop(0)
-            request.num_computed_tokens = num_cached
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            if not request.was_admitted:
-                request.was_admitted = True
-                new.append(NewRequestData(request.request_id, tuple(request.prompt_token_ids),
-                                          request.sampling_params, request.seed))
-            chunks.append(self._chunk(request, num_cached, n))
-            budget -= n
+            while self.kv.allocate_slots(request, n + self._lookahead(num_cached + n), hits) is None:
+                victim = self._idle_beam()  # a beam waiting for its search holds pages nobody uses now
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            else:
+                self._admit(request, num_cached, n, new, chunks)
+                prefills += n > 1
+                budget -= n
+                continue
+            break
 
         finished, self._finished_ids = tuple(self._finished_ids), []
+        new = self._forked_new + new
+        forks, copies = tuple(self._forks), tuple(self._page_copies)
+        self._forked_new, self._forks, self._page_copies = [], [], []
         return SchedulerOutput(chunks=tuple(chunks), num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
-                               preempted_ids=tuple(preempted), new_requests=tuple(new), finished_ids=finished)
+                               preempted_ids=tuple(preempted), new_requests=tuple(new), finished_ids=finished,
+                               beam_forks=forks, page_copies=copies)
+
+    def _admit(self, request: Request, num_cached: int, n: int, new: list, chunks: list) -> None:
+        self.waiting.remove(request)
+        request.num_computed_tokens = num_cached
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        if not request.was_admitted:
+            request.was_admitted = True
+            new.append(NewRequestData(request.request_id, tuple(request.prompt_token_ids),
+                                      request.sampling_params, request.seed))
+        chunks.append(self._chunk(request, num_cached, n))
+
+    def _idle_beam(self, start: int = 0) -> Request | None:
+        """The most recently admitted running beam (from running[start] on) that waits for its search
+        (its candidates are in)."""
+        for request in reversed(self.running[start:]):
+            if request.beam is not None and request.request_id in request.beam.reports:
+                return request
+        return None
 
     def _lookahead(self, end: int) -> int:
         """Slots to reserve past position `end` (`SchedulerConfig.num_lookahead_tokens`), within the context."""
@@ -223,7 +283,7 @@ class Scheduler:
         """The drafts a decode verifies this step: its proposed tokens, cut so the step's tokens stay
         within max_tokens, the context and the token budget."""
         spec = self.config.speculative
-        if not request.spec_token_ids:
+        if not request.spec_token_ids or request.beam is not None:
             return ()
         if (spec.min_acceptance > 0 and request.num_draft_tokens >= spec.probe_drafts
                 and request.num_accepted_tokens < spec.min_acceptance * request.num_draft_tokens):
@@ -236,6 +296,8 @@ class Scheduler:
         """Tokens a running request has left to compute (its pending one included), or 0 when a
         step already in flight samples its last token (max_tokens or the context end)."""
         pending = request.num_pending_tokens
+        if pending and request.beam is not None:
+            return 0  # its candidates are not back: the search has not picked its next token yet
         if pending and (len(request.output_token_ids) + pending >= request.sampling_params.max_tokens
                         or request.num_tokens + pending >= self.config.max_model_len):
             return 0
@@ -254,7 +316,8 @@ class Scheduler:
                               new_block_ids=new_pages, samples=samples, draft_token_ids=drafts)
 
     def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
-               drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerUpdate:
+               drafts: Mapping[str, Sequence[int]] | None = None,
+               candidates: Mapping[str, Sequence[tuple[int, float]]] | None = None) -> SchedulerUpdate:
         """Applies a step's results: appends the sampled tokens (a request preempted since the step
         was scheduled keeps its token), finishes the requests they stop.
 
@@ -263,9 +326,11 @@ class Scheduler:
           sampled: request id -> the tokens it sampled (one for a chunk with `samples` set; with
             drafts, the accepted ones and the target's next token).
           drafts: request id -> the tokens proposed for its next step (speculative decoding).
+          candidates: request id -> its top (token, log-probability) pairs (beam search's beams).
 
         Returns:
-          Per request that ran: its new tokens and its status (finished ones already freed).
+          Per request that ran: its new tokens and its status (finished ones already freed), and
+          the beam searches that ended (`SchedulerUpdate.beams`).
         """
         updates = []
         for chunk in output.chunks:
@@ -273,6 +338,11 @@ class Scheduler:
             if request is None:
                 continue  # finished or aborted since it was scheduled: its results are dropped
             new_tokens, status, drafted, accepted = [], None, 0, 0
+            if chunk.samples and request.beam is not None:  # candidates, not a token: the search picks
+                self._beam_report(request, chunk, (candidates or {}).get(chunk.request_id))
+                updates.append(RequestUpdate(request.request_id, [], request.status, None,
+                                             max(0, request.num_cached_tokens)))
+                continue
             if chunk.samples:
                 request.num_pending_tokens -= 1
                 tokens = sampled.get(chunk.request_id)
@@ -293,7 +363,84 @@ class Scheduler:
                     request.spec_token_ids = list((drafts or {}).get(chunk.request_id, ()))
             updates.append(RequestUpdate(request.request_id, new_tokens, request.status, request.stop_reason,
                                          max(0, request.num_cached_tokens), drafted, accepted))
-        return SchedulerUpdate(updates)
+        beams, self._beam_results = self._beam_results, {}
+        return SchedulerUpdate(updates, beams)
+
+    # ---- beam search --------------------------------------------------------------------------
+
+    def _beam_report(self, request: Request, chunk: ScheduledChunk, top) -> None:
+        """A beam's step came back with its candidates. A step that a fork overtook (the beam was
+        recomputing when the search moved on) reports for tokens it no longer has: dropped."""
+        search = request.beam
+        request.num_pending_tokens = max(0, request.num_pending_tokens - 1)
+        current = (chunk.start_pos + chunk.num_tokens == request.num_prompt_tokens + search.length
+                   and request.request_id in search.running_ids)
+        if not top:  # nothing came back: compute the last position again next step
+            if current:
+                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            return
+        if current:
+            search.report(request.request_id, top)
+            if search.ready:
+                self._beam_step(search)
+
+    def _beam_step(self, search) -> None:
+        """Every running beam of `search` reported: pick the next beams, fork them, or finish."""
+        forks, done = search.select()
+        beams = [self.requests[rid] for rid in search.beam_ids if rid in self.requests]
+        if done:
+            for beam in beams:
+                self._finish(beam, RequestStatus.FINISHED_STOPPED)
+            self._beam_results[search.request_id] = search.result()
+            return
+        self._fork_beams(forks)
+
+    def _fork_beams(self, forks: list[tuple[str, str, int]]) -> None:
+        """Each child beam becomes its parent's tokens plus its token. Children of a parent whose KV is
+        all in its pages take the pages (`KVCacheManager.fork`); the others (a parent preempted since
+        it reported, or no pages for the copies) recompute, like a preempted request."""
+        parents = {p: self.requests[p] for _, p, _ in forks}
+        tokens = {p: list(r.output_token_ids) for p, r in parents.items()}
+        paged = {p for p, r in parents.items()
+                 if r.status == RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens}
+        computed = {p: parents[p].num_computed_tokens for p in paged}
+        keep = [(c, p, computed[p]) for c, p, _ in forks if p in paged]
+        copies = self.kv.fork(keep) if keep else []
+        if copies is None:
+            keep, paged = [], set()
+        else:
+            self._page_copies += copies
+            self.num_beam_page_copies += len(copies)
+            self.num_beam_forks += len(keep)
+            self.num_beam_shared_pages += sum(n // self.kv.page_size for _, _, n in keep)
+        kept = {c for c, _, _ in keep}
+        for child_id, _, _ in forks:  # (before their tokens change: free registers full pages by them)
+            if child_id not in kept:
+                self.kv.free(self.requests[child_id])
+        for child_id, parent_id, token in forks:
+            child = self.requests[child_id]
+            if child.dormant:
+                child.was_admitted = True
+                self._forked_new.append(NewRequestData(child_id, tuple(child.prompt_token_ids), child.sampling_params,
+                                                       child.seed))
+            child.set_output(tokens[parent_id] + [token])
+            child.num_pending_tokens = 0
+            child.spec_token_ids = []
+            child.num_pages_sent = 0  # the runner takes its whole page table again
+            if child in self.waiting:
+                self.waiting.remove(child)
+            if parent_id in paged:
+                child.num_computed_tokens = computed[parent_id]
+                child.status = RequestStatus.RUNNING
+                if child not in self.running:
+                    self.running.append(child)
+            else:  # recomputed from its tokens (the prefix cache holds most of them)
+                if child in self.running:
+                    self.running.remove(child)
+                child.num_computed_tokens = 0
+                child.status = RequestStatus.PREEMPTED
+                bisect.insort(self.waiting, child, key=self._queue_key)
+        self._forks.append(tuple(forks))
 
     def _count_drafts(self, request: Request, drafted: int, accepted: int) -> None:
         request.num_draft_tokens += drafted
@@ -322,6 +469,8 @@ class Scheduler:
     def stats(self) -> dict[str, float]:
         return {"num_running": len(self.running), "num_waiting": len(self.waiting),
                 "kv_pages_free": self.kv.num_free_blocks, "kv_usage": self.kv.usage,
+                "beam_forks": self.num_beam_forks, "beam_page_copies": self.num_beam_page_copies,
+                "beam_shared_pages": self.num_beam_shared_pages,
                 "prefix_cache_hit_rate": self.kv.prefix_cache_hit_rate, "num_preemptions": self.num_preemptions,
                 **self.spec_counts, "spec_proposed_by_position": list(self.spec_proposed_by_position),
                 "spec_accepted_by_position": list(self.spec_accepted_by_position)}

@@ -1,9 +1,10 @@
 """What the scheduler hands out each step and takes back (host only, no jax import).
 
     SchedulerOutput   the only thing the runner sees of a step: ScheduledChunks (positions, new
-                      pages, drafts to verify), NewRequestData (sent once), preempted / finished ids
+                      pages, drafts to verify), NewRequestData (sent once), preempted / finished ids,
+                      beam search's forks and the page copies they need
     SchedulerUpdate   what `Scheduler.update` applied: a RequestUpdate per request that ran (new
-                      tokens, finish status, drafts verified / accepted)
+                      tokens, finish status, drafts verified / accepted), beam searches that ended
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class SchedulerOutput:
       preempted_ids: requests preempted in this step (they recompute later; the runner keeps them).
       new_requests: data of the requests admitted for the first time in this step.
       finished_ids: requests that ended since the previous step (the runner forgets them).
+      beam_forks: beam search's forks since the previous step, one tuple per search step, each
+        (child id, parent id, token): the child's tokens become the parent's plus the token (all
+        of a tuple at once), and its page table is sent again whole with its next chunk.
+      page_copies: (source page, destination page) to copy on the device before this step runs.
     """
 
     chunks: tuple[ScheduledChunk, ...]
@@ -58,6 +63,8 @@ class SchedulerOutput:
     preempted_ids: tuple[str, ...] = ()
     new_requests: tuple[NewRequestData, ...] = ()
     finished_ids: tuple[str, ...] = ()
+    beam_forks: tuple[tuple[tuple[str, str, int], ...], ...] = ()
+    page_copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -87,6 +94,7 @@ class SchedulerUpdate:
     """The typed result of `Scheduler.update`: one entry per request that ran a chunk."""
 
     requests: list[RequestUpdate]
+    beams: dict = dataclasses.field(default_factory=dict)  # request id -> its `BeamSearchResult` (ended)
 
     @property
     def finished(self) -> list[RequestUpdate]:

@@ -142,6 +142,9 @@ COVERAGE = [
     (r"jaxinfer train-draft( smollm2-135m \./smollm2-eagle)?|"
      r"jaxinfer chat --model smollm2-135m --speculative-config .*",
      ["tests/test_eagle.py::test_readme_train_draft_and_chat_commands"]),
+    # run with tiny sizes (the documented ones take minutes per configuration on this CPU)
+    (r"jaxinfer eval( .*)?", ["tests/test_eval.py::test_eval_command_writes_the_table_and_the_plot",
+                           "tests/test_eval.py::test_humaneval_greedy_row_on_smollm2"]),
     (r"llm = LLM\(\"smollm2-135m\", tensor_parallel_size=8\).*",
      ["tests/test_sharding.py::test_tensor_parallel_smollm2_matches_one_device",
       "tests/test_sharding.py::test_data_and_sequence_parallel_smollm2_match_one_device"]),

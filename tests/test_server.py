@@ -298,6 +298,18 @@ BAD_REQUESTS = [
      {"prompt": "a", "self_consistency": {"max_samples": 17}}, 400, "self_consistency.max_samples"),
     ("self_consistency streamed", "POST", "/v1/chat/completions", JSON,
      {"messages": MSG, "stream": True, "self_consistency": {}}, 400, "self_consistency"),
+    ("beam search with temperature > 0", "POST", "/v1/completions", JSON,
+     {"prompt": "a", "use_beam_search": True, "temperature": 0.7}, 400, "temperature"),
+    ("beam_width 0", "POST", "/v1/completions", JSON, {"prompt": "a", "use_beam_search": True, "beam_width": 0}, 400,
+     "beam_width"),
+    ("beam_width over the engine's maximum", "POST", "/v1/chat/completions", JSON,
+     {"messages": MSG, "use_beam_search": True, "beam_width": 9}, 400, "beam_width"),
+    ("beam search streamed", "POST", "/v1/completions", JSON, {"prompt": "a", "use_beam_search": True, "stream": True},
+     400, "stream"),
+    ("beam search with a stop string", "POST", "/v1/completions", JSON,
+     {"prompt": "a", "use_beam_search": True, "stop": ["x"]}, 400, "use_beam_search"),
+    ("length_penalty without beam search", "POST", "/v1/completions", JSON, {"prompt": "a", "length_penalty": 0.5},
+     400, "use_beam_search"),
     ("self_consistency with n > 1", "POST", "/v1/completions", JSON,
      {"prompt": "a", "n": 2, "self_consistency": {}}, 400, "self_consistency"),
     ("unknown reasoning parser", "POST", "/v1/chat/completions", JSON, {"messages": MSG, "reasoning_parser": "nope"},
@@ -590,6 +602,18 @@ def test_best_of_returns_the_n_choices_with_the_highest_mean_logprob(live):
     assert status == 200 and [c["index"] for c in data["choices"]] == [0, 1]
     means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in data["choices"]]
     assert means[0] >= means[1] and data["usage"]["completion_tokens"] >= 4  # (all four samples' tokens)
+
+
+def test_beam_search_returns_the_n_best_beams_and_what_they_cost(live):
+    body = {"prompt": "beam", "use_beam_search": True, "n": 2, "beam_width": 3, "max_tokens": 5, "logprobs": 0,
+            "ignore_eos": True}
+    status, _, data = post_json(url(live), "/v1/completions", body, AUTH)
+    assert status == 200 and [c["index"] for c in data["choices"]] == [0, 1], data
+    sums = [sum(c["logprobs"]["token_logprobs"]) for c in data["choices"]]
+    assert all(len(c["logprobs"]["tokens"]) == 5 for c in data["choices"]) and sums[0] >= sums[1]
+    metrics = request(url(live), "GET", "/metrics")[2].decode()
+    spent = re.search(r'jaxinfer_technique_tokens_total\{model_name="tiny",technique="beams"\} ([\d.]+)', metrics)
+    assert float(spent.group(1)) >= 3 * 4  # three beams, at least four steps each
 
 
 def test_self_consistency_returns_the_voted_answer_and_what_it_cost(live):

@@ -6,6 +6,8 @@ A request's pages hold its tokens in order: token t lives in page `pages[t // pa
     get_computed_blocks(request)      prefix-cache hits for a new request (full pages only)
     allocate_slots(request, n, hits)  pages for n more tokens, or None when the pool is short
     free(request)                     drop the request's references (finished, aborted, preempted)
+    fork(assignments)                 beam search: requests take other requests' pages (shared full
+                                      pages, the last partial page copied unless a fork can own it)
 
 A full page is registered in the prefix cache only after the step that computes it has been
 scheduled and dispatched (at the request's next allocation or at free), never in the step that
@@ -165,6 +167,64 @@ class KVCacheManager:
         if self._looks_up_prefix(request):
             self.prefix_cache_queries += len(request.all_token_ids)
             self.prefix_cache_hits += num_hit_pages * self.page_size
+
+    def fork(self, assignments: Sequence[tuple[str, str, int]]) -> list[tuple[int, int]] | None:
+        """Requests take other requests' pages, all at once (beam search's re-parenting).
+
+        Args:
+          assignments: (child id, parent id, tokens the parent has computed): the child drops its own
+            pages and continues from the parent's first `tokens` tokens. A parent is the child of one
+            assignment at most; parents that are no child keep their pages.
+
+        Full pages are shared (one more reference each); the page holding the last `tokens % page`
+        tokens is handed to the first child that asks for it and copied into a new page for every
+        other one (the next token is written into that page: it cannot be shared).
+
+        Returns:
+          (source page, new page) copies for the device to make before the next step writes, or
+          None with nothing changed when the pool cannot supply the copies.
+        """
+        page = self.page_size
+        old = {child: self.req_to_blocks.get(child, []) for child, _, _ in assignments}
+        old.update({parent: self.req_to_blocks.get(parent, []) for _, parent, _ in assignments})
+        hashes = {parent: list(self._req_to_hashes.get(parent, ())) for _, parent, _ in assignments}
+        cached = {parent: self._num_cached_blocks.get(parent, 0) for _, parent, _ in assignments}
+        plans, owned, copies_at = [], set(), []
+        for child, parent, tokens in assignments:
+            full, partial = divmod(tokens, page)
+            blocks = old[parent]
+            if len(blocks) < full + bool(partial):
+                raise ValueError(f"request {parent!r} holds {len(blocks)} pages, fewer than its {tokens} tokens need")
+            last = blocks[full] if partial else None
+            copy = last is not None and last.block_id in owned
+            if last is not None:
+                owned.add(last.block_id)
+            if copy:
+                copies_at.append(full)
+            plans.append((child, parent, blocks[:full], last, copy, full))
+        stripes = len(self.pool.free_queues)
+        need = [sum(1 for i in copies_at if i % stripes == s) for s in range(stripes)]
+        if any(n > q.num_free_blocks for n, q in zip(need, self.pool.free_queues)):
+            return None
+        copies, new = [], {}
+        for child, parent, shared, last, copy, index in plans:
+            self.pool.touch(shared)
+            blocks = list(shared)
+            if copy:
+                fresh = self.pool.get_new_blocks(1, index)[0]
+                copies.append((last.block_id, fresh.block_id))
+                blocks.append(fresh)
+            elif last is not None:
+                self.pool.touch([last])
+                blocks.append(last)
+            new[child] = (blocks, hashes[parent][:len(shared)], min(cached[parent], len(shared)))
+        for child, _, _ in assignments:
+            self.pool.free_blocks(reversed(old[child]))
+        for child, (blocks, child_hashes, num_cached) in new.items():
+            self.req_to_blocks[child] = blocks
+            self._req_to_hashes[child] = child_hashes
+            self._num_cached_blocks[child] = num_cached
+        return copies
 
     def free(self, request: CacheRequest) -> None:
         """Releases the request's pages (its full computed pages stay in the prefix cache)."""

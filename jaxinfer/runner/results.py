@@ -41,6 +41,8 @@ class StepResult:
     device_seconds: float = 0.0  # time waiting for the device (the rest of the step is host work)
     start_time: float = 0.0  # time.monotonic() when the step began
     draft_token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # proposed for the next step
+    # beam search: a beam's top (token, log-probability) pairs, for the search to pick from
+    candidates: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
 
     @property
     def token_ids(self) -> dict[str, list[int]]:

@@ -39,8 +39,8 @@ from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, Ve
                                     build_model_input, build_sampling_input, build_verify_input, prompt_logprob_rows,
                                     stack_model_inputs, stack_sampling_inputs)
 from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
-from jaxinfer.runner.steps import (AttentionSpec, embed_step, forward_step, layer_step, prompt_logprobs_step,
-                                   resolve_tokens, rows_step, sample_step, verify_step)
+from jaxinfer.runner.steps import (AttentionSpec, copy_pages, embed_step, forward_step, layer_step,
+                                   prompt_logprobs_step, resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.scheduler_output import SchedulerOutput
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative.draft import DraftModel
@@ -203,6 +203,13 @@ class Runner:
             self.requests[new.request_id] = CachedRequest(new.request_id, list(new.prompt_token_ids),
                                                           len(new.prompt_token_ids), new.sampling_params, new.seed,
                                                           grammar=grammar)
+        for forks in out.beam_forks:  # beam search: all of a step's forks at once (parents are children too)
+            if any(child not in self.requests for child, _, _ in forks):
+                continue  # the search was aborted since (its beams are in finished_ids)
+            parents = {parent: list(self.requests[parent].token_ids) for _, parent, _ in forks}
+            for child, parent, token in forks:
+                self.requests[child].token_ids = parents[parent] + [token]
+                self.requests[child].block_ids = []  # its next chunk sends its whole page table
         for chunk in out.chunks:
             self.requests[chunk.request_id].block_ids += chunk.new_block_ids
 
@@ -238,6 +245,7 @@ class Runner:
         from its device output. Its results come from `collect`."""
         step = InFlightStep(out, time.monotonic())
         self._update_states(out)
+        self._copy_pages(out)
         if out.is_empty:
             return step
         in_flight = self._in_flight if self._in_flight is not None and self._in_flight.result is None else None
@@ -302,6 +310,22 @@ class Runner:
         self._in_flight = step
         return step
 
+    def _copy_pages(self, out: SchedulerOutput) -> None:
+        """Beam search's page copies, before the step that writes into the copies (replica r's
+        local page p is page r * pages-per-replica + p of the stacked cache)."""
+        per_replica = self.rc.num_pages // self.num_replicas
+        pairs = [(src + r * per_replica, dst + r * per_replica)
+                 for r, o in enumerate(getattr(out, "replicas", (out,))) for src, dst in o.page_copies]
+        if not pairs:
+            return
+        if self.step_hook is not None:
+            raise RuntimeError("beam search runs in one process")
+        n = max(4, 1 << (len(pairs) - 1).bit_length())  # a few padded sizes: a few graphs
+        src, dst = (np.asarray([p[i] for p in pairs] + [0] * (n - len(pairs)), np.int32) for i in (0, 1))
+        self.kv_cache = copy_pages(self.kv_cache, src, dst)
+        if self.drafter is not None and self.drafter.kv_cache is not None:  # a draft model's pages go along
+            self.drafter.kv_cache = copy_pages(self.drafter.kv_cache, src, dst)
+
     def collect(self, step: InFlightStep) -> StepResult:
         """Waits for a submitted step's results, appends each sampled token to its request's
         history and returns them (again, if already collected)."""
@@ -320,7 +344,7 @@ class Runner:
         if accepted is None:  # one token a row: seen as a verify step without drafts
             tokens, accepted = tokens[:, None], np.zeros(len(tokens), np.int64)
             lps = None if lps is None else [a[:, None] for a in lps]
-        sampled = {}
+        sampled, candidates = {}, {}
         for rid, (request, s) in step.rows.items():
             results = []
             for j in range(int(accepted[s]) + 1):
@@ -330,6 +354,10 @@ class Runner:
                     result.logprob = float(lps[0][s, j])
                     result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, j, :n], lps[2][s, j, :n])]
                 results.append(result)
+            if request.params.use_beam_search:  # the search picks the beam's token (`beam_forks`)
+                candidates[rid] = results[0].top_logprobs
+                sampled[rid] = results
+                continue
             request.token_ids += [r.token_id for r in results]  # (a request finished since has no one reading it)
             if request.grammar is not None and not request.grammar.accept([r.token_id for r in results]):
                 logger.warning("request %s: its grammar refused a sampled token (%s); only end-of-sequence "
@@ -344,7 +372,7 @@ class Runner:
         if self.drafter is not None:
             drafts = next_drafts(self.speculative, step.rows,
                                  self.drafter.proposals(step.rows, len(step.out.chunks), device_drafts))
-        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts)
+        step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts, candidates)
         step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = None  # buffers can go
         if self._in_flight is step:
             self._in_flight = None

@@ -15,6 +15,8 @@
                                                    next step, dispatched right after the sampler
     draft_propose_step(params, kv_cache, inp, graphdef=, attention=) -> (drafts [S, k], kv_cache): a draft
                                                    model's k greedy decode steps in one graph
+    copy_pages(kv_cache, src, dst)                 -> kv_cache with pages dst overwritten by pages src
+                                                   (beam search's forks), KV cache donated
     resolve_tokens(tokens, token_src, sampled)     -> tokens [1, T] with the step in flight's samples
                                                    filled in on the device (async scheduling)
     prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
@@ -197,6 +199,13 @@ def draft_propose_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.Graph
 
     (_, kv_cache), drafts = jax.lax.scan(body, (inp.tokens[0], kv_cache), (inp.positions, inp.meta))
     return drafts.T, kv_cache
+
+
+@functools.partial(jax.jit, donate_argnames=("kv_cache",))
+def copy_pages(kv_cache, src, dst):
+    """Every layer's page src[i] copied into page dst[i] (keys, values and, for an 8-bit cache, their
+    scales: every leaf has the page on axis 1). Padding pairs copy the null page 0 onto itself."""
+    return jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), kv_cache)
 
 
 @jax.jit
