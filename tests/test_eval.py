@@ -11,8 +11,8 @@ import pytest
 
 from jaxinfer.cli import main
 from jaxinfer.errors import InvalidRequestError
-from jaxinfer.evaluate import (EvalConfig, arithmetic_task, evaluate, humaneval_task, jsonl_task, parse_config,
-                               program_of, run_config, run_sandboxed)
+from jaxinfer.evaluate import (EvalConfig, arithmetic_task, evaluate, humaneval_task, instruct_program_of, jsonl_task,
+                               parse_config, program_of, run_config, run_sandboxed)
 
 
 def test_configurations_parse_and_bad_ones_say_what_to_write():
@@ -48,6 +48,12 @@ def test_humaneval_completions_run_only_in_the_sandbox():
     net = run_sandboxed(program_of(problem, "    import urllib.request; urllib.request.urlopen('http://pypi.org', "
                                             "timeout=3)\n" + problem["canonical_solution"]))
     assert (hang.reason, crash.reason, chatty.reason, net.reason) == ("timed out", "failed", "failed", "failed")
+    # a chat reply's code block replaces the prompt's function; a bare body continues it
+    reply = f"Here:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\nDone."
+    assert run_sandboxed(instruct_program_of(problem, reply)).passed
+    assert run_sandboxed(instruct_program_of(problem, problem["canonical_solution"])).passed
+    assert not run_sandboxed(instruct_program_of(problem, "```python\ndef has_close_elements(n, t):\n    return 1\n```"
+                                                 )).passed
     # the stop strings cut what follows the function, also for decodings without them (beam search)
     assert program_of(problem, problem["canonical_solution"] + "\ndef extra():\n    raise SystemExit(1)\n") == \
         program_of(problem, problem["canonical_solution"])
@@ -77,7 +83,8 @@ def test_eval_command_writes_the_table_and_the_plot(tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--model", "smollm2-135m", "--task", "arithmetic", "--limit", "3", "--max-tokens", "6",
                  "--config", "greedy", "--config", "int4+greedy", "--config", "ngram+greedy", "--config", "sc3",
-                 "--config", "beam2", "--max-num-seqs", "8", "--max-num-batched-tokens", "128", "--out", str(out)])
+                 "--config", "beam2", "--max-num-seqs", "8", "--max-num-batched-tokens", "128", "--no-warmup",
+                 "--out", str(out)])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["greedy", "int4+greedy", "ngram+greedy", "sc3", "beam2"]

@@ -102,12 +102,15 @@ def _assert_all_pages_free(engine):
 def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
     """Replicas with their own pages and batch slices; more requests than one replica's
     max_num_seqs, so every replica works; an n = 2 sampled request stays reproducible, and so does
-    one with a grammar (its mask stacked with the other replicas' rows)."""
+    one with a grammar (its mask stacked with the other replicas' rows), and a beam search (its page
+    copies made in its replica's slice of the cache)."""
     prompts = random_prompts(tiny.config, [1, 3, 4, 5, 12, 21, 7, 30, 2], seed=3)
     sampled = SamplingParams(n=2, max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
     constrained = SamplingParams(max_tokens=12, temperature=1.0, seed=9, structured_outputs=dict(regex="[a-z]{3,9}"))
+    beams = SamplingParams(use_beam_search=True, beam_width=3, n=3, temperature=0, max_tokens=9, ignore_eos=True)
     requests = {str(i): (p, PARAMS) for i, p in enumerate(prompts)} | {"s": (prompts[4], sampled),
-                                                                      "g": (prompts[2], constrained)}
+                                                                      "g": (prompts[2], constrained),
+                                                                      "b": (prompts[7], beams)}
     small = dict(max_num_seqs=4, num_pages=32)
     base_engine = _engine(tiny, 1, **small)
     base = run(base_engine, requests)
@@ -120,6 +123,7 @@ def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
     assert [o.token_ids for o in outs["s"].outputs] == [o.token_ids for o in base["s"].outputs]
     assert outs["g"].outputs[0].token_ids == base["g"].outputs[0].token_ids
     assert re.fullmatch("[a-z]{3,9}", outs["g"].outputs[0].text)
+    assert [o.token_ids for o in outs["b"].outputs] == [o.token_ids for o in base["b"].outputs]
     assert engine.stats()["steps"] < base_engine.stats()["steps"]  # the replicas ran side by side
     _assert_all_pages_free(engine)
     cache = engine.runner.kv_cache.k
@@ -128,13 +132,19 @@ def test_data_parallel_tiny_model_matches_one_device(tiny, dp, tp):
 
 @pytest.mark.parametrize("sp, tp", [(2, 4), (8, 1)])
 def test_sequence_parallel_tiny_model_matches_one_device(tiny, tiny_single, sp, tp):
+    """Tokens and KV pages split over `seq` give one device's outputs, a beam search's too (its
+    forked pages, striped over the `seq` devices, are copied within their stripe)."""
     prompts, base = tiny_single
+    settings = dict(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, compilation_cache_dir="")
+    beams = SamplingParams(use_beam_search=True, beam_width=3, n=3, temperature=0, max_tokens=9, ignore_eos=True)
+    want = run(_engine(tiny, 1, **{k: v for k, v in settings.items() if k != "compilation_cache_dir"}),
+               {"b": (prompts[1], beams)})["b"]
     engine = LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
-                       EngineConfig.of(max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64,
-                                    compilation_cache_dir="", tensor_parallel_size=tp, sequence_parallel_size=sp),
+                       EngineConfig.of(**settings, tensor_parallel_size=tp, sequence_parallel_size=sp),
                        devices=jax.devices()[:sp * tp])
-    outs = run(engine, {str(i): (p, PARAMS) for i, p in enumerate(prompts)})
+    outs = run(engine, {str(i): (p, PARAMS) for i, p in enumerate(prompts)} | {"b": (prompts[1], beams)})
     _assert_same(base, [outs[str(i)] for i in range(len(prompts))])
+    assert [o.token_ids for o in outs["b"].outputs] == [o.token_ids for o in want.outputs]
     _assert_all_pages_free(engine)
     cache = engine.runner.kv_cache.k
     assert cache.sharding.spec[1] == "seq" and cache.addressable_shards[0].data.shape[1] == 64
