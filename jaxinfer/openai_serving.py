@@ -110,10 +110,7 @@ class OpenAIServing:
 
     def _sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                          structured: StructuredOutputsParams | None = None, **extra):
-        if req.self_consistency is not None:
-            if req.stream or req.n != 1:
-                raise ApiError(400, "self_consistency returns one voted answer when its samples finish: leave n at 1 "
-                                    "and stream false", param="self_consistency")
+        if req.self_consistency is not None:  # (n = 1, not streamed: SamplingParams checks, naming the field)
             try:
                 extra["self_consistency"] = SelfConsistency(**req.self_consistency.model_dump())
             except InvalidRequestError as e:
@@ -163,11 +160,6 @@ class OpenAIServing:
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         self._check_model(req.model)
-        if req.best_of is not None and req.best_of < req.n:
-            raise ApiError(400, f"best_of={req.best_of} must be at least n={req.n}", param="best_of")
-        if req.best_of is not None and req.best_of > req.n and req.stream:
-            raise ApiError(400, "best_of > n picks the best samples once they finish: it cannot stream; leave "
-                                "best_of out or set stream to false", param="best_of")
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if req.self_consistency is not None and len(prompts) > 1:

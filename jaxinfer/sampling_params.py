@@ -112,7 +112,7 @@ class SamplingParams:
         if not is_int(self.n) or self.n <= 0:
             bad(f"n must be a positive integer, got {self.n!r}")
         if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
-            bad(f"best_of must be None or an integer >= n={self.n}, got {self.best_of!r}")
+            bad(f"best_of must be None or an integer >= n={self.n}, got {self.best_of!r}", "best_of")
         if self.best_of_score not in ("mean", "sum"):
             bad(f"best_of_score must be 'mean' or 'sum', got {self.best_of_score!r}")
         if not is_int(self.max_tokens) or self.max_tokens <= 0:
@@ -165,12 +165,12 @@ class SamplingParams:
             if not isinstance(sc, SelfConsistency):
                 bad(f"self_consistency must be a SelfConsistency (or a dict of its fields), got {type(sc).__name__}")
             if self.n != 1 or self.best_of is not None:
-                bad("self_consistency returns one voted answer: leave n at 1 and best_of out")
+                bad("self_consistency returns one voted answer: leave n at 1 and best_of out", "self_consistency")
             if self.output_kind is RequestOutputKind.DELTA:
-                bad("self_consistency votes once its samples finish: it does not stream")
+                bad("self_consistency votes once its samples finish: it does not stream", "self_consistency")
         if self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA and not self.use_beam_search:
             bad(f"best_of={self.best_of} > n={self.n} picks the best samples once they finish: it does not stream "
-                "(leave best_of out, or do not stream)")
+                "(leave best_of out, or do not stream)", "best_of")
         object.__setattr__(self, "structured_outputs", to_params(self.structured_outputs))
         budget = self.thinking_token_budget
         if budget is not None and (not is_int(budget) or budget < 0):
