@@ -227,7 +227,9 @@ def cmd_train_draft(args) -> int:
 
 def cmd_eval(args) -> int:
     """One task under several configurations -> a table and a plot (jaxinfer.evaluate)."""
-    from jaxinfer.evaluate import DEFAULT_CONFIGS, evaluate, load_task, markdown_table, parse_config, write_report
+    from jaxinfer.eval_report import markdown_table, write_report
+    from jaxinfer.eval_tasks import load_task
+    from jaxinfer.evaluate import DEFAULT_CONFIGS, evaluate, parse_config
 
     configs = [parse_config(c) for c in (args.config or DEFAULT_CONFIGS)]
     names = [c.name for c in configs]

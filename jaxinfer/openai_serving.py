@@ -116,12 +116,10 @@ class OpenAIServing:
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), param="self_consistency") from None
         temperature = req.temperature
-        if req.use_beam_search:  # (the beam-search fields are refused by SamplingParams without it)
+        if req.use_beam_search:  # (SamplingParams refuses length_penalty / early_stopping without it)
             extra.update(use_beam_search=True, beam_width=req.beam_width or max(req.n, 4))
             if "temperature" not in req.model_fields_set:
                 temperature = 0.0
-        if req.use_beam_search or req.length_penalty != 1.0 or req.early_stopping is not False:
-            extra.update(length_penalty=req.length_penalty, early_stopping=req.early_stopping)
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens), temperature=temperature,
@@ -129,6 +127,7 @@ class OpenAIServing:
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=req.stop, stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
+                length_penalty=req.length_penalty, early_stopping=req.early_stopping,
                 # streamed: each output carries only what is new; else one output at the end
                 output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY, **extra)
         except InvalidRequestError as e:

@@ -17,14 +17,8 @@ token, so step N + 1 can be scheduled before step N's tokens are back (async sch
 running decode is scheduled on its pending token (the runner feeds it from the device), and
 `update` later fills the token in, or ends the request (then step N + 1's work on it is dropped).
 
-Beam search (`jaxinfer.beam_search`): a request's W beams are W requests. Its first beam computes
-the prompt; the others wait outside the queue (dormant) until the search forks them. A beam's step
-returns candidates, not a token: `update` hands them to the request's `BeamSearch`, and once every
-running beam reported, the search picks the W continuations and each beam becomes a fork of its
-parent (`KVCacheManager.fork`: shared pages, the last partial page copied on the device,
-`SchedulerOutput.page_copies`; its tokens in `SchedulerOutput.beam_forks`). A request in beam
-search holds W sequence slots from its admission, so its forks always find room; a beam with a
-step in flight is not scheduled again (async scheduling) until its candidates are back.
+Beam search (`jaxinfer.beam_search`): a request's W beams are W requests that the search forks
+after each step (`beam_scheduling.BeamScheduling`, this class's beam-search methods).
 """
 
 from __future__ import annotations
@@ -34,6 +28,7 @@ import dataclasses
 import logging
 from typing import Iterable, Mapping, Sequence
 
+from jaxinfer.beam_scheduling import BeamScheduling
 from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
 from jaxinfer.scheduler_output import NewRequestData, RequestUpdate, ScheduledChunk, SchedulerOutput, SchedulerUpdate
@@ -76,8 +71,9 @@ class SchedulerConfig:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
-class Scheduler:
-    """Decides, each step, which requests run and how many tokens each computes."""
+class Scheduler(BeamScheduling):
+    """Decides, each step, which requests run and how many tokens each computes (beam search's
+    forks: `beam_scheduling.BeamScheduling`)."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, *, eos_token_ids: Iterable[int] = ()):
         self.config = config
@@ -146,16 +142,6 @@ class Scheduler:
             self._finished_ids.append(request.request_id)
         if request.beam is not None:  # a fork the runner has not heard of yet: it never will
             self._forked_new = [n for n in self._forked_new if n.request_id != request.request_id]
-
-    def _num_seq_slots(self) -> int:
-        """Sequence slots held by the running requests: one each, a beam search W (all its beams)."""
-        searches = {id(r.beam): r.beam.width for r in self.running if r.beam is not None}
-        return sum(r.beam is None for r in self.running) + sum(searches.values())
-
-    def _slots_needed(self, request: Request) -> int:
-        if request.beam is None:
-            return 1
-        return 0 if any(r.beam is request.beam for r in self.running) else request.beam.width
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -252,14 +238,6 @@ class Scheduler:
             new.append(NewRequestData(request.request_id, tuple(request.prompt_token_ids),
                                       request.sampling_params, request.seed))
         chunks.append(self._chunk(request, num_cached, n))
-
-    def _idle_beam(self, start: int = 0) -> Request | None:
-        """The most recently admitted running beam (from running[start] on) that waits for its search
-        (its candidates are in)."""
-        for request in reversed(self.running[start:]):
-            if request.beam is not None and request.request_id in request.beam.reports:
-                return request
-        return None
 
     def _lookahead(self, end: int) -> int:
         """Slots to reserve past position `end` (`SchedulerConfig.num_lookahead_tokens`), within the context."""
@@ -365,82 +343,6 @@ class Scheduler:
                                          max(0, request.num_cached_tokens), drafted, accepted))
         beams, self._beam_results = self._beam_results, {}
         return SchedulerUpdate(updates, beams)
-
-    # ---- beam search --------------------------------------------------------------------------
-
-    def _beam_report(self, request: Request, chunk: ScheduledChunk, top) -> None:
-        """A beam's step came back with its candidates. A step that a fork overtook (the beam was
-        recomputing when the search moved on) reports for tokens it no longer has: dropped."""
-        search = request.beam
-        request.num_pending_tokens = max(0, request.num_pending_tokens - 1)
-        current = (chunk.start_pos + chunk.num_tokens == request.num_prompt_tokens + search.length
-                   and request.request_id in search.running_ids)
-        if not top:  # nothing came back: compute the last position again next step
-            if current:
-                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
-            return
-        if current:
-            search.report(request.request_id, top)
-            if search.ready:
-                self._beam_step(search)
-
-    def _beam_step(self, search) -> None:
-        """Every running beam of `search` reported: pick the next beams, fork them, or finish."""
-        forks, done = search.select()
-        beams = [self.requests[rid] for rid in search.beam_ids if rid in self.requests]
-        if done:
-            for beam in beams:
-                self._finish(beam, RequestStatus.FINISHED_STOPPED)
-            self._beam_results[search.request_id] = search.result()
-            return
-        self._fork_beams(forks)
-
-    def _fork_beams(self, forks: list[tuple[str, str, int]]) -> None:
-        """Each child beam becomes its parent's tokens plus its token. Children of a parent whose KV is
-        all in its pages take the pages (`KVCacheManager.fork`); the others (a parent preempted since
-        it reported, or no pages for the copies) recompute, like a preempted request."""
-        parents = {p: self.requests[p] for _, p, _ in forks}
-        tokens = {p: list(r.output_token_ids) for p, r in parents.items()}
-        paged = {p for p, r in parents.items()
-                 if r.status == RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens}
-        computed = {p: parents[p].num_computed_tokens for p in paged}
-        keep = [(c, p, computed[p]) for c, p, _ in forks if p in paged]
-        copies = self.kv.fork(keep) if keep else []
-        if copies is None:
-            keep, paged = [], set()
-        else:
-            self._page_copies += copies
-            self.num_beam_page_copies += len(copies)
-            self.num_beam_forks += len(keep)
-            self.num_beam_shared_pages += sum(n // self.kv.page_size for _, _, n in keep)
-        kept = {c for c, _, _ in keep}
-        for child_id, _, _ in forks:  # (before their tokens change: free registers full pages by them)
-            if child_id not in kept:
-                self.kv.free(self.requests[child_id])
-        for child_id, parent_id, token in forks:
-            child = self.requests[child_id]
-            if child.dormant:
-                child.was_admitted = True
-                self._forked_new.append(NewRequestData(child_id, tuple(child.prompt_token_ids), child.sampling_params,
-                                                       child.seed))
-            child.set_output(tokens[parent_id] + [token])
-            child.num_pending_tokens = 0
-            child.spec_token_ids = []
-            child.num_pages_sent = 0  # the runner takes its whole page table again
-            if child in self.waiting:
-                self.waiting.remove(child)
-            if parent_id in paged:
-                child.num_computed_tokens = computed[parent_id]
-                child.status = RequestStatus.RUNNING
-                if child not in self.running:
-                    self.running.append(child)
-            else:  # recomputed from its tokens (the prefix cache holds most of them)
-                if child in self.running:
-                    self.running.remove(child)
-                child.num_computed_tokens = 0
-                child.status = RequestStatus.PREEMPTED
-                bisect.insort(self.waiting, child, key=self._queue_key)
-        self._forks.append(tuple(forks))
 
     def _count_drafts(self, request: Request, drafted: int, accepted: int) -> None:
         request.num_draft_tokens += drafted

@@ -11,8 +11,9 @@ import pytest
 
 from jaxinfer.cli import main
 from jaxinfer.errors import InvalidRequestError
-from jaxinfer.evaluate import (EvalConfig, arithmetic_task, evaluate, humaneval_task, instruct_program_of, jsonl_task,
-                               parse_config, program_of, run_config, run_sandboxed)
+from jaxinfer.eval_tasks import arithmetic_task, humaneval_task, instruct_program_of, jsonl_task, program_of
+from jaxinfer.evaluate import EvalConfig, evaluate, parse_config, run_config
+from jaxinfer.sandbox import run_sandboxed
 
 
 def test_configurations_parse_and_bad_ones_say_what_to_write():
