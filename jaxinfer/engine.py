@@ -287,11 +287,11 @@ class LLMEngine:
         if jax.process_count() > 1:
             raise InvalidRequestError("beam search runs in one process: use sampling (n, best_of) on a multi-host "
                                       "engine")
-        stops = self.input_processor.stop_token_ids(params)
         return BeamSearch(request_id, beam_ids, length_penalty=params.length_penalty,
                           early_stopping=params.early_stopping,
                           max_new_tokens=min(params.max_tokens, self.max_model_len - len(prompt)),
-                          stop_token_ids=stops, user_stop_token_ids=params.stop_token_ids)
+                          stop_token_ids=params.ending_token_ids(self.tokenizer.eos_token_ids),
+                          user_stop_token_ids=params.stop_token_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request (all its samples) and frees its pages.

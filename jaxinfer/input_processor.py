@@ -87,13 +87,9 @@ class InputProcessor:
                 "beam_width (or raise max_num_seqs)", "beam_width")
         return params
 
-    def stop_token_ids(self, params: SamplingParams) -> set[int]:
-        """The tokens that end a sequence of `params`: its stop_token_ids and, unless ignored, EOS."""
-        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-
     def candidates_per_beam(self, params: SamplingParams) -> int:
         """Beam search keeps max(2, 1 + stop tokens) x beam_width candidates a step (HF's rule)."""
-        return max(2, 1 + len(self.stop_token_ids(params)))
+        return max(2, 1 + len(params.ending_token_ids(self.eos_token_ids)))
 
     def max_beam_width(self, params: SamplingParams) -> int:
         """The widest beam search this engine runs for `params`: its beams fit one batch, and every

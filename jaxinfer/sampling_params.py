@@ -227,6 +227,10 @@ class SamplingParams:
             return self.self_consistency.max_samples
         return self.best_of if self.best_of is not None else self.n
 
+    def ending_token_ids(self, eos_token_ids) -> set[int]:
+        """The tokens that end a sequence: stop_token_ids and, unless ignore_eos, the model's EOS."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+
     @property
     def limits_thinking(self) -> bool:
         """Whether the sampler watches a thinking section (a budget or a minimum)."""

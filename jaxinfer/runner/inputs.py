@@ -314,8 +314,7 @@ def build_sampling_input(chunks, requests: dict[str, CachedRequest], S: int, V: 
             penalties.seen[s, output] = True
             penalties.output_counts[s] = np.bincount(output, minlength=V)[:V]
             if num_generated[s] < p.min_tokens:
-                stoppers = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-                penalties.suppress[s, [i for i in stoppers if i < V]] = True
+                penalties.suppress[s, [i for i in p.ending_token_ids(eos_token_ids) if i < V]] = True
     return SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
                          num_generated=num_generated, penalties=penalties,
                          num_logprobs=MAX_LOGPROBS if want_logprobs else 0)
