@@ -57,11 +57,16 @@ def compile_seconds(cfg: ModelConfig, reps: int, batch: int = 8, prompt: int = 1
     return out
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 30])
     ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)

@@ -171,7 +171,8 @@ def llama_cpp_runner(path, prompt_len, decode_steps):
     return run
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -182,7 +183,11 @@ def main() -> None:
     ap.add_argument("--quantized", action="store_true",
                     help="engine columns with int8 / int4 weights and int8 KV pages (the default loop)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference generator and the scanned engine")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     from checkpoints.gguf import GGUFFile
     from jaxinfer.registry import resolve_model_path

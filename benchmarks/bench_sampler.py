@@ -34,14 +34,19 @@ def median_ms(fn, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256, 262144],
                     help="vocabulary sizes (SmolLM2, Llama 3, Gemma 3)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-hf", action="store_true", help="skip the torch / HF transformers column")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     import jax
     import jax.numpy as jnp

@@ -57,7 +57,8 @@ def grounded_prompts(n: int, chars: int = 0) -> list[str]:
             "Repeat this function exactly, adding a comment above each line of its body." for c in code]
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -78,7 +79,11 @@ def main():
                     help="also run method eagle with this draft head (jaxinfer train-draft MODEL HEAD_DIR)")
     ap.add_argument("--problem-chars", type=int, default=0,
                     help="cut each HumanEval problem's code to this many characters (0: whole)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     from jaxinfer import LLM, SamplingParams
     from jaxinfer.speculative import SpeculativeConfig

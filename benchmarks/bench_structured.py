@@ -283,7 +283,8 @@ def engine_rows(args, context: int):
     return {f: tuple(statistics.median(x[i] for x in v) for i in range(3)) for f, v in results.items()}
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--libraries", nargs="+", default=["llguidance", "xgrammar", "outlines-core"])
@@ -293,7 +294,11 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=None, help="default: 512, or the model's context if shorter")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-engine", action="store_true", help="only the libraries' table")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import jax
 

@@ -87,7 +87,8 @@ def export_hf(model: str, out_dir: str) -> str:
     return export_hf_directory(EXPORTABLE[model], out_dir)
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--hf-export", action="store_true", help="also a float32 HF checkpoint exported from each")
@@ -97,7 +98,11 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--all-configs", action="store_true", help="every configuration on GGUF files too")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from jaxinfer import LLM
 

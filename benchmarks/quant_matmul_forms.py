@@ -100,13 +100,18 @@ def stored_bytes(w) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(w))
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layers", type=int, default=L)
     ap.add_argument("--forms", nargs="+", default=["dequant", "reduce", "group_dot", "native"])
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rng = np.random.default_rng(0)
     layers = args.layers
     weights = {None: [make_layer(rng, None) for _ in range(layers)], 8: [make_layer(rng, 8) for _ in range(layers)],

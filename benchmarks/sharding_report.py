@@ -94,13 +94,18 @@ def decode_step_hlo(cfg: ModelConfig, mesh, *, batch: int, pages: int, page_size
     return lowered.compile().as_text()
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--batch", type=int, default=64, help="decode sequences per step")
     ap.add_argument("--kv-tokens", type=int, default=64 * 2048, help="KV cache capacity in tokens")
     ap.add_argument("--page", type=int, default=16)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     print(f"# Llama-3-8B shape, bf16; {datetime.date.today().isoformat()}; jax {jax.__version__}; "
           f"{len(jax.devices())} {jax.devices()[0].platform} devices")
     print("| mesh (data, seq, model) | heads q/kv | params / device | KV cache / device | collectives per decode "

@@ -144,7 +144,8 @@ def bench_hf(gguf_path, prompts, output_len, concurrency):
     return dict(seconds=elapsed, output_tok_s=generated / elapsed)
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (argv: None reads sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="registered name or .gguf path (HF reads the same file)")
     ap.add_argument("--num-requests", type=int, default=64)
@@ -159,7 +160,11 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here too")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import jax
 

@@ -1,6 +1,7 @@
 """GGUF checkpoints: model config from metadata, dequantized weights in jaxinfer's layout.
 
-The `gguf` package (llama.cpp's own reader) parses the file and dequantizes every tensor type it
+`checkpoints.gguf_reader` parses the header (the gguf package's reader is ~25x slower on a
+vocabulary's metadata); the `gguf` package (llama.cpp's own) dequantizes every tensor type it
 implements (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants, the IQ types, ...). This module maps
 llama.cpp names and layouts onto the stacked parameters of `jaxinfer.model.Transformer`:
 
@@ -38,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from checkpoints.gguf_blocks import EXACT_TYPES, decode
+from checkpoints.gguf_reader import GGUFHeader, TruncatedTensor
 from checkpoints.stacking import stack_per_layer
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
@@ -78,40 +80,17 @@ class GGUFFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: no such file; pass the path of a .gguf file")
-        gguf = _import_gguf()
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader raises ValueError, IndexError, struct errors, ...
+            header = GGUFHeader(self.path)
+        except TruncatedTensor as e:
+            raise CheckpointError(f"{self.path}: truncated: {e}. Download or convert the file again.") from None
+        except Exception as e:  # ValueError for a bad header; the gguf package's enum for an unknown type
             raise CheckpointError(
                 f"{self.path}: not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e}). "
                 "Download or convert it again."
             ) from None
-        self._check_tensor_extents()
-        self.tensors = {t.name: t for t in self._reader.tensors}
-        self.metadata = self._read_metadata()
-
-    # ---- metadata -------------------------------------------------------------------------
-
-    def _check_tensor_extents(self) -> None:
-        size = os.path.getsize(self.path)
-        for t in self._reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size or t.data.nbytes != int(t.n_bytes):
-                raise CheckpointError(
-                    f"{self.path}: truncated: tensor {t.name!r} needs bytes up to {end:,} but the file "
-                    f"has {size:,}. Download or convert the file again."
-                )
-
-    def _read_metadata(self) -> dict[str, Any]:
-        meta = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                meta[key] = field.contents()
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: metadata field {key!r} is corrupt ({e})") from None
-        return meta
+        self.tensors = header.tensors
+        self.metadata = header.metadata
 
     @property
     def architecture(self) -> str:
@@ -288,7 +267,7 @@ class GGUFFile:
             if "embed" in quantized:
                 add_quantized("embed", [self._qtensor("token_embd.weight", (V, D), embedding_method)], False)
             else:
-                params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt)
+                params["embed"] = self._tensor("token_embd.weight", (V, D)).astype(dt, copy=False)
             bar.update()
             floats = {k: v for k, v in per_layer.items() if k not in quantized}
             params |= stack_per_layer(floats, lambda i, suffix, shape: self._tensor(f"blk.{i}.{suffix}", shape),
@@ -307,14 +286,14 @@ class GGUFFile:
                     tensors.append(t.map(convert))
                     bar.update()
                 add_quantized(name, tensors, True)
-            params["final_norm"] = self._norm(cfg)(self._tensor("output_norm.weight", (D,))).astype(dt)
+            params["final_norm"] = self._norm(cfg)(self._tensor("output_norm.weight", (D,))).astype(dt, copy=False)
             bar.update()
             if not cfg.tie_word_embeddings:
                 if "lm_head" in quantized:
                     add_quantized("lm_head", [self._qtensor("output.weight", (V, D), embedding_method).map(
                         lambda w: w.T)], False)
                 else:
-                    params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt)
+                    params["lm_head"] = self._tensor("output.weight", (V, D)).T.astype(dt, copy=False)
                 bar.update()
         spec = QuantSpec(method=quantization, weights=tuple(weights)) if quantization else None
         return params, spec

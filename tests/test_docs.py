@@ -292,15 +292,20 @@ def test_long_tests_run_only_when_asked(monkeypatch):
 
 
 def test_accelerator_extras_resolve(tmp_path):
-    """`pip install -e '.[cuda]'` and `'.[tpu]'` resolve on the package index to the jax plugins that
-    match the installed jax (a dry run: nothing is installed)."""
+    """The `cuda` and `tpu` extras of pyproject.toml (`pip install -e '.[cuda]'`, `'.[tpu]'`) resolve on
+    the package index, beside what is installed, to the jax plugins that match the installed jax (a
+    dry run of the extras' requirements as declared: nothing is installed)."""
     import json
+    import tomllib
 
     import jax
 
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    requirements = extras["cuda"] + extras["tpu"]
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-q", "--report", str(report),
-                           "-e", ".[cuda,tpu]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           *requirements], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(report) as f:
         names = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.load(f)["install"]}
@@ -561,26 +566,64 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
     "quant_matmul_forms.py": ["--rows", "1", "--rounds", "1", "--layers", "2"],
     "bench_speculative.py": ["--model", "{tiny}", "--batch-sizes", "1", "2", "--max-tokens", "8", "--rounds", "1",
                              "--max-model-len", "256", "--problem-chars", "40", "--eagle", "{tiny_head}",
-                             "--draft", "{tiny}"],
+                             "--draft", "{tiny}", "--k", "3"],
     "bench_structured.py": ["--model", "{tiny}", "--concurrency", "2", "--max-tokens", "4", "--rounds", "1",
                             "--compile-reps", "1"],
 }
 
 
+def _benchmark_parser(script: str):
+    """benchmarks/<script>'s `parse_args` (every benchmark has one: its command line, nothing run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_doc_benchmark_{script[:-3]}",
+                                                  os.path.join(ROOT, "benchmarks", script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args
+
+
+def _behaviour(script: str, argv: list[str]) -> tuple[str, ...]:
+    """A documented benchmark command's flags less the sizes the test sets (SMALL_FLAGS): two commands
+    with the same behaviour differ only in how long they run, and the test runs one of them."""
+    sized = {f for f in SMALL_FLAGS[script] if f.startswith("--")}
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg in sized
+        if not skipping:
+            kept.append(arg)
+    return (script, *kept)
+
+
 @pytest.mark.slow
 def test_benchmark_commands_run(tmp_path):
-    """Each benchmark command of docs/BENCHMARKS.md, as written plus small sizes: the compile-time,
+    """Each benchmark command of docs/BENCHMARKS.md: every one parses as written (the script's own
+    parser), and each distinct behaviour runs, as written plus small sizes: the compile-time,
     generate and throughput benchmarks (all their columns, HF transformers included, on a tiny
-    GGUF for the latter two) and the sharding report as it stands. `make bench` runs the first two;
-    the attention benchmark runs in the kernels notebook."""
+    GGUF for the latter two), the quality, sampler, speculative, structured-output and matmul-form
+    benchmarks and the sharding report as it stands. `make bench` runs the first two; the attention
+    benchmark runs in the kernels notebook."""
     from jaxinfer.testing import tiny_gguf
 
     tiny = str(tmp_path / "tiny.gguf")
     tiny_gguf(tiny)
     tiny_head = str(tmp_path / "tiny-head")  # an untrained draft head for it (eagle rows: speed and identity)
     _untrained_head(tiny, tiny_head)
-    cmds = [c for c in doc_commands() if re.match(r"(XLA_FLAGS=\S+ )?python benchmarks/(?!serving|bench_attention)", c)]
-    assert {re.search(r"benchmarks/(\w+\.py)", c).group(1) for c in cmds} == set(SMALL_FLAGS), cmds
+    documented = [c for c in doc_commands()
+                  if re.match(r"(XLA_FLAGS=\S+ )?python benchmarks/(?!serving|bench_attention)", c)]
+    assert {re.search(r"benchmarks/(\w+\.py)", c).group(1) for c in documented} == set(SMALL_FLAGS), documented
+    cmds, behaviours = [], set()
+    for cmd in documented:
+        argv = [a for a in shlex.split(cmd) if not re.fullmatch(r"[A-Z_]+=\S*", a)]
+        script = os.path.basename(argv[1])
+        try:
+            _benchmark_parser(script)(argv[2:])
+        except SystemExit as e:
+            raise AssertionError(f"{cmd!r} does not parse: exit {e.code}") from e
+        if _behaviour(script, argv[2:]) not in behaviours:
+            behaviours.add(_behaviour(script, argv[2:]))
+            cmds.append(cmd)
 
     def run(cmd: str) -> tuple[str, subprocess.CompletedProcess]:
         argv = shlex.split(cmd)
@@ -598,10 +641,11 @@ def test_benchmark_commands_run(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         for cmd, (script, done) in zip(cmds, pool.map(run, cmds)):
             assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-            outputs[script] = outputs.get(script, "") + done.stdout  # (a script documented twice: both runs)
+            outputs[script] = outputs.get(script, "") + done.stdout  # (a script run twice: both outputs)
     assert re.search(r"\| True \| 2 \| [\d.]+ \| [\d.]+ \|", outputs["bench_compile.py"])
     assert "HF transformers" in outputs["bench_generate.py"] and "unrolled layers" in outputs["bench_generate.py"]
     assert "jaxinfer engine f32, default" in outputs["bench_generate.py"]  # the engine columns
+    assert re.search(r"\| jaxinfer engine int4 weights, int8 KV \|( [\d,.]+ \|){4}", outputs["bench_generate.py"])
     assert re.search(r"\| hf \| [\d.]+ \|", outputs["throughput.py"]) and (tmp_path / "out.json").exists()
     for row in ("async scheduling off", "async scheduling on", "device-only bound"):  # the async columns
         assert re.search(rf"\| {row}[^|]* \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", outputs["throughput.py"]), row

@@ -147,3 +147,60 @@ def test_header_magic_is_checked(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         GGUFFile(path)
+
+
+def _same_as_the_gguf_package(path) -> None:
+    """checkpoints.gguf_reader reads exactly what the gguf package's GGUFReader reads: every metadata
+    value (and its Python type), every tensor's type, shape, offset and bytes."""
+    import gguf
+
+    from checkpoints.gguf_reader import GGUFHeader
+
+    ours, theirs = GGUFHeader(str(path)), gguf.GGUFReader(str(path), "r")
+    meta = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.metadata) == list(meta)
+    for key, value in meta.items():
+        assert ours.metadata[key] == value and type(ours.metadata[key]) is type(value), key
+        if isinstance(value, list) and value:
+            assert {type(v) for v in ours.metadata[key]} == {type(v) for v in value}, key
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.tensor_type, mine.shape, mine.n_bytes, mine.data_offset) == \
+            (t.tensor_type, tuple(int(d) for d in t.shape), t.n_bytes, t.data_offset), t.name
+        assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape, t.name
+        np.testing.assert_array_equal(mine.data, t.data)
+
+
+def test_header_reader_reads_what_the_gguf_package_reads():
+    """On the bundled SmolLM2 file (its 49k-token vocabulary and merges); Gemma 3's K-quant blocks are
+    read through the same code by test_k_quant_tensors_load_with_their_element_shape and the Gemma 3
+    fidelity tests."""
+    from jaxinfer.registry import resolve_model_path
+
+    _same_as_the_gguf_package(resolve_model_path("smollm2-135m"))
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1", "Q5_0", "Q8_0"])
+def test_header_reader_reads_every_value_type_and_big_endian_files(tmp_path, qtype):
+    import gguf
+
+    for endian in (gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG):
+        path = tmp_path / f"{endian.name}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+        for i, value_type in enumerate(t for t in gguf.GGUFValueType if t not in (gguf.GGUFValueType.ARRAY,)):
+            value = {gguf.GGUFValueType.STRING: "é ✓", gguf.GGUFValueType.BOOL: True,
+                     gguf.GGUFValueType.FLOAT32: 0.1, gguf.GGUFValueType.FLOAT64: 0.1}.get(value_type, 7)
+            w.add_key_value(f"test.value{i}", value, value_type)
+        w.add_array("test.strings", ["a", "", "ü" * 3])
+        w.add_array("test.floats", [0.5, -1.25])
+        w.add_array("test.empty", [])
+        values = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        if qtype == "F32":
+            w.add_tensor("t", values)
+        else:
+            quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype])
+            w.add_tensor("t", quantized, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        _same_as_the_gguf_package(path)
+        assert GGUFFile(path).metadata["test.strings"] == ["a", "", "üüü"]
