@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 TARGET = "jaxinfer_quantized_matmul"
 MAX_ROWS = 32  # larger steps (prefill chunks): XLA's dequantize-then-dot (docs/BENCHMARKS.md)
 THREADS = int(os.environ.get("JAXINFER_NATIVE_THREADS", os.cpu_count() or 1))
+# steps of fewer rows than this run on one thread: memory-bound, and inside an engine step the OpenMP
+# workers contend with XLA's own threads between calls (docs/BENCHMARKS.md, 2026-12-04)
+ONE_THREAD_BELOW = int(os.environ.get("JAXINFER_ONE_THREAD_BELOW", 2))
 # from this many rows of x the kernel dequantizes panels of W once and reuses them for every row
 PANEL_ROWS = int(os.environ.get("JAXINFER_PANEL_ROWS", 8))
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantized_matmul_cpu.cc")
@@ -110,7 +113,8 @@ def quantized_matmuls_cpu(x, weights, *, transpose: bool = False, out_dtype=None
         outs.append(jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
     ys = jax.ffi.ffi_call(TARGET, outs)(
         x2, *operands, bits=np.asarray(bits, np.int64), group=np.asarray(groups, np.int64),
-        has_offset=np.asarray(has_offset, np.int64), transpose=np.int64(transpose), threads=np.int64(THREADS),
+        has_offset=np.asarray(has_offset, np.int64), transpose=np.int64(transpose),
+        threads=np.int64(1 if x2.shape[0] < ONE_THREAD_BELOW else THREADS),
         panel_rows=np.int64(PANEL_ROWS))
     return [y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype) for y in ys]
 

@@ -572,12 +572,8 @@ ffi::Error QuantizedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
   // 2 cores: SmolLM2's q/k/v/o projections each ran faster on one thread, its MLP and lm_head on two).
   // The work grows with the rows (a weight counts once per 4 rows of x) and with the weights of the
   // call: q, k and v together are one threaded call. Threads split the joint columns in blocks of 64.
-  // Below panel_rows (decode of a few sequences: memory-bound) one thread: inside the engine's step
-  // the OpenMP workers contend with XLA's own threads between calls, and SmolLM2 int4 decoded at 1.71x
-  // float32 on one thread against 1.55x on two (docs/BENCHMARKS.md), int8 1.34x against 1.28x.
   const int64_t work = K * total * ((M + 3) / 4);
-  const int64_t T = work < kThreadedWeights || M < panel_rows
-                        ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, total / 64));
+  const int64_t T = work < kThreadedWeights ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, total / 64));
   const int64_t chunk = ((total + T - 1) / T + 63) / 64 * 64;
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t t = 0; t < T; ++t) {

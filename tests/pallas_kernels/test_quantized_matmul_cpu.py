@@ -99,3 +99,19 @@ def test_no_compiler_falls_back_to_the_reference(monkeypatch, tmp_path):
         native.available.cache_clear()
     monkeypatch.undo()
     assert native.available()  # rebuilt state for the rest of the session
+
+
+def test_one_row_steps_run_on_one_thread():
+    """A one-row step (batch-1 decode) asks the kernel for one thread; larger steps for THREADS (the
+    kernel still keeps small matrices on one, by their size)."""
+    import re
+
+    values, scale, offset = _weights(np.random.default_rng(5), 64, 32, 8, 32, False)
+
+    def threads(rows):
+        text = jax.jit(lambda x: native.quantized_matmul_cpu(x, values, scale, offset, bits=8)).lower(
+            jnp.ones((rows, 64))).as_text()
+        return {int(t) for t in re.findall(r"threads = (\d+)", text)}
+
+    assert native.ONE_THREAD_BELOW == 2
+    assert threads(1) == {1} and threads(2) == threads(8) == {native.THREADS}
