@@ -231,6 +231,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.counters = dict(steps=0, prompt_tokens=0, generation_tokens=0, computed_tokens=0, finished=0,
                              aborted=0, host_seconds=0.0, device_seconds=0.0, warmup_graphs=0)
+        self._kv_pages_peak = 0  # the most pages held after a step, since start or `reset_kv_pages_peak`
         if warmup:
             self.warmup()
 
@@ -384,6 +385,7 @@ class LLMEngine:
             if output.finished:
                 self._samples.pop(output.request_id, None)
                 self._holding.pop(output.request_id, None)
+        self._kv_pages_peak = max(self._kv_pages_peak, self._kv_pages_used())
         c = self.counters
         c["generation_tokens"] += processed.num_new_tokens
         c["finished"] += processed.num_finished
@@ -395,12 +397,20 @@ class LLMEngine:
 
     # ---- stats --------------------------------------------------------------------------------
 
+    def _kv_pages_used(self) -> int:
+        return sum(kv.pool.num_blocks - 1 - kv.num_free_blocks for kv in self.kv_managers)
+
+    def reset_kv_pages_peak(self) -> None:
+        """Starts `stats()["kv_pages_peak"]` again from the pages held now (a benchmark's window)."""
+        self._kv_pages_peak = self._kv_pages_used()
+
     def stats(self) -> dict[str, float]:
-        """Running/waiting counts, KV pages, prefix-cache hit rate, preemptions and totals."""
+        """Running/waiting counts, KV pages (total, used, the peak used after a step, cached),
+        prefix-cache hit rate, preemptions and totals."""
         s = self.scheduler.stats()
         kvs = self.kv_managers
         total = sum(kv.pool.num_blocks - 1 for kv in kvs)
-        s.update(kv_pages_total=total, kv_pages_used=total - sum(kv.num_free_blocks for kv in kvs),
+        s.update(kv_pages_total=total, kv_pages_used=self._kv_pages_used(), kv_pages_peak=self._kv_pages_peak,
                  kv_pages_cached=sum(kv.pool.num_cached_blocks for kv in kvs),
                  prefix_cache_hit_tokens=sum(kv.prefix_cache_hits for kv in kvs),
                  prefix_cache_query_tokens=sum(kv.prefix_cache_queries for kv in kvs),

@@ -147,23 +147,13 @@ def run_config(llm, config: EvalConfig, task: Task, problems: list[Problem], *, 
         else:
             prompts.append({"prompt": p.prompt, "prompt_token_ids": llm.tokenizer.encode(p.prompt)})
     before = dict(engine.counters)
+    engine.reset_kv_pages_peak()
     start = time.perf_counter()
-    ids = llm._add_requests(prompts, params)
-    outputs, peak_pages = {}, 0
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs[out.request_id] = out
-            peak_pages = max(peak_pages, engine.stats()["kv_pages_used"])
-    except BaseException:
-        for rid in ids:
-            engine.abort(rid)
-        raise
+    outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - start
+    peak_pages = engine.stats()["kv_pages_peak"]
     results, latencies, ttfts = [], [], []
-    for rid, problem in zip(ids, problems):
-        out = outputs[rid]
+    for out, problem in zip(outputs, problems):
         text = out.outputs[0].text if out.outputs else ""
         results.append(task.correct(problem, text))
         m = out.metrics

@@ -78,6 +78,7 @@ class _EngineCollector:
         yield gauge("num_requests_in_flight", "requests submitted and not finished", s.get("num_in_flight", 0))
         yield gauge("kv_pages_total", "KV-cache pages (all replicas)", s.get("kv_pages_total", 0))
         yield gauge("kv_pages_used", "KV-cache pages held by requests", s.get("kv_pages_used", 0))
+        yield gauge("kv_pages_peak", "the most KV-cache pages held after a step", s.get("kv_pages_peak", 0))
         yield gauge("kv_pages_cached", "KV pages registered in the prefix cache (held or free)",
                     s.get("kv_pages_cached", 0))
         yield counter("prefix_cache_hits", "prompt tokens served from the prefix cache",

@@ -70,6 +70,22 @@ def test_preemption_under_a_small_pool_keeps_the_tokens(async_scheduling, tiny, 
     assert_no_pages_held(engine)
 
 
+def test_kv_pages_peak_is_the_most_pages_held_after_a_step(async_scheduling, tiny):
+    prompts = random_prompts(tiny.config, (9, 10, 11, 7), seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tiny, async_scheduling=async_scheduling, num_pages=32)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    held = [0]
+    while engine.has_unfinished_requests():
+        engine.step()
+        held.append(engine.stats()["kv_pages_used"])
+    s = engine.stats()
+    assert s["kv_pages_peak"] == max(held) > 0 and s["kv_pages_used"] == 0
+    engine.reset_kv_pages_peak()
+    assert engine.stats()["kv_pages_peak"] == 0
+
+
 def test_prefix_cache_computes_only_the_new_tokens(async_scheduling, tiny):
     shared = random_prompts(tiny.config, [12], seed=2)[0]  # 3 full pages of 4
     a, b = shared + [7, 8], shared + [9, 10, 11]

@@ -410,6 +410,8 @@ def test_metrics_expose_latency_queue_and_kv(live):
     assert samples['jaxinfer_time_per_output_token_seconds_count{model_name="tiny"}'] >= 1
     assert samples['jaxinfer_e2e_request_latency_seconds_count{model_name="tiny"}'] >= 1
     assert samples['jaxinfer_kv_pages_total{model_name="tiny"}'] == 599
+    used = samples['jaxinfer_kv_pages_used{model_name="tiny"}']
+    assert samples['jaxinfer_kv_pages_peak{model_name="tiny"}'] >= max(1, used)  # (a request ran above)
     assert 'jaxinfer_num_requests_waiting{model_name="tiny"}' in samples
     assert 'jaxinfer_prefix_cache_hits_total{model_name="tiny"}' in samples
     assert 'jaxinfer_num_preemptions_total{model_name="tiny"}' in samples
