@@ -52,7 +52,7 @@ from jaxinfer.engine_config import (  # noqa: F401 (EngineConfig and set_compila
     SP_NEEDS_REFERENCE,
     EngineConfig,
     default_layer_loop,
-    kv_cache_budget,
+    kv_pool_pages,
     set_compilation_cache,
 )
 from jaxinfer.errors import InvalidRequestError
@@ -115,7 +115,6 @@ class LLMEngine:
         if (kv8_error := ops.kv_cache_dtype_error(cache.kv_cache_dtype, comp.attention_backend, device)) is not None:
             raise InvalidRequestError(kv8_error)
         page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
-        max_pages_per_seq = -(-self.max_model_len // page_size)
         spec = sched.speculative_config
         if spec is not None:  # "auto" settings: this platform's measured ones
             spec = spec.resolve(device.platform)
@@ -136,29 +135,8 @@ class LLMEngine:
 
         # A page holds a page of the target's cache and (speculative method "draft") one of the draft's.
         page_bytes = bytes_per_page(config) + (bytes_per_page(draft_model.config) if draft_model is not None else 0)
-        if cache.num_pages is not None:
-            num_pages = cache.num_pages
-        else:
-            budget = kv_cache_budget(ec, device)
-            if jax.process_count() > 1:  # every process must build the same pool: the smallest budget wins
-                from jax.experimental import multihost_utils
-
-                budget = int(multihost_utils.process_allgather(budget).min())
-            num_pages = budget // page_bytes
-            if sched.max_model_len is None and num_pages < max_pages_per_seq + 1 and num_pages >= 2:
-                # No context limit was asked for: use what the budget holds rather than refuse
-                # (Gemma 3's 32k context in f32 needs 1.2 GB of cache), and say so.
-                fit = (num_pages - 1) * page_size
-                logger.warning("the KV-cache budget (%.0f MiB) holds %d tokens, fewer than the model's %d-token "
-                               "context: max_model_len set to %d (raise kv_cache_memory for more)",
-                               budget / 2**20, fit, self.max_model_len, fit)
-                self.max_model_len = fit
-                max_pages_per_seq = -(-fit // page_size)
-            if num_pages < max_pages_per_seq + 1:
-                raise InvalidRequestError(
-                    f"a KV-cache budget of {budget / 2**20:.0f} MiB holds {num_pages} pages of {page_size} tokens "
-                    f"({page_bytes / 2**10:.0f} KiB each), fewer than one {self.max_model_len}-token sequence needs "
-                    f"({max_pages_per_seq + 1}); raise kv_cache_memory or lower max_model_len")
+        num_pages, self.max_model_len = kv_pool_pages(ec, device, page_bytes, page_size, self.max_model_len)
+        max_pages_per_seq = -(-self.max_model_len // page_size)
         if num_pages < 2:
             raise InvalidRequestError(f"num_pages must be at least 2 (page 0 is reserved), got {num_pages}")
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB on %s", num_pages - 1, page_size,

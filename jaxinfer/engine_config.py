@@ -8,6 +8,7 @@ first); what needs the device is resolved by `LLMEngine`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -243,6 +244,41 @@ def set_compilation_cache(path: str | None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         compilation_cache.reset_cache()
     return path
+
+
+def kv_pool_pages(config: EngineConfig, device: jax.Device, page_bytes: int, page_size: int,
+                  max_model_len: int) -> tuple[int, int]:
+    """(pages in the pool, the context it serves): `cache.num_pages` as given, else the byte budget
+    (`kv_cache_budget`; in a multi-process run the smallest process's) over the bytes of a page. Without
+    a configured max_model_len, a budget short of the model's context shrinks the context to what it
+    holds, with a warning (under the engine's logger).
+
+    Raises:
+      InvalidRequestError: the budget holds less than one max_model_len sequence.
+    """
+    if config.cache.num_pages is not None:
+        return config.cache.num_pages, max_model_len
+    budget = kv_cache_budget(config, device)
+    if jax.process_count() > 1:  # every process must build the same pool: the smallest budget wins
+        from jax.experimental import multihost_utils
+
+        budget = int(multihost_utils.process_allgather(budget).min())
+    num_pages = budget // page_bytes
+    max_pages_per_seq = -(-max_model_len // page_size)
+    if config.scheduling.max_model_len is None and num_pages < max_pages_per_seq + 1 and num_pages >= 2:
+        # No context limit was asked for: use what the budget holds rather than refuse
+        # (Gemma 3's 32k context in f32 needs 1.2 GB of cache), and say so.
+        fit = (num_pages - 1) * page_size
+        logging.getLogger("jaxinfer.engine").warning(
+            "the KV-cache budget (%.0f MiB) holds %d tokens, fewer than the model's %d-token context: "
+            "max_model_len set to %d (raise kv_cache_memory for more)", budget / 2**20, fit, max_model_len, fit)
+        max_model_len, max_pages_per_seq = fit, -(-fit // page_size)
+    if num_pages < max_pages_per_seq + 1:
+        raise InvalidRequestError(
+            f"a KV-cache budget of {budget / 2**20:.0f} MiB holds {num_pages} pages of {page_size} tokens "
+            f"({page_bytes / 2**10:.0f} KiB each), fewer than one {max_model_len}-token sequence needs "
+            f"({max_pages_per_seq + 1}); raise kv_cache_memory or lower max_model_len")
+    return num_pages, max_model_len
 
 
 def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
