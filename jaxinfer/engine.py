@@ -137,8 +137,6 @@ class LLMEngine:
         page_bytes = bytes_per_page(config) + (bytes_per_page(draft_model.config) if draft_model is not None else 0)
         num_pages, self.max_model_len = kv_pool_pages(ec, device, page_bytes, page_size, self.max_model_len)
         max_pages_per_seq = -(-self.max_model_len // page_size)
-        if num_pages < 2:
-            raise InvalidRequestError(f"num_pages must be at least 2 (page 0 is reserved), got {num_pages}")
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB on %s", num_pages - 1, page_size,
                     (num_pages - 1) * page_size, num_pages * page_bytes / 2**20, device.platform)
         self.num_pages, self.page_size, self.page_bytes = num_pages, page_size, page_bytes

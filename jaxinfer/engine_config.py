@@ -254,9 +254,13 @@ def kv_pool_pages(config: EngineConfig, device: jax.Device, page_bytes: int, pag
     holds, with a warning (under the engine's logger).
 
     Raises:
-      InvalidRequestError: the budget holds less than one max_model_len sequence.
+      InvalidRequestError: the budget holds less than one max_model_len sequence, or fewer than 2
+        pages are asked for (page 0 is reserved).
     """
     if config.cache.num_pages is not None:
+        if config.cache.num_pages < 2:
+            raise InvalidRequestError(f"num_pages must be at least 2 (page 0 is reserved), got "
+                                      f"{config.cache.num_pages}")
         return config.cache.num_pages, max_model_len
     budget = kv_cache_budget(config, device)
     if jax.process_count() > 1:  # every process must build the same pool: the smallest budget wins

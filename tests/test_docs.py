@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import contextlib
+import functools
 import glob
 import io
 import os
@@ -587,6 +588,7 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
 }
 
 
+@functools.cache
 def _benchmark_parser(script: str):
     """benchmarks/<script>'s `parse_args` (every benchmark has one: its command line, nothing run)."""
     import importlib.util
@@ -636,8 +638,9 @@ def test_benchmark_commands_run(tmp_path):
             _benchmark_parser(script)(argv[2:])
         except SystemExit as e:
             raise AssertionError(f"{cmd!r} does not parse: exit {e.code}") from e
-        if _behaviour(script, argv[2:]) not in behaviours:
-            behaviours.add(_behaviour(script, argv[2:]))
+        behaviour = _behaviour(script, argv[2:])
+        if behaviour not in behaviours:
+            behaviours.add(behaviour)
             cmds.append(cmd)
 
     def run(cmd: str) -> tuple[str, subprocess.CompletedProcess]:
