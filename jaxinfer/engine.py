@@ -41,7 +41,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from jaxinfer.beam_search import BeamSearch
 from jaxinfer.cache import KVCacheManager
@@ -52,20 +51,20 @@ from jaxinfer.engine_config import (  # noqa: F401 (EngineConfig and set_compila
     SP_NEEDS_REFERENCE,
     EngineConfig,
     default_layer_loop,
+    kv_page_bytes,
     kv_pool_pages,
+    runner_config,
     set_compilation_cache,
 )
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.input_processor import InputProcessor, ProcessedPrompt
-from jaxinfer.model import restack_layers
 from jaxinfer.output_processor import OutputProcessor
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.request import Request, RequestStatus
-from jaxinfer.runner import Runner, RunnerConfig
-from jaxinfer.runner.buckets import pow2_buckets
+from jaxinfer.runner import Runner
 from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.speculative import load_proposer
 from jaxinfer.structured_output import GrammarCompiler
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import ops
@@ -90,7 +89,7 @@ class LLMEngine:
         # Built here, not as a default argument: EngineConfig() asks JAX for its backend, and importing
         # this module must not start the backend before a multi-host run's jax.distributed.initialize.
         ec = engine_config if engine_config is not None else EngineConfig()
-        cache, sched, buckets, comp, pc = ec.cache, ec.scheduling, ec.buckets, ec.compile, ec.parallel
+        cache, sched, comp, pc = ec.cache, ec.scheduling, ec.compile, ec.parallel
         if pc.sequence_parallel_size > 1 and ops.resolve_backend(comp.attention_backend) != "reference":
             raise InvalidRequestError(SP_NEEDS_REFERENCE)
         self.mesh = None
@@ -104,8 +103,6 @@ class LLMEngine:
             if pc.tensor_parallel_size > 1:
                 from sharding.heads import relayout_model
 
-                # the head re-layout works on stacked weights (an engine's per-layer ones are restacked)
-                params = restack_layers(params)
                 config, graphdef, params = relayout_model(config, params, pc.tensor_parallel_size)
         self.config = config
         self.engine_config = ec
@@ -118,52 +115,21 @@ class LLMEngine:
         spec = sched.speculative_config
         if spec is not None:  # "auto" settings: this platform's measured ones
             spec = spec.resolve(device.platform)
-        draft_model = None
-        if spec is not None and spec.method == "draft":  # loaded and checked against this model (typed errors)
-            if self.mesh is not None or jax.process_count() > 1:
-                raise InvalidRequestError('speculative method "draft" runs on one device in one process: leave '
-                                          'parallelism at 1, or use method "ngram" or "eagle"')
-            from jaxinfer.speculative.draft import load_draft
-
-            draft_model = load_draft(spec.model, config, tokenizer, self.max_model_len)
-
-        def bytes_per_page(cfg):
-            return PagedKVCache.bytes_per_page(num_layers=cfg.num_layers, page_size=page_size,
-                                               num_kv_heads=cfg.num_kv_heads // pc.tensor_parallel_size,
-                                               head_dim=ops.kv_cache_head_dim(cfg.head_dim, comp.attention_backend),
-                                               dtype=jnp.dtype(cfg.dtype), kv_cache_dtype=cache.kv_cache_dtype)
+        # method "draft": the draft model, "eagle": the draft head, loaded and checked against this model
+        draft_model, draft_head = load_proposer(spec, config, params, tokenizer, self.max_model_len, self.mesh)
 
         # A page holds a page of the target's cache and (speculative method "draft") one of the draft's.
-        page_bytes = bytes_per_page(config) + (bytes_per_page(draft_model.config) if draft_model is not None else 0)
+        page_bytes = kv_page_bytes(ec, config, page_size)
+        if draft_model is not None:
+            page_bytes += kv_page_bytes(ec, draft_model.config, page_size)
         num_pages, self.max_model_len = kv_pool_pages(ec, device, page_bytes, page_size, self.max_model_len)
-        max_pages_per_seq = -(-self.max_model_len // page_size)
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB on %s", num_pages - 1, page_size,
                     (num_pages - 1) * page_size, num_pages * page_bytes / 2**20, device.platform)
         self.num_pages, self.page_size, self.page_bytes = num_pages, page_size, page_bytes
 
-        max_tokens = sched.max_num_batched_tokens
-        sp = pc.sequence_parallel_size
-        if spec is not None and (pc.data_parallel_size > 1 or sp > 1 or jax.process_count() > 1
-                                 or sched.async_scheduling):
-            raise InvalidRequestError("speculative decoding runs synchronous steps on one replica: leave "
-                                      "async_scheduling unset and data / sequence parallelism at 1 (tensor "
-                                      "parallelism works), or drop speculative_config")
-        rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size * sp,
-                          max_pages_per_seq=max_pages_per_seq,
-                          token_buckets=buckets.token_buckets or pow2_buckets(min(16, max_tokens), max_tokens),
-                          # sequence parallel: decode steps (T = S) split their tokens over `seq` too
-                          seq_buckets=buckets.seq_buckets or pow2_buckets(sp,
-                                                                          -(-max(sp, sched.max_num_seqs) // sp) * sp),
-                          page_buckets=buckets.page_buckets, q_block=buckets.q_block,
-                          max_prefill_seqs=sched.max_prefill_seqs,
-                          pages_per_item=buckets.pages_per_item,
-                          attention_backend=comp.attention_backend, sequence_parallel_size=sp,
-                          kv_cache_dtype=cache.kv_cache_dtype,
-                          num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0)
-        if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < sched.max_num_seqs:
-            raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
-                                      f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
-                                      f"max_num_seqs ({sched.max_num_seqs})")
+        max_tokens, sp = sched.max_num_batched_tokens, pc.sequence_parallel_size
+        rc = runner_config(ec, page_size=page_size, num_pages=num_pages, max_model_len=self.max_model_len,
+                           speculative=spec)
         # One page pool per data-parallel replica (num_pages each, local ids), one scheduler over them.
         # With sequence parallelism one pool of num_pages per `seq` device, striped (BlockPool).
         self.kv_managers = [KVCacheManager(num_blocks=num_pages * sp, page_size=page_size,
@@ -187,11 +153,6 @@ class LLMEngine:
         # the overlap costs the step a core and measured 9% slower).
         default_async = one_device and device.platform != "cpu" and spec is None
         self.async_scheduling = default_async if sched.async_scheduling is None else sched.async_scheduling
-        draft_head = None
-        if spec is not None and spec.method == "eagle":  # checked against this model (typed errors)
-            from jaxinfer.speculative.eagle import load_head
-
-            draft_head = load_head(spec.model, config, params, tokenizer)
         self.grammars = GrammarCompiler(tokenizer, config.vocab_size)  # structured outputs, thinking budgets
         self.runner = Runner(config, graphdef, params, rc, eos_token_ids=tokenizer.eos_token_ids, mesh=self.mesh,
                              layer_loop=layer_loop, async_scheduling=self.async_scheduling, speculative=spec,

@@ -1,6 +1,7 @@
 """Engine settings, one frozen config per concern (`CacheConfig`, `SchedulingConfig`,
 `BucketConfig`, `sharding.mesh.ParallelConfig`, `CompileConfig`) composed into `EngineConfig`;
-the KV-cache byte budget; and the process-wide compilation cache that the entry points set.
+the KV-cache byte budget, the pool and the runner's config derived from them; and the
+process-wide compilation cache that the entry points set.
 Building a config never starts a JAX backend (a multi-host run calls jax.distributed.initialize
 first); what needs the device is resolved by `LLMEngine`.
 """
@@ -12,6 +13,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.speculative import SpeculativeConfig
@@ -283,6 +285,53 @@ def kv_pool_pages(config: EngineConfig, device: jax.Device, page_bytes: int, pag
             f"({page_bytes / 2**10:.0f} KiB each), fewer than one {max_model_len}-token sequence needs "
             f"({max_pages_per_seq + 1}); raise kv_cache_memory or lower max_model_len")
     return num_pages, max_model_len
+
+
+def kv_page_bytes(config: EngineConfig, model_config, page_size: int) -> int:
+    """Bytes of one KV page of `model_config`'s cache on one tensor-parallel shard."""
+    from jaxinfer.paged_attention import PagedKVCache
+
+    backend = config.compile.attention_backend
+    return PagedKVCache.bytes_per_page(
+        num_layers=model_config.num_layers, page_size=page_size,
+        num_kv_heads=model_config.num_kv_heads // config.parallel.tensor_parallel_size,
+        head_dim=ops.kv_cache_head_dim(model_config.head_dim, backend), dtype=jnp.dtype(model_config.dtype),
+        kv_cache_dtype=config.cache.kv_cache_dtype)
+
+
+def runner_config(config: EngineConfig, *, page_size: int, num_pages: int, max_model_len: int,
+                  speculative: SpeculativeConfig | None = None):
+    """The runner's `RunnerConfig`: the pool of every data-parallel replica and sequence shard, and
+    the shape buckets (powers of two up to the step budgets unless given).
+
+    Raises:
+      InvalidRequestError: speculative decoding with data / sequence parallelism, several processes or
+        async scheduling; buckets that do not cover the step budgets.
+    """
+    from jaxinfer.runner.buckets import RunnerConfig, pow2_buckets
+
+    sched, buckets, pc = config.scheduling, config.buckets, config.parallel
+    max_tokens, sp = sched.max_num_batched_tokens, pc.sequence_parallel_size
+    if speculative is not None and (pc.data_parallel_size > 1 or sp > 1 or jax.process_count() > 1
+                                    or sched.async_scheduling):
+        raise InvalidRequestError("speculative decoding runs synchronous steps on one replica: leave "
+                                  "async_scheduling unset and data / sequence parallelism at 1 (tensor "
+                                  "parallelism works), or drop speculative_config")
+    rc = RunnerConfig(page_size=page_size, num_pages=num_pages * pc.data_parallel_size * sp,
+                      max_pages_per_seq=-(-max_model_len // page_size),
+                      token_buckets=buckets.token_buckets or pow2_buckets(min(16, max_tokens), max_tokens),
+                      # sequence parallel: decode steps (T = S) split their tokens over `seq` too
+                      seq_buckets=buckets.seq_buckets or pow2_buckets(sp, -(-max(sp, sched.max_num_seqs) // sp) * sp),
+                      page_buckets=buckets.page_buckets, q_block=buckets.q_block,
+                      max_prefill_seqs=sched.max_prefill_seqs, pages_per_item=buckets.pages_per_item,
+                      attention_backend=config.compile.attention_backend, sequence_parallel_size=sp,
+                      kv_cache_dtype=config.cache.kv_cache_dtype,
+                      num_speculative_tokens=speculative.num_speculative_tokens if speculative is not None else 0)
+    if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < sched.max_num_seqs:
+        raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
+                                  f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "
+                                  f"max_num_seqs ({sched.max_num_seqs})")
+    return rc
 
 
 def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:

@@ -24,7 +24,8 @@ from jaxinfer.engine import LLMEngine
 from jaxinfer.metrics import ServerMetrics
 from jaxinfer.openai_serving import ApiError, OpenAIServing, parse_request
 from jaxinfer.openapi import openapi_spec
-from jaxinfer.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from jaxinfer.protocol import ChatCompletionRequest, CompletionRequest
+from jaxinfer.protocol_responses import ModelCard, ModelList
 
 logger = logging.getLogger("jaxinfer.server")
 

@@ -8,7 +8,8 @@ import json
 
 import pydantic
 
-from jaxinfer.protocol import UNSUPPORTED_FIELDS, ErrorInfo, ErrorResponse
+from jaxinfer.protocol import UNSUPPORTED_FIELDS
+from jaxinfer.protocol_responses import ErrorInfo, ErrorResponse
 
 # What a field must be, for union-typed fields whose pydantic errors list every alternative.
 _FIELD_HINTS = {

@@ -5,7 +5,7 @@ legacy completions form (tokens, token_logprobs, top_logprobs, text_offset) and 
 from __future__ import annotations
 
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxinfer.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from jaxinfer.protocol_responses import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 from jaxinfer.tokenizer import Tokenizer
 
 

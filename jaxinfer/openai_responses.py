@@ -15,7 +15,7 @@ from jaxinfer import tool_calls
 from jaxinfer.async_engine import EngineDeadError, RequestStream
 from jaxinfer.openai_errors import ApiError, error_body
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.protocol import (
+from jaxinfer.protocol_responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

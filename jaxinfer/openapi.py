@@ -9,9 +9,10 @@ def openapi_spec(config) -> dict:
     from pydantic.json_schema import models_json_schema
 
     from jaxinfer import protocol as p
+    from jaxinfer import protocol_responses as r
 
-    models = [p.CompletionRequest, p.ChatCompletionRequest, p.CompletionResponse, p.ChatCompletionResponse,
-              p.ChatCompletionChunk, p.ModelList, p.ErrorResponse, p.Health]
+    models = [p.CompletionRequest, p.ChatCompletionRequest, r.CompletionResponse, r.ChatCompletionResponse,
+              r.ChatCompletionChunk, r.ModelList, r.ErrorResponse, r.Health]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
     error = {"description": "OpenAI-style error", "content": {"application/json": {"schema": ref("ErrorResponse")}}}

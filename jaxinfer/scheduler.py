@@ -33,6 +33,7 @@ from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
 from jaxinfer.scheduler_output import NewRequestData, RequestUpdate, ScheduledChunk, SchedulerOutput, SchedulerUpdate
 from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative.scheduling import SpeculativeScheduling
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class SchedulerConfig:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
-class Scheduler(BeamScheduling):
+class Scheduler(BeamScheduling, SpeculativeScheduling):
     """Decides, each step, which requests run and how many tokens each computes (beam search's
-    forks: `beam_scheduling.BeamScheduling`)."""
+    forks: `beam_scheduling.BeamScheduling`; drafts to verify: `speculative.scheduling`)."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, *, eos_token_ids: Iterable[int] = ()):
         self.config = config
@@ -239,37 +240,6 @@ class Scheduler(BeamScheduling):
                                       request.sampling_params, request.seed))
         chunks.append(self._chunk(request, num_cached, n))
 
-    def _lookahead(self, end: int) -> int:
-        """Slots to reserve past position `end` (`SchedulerConfig.num_lookahead_tokens`), within the context."""
-        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - end))
-
-    def _speculates(self) -> bool:
-        """Whether this step's decodes verify drafts: only in steps without prefill chunks (a verify
-        step is shaped for decodes: 1 + k tokens a sequence), so not while a running request is still
-        prefilling or a waiting one could be admitted, and not above the batch size where
-        speculation stops paying (`SpeculativeConfig.disable_by_batch_size`)."""
-        spec = self.config.speculative
-        if spec is None or not self.running:
-            return False
-        if not spec.drafts_at(len(self.running)):
-            return False
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
-            return False
-        return all(r.num_tokens + r.num_pending_tokens - r.num_computed_tokens <= 1 for r in self.running)
-
-    def _drafts(self, request: Request, budget: int) -> tuple[int, ...]:
-        """The drafts a decode verifies this step: its proposed tokens, cut so the step's tokens stay
-        within max_tokens, the context and the token budget."""
-        spec = self.config.speculative
-        if not request.spec_token_ids or request.beam is not None:
-            return ()
-        if (spec.min_acceptance > 0 and request.num_draft_tokens >= spec.probe_drafts
-                and request.num_accepted_tokens < spec.min_acceptance * request.num_draft_tokens):
-            return ()  # its drafts do not pay: it decodes plainly from now on
-        room = min(request.sampling_params.max_tokens - len(request.output_token_ids),
-                   self.config.max_model_len - request.num_tokens, budget) - 1
-        return tuple(request.spec_token_ids[:max(0, room)])
-
     def _num_to_compute(self, request: Request) -> int:
         """Tokens a running request has left to compute (its pending one included), or 0 when a
         step already in flight samples its last token (max_tokens or the context end)."""
@@ -343,17 +313,6 @@ class Scheduler(BeamScheduling):
                                          max(0, request.num_cached_tokens), drafted, accepted))
         beams, self._beam_results = self._beam_results, {}
         return SchedulerUpdate(updates, beams)
-
-    def _count_drafts(self, request: Request, drafted: int, accepted: int) -> None:
-        request.num_draft_tokens += drafted
-        request.num_accepted_tokens += accepted
-        c = self.spec_counts
-        c["spec_num_drafts"] += 1
-        c["spec_num_draft_tokens"] += drafted
-        c["spec_num_accepted_tokens"] += accepted
-        for j in range(drafted):
-            self.spec_proposed_by_position[j] += 1
-            self.spec_accepted_by_position[j] += j < accepted
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         p = request.sampling_params

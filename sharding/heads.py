@@ -95,11 +95,14 @@ def relayout_weights(cfg: ModelConfig, weights: dict, model_size: int) -> tuple[
 
 def relayout_model(cfg: ModelConfig, params, model_size: int):
     """(config, NNX params) -> (config, graphdef, params) with heads laid out for `model_size`
-    shards (unchanged arrays where the layout is already even)."""
+    shards (unchanged arrays where the layout is already even). Per-layer params (an engine's
+    unrolled layers) are restacked first: the re-layout works on stacked weights."""
     from flax import nnx
 
     from jaxinfer.loader import build_model
+    from jaxinfer.model import restack_layers
 
+    params = restack_layers(params)
     weights = {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(params)}
     new_cfg, new_weights = relayout_weights(cfg, weights, model_size)
     return (new_cfg, *build_model(new_cfg, new_weights))

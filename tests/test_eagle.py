@@ -16,7 +16,8 @@ from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative import eagle
-from jaxinfer.speculative.train import DraftRecipe, chat_prompts, draft_vocabulary, train_draft
+from jaxinfer.speculative.prompts import chat_prompts
+from jaxinfer.speculative.train import DraftRecipe, draft_vocabulary, train_draft
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing import tiny_gguf
 from tests import speculative_checks

@@ -1,10 +1,11 @@
-"""The device side of a step: buckets (shapes), inputs (host arrays), steps (shared jit graphs),
-runner (the KV cache and per-request state; SchedulerOutput in, sampled tokens out; async
-submit / collect), results (a step in flight and collected), drafter (speculative decoding's
-proposers), warmup (every graph compiled before the first request)."""
+"""The device side of a step: buckets (shapes), requests (the per-request state the runner keeps),
+inputs and plan (a step's host arrays), steps (shared jit graphs), runner (the KV cache; SchedulerOutput
+in, sampled tokens out; async submit / collect), results (a step in flight and collected), drafter
+(speculative decoding's proposers), warmup (every graph compiled before the first request)."""
 
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, default_page_buckets, step_shape
-from jaxinfer.runner.inputs import CachedRequest, ModelInput, Penalties, SamplingInput
+from jaxinfer.runner.inputs import ModelInput, Penalties, SamplingInput
+from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
 from jaxinfer.runner.runner import Runner
 from jaxinfer.runner.steps import AttentionSpec, forward_step, prompt_logprobs_step, sample_step

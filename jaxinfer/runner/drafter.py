@@ -19,14 +19,18 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
+
 from jaxinfer.model import params_for_layer_loop
-from jaxinfer.runner.buckets import RunnerConfig, decode_shape
-from jaxinfer.runner.inputs import CachedRequest, ModelInput, VerifyInput, build_draft_inputs, draft_positions
+from jaxinfer.runner.buckets import RunnerConfig, StepShape, decode_shape
+from jaxinfer.runner.inputs import ModelInput, VerifyInput, empty_model_input
+from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.runner.steps import AttentionSpec, draft_propose_step, forward_step, propose_step
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative.draft import DraftModel
 from jaxinfer.speculative.eagle import DraftHead
 from jaxinfer.speculative.proposers import proposes
+from pallas_kernels.paged_attention_reference import decode_items
 
 
 class Drafter:
@@ -108,3 +112,52 @@ class Drafter:
             return {}
         drafts = self.model_drafts([request for _, request in wanted])
         return {rid: drafts[i].tolist() for i, (rid, _) in enumerate(wanted)}
+
+
+# ---- the draft model's inputs -------------------------------------------------------------------
+
+
+def draft_positions(request: CachedRequest, k: int, page_size: int) -> np.ndarray:
+    """The k positions the draft model decodes at for `request`: its last token's, then the next
+    k - 1 (held at the last slot its pages hold: at the context's end the scheduler's look-ahead
+    stops short, and drafts past the end are never verified)."""
+    last = len(request.token_ids) - 1
+    return np.minimum(last + np.arange(k), len(request.block_ids) * page_size - 1).astype(np.int32)
+
+
+def build_draft_inputs(requests: list[CachedRequest], k: int, shape: StepShape, page_size: int,
+                       pages_per_item: int) -> ModelInput:
+    """The draft model's k decode steps over `requests` (speculative method "draft"), stacked on a
+    leading axis of k: step i feeds each request's token at its last position + i (step 0 its
+    last token, `tokens[0]`; later steps the draft's own previous token, filled in on the device)
+    and writes that position's slot."""
+    S, W = shape.S, shape.W
+    tokens = np.zeros((k, 1, S), np.int32)
+    positions = np.zeros((k, S), np.int32)
+    slots = np.zeros((k, S), np.int32)  # padding rows write into the null page
+    kv_lens = np.zeros((k, S), np.int32)
+    table = np.zeros((S, max([W] + [len(r.block_ids) for r in requests])), np.int32)
+    for s, request in enumerate(requests):
+        blocks = np.asarray(request.block_ids, np.int32)
+        pos = draft_positions(request, k, page_size)
+        tokens[0, 0, s] = request.token_ids[-1]
+        positions[:, s] = pos
+        slots[:, s] = blocks[pos // page_size] * page_size + pos % page_size
+        kv_lens[:, s] = pos + 1
+        table[s, :len(blocks)] = blocks
+    cu = np.minimum(np.arange(S + 1), len(requests)).astype(np.int32)
+    metas = []
+    for i in range(k):
+        items = None
+        if shape.is_decode:
+            items = DecodeItems(*decode_items(kv_lens[i], table, page_size, shape.I, pages_per_item))
+        metas.append(PagedAttentionMeta(slot_mapping=slots[i], kv_lens=kv_lens[i], page_table=table[:, :W],
+                                        cu_q_lens=cu, num_seqs=np.int32(len(requests)), decode_items=items))
+    meta = jax.tree.map(lambda *a: np.stack(a), *metas)
+    return ModelInput(tokens=tokens, positions=positions[:, None], meta=meta,
+                      logits_indices=np.broadcast_to(np.arange(S, dtype=np.int32), (k, S)))
+
+
+def empty_draft_inputs(shape: StepShape, k: int, page_size: int, pages_per_item: int) -> ModelInput:
+    """An all-padding `build_draft_inputs` of `shape` (warm-up)."""
+    return jax.tree.map(lambda a: np.stack([a] * k), empty_model_input(shape, page_size, pages_per_item))

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from jaxinfer.runner.buckets import StepShape
-from jaxinfer.runner.inputs import CachedRequest, ModelInput, SamplingInput, VerifyInput
+from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput
+from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.scheduler_output import SchedulerOutput
 
 
@@ -79,3 +80,38 @@ class InFlightStep:
     prompt_owners: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (id, position, top n)
     prompt_targets: list[int] = dataclasses.field(default_factory=list)
     result: StepResult | None = None  # once collected
+
+
+def sampled_tokens(rows: dict[str, tuple[CachedRequest, int]], tokens: np.ndarray, lps: list | None,
+                   accepted: np.ndarray | None) -> dict[str, list[SampledToken]]:
+    """A collected step's tokens by request: rows maps a request to its sampler row s; `tokens` is
+    [S] (a sampling step) or [S, K + 1] with `accepted` [S] (a verify step: row s gave accepted[s]
+    + 1 tokens); `lps` the (logprob, top ids, top logprobs) arrays of the same rows, each request's
+    own top n kept."""
+    if accepted is None:  # one token a row: seen as a verify step without drafts
+        tokens, accepted = tokens[:, None], np.zeros(len(tokens), np.int64)
+        lps = None if lps is None else [a[:, None] for a in lps]
+    sampled = {}
+    for rid, (request, s) in rows.items():
+        n = request.params.logprobs
+        results = []
+        for j in range(int(accepted[s]) + 1):
+            result = SampledToken(int(tokens[s, j]))
+            if n is not None:
+                result.logprob = float(lps[0][s, j])
+                result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, j, :n], lps[2][s, j, :n])]
+            results.append(result)
+        sampled[rid] = results
+    return sampled
+
+
+def prompt_logprobs(owners: list[tuple[str, int, int]], targets: list[int],
+                    prompt_lps: list | None) -> dict[str, list[PromptLogprob]]:
+    """A collected step's prompt logprobs by request: row r is owners[r] = (request id, position,
+    top n) predicting targets[r]."""
+    prompt = {}
+    for r, ((rid, pos, n), target) in enumerate(zip(owners, targets)):
+        prompt.setdefault(rid, []).append(PromptLogprob(
+            pos, target, float(prompt_lps[0][r]),
+            [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
+    return prompt

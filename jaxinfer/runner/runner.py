@@ -14,8 +14,9 @@ scheduler lists the request in `finished_ids`.
 With async scheduling step N + 1 is submitted before step N is collected: the token step N is
 sampling for a decode is read from step N's device output inside step N + 1 (`resolve_tokens`),
 so the host never waits for it before dispatching.
-Shapes come from `buckets`, inputs from `inputs`, the compiled graphs from `steps` (shared by every
-runner of the same model and shapes in the process).
+Shapes come from `buckets`, the per-request state from `requests`, a step's host arrays from `plan`
+(built by `inputs`), the compiled graphs from `steps` (shared by every runner of the same model and
+shapes in the process), the results' reading from `results`.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
-from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, bucket, step_shape, verify_chunks
+from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
 from jaxinfer.runner.drafter import Drafter
-from jaxinfer.runner.inputs import (CachedRequest, ModelInput, SamplingInput, VerifyInput, build_bitmask,
-                                    build_model_input, build_sampling_input, build_verify_input, prompt_logprob_rows,
-                                    stack_model_inputs, stack_sampling_inputs)
-from jaxinfer.runner.results import InFlightStep, PromptLogprob, SampledToken, StepPlan, StepResult
+from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput, build_bitmask
+from jaxinfer.runner.plan import build_plan
+from jaxinfer.runner.requests import CachedRequest, update_requests
+from jaxinfer.runner.results import InFlightStep, StepPlan, StepResult, prompt_logprobs, sampled_tokens
 from jaxinfer.runner.steps import (AttentionSpec, copy_pages, embed_step, forward_step, layer_step,
                                    prompt_logprobs_step, resolve_tokens, rows_step, sample_step, verify_step)
 from jaxinfer.scheduler_output import SchedulerOutput
@@ -184,35 +185,6 @@ class Runner:
     def all_step_shapes(self) -> list[StepShape]:
         return all_step_shapes(self.rc)
 
-    # ---- per-request state --------------------------------------------------------------------
-
-    def _update_states(self, out: SchedulerOutput) -> None:
-        for rid in out.finished_ids:
-            self.requests.pop(rid, None)
-        for rid in out.preempted_ids:
-            if rid in self.requests:
-                self.requests[rid].block_ids = []  # recomputed later on new pages
-        for new in out.new_requests:
-            p = new.sampling_params
-            grammar = None
-            if p.structured_outputs is not None or p.limits_thinking:
-                if self.grammars is None:
-                    raise RuntimeError("a request with structured outputs or a thinking budget reached a runner "
-                                       "without a GrammarCompiler")
-                grammar = self.grammars.constraint(p, new.prompt_token_ids, self.eos_token_ids)
-            self.requests[new.request_id] = CachedRequest(new.request_id, list(new.prompt_token_ids),
-                                                          len(new.prompt_token_ids), new.sampling_params, new.seed,
-                                                          grammar=grammar)
-        for forks in out.beam_forks:  # beam search: all of a step's forks at once (parents are children too)
-            if any(child not in self.requests for child, _, _ in forks):
-                continue  # the search was aborted since (its beams are in finished_ids)
-            parents = {parent: list(self.requests[parent].token_ids) for _, parent, _ in forks}
-            for child, parent, token in forks:
-                self.requests[child].token_ids = parents[parent] + [token]
-                self.requests[child].block_ids = []  # its next chunk sends its whole page table
-        for chunk in out.chunks:
-            self.requests[chunk.request_id].block_ids += chunk.new_block_ids
-
     # ---- running ------------------------------------------------------------------------------
 
     def execute(self, out: SchedulerOutput) -> StepResult | None:
@@ -244,7 +216,7 @@ class Runner:
         already in flight may still be sampling some of its decodes' input tokens: they are read
         from its device output. Its results come from `collect`."""
         step = InFlightStep(out, time.monotonic())
-        self._update_states(out)
+        update_requests(self.requests, out, self.grammars, self.eos_token_ids)
         self._copy_pages(out)
         if out.is_empty:
             return step
@@ -260,40 +232,8 @@ class Runner:
         pending = None  # request id -> its row in the step in flight's tokens (the same request, not a reused id)
         if in_flight is not None:
             pending = {rid: row for rid, (req, row) in in_flight.rows.items() if self.requests.get(rid) is req}
-        outs = getattr(out, "replicas", (out,))
-        shape = self.step_shape(out)
-        rc, V = self.rc, self.config.vocab_size
-        verifies = any(c.draft_token_ids for c in out.chunks)
-        S = bucket(rc.seq_buckets, len(out.chunks), "sequences") if verifies else shape.S  # sampler rows
-        inputs, sampling, rows, srcs = [], [], [], []
-        for r, o in enumerate(outs):  # replica r owns rows r*T.. of the tokens and r*S.. of the sequences
-            chunks = verify_chunks(o.chunks) if verifies else o.chunks  # (a verify step: one-token rows)
-            inp, src = build_model_input(chunks, self.requests, shape, rc.page_size, rc.pages_per_item, pending)
-            inputs.append(inp)
-            srcs.append(src)
-            si = build_sampling_input(o.chunks, self.requests, S, V, self.eos_token_ids)
-            sampling.append(si if defer_masks else si.replace(bitmask=build_bitmask(o.chunks, self.requests, S, V)))
-            rr, tt, oo = prompt_logprob_rows(o.chunks, self.requests)
-            rows += [x + r * shape.T for x in rr]
-            step.prompt_targets += tt
-            step.prompt_owners += [(rid, pos, self.requests[rid].params.prompt_logprobs) for rid, pos in oo]
-            step.rows.update({chunk.request_id: (self.requests[chunk.request_id], r * S + s)
-                              for s, chunk in enumerate(o.chunks) if chunk.samples})
-        if len(outs) == 1:
-            model_input, sampling_input = inputs[0], sampling[0]
-        else:
-            if any(src is not None for src in srcs):
-                raise RuntimeError("async scheduling runs on one data-parallel replica")
-            model_input = stack_model_inputs(inputs, shape.T)
-            sampling_input = stack_sampling_inputs(sampling, V)
-        verify = None
-        if verifies:
-            if len(outs) != 1:
-                raise RuntimeError("speculative decoding runs on one data-parallel replica")
-            verify = build_verify_input(out.chunks, S, self.rc.num_speculative_tokens)
-        plan = StepPlan(shape=shape, model_input=model_input, sampling_input=sampling_input,
-                        prompt_rows=np.asarray(rows, np.int32),
-                        prompt_targets=np.asarray(step.prompt_targets, np.int32), token_src=srcs[0], verify=verify)
+        plan, S = build_plan(out, self.requests, self.rc, self.step_shape(out), self.config.vocab_size,
+                             self.eos_token_ids, step, pending, with_bitmask=not defer_masks)
         if self.step_hook is not None:  # multi-host: the other processes run the same plan
             if plan.token_src is not None:
                 raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
@@ -304,7 +244,7 @@ class Runner:
         if defer_masks:
             def with_masks(si):
                 self.collect(in_flight)  # (its results stay cached for the caller)
-                return si.replace(bitmask=build_bitmask(out.chunks, self.requests, S, V))
+                return si.replace(bitmask=build_bitmask(out.chunks, self.requests, S, self.config.vocab_size))
         step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
             plan, in_flight.tokens if in_flight is not None else None, propose, with_masks)
         self._in_flight = step
@@ -341,33 +281,17 @@ class Runner:
         accepted = None if step.num_accepted is None else np.asarray(step.num_accepted)
         device_drafts = None if step.drafts is None else np.asarray(step.drafts)
         device_seconds = time.perf_counter() - start
-        if accepted is None:  # one token a row: seen as a verify step without drafts
-            tokens, accepted = tokens[:, None], np.zeros(len(tokens), np.int64)
-            lps = None if lps is None else [a[:, None] for a in lps]
-        sampled, candidates = {}, {}
-        for rid, (request, s) in step.rows.items():
-            results = []
-            for j in range(int(accepted[s]) + 1):
-                result = SampledToken(int(tokens[s, j]))
-                n = request.params.logprobs
-                if n is not None:
-                    result.logprob = float(lps[0][s, j])
-                    result.top_logprobs = [(int(i), float(v)) for i, v in zip(lps[1][s, j, :n], lps[2][s, j, :n])]
-                results.append(result)
+        sampled, candidates = sampled_tokens(step.rows, tokens, lps, accepted), {}
+        for rid, results in sampled.items():
+            request = step.rows[rid][0]
             if request.params.use_beam_search:  # the search picks the beam's token (`beam_forks`)
                 candidates[rid] = results[0].top_logprobs
-                sampled[rid] = results
                 continue
             request.token_ids += [r.token_id for r in results]  # (a request finished since has no one reading it)
             if request.grammar is not None and not request.grammar.accept([r.token_id for r in results]):
                 logger.warning("request %s: its grammar refused a sampled token (%s); only end-of-sequence "
                                "is allowed from here", rid, request.grammar.error)
-            sampled[rid] = results
-        prompt = {}
-        for r, ((rid, pos, n), target) in enumerate(zip(step.prompt_owners, step.prompt_targets)):
-            prompt.setdefault(rid, []).append(PromptLogprob(
-                pos, target, float(prompt_lps[0][r]),
-                [(int(i), float(v)) for i, v in zip(prompt_lps[1][r, :n], prompt_lps[2][r, :n])]))
+        prompt = prompt_logprobs(step.prompt_owners, step.prompt_targets, prompt_lps)
         drafts = {}
         if self.drafter is not None:
             drafts = next_drafts(self.speculative, step.rows,

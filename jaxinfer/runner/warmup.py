@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxinfer.model import embedding_arrays
 from jaxinfer.runner.buckets import decode_shapes, verify_seqs
-from jaxinfer.runner.inputs import (VerifyInput, empty_draft_inputs, empty_model_input, neutral_sampling_input,
+from jaxinfer.runner.drafter import empty_draft_inputs
+from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input,
                                     stack_model_inputs, stack_sampling_inputs)
 from jaxinfer.runner.steps import (draft_propose_step, embed_step, forward_step, layer_step, prompt_logprobs_step,
                                    propose_step, resolve_tokens, rows_step, sample_step, verify_step)

@@ -146,3 +146,23 @@ def speculative_flag(text: str) -> SpeculativeConfig:
         return SpeculativeConfig.of(value)
     except (json.JSONDecodeError, InvalidRequestError, TypeError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def load_proposer(spec: SpeculativeConfig | None, config, params, tokenizer, max_model_len: int, mesh=None):
+    """(draft model, draft head) for `spec`'s method, each checked against the target (`config`,
+    `params`, `tokenizer`; typed errors): method "draft" loads a draft model (one device in one
+    process), "eagle" a draft head; (None, None) otherwise."""
+    if spec is None or spec.method == "ngram":
+        return None, None
+    if spec.method == "eagle":
+        from jaxinfer.speculative.eagle import load_head
+
+        return None, load_head(spec.model, config, params, tokenizer)
+    import jax
+
+    if mesh is not None or jax.process_count() > 1:
+        raise InvalidRequestError('speculative method "draft" runs on one device in one process: leave '
+                                  'parallelism at 1, or use method "ngram" or "eagle"')
+    from jaxinfer.speculative.draft import load_draft
+
+    return load_draft(spec.model, config, tokenizer, max_model_len), None
