@@ -35,7 +35,8 @@ chat: $(STAMP)
 
 # The tests compare against HF transformers (torch CPU): the `ref` extra is installed for them.
 # One process: two pytest-xdist workers were measured to need more than this machine's 24 GiB (each
-# holds its own models, KV caches and compiled graphs, ~10 GiB; one was OOM-killed).
+# holds its own models, KV caches and compiled graphs, ~10 GiB; OOM-killed even with the big memory
+# holders kept to one worker: docs/ARCHITECTURE.md decision 52).
 test: $(VENV)/.installed-ref $(VENV)/.installed-models chromium
 	$(BIN)/python -m pytest -q
 
