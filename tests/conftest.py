@@ -40,6 +40,45 @@ def _memory_maps() -> tuple[int, int]:
         return 0, 0
 
 
+def _status_kb(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in KiB (VmRSS, VmHWM, ...); empty off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in fields}
+    except OSError:
+        return {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_profile(request):
+    """With JAXINFER_TEST_PROFILE=FILE, one JSON line per test module appended to FILE: seconds,
+    this process's resident memory at the end and at its peak during the module (the peak is reset
+    as the module starts), and the largest subprocess it waited for (where that grew). What a split
+    of the suite over processes has to fit in memory is read from it."""
+    path = os.environ.get("JAXINFER_TEST_PROFILE")
+    if not path:
+        yield
+        return
+    import resource
+    import time
+
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    yield
+    mem = _status_kb("VmRSS", "VmHWM")
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    row = {"module": request.node.nodeid, "seconds": round(time.perf_counter() - start, 1),
+           "rss_mb": mem.get("VmRSS", 0) // 1024, "peak_mb": mem.get("VmHWM", 0) // 1024,
+           "child_peak_mb": child // 1024 if child > children else 0}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _bounded_compiled_code():
     """Every compiled XLA:CPU executable keeps ~6 memory mappings until it is dropped, and one
