@@ -126,7 +126,7 @@ COVERAGE = [
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
     (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|quality|quant_matmul_forms|"
-     r"bench_(generate|compile|sampler|speculative|structured))\.py.*",
+     r"bench_(generate|compile|sampler|speculative|structured|quantized_step))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
@@ -580,6 +580,7 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
     "quality.py": ["--models", "{tiny}", "--problems", "3", "--max-len", "48", "--greedy-prompts", "2",
                    "--greedy-tokens", "4", "--configs", "float32", "int8 weights", "int8 KV"],
     "quant_matmul_forms.py": ["--rows", "1", "--rounds", "1", "--layers", "2"],
+    "bench_quantized_step.py": ["--small", "--layers", "2", "--batch-sizes", "1", "--iters", "1", "--trials", "1"],
     "bench_speculative.py": ["--model", "{tiny}", "--batch-sizes", "1", "2", "--max-tokens", "8", "--rounds", "1",
                              "--max-model-len", "256", "--problem-chars", "40", "--eagle", "{tiny_head}",
                              "--draft", "{tiny}", "--k", "3"],
@@ -618,7 +619,7 @@ def test_benchmark_commands_run(tmp_path):
     """Each benchmark command of docs/BENCHMARKS.md: every one parses as written (the script's own
     parser), and each distinct behaviour runs, as written plus small sizes: the compile-time,
     generate and throughput benchmarks (all their columns, HF transformers included, on a tiny
-    GGUF for the latter two), the quality, sampler, speculative, structured-output and matmul-form
+    GGUF for the latter two), the quality, sampler, speculative, structured-output, matmul-form and quantized-step
     benchmarks and the sharding report as it stands. `make bench` runs the first two; the attention
     benchmark runs in the kernels notebook."""
     from jaxinfer.testing import tiny_gguf
@@ -670,6 +671,9 @@ def test_benchmark_commands_run(tmp_path):
     assert re.search(r"\| 1000 \| 2 \|( [\d.]+ \|){5} [\d.]+x \|", outputs["bench_sampler.py"])  # HF column too
     assert re.search(r"\| tiny\.gguf \| int8 KV \| [\d.]+ \| [+-][\d.]+% \| \d/2 \|", outputs["quality.py"])
     assert re.search(r"\| 1 \| int4 native \| [\d.]+ \| [\d.]+x \|", outputs["quant_matmul_forms.py"])
+    for fmt in ("float32", "int8", "int4"):  # every format's row, with its speed-up and bandwidth share
+        assert re.search(rf"\| 1 \| {fmt} \| [\d.]+ \| [\d.]+x \| [\d.]+ \| \d+ \| \d+% \|",
+                         outputs["bench_quantized_step.py"]), fmt
     for workload in ("grounded", "chat"):  # plain, ngram, draft (the target as its own) and eagle rows
         for row in (rf"\| {workload} \| 2 \| plain \| [\d.]+ \| 1.00x \|",
                     rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|", rf"\| {workload} \| 2 \| eagle k=3 \| [\d.]+ \|",
