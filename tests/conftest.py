@@ -53,8 +53,9 @@ def _status_kb(*fields: str) -> dict[str, int]:
 def _module_profile(request):
     """With JAXINFER_TEST_PROFILE=FILE, one JSON line per test module appended to FILE: seconds,
     this process's resident memory at the end and at its peak during the module (the peak is reset
-    as the module starts), and the largest subprocess it waited for (where that grew). What a split
-    of the suite over processes has to fit in memory is read from it."""
+    as the module starts), and the largest subprocess it waited for (where that grew; a forked child
+    counts this process's resident pages until it execs, so that figure is at least this process's
+    size at the fork). What a split of the suite over processes has to fit in memory is read from it."""
     path = os.environ.get("JAXINFER_TEST_PROFILE")
     if not path:
         yield
