@@ -80,7 +80,7 @@ def make_weights(s: dict, fmt: str, dtype, seed: int = 0) -> dict:
 
 
 def stored_bytes(tree) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree) if hasattr(a, "dtype"))
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # (a None offset is no leaf)
 
 
 def step(x, weights, bits: int | None):
@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has (a quicker run)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
-    ap.add_argument("--formats", nargs="+", choices=["float", "int8", "int4"], default=["float", "int8", "int4"])
+    ap.add_argument("--formats", nargs="+", choices=list(BITS), default=list(BITS))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--backend", default="auto", choices=["auto", "reference", "pallas_gpu", "pallas_tpu"],
