@@ -34,9 +34,8 @@ chat: $(STAMP)
 	$(BIN)/jaxinfer chat $(ARGS)
 
 # The tests compare against HF transformers (torch CPU): the `ref` extra is installed for them.
-# One process: two pytest-xdist workers were measured to need more than this machine's 24 GiB (each
-# holds its own models, KV caches and compiled graphs, ~10 GiB; OOM-killed even with the big memory
-# holders kept to one worker: docs/ARCHITECTURE.md decision 52).
+# One process: two pytest-xdist workers now fit in memory (16.6 GB at their peak) but were measured to
+# finish no sooner, the suite already keeping both cores busy (docs/ARCHITECTURE.md decision 52).
 test: $(VENV)/.installed-ref $(VENV)/.installed-models chromium
 	$(BIN)/python -m pytest -q
 

@@ -16,6 +16,15 @@ import pytest
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
+def pytest_configure(config):
+    """The persistent compilation cache on for the whole session, the same one `LLM`, the CLI and
+    the server use (JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla): the kernel tests before
+    the first `LLM` read it too, and a test's subprocesses share what this process compiled."""
+    from jaxinfer.engine_config import set_compilation_cache
+
+    set_compilation_cache(None)
+
+
 def pytest_collection_modifyitems(config, items):
     import jax
 
@@ -49,6 +58,27 @@ def _status_kb(*fields: str) -> dict[str, int]:
         return {}
 
 
+_COMPILE_SECONDS = {"compile": 0.0, "trace": 0.0}  # this process's, summed over JAX's duration events
+_LISTENING: list = []
+
+
+def _count_compile_seconds() -> None:
+    """From the first call on, sums JAX's backend compiles (persistent-cache reads included) and its
+    tracing and lowering into _COMPILE_SECONDS."""
+    if _LISTENING:
+        return
+    import jax
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            _COMPILE_SECONDS["compile"] += duration
+        elif event in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+            _COMPILE_SECONDS["trace"] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    _LISTENING.append(listener)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _module_profile(request):
     """With JAXINFER_TEST_PROFILE=FILE, one JSON line per test module appended to FILE: seconds,
@@ -68,16 +98,36 @@ def _module_profile(request):
             f.write("5")  # resets VmHWM to the current resident size
     except OSError:
         pass
+    _count_compile_seconds()
+
+    def cpu(who):
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
+    start, compiled = (time.perf_counter(), cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)), \
+        dict(_COMPILE_SECONDS)
     yield
     mem = _status_kb("VmRSS", "VmHWM")
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    row = {"module": request.node.nodeid, "seconds": round(time.perf_counter() - start, 1),
+    row = {"module": request.node.nodeid, "seconds": round(time.perf_counter() - start[0], 1),
+           "cpu_s": round(cpu(resource.RUSAGE_SELF) - start[1], 1),
+           "child_cpu_s": round(cpu(resource.RUSAGE_CHILDREN) - start[2], 1),
+           **{f"{k}_s": round(v - compiled[k], 1) for k, v in _COMPILE_SECONDS.items()},
            "rss_mb": mem.get("VmRSS", 0) // 1024, "peak_mb": mem.get("VmHWM", 0) // 1024,
            "child_peak_mb": child // 1024 if child > children else 0}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _malloc_trim() -> None:
+    """Hands glibc's freed heap back to the kernel."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,7 +136,8 @@ def _bounded_compiled_code():
     process running the whole suite compiles thousands (Pallas interpret mode, every engine's step
     shapes): past vm.max_map_count (65530) the next compile's mmap fails and XLA segfaults. After a
     module that leaves the process above half the limit, the compiled-function caches are cleared
-    (later modules recompile what they use; most test modules stay well below it)."""
+    and the freed heap handed back (later modules recompile what they use, mostly from the
+    persistent compilation cache; most test modules stay well below the limit)."""
     yield
     count, limit = _memory_maps()
     if limit and count > limit // 2:
@@ -96,16 +147,18 @@ def _bounded_compiled_code():
 
         jax.clear_caches()
         gc.collect()
+        _malloc_trim()
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled default model behind the offline API (float32, scanned layers). A 128-token
-    step budget makes longer prompts run in chunks; shapes compile on first use."""
+    step budget makes longer prompts run in chunks; shapes compile on first use; a 256 MiB KV pool
+    (5,800 tokens; the CPU default of 1 GiB would be held by every worker for the whole session)."""
     from jaxinfer import LLM
 
     return LLM("smollm2-135m", dtype="float32", scan_layers=True, progress=False, warmup=False,
-               max_num_batched_tokens=128)
+               max_num_batched_tokens=128, max_model_len=4096, kv_cache_memory=256 << 20)
 
 
 @pytest.fixture(scope="session")
@@ -126,14 +179,15 @@ def hf_reference():
     return meta, arrays
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gemma3():
     """Gemma 3 270M (the second bundled model) behind the offline API: float32, scanned layers, the
-    reference attention. A 256-token step budget runs the 1116-token fixture prompt in chunks."""
+    reference attention. A 256-token step budget runs the 1116-token fixture prompt in chunks.
+    (Per module: freed after the module that uses it.)"""
     from jaxinfer import LLM
 
     return LLM("gemma3-270m", dtype="float32", scan_layers=True, progress=False, warmup=False,
-               max_num_batched_tokens=256, max_model_len=2048)
+               max_num_batched_tokens=256, max_model_len=2048, kv_cache_memory=256 << 20)
 
 
 @pytest.fixture(scope="session")

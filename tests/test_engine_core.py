@@ -338,7 +338,7 @@ def test_a_request_is_validated_once_at_the_edge(tiny, monkeypatch):
         self, ids, where))
     params = SamplingParams(max_tokens=2, temperature=0.0)
     llm = LLM(tiny.path, progress=False, warmup=False, max_num_seqs=4, max_num_batched_tokens=16,
-              num_pages=64, compilation_cache_dir="")
+              num_pages=64)
     llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)
     assert len(calls) == 1
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):

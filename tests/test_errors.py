@@ -16,8 +16,10 @@ def test_empty_prompt(smollm2):
 
 
 def test_prompt_longer_than_the_context(smollm2):
-    long_prompt = "hello " * (smollm2.max_model_len + 10)
-    with pytest.raises(errors.PromptTooLongError, match=r"context window is 8192; shorten it to at most 8191"):
+    n = smollm2.max_model_len  # the fixture's 4096 of SmolLM2's 8192
+    long_prompt = "hello " * (n + 10)
+    with pytest.raises(errors.PromptTooLongError, match=rf"context window is {n}; shorten it to at most {n - 1} "
+                       r"tokens \(or raise max_model_len, up to 8192\)"):
         smollm2.generate(long_prompt, SamplingParams(max_tokens=4))
 
 

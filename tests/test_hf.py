@@ -153,7 +153,7 @@ def test_llm_loads_a_hf_directory_and_generates_transformers_tokens(tmp_path, fa
     model, path = _save(tmp_path, family)
     _write_byte_level_tokenizer(path)
     llm = LLM(str(path), dtype="float32", scan_layers=scan, progress=False, warmup=False, max_num_seqs=2,
-              max_num_batched_tokens=16, num_pages=64, page_size=8, compilation_cache_dir="", attention_backend=backend)
+              max_num_batched_tokens=16, num_pages=64, page_size=8, attention_backend=backend)
     prompts = ["hello world, this prompt is longer than one chunk of sixteen", "hi"]
     for text in prompts:
         ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
@@ -175,7 +175,7 @@ def test_convert_hf_to_orbax_keeps_weights_tokenizer_and_tokens(tmp_path, family
     out = tmp_path / "converted"
     assert main(["convert", str(path), str(out)]) == 0
     kw = dict(dtype="float32", progress=False, warmup=False, max_num_seqs=2, max_num_batched_tokens=64, num_pages=64,
-              page_size=8, compilation_cache_dir="")
+              page_size=8)
     a, b = LLM(str(path), **kw), LLM(str(out), **kw)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     assert a.generate("abc", params)[0].outputs[0].token_ids == b.generate("abc", params)[0].outputs[0].token_ids

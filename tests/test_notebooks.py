@@ -15,10 +15,13 @@ NOTEBOOKS = ["quickstart", "serving", "sharding", "kernels"]
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the four notebooks, empty at first: the graphs one
-    notebook compiles (the same model and settings on CPU) are read back by the next."""
-    return str(tmp_path_factory.mktemp("xla"))
+def compilation_cache():
+    """The session's persistent compilation cache (tests/conftest.py turns it on): what one notebook
+    compiles (the same model and settings on CPU) the next reads back, and so does a later run."""
+    import jax
+
+    assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    return jax.config.jax_compilation_cache_dir
 
 
 @pytest.mark.slow
