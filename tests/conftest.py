@@ -87,10 +87,12 @@ def _count_compile_seconds() -> None:
 @pytest.fixture(autouse=True, scope="module")
 def _module_profile(request):
     """With JAXINFER_TEST_PROFILE=FILE, one JSON line per test module appended to FILE: seconds,
-    this process's resident memory at the end and at its peak during the module (the peak is reset
-    as the module starts), and the largest subprocess it waited for (where that grew; a forked child
-    counts this process's resident pages until it execs, so that figure is at least this process's
-    size at the fork). What a split of the suite over processes has to fit in memory is read from it."""
+    CPU seconds of this process and of the subprocesses it waited for, the seconds JAX spent
+    compiling (persistent-cache reads included) and tracing and lowering, this process's resident
+    memory at the end and at its peak during the module (the peak is reset as the module starts),
+    and the largest subprocess it waited for (where that grew; a forked child counts this process's
+    resident pages until it execs, so that figure is at least this process's size at the fork).
+    Where the suite's time and memory go is read from it."""
     path = os.environ.get("JAXINFER_TEST_PROFILE")
     if not path:
         yield
@@ -110,14 +112,14 @@ def _module_profile(request):
         return usage.ru_utime + usage.ru_stime
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start, compiled = (time.perf_counter(), cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)), \
-        dict(_COMPILE_SECONDS)
+    start, own_cpu, children_cpu = time.perf_counter(), cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+    compiled = dict(_COMPILE_SECONDS)
     yield
     mem = _status_kb("VmRSS", "VmHWM")
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    row = {"module": request.node.nodeid, "seconds": round(time.perf_counter() - start[0], 1),
-           "cpu_s": round(cpu(resource.RUSAGE_SELF) - start[1], 1),
-           "child_cpu_s": round(cpu(resource.RUSAGE_CHILDREN) - start[2], 1),
+    row = {"module": request.node.nodeid, "seconds": round(time.perf_counter() - start, 1),
+           "cpu_s": round(cpu(resource.RUSAGE_SELF) - own_cpu, 1),
+           "child_cpu_s": round(cpu(resource.RUSAGE_CHILDREN) - children_cpu, 1),
            **{f"{k}_s": round(v - compiled[k], 1) for k, v in _COMPILE_SECONDS.items()},
            "rss_mb": mem.get("VmRSS", 0) // 1024, "peak_mb": mem.get("VmHWM", 0) // 1024,
            "child_peak_mb": child // 1024 if child > children else 0}
@@ -159,7 +161,7 @@ def _bounded_compiled_code():
 def smollm2():
     """The bundled default model behind the offline API (float32, scanned layers). A 128-token
     step budget makes longer prompts run in chunks; shapes compile on first use; a 256 MiB KV pool
-    (5,800 tokens; the CPU default of 1 GiB would be held by every worker for the whole session)."""
+    (5,800 tokens; the CPU default of 1 GiB would stay resident for the whole session)."""
     from jaxinfer import LLM
 
     return LLM("smollm2-135m", dtype="float32", scan_layers=True, progress=False, warmup=False,
