@@ -114,10 +114,10 @@ def timeit_on_device(fn, q, *rest, iters=20, trials=5) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes=1 << 30, iters=20) -> dict:
+def copy_bandwidth(nbytes=1 << 30, iters=20, trials=5) -> dict:
     """Device copy bandwidth in bytes/s (read + write): JAX's x + 1 and torch's copy_ if present."""
     x = jnp.zeros(nbytes // 4, jnp.float32)
-    out = {"jax_x_plus_1": 2 * nbytes / timeit(jax.jit(lambda a: a + 1), x, iters=iters)}
+    out = {"jax_x_plus_1": 2 * nbytes / timeit(jax.jit(lambda a: a + 1), x, iters=iters, trials=trials)}
     del x
     if jax.default_backend() == "gpu":
         try:
@@ -166,8 +166,9 @@ def run_table(args, copy_bw):
             for context in args.contexts:
                 b = make_batch(kind, batch, context, N=args.heads, K=args.kv_heads, H=args.head_dim,
                                page=args.page, dtype=dtype)
-                t_kernel = timeit_on_device(kernel_fn(args.backend, b.q_block), *b.args, iters=args.iters)
-                t_xla = (timeit_on_device(kernel_fn("xla", b.q_block), *b.args, iters=args.iters) if args.xla
+                timed = functools.partial(timeit_on_device, iters=args.iters, trials=args.trials)
+                t_kernel = timed(kernel_fn(args.backend, b.q_block), *b.args)
+                t_xla = (timed(kernel_fn("xla", b.q_block), *b.args) if args.xla
                          else float("nan"))
                 bw = b.kv_bytes / t_kernel
                 row = dict(kind=kind, batch=batch, context=context, kv_mb=b.kv_bytes / 1e6, us=t_kernel * 1e6,
@@ -239,20 +240,24 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, help="calls per timed trial (default 20; 3 with --small)")
+    p.add_argument("--trials", type=int, help="timed trials per figure, median taken (default 5; 3 with --small)")
     p.add_argument("--no-xla", dest="xla", action="store_false", help="skip the XLA reference column")
-    p.add_argument("--small", action="store_true", help="CPU-sized shapes (batch 1, 4 x context 128, 512; f32)")
+    p.add_argument("--small", action="store_true",
+                   help="CPU-sized shapes (batch 1, 4 x context 128, 512; f32) and a 256 MB copy")
     p.add_argument("--sweep", action="store_true", help="GPU kernel block-size sweep on one decode shape")
     p.add_argument("--sweep-batch", type=int, default=64)
     p.add_argument("--sweep-context", type=int, default=2048)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.small:
-        args.batches, args.contexts, args.dtype, args.iters = [1, 4], [128, 512], "float32", 3
+        args.batches, args.contexts, args.dtype = [1, 4], [128, 512], "float32"
+    args.iters = args.iters or (3 if args.small else 20)
+    args.trials = args.trials or (3 if args.small else 5)
     device = jax.devices()[0]
     print(f"# {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"{datetime.date.today().isoformat()}, backend {args.backend} -> {ops.resolve_backend(args.backend)}")
-    copies = copy_bandwidth(1 << 28 if args.small else 1 << 30)
+    copies = copy_bandwidth(1 << 28 if args.small else 1 << 30, iters=args.iters, trials=args.trials)
     copy_bw = max(copies.values())
     print("# copy bandwidth: " + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in copies.items()))
     result = {"device": device.device_kind, "date": datetime.date.today().isoformat(), "jax": jax.__version__,

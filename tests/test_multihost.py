@@ -75,8 +75,9 @@ def test_multihost_server_serves_from_process_0(tmp_path):
 
     port, coordinator = free_port(), f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXINFER_API_KEY")}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-            "JAXINFER_COMPILATION_CACHE": ""}
+    # (the session's compilation cache: process 0 reads it and writes what it compiles; JAX has
+    # process 1 compile its own)
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "server.py", "--multihost", "--coordinator-address", coordinator,
