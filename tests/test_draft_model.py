@@ -1,9 +1,9 @@
 """Speculative method "draft": a smaller model of the same vocabulary proposes with its own paged KV
 cache. A draft that is the target itself has every draft accepted (its cache holds the right keys
 through chunked prefill, preemption and prefix-cache hits); with a real smaller draft the output is
-exactly plain decoding's (greedy and seeded sampling); no pages leak; nothing compiles after
-warm-up; the page pool holds a page of both caches in one budget; a draft of another vocabulary or
-context is a typed error."""
+exactly plain decoding's (greedy and seeded sampling); steps with drafts off run no draft model;
+no pages leak; nothing compiles after warm-up; the page pool holds a page of both caches in one
+budget; a draft of another vocabulary or context is a typed error."""
 
 from __future__ import annotations
 
@@ -82,6 +82,36 @@ def test_the_target_as_its_own_draft_has_every_draft_accepted(tiny, tiny_path):
     assert s["spec_num_draft_tokens"] > 200
     # (float rounding may differ between the draft's decode rows and the target's verify rows: a rare flip)
     assert s["spec_num_accepted_tokens"] >= 0.97 * s["spec_num_draft_tokens"], s
+
+
+def test_the_draft_model_runs_only_in_steps_with_drafts_on(tiny, tiny_path):
+    """Drafts off from 2 running requests: those steps run no draft model (running it there made
+    the method 0.72x plain at 8 concurrent), so a request computed in them has a gap in the draft's
+    cache and drafts no more; a request that comes after, alone, drafts again with a whole cache
+    (the target as its own draft: every draft accepted). Output is plain decoding's throughout."""
+    busy, later = _prompts(3, seed=7), _prompts(1, seed=8)
+    params = lambda i: SamplingParams(max_tokens=(6, 6, 30)[i], temperature=0.0, ignore_eos=True)  # noqa: E731
+    engine = testing_engine.make_engine(tiny, max_num_seqs=4, page_size=16, num_pages=160,
+                                        speculative_config=_draft(tiny_path, disable_by_batch_size=2))
+    drafter, calls = engine.runner.drafter, []  # each draft forward: the step's request count
+    track, forward = drafter.track, drafter.forward
+    drafter.track = lambda chunks, requests: (calls.append(len(chunks)), track(chunks, requests))[1]
+    drafter.forward = lambda *a, **kw: (calls.append("forward"), forward(*a, **kw))[1]
+
+    def run(prompts, params):
+        outs = testing_engine.run(engine, {f"{len(calls)}-{i}": (p, params(i)) for i, p in enumerate(prompts)})
+        return [outs[rid].outputs[0].token_ids for rid in sorted(outs, key=lambda r: int(r.split("-")[1]))]
+
+    assert run(busy, params) == list(testing_engine.generate(tiny, busy, params)[0].values())
+    ran = [n for n, then in zip(calls, calls[1:] + [None]) if n != "forward" and then == "forward"]
+    skipped = [n for n, then in zip(calls, calls[1:] + [None]) if n != "forward" and then != "forward"]
+    assert ran and max(ran) < 2 and skipped and min(skipped) >= 2, calls  # busy steps: no draft model
+    assert engine.stats()["spec_num_drafts"] == 0  # the last request alone: its cache has a gap
+    params = lambda i: SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)  # noqa: E731
+    assert run(later, params) == list(testing_engine.generate(tiny, later, params)[0].values())
+    s = engine.stats()
+    assert s["spec_num_draft_tokens"] > 10 and s["spec_num_accepted_tokens"] >= 0.97 * s["spec_num_draft_tokens"], s
+    testing_engine.assert_no_pages_held(engine)
 
 
 # ---- a smaller draft: identical output ------------------------------------------------------------

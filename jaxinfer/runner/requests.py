@@ -29,6 +29,8 @@ class CachedRequest:
     block_ids: list[int] = dataclasses.field(default_factory=list)  # its page table (emptied on preemption)
     # structured outputs and / or a thinking budget (`reasoning.ThinkingBudget`): advanced by every token sampled
     grammar: Grammar | None = None
+    # speculative method "draft": its first draft_len tokens are in the draft model's cache (`Drafter.track`)
+    draft_len: int = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -49,6 +51,7 @@ def update_requests(requests: dict[str, CachedRequest], out: SchedulerOutput, gr
     for rid in out.preempted_ids:
         if rid in requests:
             requests[rid].block_ids = []  # recomputed later on new pages
+            requests[rid].draft_len = 0
     for new in out.new_requests:
         p = new.sampling_params
         grammar = None

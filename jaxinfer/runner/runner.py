@@ -240,13 +240,15 @@ class Runner:
             self.step_hook(plan)
         # eagle proposes for every sampler row, unless as many running requests turn drafts off
         propose = self.drafter is not None and self.drafter.proposes_on_device(len(out.chunks))
+        # draft: the draft model reads the step's tokens only in a step after which it proposes
+        draft_forward = self.drafter is not None and self.drafter.track(out.chunks, self.requests)
         with_masks = None
         if defer_masks:
             def with_masks(si):
                 self.collect(in_flight)  # (its results stay cached for the caller)
                 return si.replace(bitmask=build_bitmask(out.chunks, self.requests, S, self.config.vocab_size))
         step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
-            plan, in_flight.tokens if in_flight is not None else None, propose, with_masks)
+            plan, in_flight.tokens if in_flight is not None else None, propose, with_masks, draft_forward)
         self._in_flight = step
         return step
 
@@ -302,17 +304,19 @@ class Runner:
             self._in_flight = None
         return step.result
 
-    def _dispatch(self, plan: StepPlan, in_flight_tokens=None, propose: bool = False, with_masks=None):
+    def _dispatch(self, plan: StepPlan, in_flight_tokens=None, propose: bool = False, with_masks=None,
+                  draft_forward: bool = False):
         """Dispatches the device part of a step (forward, sample or verify, prompt logprobs, and with
         `propose` the draft head's proposals) without waiting: device arrays (tokens, logprobs,
         prompt logprobs, drafts accepted or None, the draft head's next drafts or None).
         `with_masks`: called on the sampling input once the forward is dispatched, it returns the
-        input with its grammar masks (async scheduling: they wait for the step in flight)."""
+        input with its grammar masks (async scheduling: they wait for the step in flight).
+        `draft_forward`: the draft model's forward over the step's tokens too (method "draft")."""
         inp = plan.model_input
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
         hidden, rows = self._forward(inp, plan.shape.q_block)
-        if self.drafter is not None:  # (draft: its cache holds every token the target's does)
+        if draft_forward:
             self.drafter.forward(inp, plan.shape.q_block)
         num_accepted = drafts = None
         si = plan.sampling_input if with_masks is None else with_masks(plan.sampling_input)
