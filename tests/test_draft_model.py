@@ -93,22 +93,21 @@ def test_the_draft_model_runs_only_in_steps_with_drafts_on(tiny, tiny_path):
     params = lambda i: SamplingParams(max_tokens=(6, 6, 30)[i], temperature=0.0, ignore_eos=True)  # noqa: E731
     engine = testing_engine.make_engine(tiny, max_num_seqs=4, page_size=16, num_pages=160,
                                         speculative_config=_draft(tiny_path, disable_by_batch_size=2))
-    drafter, calls = engine.runner.drafter, []  # each draft forward: the step's request count
+    drafter, steps = engine.runner.drafter, []  # each step: [its request count, whether the draft model ran]
     track, forward = drafter.track, drafter.forward
-    drafter.track = lambda chunks, requests: (calls.append(len(chunks)), track(chunks, requests))[1]
-    drafter.forward = lambda *a, **kw: (calls.append("forward"), forward(*a, **kw))[1]
+    drafter.track = lambda chunks, requests: (steps.append([len(chunks), False]), track(chunks, requests))[1]
+    drafter.forward = lambda *a, **kw: (steps[-1].__setitem__(1, True), forward(*a, **kw))[1]
 
-    def run(prompts, params):
-        outs = testing_engine.run(engine, {f"{len(calls)}-{i}": (p, params(i)) for i, p in enumerate(prompts)})
-        return [outs[rid].outputs[0].token_ids for rid in sorted(outs, key=lambda r: int(r.split("-")[1]))]
+    def run(prefix, prompts, params):  # -> {index: token ids}, as testing_engine.generate's {str(index): ...}
+        outs = testing_engine.run(engine, {f"{prefix}{i}": (p, params(i)) for i, p in enumerate(prompts)})
+        return {str(i): outs[f"{prefix}{i}"].outputs[0].token_ids for i in range(len(prompts))}
 
-    assert run(busy, params) == list(testing_engine.generate(tiny, busy, params)[0].values())
-    ran = [n for n, then in zip(calls, calls[1:] + [None]) if n != "forward" and then == "forward"]
-    skipped = [n for n, then in zip(calls, calls[1:] + [None]) if n != "forward" and then != "forward"]
-    assert ran and max(ran) < 2 and skipped and min(skipped) >= 2, calls  # busy steps: no draft model
+    assert run("busy", busy, params) == testing_engine.generate(tiny, busy, params)[0]
+    ran, skipped = [n for n, r in steps if r], [n for n, r in steps if not r]
+    assert ran and max(ran) < 2 and skipped and min(skipped) >= 2, steps  # busy steps: no draft model
     assert engine.stats()["spec_num_drafts"] == 0  # the last request alone: its cache has a gap
     params = lambda i: SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)  # noqa: E731
-    assert run(later, params) == list(testing_engine.generate(tiny, later, params)[0].values())
+    assert run("later", later, params) == testing_engine.generate(tiny, later, params)[0]
     s = engine.stats()
     assert s["spec_num_draft_tokens"] > 10 and s["spec_num_accepted_tokens"] >= 0.97 * s["spec_num_draft_tokens"], s
     testing_engine.assert_no_pages_held(engine)

@@ -106,10 +106,10 @@ class Drafter:
         return True
 
     def forward(self, inp: ModelInput, q_block: int) -> None:
-        """draft: the step's tokens through the draft model, into its own KV cache."""
-        if self.model is not None:
-            _, _, self.kv_cache = forward_step(self.params, self.kv_cache, inp, graphdef=self.model.graphdef,
-                                               attention=self.attention, q_block=q_block)
+        """draft: the step's tokens through the draft model, into its own KV cache (a step `track`
+        said runs it)."""
+        _, _, self.kv_cache = forward_step(self.params, self.kv_cache, inp, graphdef=self.model.graphdef,
+                                           attention=self.attention, q_block=q_block)
 
     def model_drafts(self, requests: list[CachedRequest]) -> np.ndarray:
         """draft: k greedy drafts [len(requests), k] from each request's last token (its history is up
