@@ -13,6 +13,7 @@ Workloads (chat-templated, greedy):
               answer copies spans of its input, which is what prompt lookup proposes
     chat      open chat: questions whose answers are not in the prompt
 
+Batch 1 is the first `--single-prompts` prompts (4) run one after another, each alone.
 Every configuration is an engine built once with the same settings (max_num_seqs = the largest
 batch); an untimed first round compiles the shapes the runs use; then they are timed round-robin:
 each round runs every (workload, batch, configuration) once; a figure is the median over rounds.
@@ -77,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also run method draft with each of these draft models (same vocabulary as --model)")
     ap.add_argument("--eagle", default=None, metavar="HEAD_DIR",
                     help="also run method eagle with this draft head (jaxinfer train-draft MODEL HEAD_DIR)")
+    ap.add_argument("--single-prompts", type=int, default=4,
+                    help="batch 1 runs this many of the workload's prompts, one after another (one prompt's "
+                         "answer says little: the first HumanEval problem's is a new function, the second's a copy)")
     ap.add_argument("--problem-chars", type=int, default=0,
                     help="cut each HumanEval problem's code to this many characters (0: whole)")
     return ap.parse_args(argv)
@@ -106,7 +110,8 @@ def main(argv=None):
         llms[name] = LLM(args.model, dtype="float32", max_num_seqs=top, max_model_len=args.max_model_len,
                          progress=False, warmup=False, speculative_config=spec, quantization=args.quantization)
         print(f"{name}: built in {time.perf_counter() - t0:.0f} s", flush=True)
-    texts = {"grounded": grounded_prompts(top, args.problem_chars), "chat": (CHAT * (1 + top // len(CHAT)))[:top]}
+    n = max(top, args.single_prompts)
+    texts = {"grounded": grounded_prompts(n, args.problem_chars), "chat": (CHAT * (1 + n // len(CHAT)))[:n]}
     prompts = {w: llms["plain"].chat_prompts([[{"role": "user", "content": t}] for t in texts[w]])
                for w in args.workloads}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
@@ -119,7 +124,11 @@ def main(argv=None):
                 for name, llm in llms.items():
                     before = llm.engine.stats()
                     t0 = time.perf_counter()
-                    outs = llm.generate(prompts[w][:B], params, use_tqdm=False)
+                    if B == 1:  # one request at a time, over several prompts
+                        outs = [o for p in prompts[w][:args.single_prompts]
+                                for o in llm.generate([p], params, use_tqdm=False)]
+                    else:
+                        outs = llm.generate(prompts[w][:B], params, use_tqdm=False)
                     dt = time.perf_counter() - t0
                     ids = [o.outputs[0].token_ids for o in outs]
                     if name == "plain":

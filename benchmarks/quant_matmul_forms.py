@@ -12,7 +12,10 @@ Forms (W = values * scale + offset per group of G inputs, `jaxinfer.quantization
     group_dot   per group: (x_g @ values_g) in float32, times scale, plus sum(x_g) * offset
     native      the C++ kernel behind XLA's FFI (`pallas_kernels.quantized_matmul_cpu`), q/k/v and gate/up
                 one call each as the model makes them
-Prints ms per 30-layer step, the ratio to f32, and GB/s of stored weights read.
+    f32 native  float32 weights through the native float kernel (`pallas_kernels.float_matmul_cpu`, what
+                the engine runs for float steps of 2-8 rows), calls grouped the same way
+Prints ms per 30-layer step, the ratio to f32, and GB/s of stored weights read. --head also times
+the tied output projection (x @ E.T, E float32 [49152, 576]) through XLA and the native float kernel.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def unpack(values, bits: int, group: int):
 def matmul(form: str, x, w, bits: int, group: int):
     if form == "f32":
         return x @ w
+    if form == "f32_native":
+        from pallas_kernels.float_matmul_cpu import float_matmuls_cpu
+
+        return float_matmuls_cpu(x, [w])[0]
     values, scale, offset = w
     if form == "native":
         from pallas_kernels.quantized_matmul_cpu import quantized_matmul_cpu
@@ -88,6 +95,10 @@ def layer(form, bits, group, x, w):
         from pallas_kernels.quantized_matmul_cpu import quantized_matmuls_cpu
 
         many = lambda x, names: quantized_matmuls_cpu(x, [(*w[n], bits) for n in names])  # noqa: E731
+    elif form == "f32_native":
+        from pallas_kernels.float_matmul_cpu import float_matmuls_cpu
+
+        many = lambda x, names: float_matmuls_cpu(x, [w[n] for n in names])  # noqa: E731
     else:
         many = lambda x, names: [mm(x, w[n]) for n in names]  # noqa: E731
     q, k, v = many(x, ("wq", "wk", "wv"))
@@ -107,7 +118,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layers", type=int, default=L)
     ap.add_argument("--forms", nargs="+", default=["dequant", "reduce", "group_dot", "native"])
+    ap.add_argument("--head", action="store_true", help="also the tied output projection, XLA vs native float")
     return ap.parse_args(argv)
+
+
+def time_head(rng, rows_list, rounds: int):
+    """The tied embedding as the output projection at each row count: XLA's einsum vs the native kernel."""
+    from pallas_kernels.float_matmul_cpu import float_matmuls_cpu
+
+    emb = jnp.asarray(rng.normal(size=(49152, D)).astype(np.float32) * 0.02)
+    fns = {"f32": jax.jit(lambda x, e: jnp.einsum("md,vd->mv", x, e, preferred_element_type=jnp.float32)),
+           "f32 native": jax.jit(lambda x, e: float_matmuls_cpu(x, [e], transpose=True)[0])}
+    print("\n| rows | head form | ms | vs f32 | GB/s |\n|---|---|---|---|---|")
+    for rows in rows_list:
+        x = jnp.asarray(rng.normal(size=(rows, D)).astype(np.float32))
+        times = {n: [] for n in fns}
+        for fn in fns.values():
+            fn(x, emb).block_until_ready()
+        for _ in range(rounds):
+            for n, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x, emb).block_until_ready()
+                times[n].append(time.perf_counter() - t0)
+        base = statistics.median(times["f32"])
+        for n in fns:
+            t = statistics.median(times[n])
+            print(f"| {rows} | {n} | {t * 1e3:.2f} | {base / t:.2f}x | {emb.size * 4 / t / 1e9:.1f} |")
 
 
 def main(argv=None):
@@ -116,7 +152,8 @@ def main(argv=None):
     layers = args.layers
     weights = {None: [make_layer(rng, None) for _ in range(layers)], 8: [make_layer(rng, 8) for _ in range(layers)],
                4: [make_layer(rng, 4) for _ in range(layers)]}
-    variants = [("f32", None)] + [(f, b) for b in (8, 4) for f in args.forms]
+    variants = [("f32", None)] + [("f32_native", None)] * ("native" in args.forms) + [
+        (f, b) for b in (8, 4) for f in args.forms]
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {layers} layers of SmolLM2 projections")
     for rows in args.rows:
         x0 = jnp.asarray(rng.normal(size=(rows, D)).astype(np.float32))
@@ -137,8 +174,10 @@ def main(argv=None):
         for v in variants:
             t = statistics.median(times[v])
             gbs = stored_bytes(weights[v[1]]) / t / 1e9
-            name = "f32" if v[1] is None else f"int{v[1]} {v[0]}"
+            name = v[0].replace("_", " ") if v[1] is None else f"int{v[1]} {v[0]}"
             print(f"| {rows} | {name} | {t * 1e3:.2f} | {base / t:.2f}x | {gbs:.1f} |")
+    if args.head:
+        time_head(rng, args.rows, args.rounds)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from jaxinfer.attention import Attend
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import ACTIVATIONS, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from jaxinfer.quantization import GROUP_AXIS, stored_shape
-from pallas_kernels.quantized_matmul import dequantize, quantized_matmul, quantized_matmuls
+from pallas_kernels.quantized_matmul import dequantize, float_matmuls, quantized_matmul, quantized_matmuls
 
 # A window no context reaches: full attention for a layer whose window is traced data.
 NO_WINDOW = 1 << 30
@@ -72,7 +72,7 @@ def linear(x, p: dict, name: str, cfg: ModelConfig, k: int, n: int):
     groups run along k)."""
     wq = cfg.quantization.get(name) if cfg.quantization is not None else None
     if wq is None:
-        return x @ p[name].reshape(k, n)
+        return float_matmuls(x, [p[name].reshape(k, n)])[0]
     offset = p.get(f"{name}_offset")
     return quantized_matmul(x, p[name].reshape(-1, n), p[f"{name}_scale"].reshape(-1, n),
                             None if offset is None else offset.reshape(-1, n), bits=wq.bits)
@@ -82,7 +82,9 @@ def linears(x, p: dict, names: tuple[str, ...], cfg: ModelConfig, k: int, ns: tu
     """[linear(x, p, name, cfg, k, n) for name, n in zip(names, ns)]: projections of one input.
     Quantized, they go to `quantized_matmuls` together (one native call on CPU)."""
     quant = cfg.quantization
-    if quant is None or any(quant.get(name) is None for name in names):
+    if quant is None or all(quant.get(name) is None for name in names):  # float: one native call on CPU too
+        return float_matmuls(x, [p[name].reshape(k, n) for name, n in zip(names, ns)])
+    if any(quant.get(name) is None for name in names):
         return [linear(x, p, name, cfg, k, n) for name, n in zip(names, ns)]
     weights = []
     for name, n in zip(names, ns):
@@ -316,10 +318,9 @@ class Transformer(nnx.Module):
             logits = quantized_matmul(x, getattr(self, name)[...], getattr(self, f"{name}_scale")[...],
                                       None if offset is None else offset[...], bits=wq.bits,
                                       transpose=cfg.tie_word_embeddings, out_dtype=jnp.float32)
-        elif cfg.tie_word_embeddings:
-            logits = jnp.einsum("...D,VD->...V", x, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        else:  # float: on CPU, a step of a few rows in the native kernel (`float_matmuls`)
+            logits = float_matmuls(x, [getattr(self, name)[...]], transpose=cfg.tie_word_embeddings,
+                                   preferred_element_type=jnp.float32)[0]
         if cfg.final_logit_softcap is not None:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return logits

@@ -11,6 +11,9 @@
 
 The product accumulates in float32 and returns `out_dtype` (default x's dtype).
 
+    float_matmuls(x, [W, ...], transpose=False)   float weights: on CPU, steps of a few tokens in the
+                                                  native float32 kernel (`float_matmul_cpu`), else XLA
+
 Backends, chosen like attention's (`pallas_kernels.ops.resolve_backend`):
 
     auto         the platform's: the Pallas kernel on GPU / TPU; on CPU the native kernel
@@ -37,8 +40,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dequantize", "matmul_backend", "quantized_matmul", "quantized_matmul_reference", "quantized_matmuls",
-           "split_int4_activations", "unpack_int4", "weight_dims"]
+__all__ = ["dequantize", "float_matmuls", "matmul_backend", "quantized_matmul", "quantized_matmul_reference",
+           "quantized_matmuls", "split_int4_activations", "unpack_int4", "weight_dims"]
 
 
 def unpack_int4(packed: jax.Array, axis: int, group: int) -> jax.Array:
@@ -154,6 +157,25 @@ def quantized_matmul(x, values, scale, offset=None, *, bits: int, transpose: boo
 
         return quantized_matmul_tpu(x, values, scale, offset, interpret=jax.default_backend() != "tpu", **kwargs)
     return quantized_matmul_reference(x, values, scale, offset, **kwargs)
+
+
+def float_matmuls(x, weights, *, transpose: bool = False, preferred_element_type=None,
+                  backend: str | None = None) -> list[jax.Array]:
+    """[x @ W for W in weights] for float weights (transpose: x @ W.T with W [N, K], the tied
+    embedding as the output projection). On CPU under "auto" (no mesh), a step of float32 x and
+    weights of `float_matmul_cpu.MIN_ROWS` to `MAX_ROWS` rows goes to the native kernel in one call
+    (XLA's dot reads the weights at half the memory's speed or less from 2 rows on); otherwise XLA's
+    dot (`x @ W`, or an einsum with `preferred_element_type`)."""
+    name = backend or _BACKEND.get()
+    if name == "auto" and jax.default_backend() == "cpu":
+        from pallas_kernels import float_matmul_cpu
+
+        if float_matmul_cpu.use(x, weights):
+            return float_matmul_cpu.float_matmuls_cpu(x, weights, transpose=transpose)
+    if preferred_element_type is None and not transpose:
+        return [x @ w for w in weights]
+    spec = "...k,nk->...n" if transpose else "...k,kn->...n"
+    return [jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type) for w in weights]
 
 
 def quantized_matmuls(x, weights, *, out_dtype=None, backend: str | None = None) -> list[jax.Array]:

@@ -48,13 +48,14 @@ def _cache_dir() -> str:
     return os.path.join(base, "native")
 
 
-def build() -> str:
-    """Compiles the kernel if needed; returns the shared library's path (raises on failure)."""
+def build(source: str = SOURCE) -> str:
+    """Compiles `source` (a file of csrc/) if needed; returns the shared library's path (raises on
+    failure)."""
     include = jax.ffi.include_dir()
-    with open(SOURCE, "rb") as f:
+    with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join(FLAGS).encode() + include.encode()).hexdigest()[:16]
     out_dir = _cache_dir()
-    path = os.path.join(out_dir, f"quantized_matmul_cpu-{key}.so")
+    path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(source))[0]}-{key}.so")
     if os.path.exists(path):
         return path
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -64,11 +65,11 @@ def build() -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", SOURCE, "-o", tmp], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", source, "-o", tmp], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"building {SOURCE} failed: {e.stderr.strip()[-2000:]}") from None
+        raise RuntimeError(f"building {source} failed: {e.stderr.strip()[-2000:]}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

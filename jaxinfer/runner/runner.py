@@ -165,17 +165,20 @@ class Runner:
             # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
             # its own); the caller reads the first S rows of the result.
             rows, si = _pad_rows((rows, si), self.rc.seq_buckets[-1] - S)
-        return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to)
+        return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to,
+                           matmul=self.attention.matmul_backend)
 
     def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
         """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows)."""
         S = vi.num_drafts.shape[0]
         if si.largest_bucket_only and S < self.rc.seq_buckets[-1]:  # as in _sample
             vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
-        return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef), vi
+        return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef,
+                            matmul=self.attention.matmul_backend), vi
 
     def _prompt_logprobs(self, hidden, rows, targets):
-        return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef)
+        return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef,
+                                    matmul=self.attention.matmul_backend)
 
     # ---- shapes -------------------------------------------------------------------------------
 

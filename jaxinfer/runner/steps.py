@@ -7,8 +7,8 @@
       layer_step(p, kv_cache, x, ropes, layer, meta, cfg=, attention=, q_block=) -> (x, kv_cache)
                                                    one graph for every layer, run L times
       rows_step(x, logits_indices)                 -> (hidden [T, D], rows [S, D])
-    sample_step(params, rows, si, graphdef=, pad_to=) -> (tokens [pad_to], logprobs or None)
-    verify_step(params, hidden, vi, si, graphdef=) -> (tokens [S, K + 1], num_accepted [S], logprobs)
+    sample_step(params, rows, si, graphdef=, pad_to=, matmul=) -> (tokens [pad_to], logprobs or None)
+    verify_step(params, hidden, vi, si, graphdef=, matmul=) -> (tokens [S, K + 1], num_accepted [S], logprobs)
                                                    speculative decoding: drafts verified
     propose_step(params, head, hidden, tokens, verify_rows=, num_accepted=, graphdef=, num_drafts=)
                                                 -> drafts [S, k]: the EAGLE head's proposals for the
@@ -19,7 +19,7 @@
                                                    (beam search's forks), KV cache donated
     resolve_tokens(tokens, token_src, sampled)     -> tokens [1, T] with the step in flight's samples
                                                    filled in on the device (async scheduling)
-    prompt_logprobs_step(params, hidden, rows, targets, graphdef=) -> (logprob, top ids, top logprobs)
+    prompt_logprobs_step(params, hidden, rows, targets, graphdef=, matmul=) -> (logprob, top ids, top logprobs)
 
 No bound methods and no closures over an engine: everything that changes the graph is a static
 argument (hashable: the NNX GraphDef compares by structure, `AttentionSpec` is a frozen
@@ -110,12 +110,14 @@ def rows_step(x, logits_indices):
     return x[0], x[0, logits_indices]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "pad_to"))
-def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_to: int = 0):
+@functools.partial(jax.jit, static_argnames=("graphdef", "pad_to", "matmul"))
+def sample_step(params, rows, si: SamplingInput, *, graphdef: nnx.GraphDef, pad_to: int = 0, matmul: str = "auto"):
     """rows: [S, D] hidden states of the chunks' last tokens -> (tokens [max(S, pad_to)], zero past S;
-    logprobs or None). Padded to one length, the tokens of any step feed `resolve_tokens` alike."""
+    logprobs or None). Padded to one length, the tokens of any step feed `resolve_tokens` alike.
+    matmul: the output projection's backend (`AttentionSpec.matmul_backend`)."""
     model = nnx.merge(graphdef, params)
-    raw = model.compute_logits(rows)  # [S, V]
+    with matmul_backend(matmul):
+        raw = model.compute_logits(rows)  # [S, V]
     logits = raw
     p = si.penalties
     if p is not None:
@@ -138,15 +140,16 @@ def _constrain(logits, raw, bitmask):
     return jnp.where(jnp.isfinite(masked).any(axis=-1, keepdims=True), masked, apply_bitmask(raw, bitmask))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef: nnx.GraphDef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "matmul"))
+def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef: nnx.GraphDef, matmul: str = "auto"):
     """Speculative decoding's sampler: hidden [T, D] of a step whose chunks end with drafts ->
     (tokens [S, K + 1], num_accepted [S], logprobs or None, each [S, K + 1, ...]); see
     `jaxinfer.speculative.verify`. Penalties (and min_tokens' suppression) and a grammar's mask apply
     to every position of a row alike: only rows without drafts carry them (such requests get none)."""
     model = nnx.merge(graphdef, params)
     S, K1 = vi.rows.shape
-    raw = model.compute_logits(hidden[vi.rows.reshape(-1)])  # [S * (K + 1), V]
+    with matmul_backend(matmul):
+        raw = model.compute_logits(hidden[vi.rows.reshape(-1)])  # [S * (K + 1), V]
     logits = raw
     p = si.penalties
     if p is not None:
@@ -215,8 +218,9 @@ def resolve_tokens(tokens, token_src, sampled):
     return jnp.where(token_src >= 0, sampled[jnp.maximum(token_src, 0)], tokens[0])[None]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def prompt_logprobs_step(params, hidden, rows, targets, *, graphdef: nnx.GraphDef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "matmul"))
+def prompt_logprobs_step(params, hidden, rows, targets, *, graphdef: nnx.GraphDef, matmul: str = "auto"):
     """hidden: [T, D]; rows, targets: [R] -> logprobs of each target at its row (and the top ones)."""
     model = nnx.merge(graphdef, params)
-    return logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
+    with matmul_backend(matmul):
+        return logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)

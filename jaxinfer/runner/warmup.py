@@ -95,6 +95,7 @@ def aot_graphs(runner) -> list[tuple]:
         group, size = ((True, shape.S), shape.I) if shape.is_decode else ((False, shape.T), shape.W)
         sizes.setdefault(group, []).append(size)
     rare = 1 + max(map(len, sizes.values()), default=0)
+    matmul = runner.attention.matmul_backend  # the output projection's backend, as the runner passes it
 
     for shape in shapes:
         inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
@@ -121,7 +122,7 @@ def aot_graphs(runner) -> list[tuple]:
                 ("resolve", shape.T), priority)
         hidden = jax.ShapeDtypeStruct((shape.T, D), dtype)
         rows = np.zeros(shape.T, np.int32)
-        add(prompt_logprobs_step, (runner.params, hidden, rows, rows), dict(graphdef=runner.graphdef),
+        add(prompt_logprobs_step, (runner.params, hidden, rows, rows), dict(graphdef=runner.graphdef, matmul=matmul),
             ("prompt_logprobs", shape.T), rare)
     for S in rc.seq_buckets:  # penalties / logprobs / grammar masks: the largest bucket only (see _sample)
         rows = jax.ShapeDtypeStruct((S, D), dtype)
@@ -130,12 +131,13 @@ def aot_graphs(runner) -> list[tuple]:
             if S != rc.seq_buckets[-1] and rare_variant:
                 continue
             si = neutral_sampling_input(S, V, **_variant_kwargs(variant))
-            add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1]),
+            add(sample_step, (runner.params, rows, si), dict(graphdef=runner.graphdef, pad_to=rc.seq_buckets[-1],
+                                                                 matmul=matmul),
                 ("sample", S, *variant), rare if rare_variant else 0)
             if rc.num_speculative_tokens:
                 hidden = jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype)
                 add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens), si),
-                    dict(graphdef=runner.graphdef), ("verify", S, *variant), rare if rare_variant else 0)
+                    dict(graphdef=runner.graphdef, matmul=matmul), ("verify", S, *variant), rare if rare_variant else 0)
         K = rc.num_speculative_tokens
         if drafter is not None and drafter.head is not None:  # eagle: after a sample step and a verify step
             i32 = jnp.int32
