@@ -243,7 +243,7 @@ ffi::Error FloatMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi
     bytes += 4 * K * N;
   }
   const float* xp = x.typed_data();
-  const int64_t T = bytes < kThreadedBytes ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, 2));
+  const int64_t T = bytes < kThreadedBytes ? 1 : std::max<int64_t>(1, threads);
   if (transpose) {
     // each thread a contiguous range of W's rows (outputs), in blocks of 64
     int64_t total = 0;
@@ -260,17 +260,25 @@ ffi::Error FloatMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi
     }
     return ffi::Error::Success();
   }
-  // [K, N]: the two halves of K, one per thread (each reads its half of every weight front to back),
-  // the second half into scratch, then y += scratch.
+  // [K, N]: the two halves of K, one per thread (each reads its half of every weight front to back;
+  // two threads splitting the columns instead read 5-10 GB/s together, below one), the second half
+  // into scratch, then y += scratch.
   const int64_t split = std::min(K, KSplit(K));
   std::vector<std::vector<float>> second(count);
   for (size_t i = 0; i < count; ++i) second[i].assign(M * ns[i], 0.0f);
-#pragma omp parallel for num_threads(T) schedule(static)
-  for (int64_t half = 0; half < 2; ++half)
+  // more than 2 threads: each half's columns in C blocks of whole 64s (a column's sums are unchanged)
+  const int64_t C = std::max<int64_t>(1, T / 2);
+#pragma omp parallel for num_threads(std::min(T, 2 * C)) schedule(static)
+  for (int64_t task = 0; task < 2 * C; ++task) {
+    const int64_t half = task / C, c = task % C;
     for (size_t i = 0; i < count; ++i) {
-      if (half == 0) MatmulKN(xp, ws[i], ys[i], M, K, ns[i], 0, split, 0, ns[i], true);
-      else if (split < K) MatmulKN(xp, ws[i], second[i].data(), M, K, ns[i], split, K, 0, ns[i], true);
+      const int64_t per = (ns[i] / C + 63) / 64 * 64;
+      const int64_t n0 = std::min(ns[i], c * per), n1 = c == C - 1 ? ns[i] : std::min(ns[i], (c + 1) * per);
+      if (n0 >= n1) continue;
+      if (half == 0) MatmulKN(xp, ws[i], ys[i], M, K, ns[i], 0, split, n0, n1, true);
+      else if (split < K) MatmulKN(xp, ws[i], second[i].data(), M, K, ns[i], split, K, n0, n1, true);
     }
+  }
   if (split < K)
     for (size_t i = 0; i < count; ++i)
       for (int64_t j = 0; j < M * ns[i]; ++j) ys[i][j] += second[i][j];

@@ -49,6 +49,24 @@ def test_each_row_is_computed_as_it_would_be_alone(transpose, K, N):
             np.testing.assert_array_equal(np.asarray(y)[i:i + 1], alone[i], err_msg=f"row {i} of {M}")
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_the_threads_do_not_change_a_bit(monkeypatch, transpose):
+    """One thread, two (the halves of K) and six (each half's columns split three ways) give the
+    same bits."""
+    from pallas_kernels import quantized_matmul_cpu
+
+    rng = np.random.default_rng(7)
+    K, N = 576, 1000
+    w = jnp.asarray(rng.normal(size=(N, K) if transpose else (K, N)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(5, K)).astype(np.float32))
+    outs = []
+    for threads in (1, 2, 6):
+        monkeypatch.setattr(quantized_matmul_cpu, "THREADS", threads)
+        outs.append(np.asarray(_call(x, [w], transpose)[0]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
 def test_tail_columns_compute_what_the_vector_blocks_do():
     """Columns past the last whole vector (the plain loop) equal bitwise the same columns computed
     by the vector blocks (a weight whose columns start where the tail's do)."""
