@@ -34,11 +34,12 @@ __all__ = ["AUTO_DISABLE_BY_BATCH_SIZE", "METHODS", "MAX_SPECULATIVE_TOKENS", "S
 
 METHODS = ("ngram", "draft", "eagle")
 MAX_SPECULATIVE_TOKENS = 8
-# disable_by_batch_size="auto": from 4 running requests on, a verify step of 4 x (1 + k) rows costs
-# more than its accepted drafts save on a 2-core CPU (docs/BENCHMARKS.md: prompt lookup 1.15-1.20x
-# at 1-2 requests, 0.83x at 4, f32); accelerators verify a few rows per sequence at the cost of one
-# (memory-bound), so no limit there until measured otherwise.
-AUTO_DISABLE_BY_BATCH_SIZE = {"cpu": 4}
+# disable_by_batch_size="auto": from 2 running requests on, a verify step of 2 x (1 + k) rows costs
+# about what its accepted drafts save on a 2-core CPU, and more from 4 (docs/BENCHMARKS.md, 2026-12-05,
+# with the native float kernel that made one request's verify step cheap: prompt lookup 1.48x plain
+# at 1 request, 0.99x / 0.81x grounded / chat at 2, 0.73x / 0.55x at 4, f32); accelerators verify a
+# few rows per sequence at the cost of one (memory-bound), so no limit there until measured otherwise.
+AUTO_DISABLE_BY_BATCH_SIZE = {"cpu": 2}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
