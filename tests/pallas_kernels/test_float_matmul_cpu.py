@@ -76,6 +76,12 @@ def test_tail_columns_compute_what_the_vector_blocks_do():
     (full,) = _call(x, [w])
     (shifted,) = _call(x, [w[:, 5:]])  # 8 columns: all vector blocks; column 3 here is column 8 there
     np.testing.assert_array_equal(np.asarray(full)[:, 8:], np.asarray(shifted)[:, 3:])
+    # transposed (the head): outputs past the last block of 4 take the plain loop
+    e = jnp.asarray(rng.normal(size=(13, 64)).astype(np.float32))  # output 12: the plain loop
+    x = jnp.asarray(rng.normal(size=(3, 64)).astype(np.float32))
+    (full,) = _call(x, [e], True)
+    (shifted,) = _call(x, [e[9:]], True)  # 4 outputs: one vector block; output 3 here is output 12 there
+    np.testing.assert_array_equal(np.asarray(full)[:, 12:], np.asarray(shifted)[:, 3:])
 
 
 def test_several_weights_in_one_call():
