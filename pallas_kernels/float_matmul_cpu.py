@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 
 import jax
@@ -75,7 +76,4 @@ def use(x, weights) -> bool:
     weights, a step of MIN_ROWS to MAX_ROWS rows, the kernel available."""
     if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or any(w.dtype != jnp.float32 for w in weights):
         return False
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= d
-    return MIN_ROWS <= rows <= MAX_ROWS and available()
+    return MIN_ROWS <= math.prod(x.shape[:-1]) <= MAX_ROWS and available()

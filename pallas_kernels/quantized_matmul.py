@@ -166,12 +166,10 @@ def float_matmuls(x, weights, *, transpose: bool = False, preferred_element_type
     weights of `float_matmul_cpu.MIN_ROWS` to `MAX_ROWS` rows goes to the native kernel in one call
     (XLA's dot reads the weights at half the memory's speed or less from 2 rows on); otherwise XLA's
     dot (`x @ W`, or an einsum with `preferred_element_type`)."""
-    name = backend or _BACKEND.get()
-    if name == "auto" and jax.default_backend() == "cpu":
-        from pallas_kernels import float_matmul_cpu
+    from pallas_kernels import float_matmul_cpu
 
-        if float_matmul_cpu.use(x, weights):
-            return float_matmul_cpu.float_matmuls_cpu(x, weights, transpose=transpose)
+    if (backend or _BACKEND.get()) == "auto" and float_matmul_cpu.use(x, weights):  # (checks the platform)
+        return float_matmul_cpu.float_matmuls_cpu(x, weights, transpose=transpose)
     if preferred_element_type is None and not transpose:
         return [x @ w for w in weights]
     spec = "...k,nk->...n" if transpose else "...k,kn->...n"
