@@ -18,9 +18,7 @@ this one.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
 import math
 import os
 
@@ -29,8 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import quantized_matmul_cpu
-
-logger = logging.getLogger(__name__)
 
 TARGET = "jaxinfer_float_matmul"
 # the rows of x it takes (docs/BENCHMARKS.md, 2026-12-05: SmolLM2's 30 layers and head)
@@ -42,15 +38,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "float
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered with XLA (tries once per process)."""
-    if os.environ.get("JAXINFER_NATIVE_CPU", "1") == "0" or os.environ.get("JAXINFER_FLOAT_NATIVE", "1") == "0":
-        return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(quantized_matmul_cpu.build(SOURCE))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferFloatMatmul), platform="cpu")
-        return True
-    except Exception as e:  # no compiler, a failed build, an FFI mismatch: XLA's dot still works
-        logger.warning("the native CPU float matmul is unavailable (%s); using XLA's dot", e)
-        return False
+    return quantized_matmul_cpu.register(SOURCE, "JaxinferFloatMatmul", TARGET, "float matmul", "JAXINFER_FLOAT_NATIVE")
 
 
 def float_matmuls_cpu(x, weights, *, transpose: bool = False) -> list[jax.Array]:

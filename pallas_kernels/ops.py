@@ -23,7 +23,9 @@ product, and the logit scale stays the model's head dim.
 
 `decode_attention_by_pages` (decode steps as (sequence, page-group) work items) is the reference
 path's decode specialisation; the kernels take decode steps through `ragged_paged_attention`
-with q_block=1 (`uses_decode_items`).
+with q_block=1 (`uses_decode_items`). On CPU under "auto", float32 pages go to a native kernel
+with the same contract (`decode_attention_cpu`: the reference's gathers and segment sums ran at a
+fraction of the memory's speed); "reference" always runs the jnp code.
 
 8-bit caches (`kv_quant.QuantizedPages`) work on every backend: `write_kv` quantizes, the
 reference dequantizes the pages it gathers, and the kernels are handed the values and the scales
@@ -147,5 +149,11 @@ def decode_attention_by_pages(q, k_cache, v_cache, kv_lens, item_seq, item_page,
                               sm_scale: float | None = None, backend: str = "auto") -> jax.Array:
     if not uses_decode_items(backend):
         raise ValueError(f"attention backend {backend!r} takes decode steps through ragged_paged_attention")
+    from pallas_kernels import decode_attention_cpu
+
+    if backend == "auto" and q.shape[-1] == k_cache.shape[-1] and decode_attention_cpu.use(q, k_cache):
+        return decode_attention_cpu.decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos,
+                                                         layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
+                                                         soft_cap=soft_cap)
     return _decode_reference(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos, layer=layer,
                              sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)

@@ -76,18 +76,25 @@ def build(source: str = SOURCE) -> str:
     return path
 
 
+def register(source: str, symbol: str, target: str, what: str, switch: str | None = None) -> bool:
+    """Builds `source`, registers its FFI handler `symbol` as the CPU custom call `target`; False (and
+    `what` is logged as unavailable) when JAXINFER_NATIVE_CPU=0 or the env var `switch` is 0, or the
+    build or registration fails (no compiler, an FFI mismatch): callers then keep the XLA path."""
+    if os.environ.get("JAXINFER_NATIVE_CPU", "1") == "0" or (switch and os.environ.get(switch, "1") == "0"):
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(build(source))
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        return True
+    except Exception as e:
+        logger.warning("the native CPU %s is unavailable (%s); using XLA", what, e)
+        return False
+
+
 @functools.cache
 def available() -> bool:
     """Whether the native kernel is built and registered with XLA (tries once per process)."""
-    if os.environ.get("JAXINFER_NATIVE_CPU", "1") == "0":
-        return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(build())
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferQuantizedMatmul), platform="cpu")
-        return True
-    except Exception as e:  # no compiler, a failed build, an FFI mismatch: the XLA path still works
-        logger.warning("the native CPU quantized matmul is unavailable (%s); using the XLA reference", e)
-        return False
+    return register(SOURCE, "JaxinferQuantizedMatmul", TARGET, "quantized matmul")
 
 
 def quantized_matmuls_cpu(x, weights, *, transpose: bool = False, out_dtype=None) -> list[jax.Array]:

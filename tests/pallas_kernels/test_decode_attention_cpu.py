@@ -1,0 +1,156 @@
+"""The native CPU decode attention (C++ through XLA's FFI) against the jnp reference
+(`decode_attention_by_pages`) and a float64 numpy attention, and the property the engine relies on:
+a row's output is computed with the same float operations whatever the other rows of the step or
+the threads, so a verify step's positions equal bitwise decode steps of each alone."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention_cpu as native
+from pallas_kernels import ops
+from pallas_kernels.paged_attention_reference import decode_attention_by_pages, decode_items
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build the native kernel")
+
+
+def _case(rng, *, lens, K, G, H, page_size, pages_per_item, L=None, nan_past_end=True):
+    """Random pages for sequences of `lens` tokens (pages in shuffled order), their decode items."""
+    S = len(lens)
+    per_seq = max(1, max(-(-n // page_size) for n in lens))
+    num_pages = S * per_seq + 5
+    shape = (num_pages, page_size, K, H) if L is None else (L, num_pages, page_size, K, H)
+    k = rng.normal(size=shape).astype(np.float32)
+    v = rng.normal(size=shape).astype(np.float32)
+    table = rng.permutation(np.arange(1, num_pages))[:S * per_seq].reshape(S, per_seq).astype(np.int32)
+    if nan_past_end:  # slots past a sequence's end may hold anything: never read
+        for s, n in enumerate(lens):
+            for j in range(per_seq):
+                for t in range(page_size):
+                    if j * page_size + t >= n:
+                        k[..., table[s, j], t, :, :] = np.nan
+                        v[..., table[s, j], t, :, :] = np.nan
+    groups = sum(-(-(-(-n // page_size)) // pages_per_item) for n in lens)
+    items = decode_items(np.asarray(lens, np.int32), table, page_size, groups + 3, pages_per_item)
+    q = rng.normal(size=(S, K * G, H)).astype(np.float32)
+    return q, k, v, np.asarray(lens, np.int32), table, items
+
+
+def _numpy_attention(q, k, v, lens, table, page_size, *, layer=None, window=None, sm_scale=None, soft_cap=None):
+    """Float64 attention of each row's query over its first lens[s] positions."""
+    S, N, H = q.shape
+    if layer is not None:
+        k, v = k[layer], v[layer]
+    K = k.shape[-2]
+    out = np.zeros((S, N, H))
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    for s, n in enumerate(lens):
+        if n == 0:
+            continue
+        pos = np.arange(n)
+        keys = k[table[s, pos // page_size], pos % page_size].astype(np.float64)  # [n, K, H]
+        values = v[table[s, pos // page_size], pos % page_size].astype(np.float64)
+        visible = pos > n - 1 - window if window else np.ones(n, bool)
+        for head in range(N):
+            kh = head // (N // K)
+            logits = keys[:, kh] @ q[s, head].astype(np.float64) * scale
+            if soft_cap:
+                logits = soft_cap * np.tanh(logits / soft_cap)
+            logits = np.where(visible, logits, -np.inf)
+            p = np.exp(logits - logits.max())
+            out[s, head] = p @ values[:, kh] / p.sum()
+    return out
+
+
+def _native(q, k, v, lens, items, **kw):
+    return np.asarray(jax.jit(lambda q: native.decode_attention_cpu(q, k, v, lens, *items, **kw))(q))
+
+
+@pytest.mark.parametrize("K, G, H", [(3, 3, 64), (1, 4, 256), (2, 1, 32), (1, 5, 64), (2, 8, 16), (1, 2, 36)])
+@pytest.mark.parametrize("page_size, pages_per_item", [(16, 2), (8, 1), (4, 3)])
+def test_native_matches_the_reference_and_float64(K, G, H, page_size, pages_per_item):
+    """Head groups of 1-8 query heads per KV head (a block of 4 and a rest), head dims that are and
+    are not a whole number of vectors, items of 1-3 pages, an empty row, rows ending mid-page."""
+    rng = np.random.default_rng(K * 100 + G * 10 + H + page_size)
+    q, k, v, lens, table, items = _case(rng, lens=[1, 37, 0, 100, 16], K=K, G=G, H=H, page_size=page_size,
+                                        pages_per_item=pages_per_item, L=3)
+    want = _numpy_attention(q, k, v, lens, table, page_size, layer=1)
+    got = _native(q, k, v, lens, items, layer=jnp.int32(1))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    ref = np.asarray(decode_attention_by_pages(jnp.asarray(q), jnp.asarray(np.nan_to_num(k)),
+                                               jnp.asarray(np.nan_to_num(v)), lens, *items, layer=1))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    assert not np.any(got[2]), "a row without tokens attends to nothing"
+
+
+@pytest.mark.parametrize("window", [5, 16, 40])
+def test_sliding_window_soft_cap_and_scale(window):
+    """Gemma's local layers (a window, as an int or as traced data) and logit soft-capping."""
+    rng = np.random.default_rng(window)
+    q, k, v, lens, table, items = _case(rng, lens=[3, 50, 33], K=1, G=4, H=64, page_size=16, pages_per_item=2)
+    want = _numpy_attention(q, k, v, lens, table, 16, window=window, sm_scale=0.2, soft_cap=30.0)
+    got = _native(q, k, v, lens, items, sliding_window=window, sm_scale=0.2, soft_cap=30.0)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    traced = np.asarray(jax.jit(lambda q, w: native.decode_attention_cpu(q, k, v, lens, *items, sliding_window=w,
+                                                                          sm_scale=0.2, soft_cap=30.0))(
+        q, jnp.int32(window)))
+    np.testing.assert_array_equal(traced, got)
+
+
+def test_each_row_is_computed_as_it_would_be_alone(monkeypatch):
+    """A verify step's rows (one sequence at positions p, p + 1, ...) next to other sequences give
+    bitwise what each row gives in a step of its own, on one thread or two."""
+    rng = np.random.default_rng(3)
+    page_size, ppi = 16, 2
+    q, k, v, _, table, _ = _case(rng, lens=[200, 90], K=3, G=3, H=64, page_size=page_size, pages_per_item=ppi,
+                                 nan_past_end=False)
+    rows_lens = np.array([197, 198, 199, 200, 90, 61], np.int32)
+    rows_table = table[[0, 0, 0, 0, 1, 1]]
+    rows_q = rng.normal(size=(6, 9, 64)).astype(np.float32)
+
+    def step(idx):
+        items = decode_items(rows_lens[idx], rows_table[idx], page_size, 40, ppi)
+        return _native(rows_q[idx], k, v, rows_lens[idx], items)
+
+    alone = [step([i]) for i in range(6)]
+    for threads in (1, 2):
+        monkeypatch.setattr(native.quantized_matmul_cpu, "THREADS", threads)
+        together = step(list(range(6)))
+        for i in range(6):
+            np.testing.assert_array_equal(together[i:i + 1], alone[i], err_msg=f"row {i}, {threads} threads")
+
+
+def test_auto_takes_the_kernel_on_cpu_and_reference_the_jnp_code():
+    rng = np.random.default_rng(5)
+    q, k, v, lens, _, items = _case(rng, lens=[20], K=1, G=2, H=64, page_size=16, pages_per_item=2,
+                                    nan_past_end=False)
+
+    def lowered(backend):
+        fn = lambda q: ops.decode_attention_by_pages(q, jnp.asarray(k), jnp.asarray(v), lens, *items,  # noqa: E731
+                                                     backend=backend)
+        return jax.jit(fn).lower(jnp.asarray(q)).as_text()
+
+    assert native.TARGET in lowered("auto")
+    assert native.TARGET not in lowered("reference")
+
+
+def test_switched_off_auto_runs_the_reference(monkeypatch):
+    """JAXINFER_NATIVE_ATTENTION=0 (or a failed build): "auto" keeps the jnp reference."""
+    rng = np.random.default_rng(6)
+    q, k, v, lens, _, items = _case(rng, lens=[20], K=1, G=2, H=64, page_size=16, pages_per_item=2,
+                                    nan_past_end=False)
+    native.available.cache_clear()
+    try:
+        monkeypatch.setenv("JAXINFER_NATIVE_ATTENTION", "0")
+        assert not native.available()
+        fn = lambda q: ops.decode_attention_by_pages(q, jnp.asarray(k), jnp.asarray(v), lens, *items)  # noqa: E731
+        assert native.TARGET not in jax.jit(fn).lower(jnp.asarray(q)).as_text()
+        with pytest.raises(RuntimeError, match="could not be built"):
+            native.decode_attention_cpu(q, k, v, lens, *items)
+    finally:
+        native.available.cache_clear()
+    monkeypatch.undo()
+    assert native.available()
