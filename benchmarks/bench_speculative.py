@@ -5,7 +5,7 @@ HEAD_DIR from `jaxinfer train-draft`), at batch 1 and at several concurrent requ
 workloads, in interleaved rounds.
 
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
-                                           [--draft MODEL ...] [--eagle HEAD_DIR]
+                                           [--prompt-lookup-min 1 2] [--draft MODEL ...] [--eagle HEAD_DIR]
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--k", type=int, nargs="+", default=[3], help="num_speculative_tokens values to run")
+    ap.add_argument("--prompt-lookup-min", type=int, nargs="+", default=[None],
+                    help="ngram's prompt_lookup_min values to run (default: SpeculativeConfig's)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
@@ -97,7 +99,12 @@ def main(argv=None):
     if args.disable_by_batch_size.lower() not in ("auto", "none"):
         limit = int(args.disable_by_batch_size)
     spec = functools.partial(SpeculativeConfig, disable_by_batch_size=limit)
-    configs = {"plain": None} | {f"ngram k={k}": spec(method="ngram", num_speculative_tokens=k) for k in args.k}
+    configs = {"plain": None}
+    for lo in args.prompt_lookup_min:
+        name = "" if lo is None else f" min={lo}"
+        lookup = {} if lo is None else dict(prompt_lookup_min=lo,
+                                            prompt_lookup_max=max(lo, SpeculativeConfig.prompt_lookup_max))
+        configs |= {f"ngram k={k}{name}": spec(method="ngram", num_speculative_tokens=k, **lookup) for k in args.k}
     for model in args.draft:
         configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}":
                     spec(method="draft", model=model, num_speculative_tokens=k) for k in args.k}

@@ -126,7 +126,7 @@ COVERAGE = [
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
     (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|quality|quant_matmul_forms|"
-     r"bench_(generate|compile|sampler|speculative|structured|quantized_step))\.py.*",
+     r"replay_prompt_lookup|bench_(generate|compile|sampler|speculative|structured|quantized_step))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
@@ -584,6 +584,8 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
     "bench_speculative.py": ["--model", "{tiny}", "--batch-sizes", "1", "2", "--max-tokens", "8", "--rounds", "1",
                              "--max-model-len", "256", "--problem-chars", "40", "--eagle", "{tiny_head}",
                              "--draft", "{tiny}", "--k", "3"],
+    "replay_prompt_lookup.py": ["--model", "{tiny}", "--prompts", "2", "--max-tokens", "8", "--max-model-len", "256",
+                                "--problem-chars", "40"],
     "bench_structured.py": ["--model", "{tiny}", "--concurrency", "2", "--max-tokens", "4", "--rounds", "1",
                             "--compile-reps", "1"],
 }
@@ -679,6 +681,9 @@ def test_benchmark_commands_run(tmp_path):
                     rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|", rf"\| {workload} \| 2 \| eagle k=3 \| [\d.]+ \|",
                     rf"\| {workload} \| 1 \| draft tiny.gguf k=3 \| [\d.]+ \| [\d.]+x \| \d+ / \d+ \|"):
             assert re.search(row, outputs["bench_speculative.py"]), row
+    for policy in ("k=3 min=1", "k=3 min=2", "adaptive", "free"):  # the replayed drafting policies
+        assert re.search(rf"\| grounded \| 2 \| {policy} \| [\d.]+ \| [\d.]+x \|",
+                         outputs["replay_prompt_lookup.py"]), policy
     for schema in ("tool-call", "order", "issue", "pydantic"):  # every schema through llguidance, and the engine
         assert re.search(rf"\| llguidance \| {schema} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|",
                          outputs["bench_structured.py"]), schema
