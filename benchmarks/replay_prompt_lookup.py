@@ -49,22 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def longest_match(tokens: np.ndarray, max_n: int) -> tuple[int, int]:
-    """(end of the most recent earlier occurrence of the longest suffix of 1..max_n tokens, its length);
-    (-1, 0) when even the last token never occurred before."""
-    L = len(tokens)
-    ends = np.flatnonzero(tokens[:L - 1] == tokens[L - 1])
-    best, n, length = None, 1, 0
-    while len(ends):
-        best, length = ends, n
-        if n == max_n:
-            break
-        back = ends - n
-        ends = ends[(back >= 0) & (tokens[np.maximum(back, 0)] == tokens[L - 1 - n])]
-        n += 1
-    return (-1, 0) if best is None else (int(best[-1]), length)
-
-
 def replay(examples, propose, rows_for, cost) -> tuple[float, float]:
     """examples: [(prompt ids, output ids)]; propose(tokens so far) -> drafts; rows_for(drafts) -> rows
     of the step (1 when none) -> (tokens per step, plain decoding's cost / this policy's)."""
@@ -91,8 +75,10 @@ def pow2(n: int) -> int:
 
 def adaptive(tokens) -> list[int]:
     """1 draft after a one-token match, 3 after two, 7 after a longer one (suffixes up to 8)."""
+    from jaxinfer.speculative.ngram import longest_suffix_match
+
     t = np.asarray(tokens)
-    end, n = longest_match(t, 8)
+    end, n = longest_suffix_match(t, 8)
     d = 0 if end < 0 else 1 if n == 1 else 3 if n == 2 else 7
     return t[end + 1:end + 1 + d].tolist()
 

@@ -38,9 +38,11 @@ def available() -> bool:
 
 def use(q, k_cache) -> bool:
     """Whether `decode_attention_cpu` should take this call: the CPU backend, float32 query and pages
-    (8-bit pages are `kv_quant.QuantizedPages`, not arrays), the kernel available."""
+    (8-bit pages are `kv_quant.QuantizedPages`, not arrays) of the query's head dim (no padded
+    lanes), the kernel available."""
     return (jax.default_backend() == "cpu" and isinstance(k_cache, jax.Array | np.ndarray)
-            and q.dtype == jnp.float32 and k_cache.dtype == jnp.float32 and available())
+            and q.dtype == jnp.float32 and k_cache.dtype == jnp.float32 and q.shape[-1] == k_cache.shape[-1]
+            and available())
 
 
 def decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_pages, item_pos, *, layer=None,

@@ -151,7 +151,7 @@ def decode_attention_by_pages(q, k_cache, v_cache, kv_lens, item_seq, item_page,
         raise ValueError(f"attention backend {backend!r} takes decode steps through ragged_paged_attention")
     from pallas_kernels import decode_attention_cpu
 
-    if backend == "auto" and q.shape[-1] == k_cache.shape[-1] and decode_attention_cpu.use(q, k_cache):
+    if backend == "auto" and decode_attention_cpu.use(q, k_cache):
         return decode_attention_cpu.decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos,
                                                          layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
                                                          soft_cap=soft_cap)

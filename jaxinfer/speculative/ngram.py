@@ -14,24 +14,31 @@ from __future__ import annotations
 import numpy as np
 
 
-def propose_ngram(tokens, k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to `k` draft tokens for a request whose tokens (prompt + output) are `tokens`, or [] when
-    no suffix of at least `min_n` tokens occurs earlier."""
+def longest_suffix_match(tokens, max_n: int) -> tuple[int, int]:
+    """(j, n): the longest suffix of `tokens` (n <= max_n tokens) that also ends earlier, at position
+    j (its most recent earlier occurrence); (-1, 0) when even the last token never occurred before."""
     t = np.asarray(tokens)
     L = len(t)
-    if L < min_n + 1 or k <= 0:
-        return []
+    if L < 2:
+        return -1, 0
     ends = np.flatnonzero(t[:L - 1] == t[L - 1])  # earlier positions j with t[j] == the last token
-    best, n = None, 1
+    best, n, length = None, 1, 0
     while len(ends):
-        if n >= min_n:
-            best = ends
+        best, length = ends, n
         if n == max_n:
             break
         back = ends - n
         ends = ends[(back >= 0) & (t[np.maximum(back, 0)] == t[L - 1 - n])]
         n += 1
-    if best is None:
+    return (-1, 0) if best is None else (int(best[-1]), length)
+
+
+def propose_ngram(tokens, k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to `k` draft tokens for a request whose tokens (prompt + output) are `tokens`, or [] when
+    no suffix of at least `min_n` tokens occurs earlier."""
+    if k <= 0:
         return []
-    j = int(best[-1])  # the most recent occurrence of the longest matched suffix
-    return t[j + 1:j + 1 + k].tolist()
+    j, n = longest_suffix_match(tokens, max_n)
+    if n < min_n or j < 0:
+        return []
+    return np.asarray(tokens)[j + 1:j + 1 + k].tolist()  # what followed the suffix's most recent occurrence

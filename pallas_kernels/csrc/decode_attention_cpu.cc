@@ -3,7 +3,7 @@
 // under the "auto" backend.
 //
 // Why: XLA:CPU runs the reference's gather + batched einsum + segment softmax at a fraction of the
-// memory's speed: SmolLM2's 30 layers at 350 tokens of context took 6.4 ms for one row and 27.6 ms
+// memory's speed: SmolLM2's 30 layers at 350 tokens of context took 4.2 ms for one row and 19.1 ms
 // for eight (docs/BENCHMARKS.md, 2026-12-05), while the keys and values it reads take ~1 ms per row.
 // A verify step (one request's 1 + k positions, each a row) paid that per row.
 //
