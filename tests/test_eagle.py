@@ -17,7 +17,7 @@ from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative import eagle
 from jaxinfer.speculative.prompts import chat_prompts
-from jaxinfer.speculative.train import DraftRecipe, draft_vocabulary, train_draft
+from jaxinfer.speculative.train import DraftRecipe, answer, draft_vocabulary, train_draft
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing import tiny_gguf
 from tests import speculative_checks
@@ -95,6 +95,20 @@ def test_the_head_learns_the_targets_next_tokens(tiny_path, tmp_path):
     assert trained["heldout_mean_accepted_length"] > untrained["heldout_mean_accepted_length"] + 0.05, (
         trained["history"], untrained["history"])
     assert trained["history"][-1]["top1_agreement"][0] > 4 * untrained["history"][-1]["top1_agreement"][0]
+
+
+def test_answers_are_the_reference_generators_greedy_outputs(tiny):
+    """train-draft's data: the engine's waves give what the static-batch oracle gives, in the prompts'
+    order, for more prompts than a wave holds (on SmolLM2, whose answers stop at EOS, both keep the
+    EOS token: checked by hand, 8 questions, equal)."""
+    from jaxinfer.reference import ReferenceGenerator
+
+    prompts = _prompts(11, seed=3)
+    got = answer(tiny, prompts, max_tokens=24, batch=4, progress=False)
+    gen = ReferenceGenerator(tiny.config, tiny.graphdef, tiny.params)
+    want = gen.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=24)] * len(prompts),
+                        eos_token_ids=tiny.tokenizer.eos_token_ids)
+    assert got == [w.token_ids for w in want]
 
 
 def test_draft_vocabulary_keeps_the_most_emitted_tokens_and_eos():
