@@ -37,17 +37,13 @@ def main(argv=None) -> None:
     from jaxinfer.reference import ReferenceGenerator, next_power_of_two
     from jaxinfer.sampling import SamplingParams
     from jaxinfer.speculative.prompts import chat_prompts, vocabulary_words
-    from jaxinfer.speculative.train import answer
+    from jaxinfer.speculative.train import answer, corpus_length, encode_question
 
     loaded = load_model(args.model, dtype="float32", scan_layers=False, progress=False)
     cfg, tok = loaded.config, loaded.tokenizer
 
-    def encode(text):
-        if tok.chat_template:
-            return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
-        return tok.encode(text)
-
-    prompts = [encode(t) for t in chat_prompts(args.num_prompts, 0, vocabulary_words(tok, cfg.vocab_size))]
+    questions = chat_prompts(args.num_prompts, 0, vocabulary_words(tok, cfg.vocab_size))
+    prompts = [encode_question(tok, t) for t in questions]
     gen = ReferenceGenerator(cfg, loaded.graphdef, loaded.params)
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
 
@@ -83,7 +79,7 @@ def main(argv=None) -> None:
     lengths = sorted(len(p) + len(o) for p, o in zip(prompts, a))
     batches = [lengths[i:i + 16] for i in range(0, len(lengths), 16)]  # build_corpus's batches of 16
     pow2 = sum(16 * next_power_of_two(max(x), 16) for x in batches)
-    by32 = sum(16 * -(-max(x) // 32) * 32 for x in batches)
+    by32 = sum(16 * corpus_length(max(x)) for x in batches)  # what build_corpus computes
     print(f"hidden-state pass: {sum(lengths)} real positions; padded to powers of two {pow2}, "
           f"to multiples of 32 {by32} ({by32 / pow2:.2f}x)")
 

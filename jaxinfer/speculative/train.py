@@ -106,6 +106,11 @@ def _hidden_fn(loaded):
     return lambda tokens: run(params, tokens)
 
 
+def corpus_length(n: int) -> int:
+    """The padded length of a hidden-state batch whose longest sequence has n tokens (a multiple of 32)."""
+    return -(-n // 32) * 32
+
+
 def build_corpus(loaded, sequences: Sequence[tuple[list[int], list[int]]], unroll: int, batch: int = 16,
                  progress: bool = True) -> Corpus:
     """sequences: (prompt ids, answer ids) -> their hidden states, in batches of one padded length
@@ -122,7 +127,7 @@ def build_corpus(loaded, sequences: Sequence[tuple[list[int], list[int]]], unrol
     for b in it:
         idx = order[b:b + batch]
         seqs = [sequences[i][0] + sequences[i][1] for i in idx]
-        T = -(-max(map(len, seqs)) // 32) * 32
+        T = corpus_length(max(map(len, seqs)))
         arr = np.zeros((batch, T), np.int32)  # one batch size: a compile per length bucket only
         for r, s in enumerate(seqs):
             arr[r, :len(s)] = s
@@ -203,22 +208,30 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus: Corpus,
     return 1.0 + float(acc.mean() if len(acc) else 0.0), (by_pos / n).tolist()
 
 
+def encode_question(tok, text: str) -> list[int]:
+    """A question's prompt ids: a user turn of the tokenizer's chat template (the text as is without one)."""
+    if tok.chat_template:
+        return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
+    return tok.encode(text)
+
+
 def answer(loaded, prompt_ids: Sequence[list[int]], max_tokens: int, batch: int,
            progress: bool = True) -> list[list[int]]:
     """The target's greedy answers (token ids, EOS included when it stopped there) to `prompt_ids`, on
     the paged engine in waves of `batch` prompts: a wave is prefilled together and then decodes alone,
     so its steps take the decode path (on CPU the native attention kernel) rather than mixed
-    prefill + decode steps. Measured on SmolLM2, 256 questions, this 2-core CPU: 197 tokens/s against
-    104 for the static-batch `ReferenceGenerator` (docs/BENCHMARKS.md)."""
+    prefill + decode steps. Measured on SmolLM2, 128 questions, this 2-core CPU: 211 tokens/s against
+    124 for the static-batch `ReferenceGenerator` (`benchmarks/bench_train_data.py`, docs/BENCHMARKS.md)."""
     from jaxinfer.engine import LLMEngine
     from jaxinfer.engine_config import EngineConfig
     from jaxinfer.sampling import SamplingParams
 
     page_size = 16
-    longest = max(map(len, prompt_ids)) + max_tokens
+    longest_prompt = max(map(len, prompt_ids))
     config = EngineConfig.of(max_num_seqs=batch, max_prefill_seqs=batch, page_size=page_size,
-                             max_num_batched_tokens=max(batch, min(4096, batch * max(map(len, prompt_ids)))),
-                             num_pages=1 + batch * -(-longest // page_size), enable_prefix_caching=False)
+                             max_num_batched_tokens=max(batch, min(4096, batch * longest_prompt)),
+                             num_pages=1 + batch * -(-(longest_prompt + max_tokens) // page_size),
+                             enable_prefix_caching=False)
     engine = LLMEngine(loaded.config, loaded.graphdef, loaded.params, loaded.tokenizer, config)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     answers: dict[int, list[int]] = {}
@@ -255,12 +268,7 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
         texts = heldout_prompts(recipe.num_heldout, recipe.seed) + chat_prompts(
             recipe.num_prompts - recipe.num_heldout, recipe.seed, vocabulary_words(tok, cfg.vocab_size))
 
-    def encode(text):
-        if tok.chat_template:
-            return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
-        return tok.encode(text)
-
-    prompt_ids = [encode(t) for t in texts]
+    prompt_ids = [encode_question(tok, t) for t in texts]
     t0 = time.perf_counter()
     answers = answer(loaded, prompt_ids, recipe.max_tokens, recipe.generate_batch, progress=progress)
     gen_seconds = time.perf_counter() - t0
