@@ -126,7 +126,7 @@ COVERAGE = [
     (r"python benchmarks/bench_attention\.py( --iters 30)?",
      ["tests/test_notebooks.py::test_notebook_runs_top_to_bottom"]),
     (r"(XLA_FLAGS=\S+ )?python benchmarks/(sharding_report|throughput|quality|quant_matmul_forms|"
-     r"replay_prompt_lookup|bench_(generate|compile|sampler|speculative|structured|quantized_step|train_data))\.py.*",
+     r"replay_prompt_lookup|bench_(generate|compile|sampler|speculative|structured|quantized_step|train_data|draft_head))\.py.*",
      [THIS + "test_benchmark_commands_run"]),
     # python blocks
     (r"from openai import OpenAI\n.*", [THIS + "test_make_run_serves_the_readme_client_and_benchmark"]),
@@ -590,6 +590,7 @@ SMALL_FLAGS = {  # appended to each documented benchmark command
                             "--compile-reps", "1"],
     "bench_train_data.py": ["--model", "{tiny}", "--num-prompts", "3", "--batch", "2", "--max-tokens", "4",
                             "--rounds", "1"],
+    "bench_draft_head.py": ["--model", "{tiny}", "--eagle", "{tiny_head}", "--num-questions", "2", "--max-tokens", "8"],
 }
 
 

@@ -111,6 +111,30 @@ def test_answers_are_the_reference_generators_greedy_outputs(tiny):
     assert got == [w.token_ids for w in want]
 
 
+def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir):
+    """train-draft's held-out figure walks each answer as the engine's verify steps do: the engine,
+    one request at a time with the same head, reports the same verify steps, drafts accepted and
+    acceptance by position (the mean over every position is another, higher-reading figure)."""
+    from jaxinfer.model import embedding_arrays
+    from jaxinfer.speculative.train import build_corpus, heldout_acceptance
+
+    prompts, max_tokens, k = _prompts(6, seed=5), 24, 3
+    head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
+    answers = answer(tiny, prompts, max_tokens=max_tokens, batch=8, progress=False)
+    corpus = build_corpus(tiny, list(zip(prompts, answers)), k, progress=False)
+    acc = heldout_acceptance(head, tiny.config, embedding_arrays(tiny.params), corpus, k, max_tokens)
+    engine = testing_engine.make_engine(tiny, max_num_seqs=1, page_size=16, num_pages=64,
+                                        speculative_config=_eagle(head_dir, k))
+    outs = testing_engine.run(engine, {str(i): (p, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+                                       for i, p in enumerate(prompts)})
+    assert [outs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == answers
+    s = engine.stats()
+    assert s["spec_num_accepted_tokens"] > 0  # (the comparison means something: the head's drafts land)
+    assert acc.mean_accepted_length == pytest.approx(1 + s["spec_num_accepted_tokens"] / s["spec_num_drafts"])
+    by_position = [a / max(d, 1) for a, d in zip(s["spec_accepted_by_position"], s["spec_proposed_by_position"])]
+    assert acc.by_position == pytest.approx(by_position, abs=1e-4)
+
+
 def test_draft_vocabulary_keeps_the_most_emitted_tokens_and_eos():
     ids, coverage = draft_vocabulary([[5, 5, 5, 7, 7, 9], [5, 7, 11]], 3, 20, always=[2])
     assert ids.tolist() == [2, 5, 7] and coverage == pytest.approx(7 / 9)
