@@ -6,6 +6,8 @@ item's pages, a batched einsum, segment max and sums) runs on XLA:CPU at a fract
 speed, and a verify step pays it once per position (docs/BENCHMARKS.md). The kernel walks each row's
 pages once with an online softmax and computes every row with the same float operations whatever the
 other rows of the step or the threads.
+`ops.ragged_paged_attention` sends it mixed steps too on CPU, every query row a decode row
+(`paged_attention_reference.ragged_rows_as_decodes`).
 
     decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_pages, item_pos, *, layer=None,
                          sliding_window=None, sm_scale=None, soft_cap=None)     the reference's contract

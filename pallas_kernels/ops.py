@@ -39,7 +39,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.kv_quant import QuantizedPages, write_quantized
 from pallas_kernels.paged_attention_reference import (decode_attention_by_pages as _decode_reference,
-                                                     ragged_paged_attention_reference, write_kv as _write_kv)
+                                                     ragged_paged_attention_reference, ragged_rows_as_decodes,
+                                                     write_kv as _write_kv)
 
 __all__ = ["BACKENDS", "check_backend_name", "decode_attention_by_pages", "kv_cache_dtype_error", "kv_cache_head_dim",
            "ragged_paged_attention", "resolve_backend", "uses_decode_items", "write_kv"]
@@ -113,6 +114,14 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, layer=None):
     return _write_kv(k_cache, v_cache, k, v, slot_mapping, layer=layer)
 
 
+def _rows_on_cpu_kernel(q, k_cache) -> bool:
+    """Whether a ragged step's attention runs its rows as decodes on the native CPU kernel (its
+    conditions: `decode_attention_cpu.use`)."""
+    from pallas_kernels import decode_attention_cpu
+
+    return decode_attention_cpu.use(q, k_cache)
+
+
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            sm_scale: float | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
@@ -120,6 +129,13 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, 
     impl = resolve_backend(backend)
     H = q.shape[-1]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    if impl == "reference" and backend == "auto" and _rows_on_cpu_kernel(q, k_cache):
+        # CPU: every query row as a one-query decode on the native kernel (causal over its own
+        # sequence's pages), not query blocks over the padded page table (docs/ARCHITECTURE.md)
+        lens, item_seq, item_pages, item_pos = ragged_rows_as_decodes(kv_lens, page_table, cu_q_lens, q.shape[0],
+                                                                      k_cache.shape[-3])
+        return decode_attention_by_pages(q, k_cache, v_cache, lens, item_seq, item_pages, item_pos, layer=layer,
+                                         sliding_window=sliding_window, soft_cap=soft_cap, sm_scale=sm_scale)
     q = _pad_lanes(q, k_cache.shape[-1])
     common = dict(layer=layer, sliding_window=sliding_window, soft_cap=soft_cap, sm_scale=sm_scale)
     if impl == "reference":

@@ -230,6 +230,27 @@ def decode_items(kv_lens, page_table, page_size: int, num_items: int, pages_per_
     return item_seq, item_pages, item_pos
 
 
+def ragged_rows_as_decodes(kv_lens, page_table, cu_q_lens, num_tokens: int, page_size: int):
+    """A ragged step's query rows as one-query decodes, on the device: row r of chunk s (rows
+    cu_q_lens[s] .. cu_q_lens[s + 1] - 1, the last at position kv_lens[s] - 1) sits at position
+    kv_lens[s] - cu_q_lens[s + 1] + r and reads its chunk's pages up to there. The items are row
+    major, W a row (W: the page table's width), those past a row's position (and padding rows')
+    masked by position, so `decode_attention_by_pages` gives each row what causal attention over
+    its sequence gives it.
+
+    Returns (row_kv_lens [T], item_seq [T W], item_pages [T W, 1], item_pos [T W]) int32.
+    """
+    S, W = page_table.shape
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right").astype(jnp.int32) - 1, 0, S - 1)
+    real = rows < cu_q_lens[-1]  # (cu_q_lens past the last chunk repeat the total)
+    row_lens = jnp.where(real, kv_lens[seq] - cu_q_lens[seq + 1] + rows + 1, 0)
+    first = jnp.arange(W, dtype=jnp.int32) * page_size
+    item_pos = jnp.where(first[None] < row_lens[:, None], first[None], jnp.iinfo(jnp.int32).max // 2)
+    return (row_lens.astype(jnp.int32), jnp.repeat(rows, W), page_table[seq].reshape(-1, 1).astype(jnp.int32),
+            item_pos.reshape(-1).astype(jnp.int32))
+
+
 NEG_LSE = -1e30  # log-sum-exp of a query that sees no key here
 
 

@@ -16,7 +16,9 @@
 //
 // A row's output depends only on its own query, its items and the cache: the same float operations
 // in the same order whatever the other rows of the step or the threads (threads take whole rows), so
-// a verify step's row equals bitwise a decode step of that position alone.
+// a verify step's row equals bitwise a decode step of that position alone. A mixed step's prompt rows
+// come here too, each a row (`ragged_rows_as_decodes`): many rows, so each row's span of items is
+// found once per call and rows are dealt to the threads one by one.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -205,7 +207,7 @@ void HeadBlock(const float* q, const float* kc, const float* vc, const int64_t* 
 // an item's keys and values come from memory once and stay in L1 / L2 for every head.
 void Row(const Shapes& d, const float* q, const float* kc, const float* vc, const int32_t* item_seq,
          const int32_t* item_pages, const int32_t* item_pos, int64_t seq, int64_t qpos, int64_t window,
-         float sm_scale, float soft_cap, float* out) {
+         int64_t item_begin, int64_t item_end, float sm_scale, float soft_cap, float* out) {
   const int64_t N = d.N, H = d.H, ps = d.ps, group = d.per_item / ps;
   const int64_t token_stride = d.K * H, page_stride = ps * d.K * H;
   std::fill(out, out + N * H, 0.0f);
@@ -215,7 +217,7 @@ void Row(const Shapes& d, const float* q, const float* kc, const float* vc, cons
   thread_local std::vector<float> m, l;
   m.assign(N, -std::numeric_limits<float>::infinity());
   l.assign(N, 0.0f);
-  for (int64_t i = 0; i < d.I; ++i) {
+  for (int64_t i = item_begin; i < item_end; ++i) {  // (the span of this row's items; others skipped)
     if (item_seq[i] != seq) continue;
     const int64_t first = item_pos[i];
     if (first > qpos || first + d.per_item <= lo) continue;
@@ -280,12 +282,22 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_
   d.layer_offset = l * d.P * d.ps * d.K * d.H;
   const int64_t w = window.typed_data()[0];
   const int32_t* lens = kv_lens.typed_data();
+  // Each row's items lie between the first and the last item naming it: one pass finds the spans, so
+  // a step of many rows (a prefill chunk's, one row per token) does not scan every item per row.
+  const int32_t* seqs = item_seq.typed_data();
+  std::vector<int64_t> begin(d.S, d.I), end(d.S, 0);
+  for (int64_t i = 0; i < d.I; ++i)
+    if (seqs[i] >= 0 && seqs[i] < d.S) {
+      begin[seqs[i]] = std::min(begin[seqs[i]], i);
+      end[seqs[i]] = i + 1;
+    }
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(threads, d.S));
-#pragma omp parallel for num_threads(T) schedule(static)
+  // Rows dealt out one by one: a prefill chunk's later rows read more keys than its first.
+#pragma omp parallel for num_threads(T) schedule(static, 1)
   for (int64_t s = 0; s < d.S; ++s)
-    Row(d, q.typed_data() + s * d.N * d.H, k_cache.typed_data(), v_cache.typed_data(), item_seq.typed_data(),
-        item_pages.typed_data(), item_pos.typed_data(), s, int64_t{lens[s]} - 1, w, sm_scale, soft_cap,
-        out->typed_data() + s * d.N * d.H);
+    Row(d, q.typed_data() + s * d.N * d.H, k_cache.typed_data(), v_cache.typed_data(), seqs,
+        item_pages.typed_data(), item_pos.typed_data(), s, int64_t{lens[s]} - 1, w, begin[s], end[s], sm_scale,
+        soft_cap, out->typed_data() + s * d.N * d.H);
   return ffi::Error::Success();
 }
 

@@ -154,3 +154,46 @@ def test_switched_off_auto_runs_the_reference(monkeypatch):
         native.available.cache_clear()
     monkeypatch.undo()
     assert native.available()
+
+
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (7, None), (None, 30.0)])
+def test_a_ragged_step_runs_its_rows_as_decodes(window, soft_cap):
+    """`ops.ragged_paged_attention` on CPU (a mixed step: a prompt chunk from position 0, a decode, a
+    chunk continuing its sequence's earlier pages, padding rows) takes every query row as a decode
+    on the kernel: the reference's query blocks over the page table give the same rows (float
+    rounding apart), padding rows are zero, and a row's output does not depend on its chunk's split."""
+    from pallas_kernels.paged_attention_reference import ragged_paged_attention_reference
+
+    rng = np.random.default_rng(3)
+    L, page_size, K, G, H = 2, 16, 3, 3, 64
+    q_lens, kv_lens = [37, 1, 20], [37, 51, 50]  # chunk s's last row sits at kv_lens[s] - 1
+    S, T, W = 4, 64, 8
+    num_pages = 40
+    k = rng.normal(size=(L, num_pages, page_size, K, H)).astype(np.float32)
+    v = rng.normal(size=(L, num_pages, page_size, K, H)).astype(np.float32)
+    table = np.zeros((S, W), np.int32)
+    free = rng.permutation(np.arange(1, num_pages))
+    for s, n in enumerate(kv_lens):
+        table[s, :-(-n // page_size)] = free[s * W:s * W + -(-n // page_size)]
+    cu = np.zeros(S + 1, np.int32)
+    cu[1:4] = np.cumsum(q_lens)
+    cu[4:] = cu[3]
+    q = rng.normal(size=(T, K * G, H)).astype(np.float32)
+    lens = np.asarray(kv_lens + [0], np.int32)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lens), jnp.asarray(table), jnp.asarray(cu),
+            jnp.int32(3))
+    common = dict(layer=1, sliding_window=window, soft_cap=soft_cap)
+    got = np.asarray(ops.ragged_paged_attention(*args, q_block=8, max_prefill_seqs=4, **common))
+    want = np.asarray(ragged_paged_attention_reference(*args, q_block=8, max_prefill_seqs=4, sm_scale=H ** -0.5,
+                                                       **common))
+    n = cu[3]
+    np.testing.assert_allclose(got[:n], want[:n], atol=2e-5, rtol=2e-5)
+    assert not np.any(got[n:])
+    # the first chunk split in two (17 rows, then 20 more at positions 17..36): the same rows, bitwise
+    cu2 = np.asarray([0, 17, 37, 37, 37], np.int32)
+    lens2 = np.asarray([17, 37, 0, 0], np.int32)
+    table2 = np.stack([table[0], table[0], table[2], table[3]])
+    split = ops.ragged_paged_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lens2),
+                                       jnp.asarray(table2), jnp.asarray(cu2), jnp.int32(2), q_block=8,
+                                       max_prefill_seqs=4, **common)
+    np.testing.assert_array_equal(np.asarray(split)[:37], got[:37])
