@@ -42,7 +42,8 @@ def main(argv=None) -> None:
     from jaxinfer.sampling import SamplingParams
     from jaxinfer.speculative import SpeculativeConfig, eagle
     from jaxinfer.speculative.prompts import heldout_prompts
-    from jaxinfer.speculative.train import answer, build_corpus, encode_question, heldout_acceptance
+    from jaxinfer.speculative.acceptance import heldout_acceptance
+    from jaxinfer.speculative.train import answer, build_corpus, encode_question
 
     loaded = load_model(args.model, dtype="float32", scan_layers=False, progress=False)
     cfg, tok = loaded.config, loaded.tokenizer

@@ -116,7 +116,8 @@ def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir):
     one request at a time with the same head, reports the same verify steps, drafts accepted and
     acceptance by position (the mean over every position is another, higher-reading figure)."""
     from jaxinfer.model import embedding_arrays
-    from jaxinfer.speculative.train import build_corpus, heldout_acceptance
+    from jaxinfer.speculative.acceptance import heldout_acceptance
+    from jaxinfer.speculative.train import build_corpus
 
     prompts, max_tokens, k = _prompts(6, seed=5), 24, 3
     head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)

@@ -19,7 +19,7 @@
     6. every `eval_every` steps, and at the end, the held-out answers are drafted exactly as the
        engine drafts (`eagle.propose`, k = unroll) and walked as its greedy verify steps walk them:
        the mean accepted length per verify step (1 + drafts equal to the target's greedy tokens) is
-       shown, beside the mean over every position (`Acceptance`);
+       shown, beside the mean over every position (`acceptance.heldout_acceptance`);
     7. saved with orbax (`eagle.save_head`) beside a JSON of the recipe and the figures.
 """
 
@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxinfer.model import embed_tokens
 from jaxinfer.speculative import eagle
+from jaxinfer.speculative.acceptance import heldout_acceptance
 from jaxinfer.speculative.prompts import chat_prompts, heldout_prompts, vocabulary_words
 
 logger = logging.getLogger(__name__)
@@ -184,67 +185,6 @@ def make_loss(cfg, hc: eagle.HeadConfig, recipe: DraftRecipe):
         return total / sum(weights), jnp.stack(agree)
 
     return loss_fn
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _propose(head: eagle.DraftHead, embed_arrays, feature, token, *, cfg, k: int):
-    return eagle.propose(head, functools.partial(embed_tokens, cfg, embed_arrays), feature, token, k)
-
-
-@dataclasses.dataclass(frozen=True)
-class Acceptance:
-    """A head's held-out figures. `mean_accepted_length` and `by_position` are what the engine's
-    greedy verify steps see: each answer walked step by step, a step at position t accepting the m
-    drafts that equal the target's next tokens and the next step starting at t + 1 + m (so a step
-    often starts right after a token the head missed). `all_positions` is the mean accepted length
-    of a draft at every answer position, which counts the easy runs' inner positions too and reads
-    higher (SmolLM2's default head: 1.79 against 1.67 walked, and the engine measured 1.67)."""
-
-    mean_accepted_length: float  # tokens per verify step, the target's own included
-    by_position: list[float]  # the share of draft j's verified that were accepted
-    all_positions: float
-
-
-def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus: Corpus, k: int, max_tokens: int | None = None,
-                       batch: int = 512) -> Acceptance:
-    """Drafts k tokens at every held-out answer position exactly as the engine does (`eagle.propose`
-    on the target's hidden state and the token it sampled) and compares them with the target's greedy
-    tokens (see `Acceptance`); `max_tokens`: the answers' limit, which cuts the last steps' drafts
-    as the scheduler cuts them. `embed_arrays`: the target's (`embedding_arrays`)."""
-    propose = functools.partial(_propose, head, embed_arrays, cfg=cfg, k=k)
-    # a verify step at t: the target has emitted token t + 1; drafts are tokens t + 2 .. t + 1 + k
-    starts = np.concatenate([np.arange(p - 1, e - 2) for _, p, e in corpus.sequences] + [np.zeros(0, np.int64)])
-    ends = np.concatenate([np.full(max(0, e - 1 - p), e) for _, p, e in corpus.sequences] + [np.zeros(0, np.int64)])
-    drafts = np.zeros((len(starts), k), np.int64)
-    for b in range(0, len(starts), batch):
-        s = starts[b:b + batch]
-        s_pad = np.concatenate([s, np.repeat(s[:1], batch - len(s))])  # one shape: one compile
-        drafts[b:b + len(s)] = np.asarray(propose(jnp.asarray(corpus.hidden[s_pad]),
-                                                  jnp.asarray(corpus.tokens[s_pad + 1])))[:len(s)]
-    pos = starts[:, None] + 2 + np.arange(k)[None]
-    inside = pos < ends[:, None]  # an answer may end before k more tokens
-    match = np.cumprod((drafts == corpus.tokens[np.minimum(pos, len(corpus.tokens) - 1)]) & inside, axis=1)
-    full = starts + 1 + k < ends  # positions with k answer tokens after them (the training starts)
-    all_positions = 1.0 + float(match[full].sum(1).mean()) if full.any() else 1.0
-    steps, rooms, at = [], [], 0
-    for _, p, e in corpus.sequences:
-        t = p - 1  # the first step after the prompt's: the target sampled token p from h_{p - 1}
-        while t + 2 < e:
-            # drafts the scheduler leaves: max_tokens less the tokens emitted and the target's own
-            room = k if max_tokens is None else min(k, max_tokens - (t + 2 - p) - 1)
-            if room < 1:
-                break  # the last token: a plain decode step
-            i = at + t - (p - 1)
-            steps.append(i)
-            rooms.append(room)
-            t += 1 + int(match[i, :room].sum())
-        at += max(0, e - 1 - p)
-    if not steps:
-        return Acceptance(1.0, [0.0] * k, all_positions)
-    verified = np.arange(k)[None] < np.asarray(rooms)[:, None]  # [steps, k]: draft j was verified
-    accepted = match[np.asarray(steps)] * verified
-    by_position = (accepted.sum(0) / np.maximum(verified.sum(0), 1)).round(4).tolist()
-    return Acceptance(1.0 + float(accepted.sum(1).mean()), by_position, all_positions)
 
 
 def encode_question(tok, text: str) -> list[int]:
