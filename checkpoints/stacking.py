@@ -62,7 +62,10 @@ def device_zeros(shape: tuple, dtype, sharding=None):
 def set_block(out, block, start: tuple):
     """out[start:start + block.shape] = block on the device, in place (`out` is donated), keeping
     out's sharding. An explicit dynamic_update_slice stays in place on every backend;
-    `out.at[...].set` lowers to a scatter, which XLA:CPU runs into a fresh copy of the whole buffer."""
+    `out.at[...].set` lowers to a scatter, which XLA:CPU runs into a fresh copy of the whole buffer.
+    It waits for the write: with async dispatch a loader's loop would queue host blocks faster than
+    they are written, each held until its write runs (a 2 GB checkpoint's peak host memory rose
+    past 2x its largest tensor on a loaded machine)."""
     fn = _SET_BLOCK.get(out.sharding)
     if fn is None:
         import jax
@@ -70,7 +73,7 @@ def set_block(out, block, start: tuple):
         fn = _SET_BLOCK[out.sharding] = jax.jit(
             lambda o, b, s: jax.lax.dynamic_update_slice(o, b.astype(o.dtype), s), donate_argnums=0,
             out_shardings=out.sharding)
-    return fn(out, block, tuple(np.int32(x) for x in start))
+    return fn(out, block, tuple(np.int32(x) for x in start)).block_until_ready()
 
 
 _SET_BLOCK: dict = {}  # one jit per output sharding
