@@ -1,5 +1,5 @@
 """A draft head's acceptance three ways, on the same questions: a draft at every answer position, the
-answers walked as the engine's verify steps walk them (`train.heldout_acceptance`, what train-draft
+answers walked as the engine's verify steps walk them (`acceptance.heldout_acceptance`, what train-draft
 reports), and the engine itself, one request at a time with the head (its metrics).
 
     python benchmarks/bench_draft_head.py --eagle HEAD_DIR [--questions heldout chat] [--num-questions 32]
@@ -41,8 +41,8 @@ def main(argv=None) -> None:
     from jaxinfer.model import embedding_arrays
     from jaxinfer.sampling import SamplingParams
     from jaxinfer.speculative import SpeculativeConfig, eagle
-    from jaxinfer.speculative.prompts import heldout_prompts
     from jaxinfer.speculative.acceptance import heldout_acceptance
+    from jaxinfer.speculative.prompts import heldout_prompts
     from jaxinfer.speculative.train import answer, build_corpus, encode_question
 
     loaded = load_model(args.model, dtype="float32", scan_layers=False, progress=False)

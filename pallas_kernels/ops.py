@@ -114,14 +114,6 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, layer=None):
     return _write_kv(k_cache, v_cache, k, v, slot_mapping, layer=layer)
 
 
-def _rows_on_cpu_kernel(q, k_cache) -> bool:
-    """Whether a ragged step's attention runs its rows as decodes on the native CPU kernel (its
-    conditions: `decode_attention_cpu.use`)."""
-    from pallas_kernels import decode_attention_cpu
-
-    return decode_attention_cpu.use(q, k_cache)
-
-
 def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, num_seqs, *, layer=None,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            sm_scale: float | None = None, q_block: int = 1, max_prefill_seqs: int | None = None,
@@ -129,7 +121,9 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, 
     impl = resolve_backend(backend)
     H = q.shape[-1]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
-    if impl == "reference" and backend == "auto" and _rows_on_cpu_kernel(q, k_cache):
+    from pallas_kernels import decode_attention_cpu
+
+    if impl == "reference" and backend == "auto" and decode_attention_cpu.use(q, k_cache):
         # CPU: every query row as a one-query decode on the native kernel (causal over its own
         # sequence's pages), not query blocks over the padded page table (docs/ARCHITECTURE.md)
         lens, item_seq, item_pages, item_pos = ragged_rows_as_decodes(kv_lens, page_table, cu_q_lens, q.shape[0],
