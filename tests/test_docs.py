@@ -609,7 +609,8 @@ def _benchmark_parser(script: str):
 LEAVE_OUT_FLAGS = {  # flags that only leave out part of what the command without them runs
     "bench_generate.py": {"--no-hf", "--no-reference"},
     "throughput.py": {"--skip-hf", "--skip-reference"},
-    "bench_speculative.py": {"--workloads", "--single-prompts"},  # (the default runs both workloads)
+    # the default runs both workloads; --single-prompts only sets how many prompts batch 1 runs
+    "bench_speculative.py": {"--workloads", "--single-prompts"},
 }
 
 

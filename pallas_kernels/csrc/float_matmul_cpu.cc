@@ -169,7 +169,7 @@ inline float HorizontalSum(__m256 v) {
 
 // Outputs [n, n + NR) for rows m < MR (MR x NR <= 12 accumulators), K a multiple of 8. Each cache
 // line of the W rows two blocks ahead is prefetched as this block's line at the same offset is read
-// (SmolLM2's [49152, 576] output head at 4 / 8 rows: 4.6-5.0 / 6.2-6.4 ms against 5.8 / 7.4-7.8
+// (SmolLM2's [49152, 576] output head at 4 / 8 rows: 4.6-5.1 / 6.0-6.4 ms against 5.8 / 7.4-7.8
 // without; one block ahead 5.1 / 6.6, four 6.3 / 9.8; only in the group of rows that reads W from
 // memory first 5.7 / 7.3).
 template <int MR, int NR>
