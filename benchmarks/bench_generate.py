@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     VOCAB = model_config.vocab_size
     context = min(1024, model_config.max_position_embeddings)
     top = max(args.batch_sizes)
-    runners = {"jaxinfer engine f32, default (layer_loop=per_layer)":
+    runners = {"jaxinfer engine f32, default (layer_loop=hybrid on CPU)":
                jaxinfer_engine(path, None, top, "engine default", context)}
     if args.quantized:
         for label, kw in (("int8 weights", dict(quantization="int8")), ("int4 weights", dict(quantization="int4")),
@@ -208,8 +208,8 @@ def main(argv=None) -> None:
             runners[f"jaxinfer engine {label}"] = jaxinfer_engine(path, None, top, f"engine {label}", context, **kw)
     if not args.no_reference:
         runners |= {
-            "jaxinfer engine f32, layer_loop=model (scanned: the previous default)":
-                jaxinfer_engine(path, "model", top, "engine other", context),
+            "jaxinfer engine f32, layer_loop=per_layer (the previous default)":
+                jaxinfer_engine(path, "per_layer", top, "engine other", context),
             "jaxinfer reference generator f32, scanned layers": jaxinfer_runner(path, True),
             "jaxinfer reference generator f32, unrolled layers": jaxinfer_runner(path, False),
         }

@@ -133,11 +133,12 @@ class CompileConfig:
 
     Attributes:
       attention_backend: `pallas_kernels.ops` backend.
-      layer_loop: "per_layer" (one compiled layer run once per layer from the host: fast steps
-        and fast compiles on CPU), "model" (one graph per step over the model's own loop, scanned
-        or unrolled), or None: per_layer on CPU without a mesh (model for quantized weights and at
-        most `quantized_matmul_cpu.MAX_ROWS` (32) sequences), model elsewhere
-        (`engine.default_layer_loop`, decisions 48, 60 and 62).
+      layer_loop: "per_layer" (one compiled layer run once per layer from the host: fast compiles
+        on CPU), "model" (one graph per step over the model's own loop, scanned or unrolled),
+        "hybrid" (per_layer for steps with prefill tokens, one unrolled graph for decode and verify
+        steps), or None: on CPU without a mesh hybrid for float weights, for quantized ones model
+        at most `quantized_matmul_cpu.MAX_ROWS` (32) sequences and per_layer past it; model
+        elsewhere (`engine.default_layer_loop`, decisions 48, 60, 62 and 80).
       compilation_cache_dir: persistent XLA compilation cache for the entry points to set
         (`set_compilation_cache`: "" disables; None: the JAXINFER_COMPILATION_CACHE environment
         variable, else ~/.cache/jaxinfer/xla). An LLMEngine built directly leaves it alone.
@@ -148,8 +149,8 @@ class CompileConfig:
     compilation_cache_dir: str | None = None
 
     def __post_init__(self):
-        _check(self.layer_loop in (None, "model", "per_layer"),
-               f"layer_loop must be 'per_layer', 'model' or None (by platform), got {self.layer_loop!r}")
+        _check(self.layer_loop in (None, "model", "per_layer", "hybrid"),
+               f"layer_loop must be 'hybrid', 'per_layer', 'model' or None (by platform), got {self.layer_loop!r}")
         try:  # the name only: building a config never starts a JAX backend
             ops.check_backend_name(self.attention_backend)
         except ValueError as e:
@@ -346,12 +347,14 @@ def kv_cache_budget(config: EngineConfig, device: jax.Device) -> int:
 
 
 def default_layer_loop(platform: str, mesh, config, max_num_seqs: int) -> str:
-    """"per_layer" on CPU without a mesh (decision 48), "model" elsewhere; and "model" on CPU for
-    quantized weights when every decode step fits the native kernel (at most
-    `quantized_matmul_cpu.MAX_ROWS` sequences): one graph then saves the 30 layer dispatches that,
-    once the matmuls read 4-bit weights, are a fifth of the step (decision 60)."""
+    """On CPU without a mesh: "hybrid" for float weights (decision 80); for quantized weights "model"
+    when every decode step fits the native kernel (at most `quantized_matmul_cpu.MAX_ROWS` sequences:
+    one graph saves the 30 layer dispatches that, at 4 bits, are a fifth of the step, decision 60),
+    else "per_layer". "model" elsewhere."""
     if platform != "cpu" or mesh is not None:
         return "model"
+    if config.quantization is None:
+        return "hybrid"
     from pallas_kernels.quantized_matmul_cpu import MAX_ROWS
 
-    return "model" if config.quantization is not None and max_num_seqs <= MAX_ROWS else "per_layer"
+    return "model" if max_num_seqs <= MAX_ROWS else "per_layer"

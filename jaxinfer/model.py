@@ -286,8 +286,9 @@ class Transformer(nnx.Module):
             x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)  # [B, M, D]
         return self.compute_logits(x), kv_cache
 
-    def forward(self, tokens, positions, kv_cache, meta, attend: Attend):
-        """The decoder blocks: (hidden states [B, T, D] before the final norm, kv_cache)."""
+    def forward(self, tokens, positions, kv_cache, meta, attend: Attend, unroll: bool = False):
+        """The decoder blocks: (hidden states [B, T, D] before the final norm, kv_cache). unroll:
+        the unrolled loop even when the config scans (per-layer arrays: the runner's "hybrid" loop)."""
         cfg = self.cfg
         x, ropes = embed_inputs(cfg, {k: getattr(self, k)[...] for k in EMBED_KEYS if hasattr(self, k)},
                                 tokens, positions)
@@ -298,7 +299,7 @@ class Transformer(nnx.Module):
             p, layer = xs
             return run_layer(cfg, p, x, kv_cache, layer, ropes, meta, attend), None
 
-        if cfg.scan_layers:
+        if cfg.scan_layers and not unroll:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (params, layer_ids))
         else:  # per-layer arrays after unstack_layers (fast), or static slices of stacked ones

@@ -47,7 +47,8 @@ LENGTHS = [1, 3, 4, 5, 12, 21, 2, 40, 7, 16, 17, 1, 33, 9, 4, 26]
 
 
 @pytest.mark.parametrize("scan_layers,layer_loop,async_scheduling", [
-    (True, "model", False), (False, "model", True), (True, "per_layer", False), (True, "per_layer", True)])
+    (True, "model", False), (False, "model", True), (True, "per_layer", False), (True, "per_layer", True),
+    (True, "hybrid", False)])
 def test_sixteen_mixed_requests_match_the_reference_alone(tiny, reference, scan_layers, layer_loop, async_scheduling):
     model = tiny if scan_layers else load_model(tiny.path, scan_layers=False, progress=False)
     prompts = random_prompts(tiny.config, LENGTHS)

@@ -64,10 +64,10 @@ def _compile_events(fn) -> int:
     return len(events)
 
 
-@pytest.mark.parametrize("layer_loop", ["per_layer", "model"])
+@pytest.mark.parametrize("layer_loop", ["per_layer", "model", "hybrid"])
 def test_two_engines_of_the_same_shapes_compile_each_graph_once(tiny, layer_loop):
     # A geometry no other test uses, so the first engine really compiles.
-    shapes = dict(num_pages=37 if layer_loop == "model" else 39, page_size=8, max_num_seqs=2,
+    shapes = dict(num_pages={"model": 37, "per_layer": 39, "hybrid": 41}[layer_loop], page_size=8, max_num_seqs=2,
                   max_num_batched_tokens=32, max_model_len=256, layer_loop=layer_loop)
     first = make_engine(tiny, **shapes)
     assert _compile_events(first.warmup) > 0  # (graphs of shapes other tests used are shared already)

@@ -467,7 +467,8 @@ def test_the_server_reports_the_quantization(tiny_llama):
 
 def test_the_cpu_layer_loop_default_follows_the_quantization(smollm2_int4, smollm2):
     """Quantized weights with at most MAX_ROWS sequences: one graph per step on CPU (every decode
-    step runs the native kernel, and the layer dispatches are what is left); otherwise per layer."""
+    step runs the native kernel, and the layer dispatches are what is left), per layer past it;
+    float weights: prefill per layer, decode and verify steps one graph ("hybrid")."""
     from jaxinfer.engine_config import default_layer_loop
     from pallas_kernels.quantized_matmul_cpu import MAX_ROWS
 
@@ -475,6 +476,6 @@ def test_the_cpu_layer_loop_default_follows_the_quantization(smollm2_int4, smoll
     assert q.quantization is not None and f.quantization is None
     assert default_layer_loop("cpu", None, q, MAX_ROWS) == "model"
     assert default_layer_loop("cpu", None, q, MAX_ROWS + 1) == "per_layer"
-    assert default_layer_loop("cpu", None, f, 1) == "per_layer"
+    assert default_layer_loop("cpu", None, f, 1) == "hybrid"
     assert default_layer_loop("gpu", None, f, 64) == "model"
-    assert smollm2.engine.runner.layer_loop == "per_layer" and smollm2_int4.engine.runner.layer_loop == "model"
+    assert smollm2.engine.runner.layer_loop == "hybrid" and smollm2_int4.engine.runner.layer_loop == "model"

@@ -127,6 +127,21 @@ class StepShape(NamedTuple):
         return self.I > 0
 
 
+# "hybrid" layer loop: decode / verify steps of at most this many rows run one unrolled graph (SmolLM2 on
+# CPU: 1-row decode steps 1.11x, 4-row verify steps ~1.1x the per-layer loop; at 8 rows alike, so
+# larger steps keep the per-layer graphs, ~2 s quicker to compile per shape; ARCHITECTURE decision 80)
+HYBRID_ROWS = 4
+
+
+def one_graph(layer_loop: str, shape: StepShape) -> bool:
+    """Whether a step of this shape runs one graph over all layers (`steps.forward_step`) rather than
+    one layer at a time: "model" always, "per_layer" never, "hybrid" for decode and verify steps
+    (one token a row) of at most HYBRID_ROWS rows."""
+    if layer_loop == "hybrid":
+        return shape.T == shape.S <= HYBRID_ROWS and shape.q_block == 1
+    return layer_loop == "model"
+
+
 def bucket(buckets: Sequence[int], n: int, what: str) -> int:
     """The smallest bucket >= n (ValueError naming `what` when none is)."""
     i = bisect.bisect_left(buckets, n)

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_layers
 from jaxinfer.paged_attention import PagedKVCache
-from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, step_shape
+from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, one_graph, step_shape
 from jaxinfer.runner.drafter import Drafter
 from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput, build_bitmask
 from jaxinfer.runner.plan import build_plan
@@ -70,7 +70,9 @@ class Runner:
       layer_loop: "model": one compiled graph per step, looping over the layers as the model is
         configured (scanned or unrolled); "per_layer": one compiled graph of a single layer, run
         once per layer from the host on that layer's own weight arrays (the unrolled loop's step
-        time at the scanned loop's compile time; docs/ARCHITECTURE.md decision 48).
+        time at the scanned loop's compile time; docs/ARCHITECTURE.md decision 48); "hybrid":
+        per_layer for steps with prefill tokens, one unrolled graph over the same per-layer arrays
+        for decode and verify steps of at most `buckets.HYBRID_ROWS` rows (decision 80).
       async_scheduling: the engine submits a step before collecting the previous one (one device,
         no mesh): warm-up also compiles `resolve_tokens`.
       speculative: speculative decoding (synchronous steps, one replica): after each step the
@@ -89,8 +91,8 @@ class Runner:
                  *, eos_token_ids: Iterable[int] = (), mesh=None, layer_loop: str = "model",
                  async_scheduling: bool = False, speculative: SpeculativeConfig | None = None,
                  draft_head: DraftHead | None = None, draft_model: DraftModel | None = None, grammars=None):
-        if layer_loop not in ("model", "per_layer"):
-            raise ValueError(f"layer_loop must be 'model' or 'per_layer', got {layer_loop!r}")
+        if layer_loop not in ("model", "per_layer", "hybrid"):
+            raise ValueError(f"layer_loop must be 'model', 'per_layer' or 'hybrid', got {layer_loop!r}")
         self.config = config
         self.rc = runner_config
         self.graphdef = graphdef
@@ -112,7 +114,7 @@ class Runner:
             raise ValueError("speculative decoding runs synchronous steps with RunnerConfig.num_speculative_tokens "
                              "= SpeculativeConfig.num_speculative_tokens")
         self.speculative = speculative
-        self.params = unstack_layers(params) if layer_loop == "per_layer" else params_for_layer_loop(config, params)
+        self.params = unstack_layers(params) if layer_loop != "model" else params_for_layer_loop(config, params)
         make_cache = functools.partial(self._make_cache, config)
         if mesh is None:
             self.kv_cache = make_cache()
@@ -121,8 +123,8 @@ class Runner:
 
             self.params = shard_params(self.params, mesh)
             self.kv_cache = jax.jit(make_cache, out_shardings=kv_cache_sharding(jax.eval_shape(make_cache), mesh))()
-        self.layer_params = []  # per_layer: {name: layer i's array}, one dict per layer
-        if layer_loop == "per_layer":
+        self.layer_params = []  # per_layer / hybrid: {name: layer i's array}, one dict per layer
+        if layer_loop != "model":
             layers = {name: var.get_value() for name, var in nnx.to_flat_state(self.params["layers"])}
             self.layer_params = [{name[-1]: arrays[i] for name, arrays in layers.items()}
                                  for i in range(config.num_layers)]
@@ -143,17 +145,18 @@ class Runner:
 
     # ---- the compiled steps (shared: see steps.py) ------------------------------------------------
 
-    def _forward(self, inp: ModelInput, q_block: int):
-        if self.layer_loop == "per_layer":
+    def _forward(self, inp: ModelInput, shape: StepShape):
+        if not one_graph(self.layer_loop, shape):
             cfg = self.config
             x, ropes = embed_step(embedding_arrays(self.params), inp.tokens, inp.positions, cfg=cfg)
             meta = jax.device_put(inp.meta)  # once, not once per layer
             for layer, p in zip(self._layer_ids, self.layer_params):
                 x, self.kv_cache = layer_step(p, self.kv_cache, x, ropes, layer, meta, cfg=cfg,
-                                              attention=self.attention, q_block=q_block)
+                                              attention=self.attention, q_block=shape.q_block)
             return rows_step(x, inp.logits_indices)
         hidden, rows, self.kv_cache = forward_step(self.params, self.kv_cache, inp, graphdef=self.graphdef,
-                                                   attention=self.attention, q_block=q_block)
+                                                   attention=self.attention, q_block=shape.q_block,
+                                                   unroll=self.layer_loop == "hybrid")
         return hidden, rows
 
     def _sample(self, rows, si: SamplingInput):
@@ -318,7 +321,7 @@ class Runner:
         inp = plan.model_input
         if plan.token_src is not None:
             inp = inp.replace(tokens=resolve_tokens(inp.tokens, plan.token_src, in_flight_tokens))
-        hidden, rows = self._forward(inp, plan.shape.q_block)
+        hidden, rows = self._forward(inp, plan.shape)
         if draft_forward:
             self.drafter.forward(inp, plan.shape.q_block)
         num_accepted = drafts = None

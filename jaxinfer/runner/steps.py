@@ -1,8 +1,8 @@
 """The jitted step functions: pure, module-level, keyed by (graph definition, statics, shapes).
 
-    forward_step(params, kv_cache, inp, graphdef=, attention=, q_block=)  -> (hidden [T, D],
+    forward_step(params, kv_cache, inp, graphdef=, attention=, q_block=, unroll=)  -> (hidden [T, D],
                                                    rows [S, D], kv_cache)        KV cache donated
-    or, layer by layer (`Runner` with layer_loop="per_layer"):
+    or, layer by layer (`Runner` with layer_loop="per_layer", and "hybrid"'s steps with prefill):
       embed_step(embed, tokens, positions, cfg=) -> (x, RoPE tables)
       layer_step(p, kv_cache, x, ropes, layer, meta, cfg=, attention=, q_block=) -> (x, kv_cache)
                                                    one graph for every layer, run L times
@@ -78,13 +78,17 @@ class AttentionSpec:
         return attend
 
 
-@functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("graphdef", "attention", "q_block"))
+@functools.partial(jax.jit, donate_argnames=("kv_cache",),
+                   static_argnames=("graphdef", "attention", "q_block", "unroll"))
 def forward_step(params, kv_cache, inp: ModelInput, *, graphdef: nnx.GraphDef, attention: AttentionSpec,
-                 q_block: int):
-    """The decoder over one packed step: (hidden [T, D], the chunks' last rows [S, D], kv_cache)."""
+                 q_block: int, unroll: bool = False):
+    """The decoder over one packed step: (hidden [T, D], the chunks' last rows [S, D], kv_cache).
+    unroll: the layers unrolled over per-layer arrays whatever the config says (`Runner`'s "hybrid"
+    loop runs its decode and verify steps so)."""
     model = nnx.merge(graphdef, params)
     with matmul_backend(attention.matmul_backend):  # quantized weights: the attention backend's matmul
-        hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block))
+        hidden, kv_cache = model.forward(inp.tokens, inp.positions, kv_cache, inp.meta, attention.attend(q_block),
+                                         unroll=unroll)
     return hidden[0], hidden[0, inp.logits_indices], kv_cache
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model import embedding_arrays
-from jaxinfer.runner.buckets import decode_shapes, verify_seqs
+from jaxinfer.runner.buckets import decode_shapes, one_graph, verify_seqs
 from jaxinfer.runner.drafter import empty_draft_inputs
 from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input,
                                     stack_model_inputs, stack_sampling_inputs)
@@ -101,7 +101,7 @@ def aot_graphs(runner) -> list[tuple]:
         inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
         group, size = ((True, shape.S), shape.I) if shape.is_decode else ((False, shape.T), shape.W)
         priority = 1 + sorted(sizes[group]).index(size)
-        if runner.layer_loop == "per_layer":
+        if not one_graph(runner.layer_loop, shape):
             embed = embedding_arrays(runner.params)
             add(embed_step, (embed, inp.tokens, inp.positions), dict(cfg=cfg), ("embed", shape.T), priority)
             x, ropes = jax.eval_shape(functools.partial(embed_step, cfg=cfg), embed, inp.tokens, inp.positions)
@@ -110,8 +110,8 @@ def aot_graphs(runner) -> list[tuple]:
             add(rows_step, (x, inp.logits_indices), {}, ("rows", shape.T, shape.S), priority)
         else:
             add(forward_step, (runner.params, runner.kv_cache, inp),
-                dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block), ("forward", shape),
-                priority)
+                dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block,
+                     unroll=runner.layer_loop == "hybrid"), ("forward", shape), priority)
         if drafter is not None and drafter.model is not None:  # draft: the step's tokens through it too
             add(forward_step, (drafter.params, drafter.kv_cache, inp),
                 dict(graphdef=drafter.model.graphdef, attention=runner.attention, q_block=shape.q_block),
@@ -177,7 +177,7 @@ def warmup_by_running(runner, progress: bool) -> int:
         inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
         if D > 1:
             inp = stack_model_inputs([inp] * D, shape.T)
-        hidden[shape.T], rows = runner._forward(inp, shape.q_block)
+        hidden[shape.T], rows = runner._forward(inp, shape)
         sample_rows[shape.S] = rows
         count += 1
     K = rc.num_speculative_tokens

@@ -58,14 +58,23 @@ void PlainKN(const float* x, const float* w, float* y, int64_t M, int64_t K, int
 // y[m, n : n + 8V] (+)= x[m, c : c + kChunk] @ W[c : c + kChunk, n : n + 8V] for rows m < MR (first: =).
 // One whole chunk, a constant trip count: with a runtime one GCC 12 stored every accumulator to the
 // stack after each FMA (seen in the assembly; 8 rows ran at 10 GB/s).
-template <int MR, int V>
+// Prefetch (PF): the same columns of the W rows kAheadChunks chunks below, into L2, one request per
+// 64-byte line. A chunk's 8 rows are 8 short streams (N floats each) that the hardware prefetcher
+// picks up late: SmolLM2's 30 layers at 4 rows read in 18-20 ms with it against 22-25 without, 1-2
+// rows 17-19 against 20-24 (XLA's one-row dot 18-22; docs/BENCHMARKS.md). From 5 rows only the first
+// group of 4 rows prefetches (its block of W is then in L1 for the others).
+template <int MR, int V, bool PF = true>
 inline void BlockKN(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t c, int64_t n,
                     bool first) {
+  constexpr int64_t kAheadChunks = 8;  // 4 and 8 measured alike, 1-2 slower; into L1 (T0) slower
   __m256 acc[MR][V];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < V; ++v) acc[m][v] = _mm256_setzero_ps();
   for (int64_t k = c; k < c + kChunk; ++k) {
     const float* row = w + k * N + n;
+    if (PF && k + kAheadChunks * kChunk < K)
+      for (int v = 0; v < V; v += 2)  // (16 floats: one line)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAheadChunks * kChunk * N + 8 * v), _MM_HINT_T1);
     for (int v = 0; v < V; ++v) {
       const __m256 wv = _mm256_loadu_ps(row + 8 * v);
       for (int m = 0; m < MR; ++m) acc[m][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k), wv, acc[m][v]);
@@ -88,11 +97,14 @@ template <int V>
 inline void GroupBlocks(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t c,
                         int64_t n, bool first) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) BlockKN<4, V>(x + m * K, w, y + m * N, K, N, c, n, first);
+  for (; m + 4 <= M; m += 4) {
+    if (m == 0) BlockKN<4, V, true>(x, w, y, K, N, c, n, first);
+    else BlockKN<4, V, false>(x + m * K, w, y + m * N, K, N, c, n, first);
+  }
   switch (M - m) {
-    case 1: BlockKN<1, V>(x + m * K, w, y + m * N, K, N, c, n, first); break;
-    case 2: BlockKN<2, V>(x + m * K, w, y + m * N, K, N, c, n, first); break;
-    case 3: BlockKN<3, V>(x + m * K, w, y + m * N, K, N, c, n, first); break;
+    case 1: BlockKN<1, V, false>(x + m * K, w, y + m * N, K, N, c, n, first); break;
+    case 2: BlockKN<2, V, false>(x + m * K, w, y + m * N, K, N, c, n, first); break;
+    case 3: BlockKN<3, V, false>(x + m * K, w, y + m * N, K, N, c, n, first); break;
     default: break;
   }
 }
