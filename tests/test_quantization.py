@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from checkpoints.gguf_blocks import EXACT_TYPES, decode
-from jaxinfer import LLM
+from jaxinfer import LLM, SamplingParams
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.loader import load_model, params_bytes
 from jaxinfer.quantization import QTensor, merge_layers, pack_int4, quantize, unpack_int4
@@ -343,7 +343,6 @@ def tiny_llama(tmp_path_factory):
 def test_int8_kv_prefix_cache_and_preemption_change_nothing(tiny_llama):
     """With 8-bit pages, a prefix-cached page and a preempted-then-recomputed request give the same
     tokens as a fresh run: each token's key and value are quantized on their own."""
-    from jaxinfer.sampling_params import SamplingParams
     from jaxinfer.testing.engine import assert_no_pages_held, random_prompts, run
 
     model = load_model(tiny_llama, progress=False)
@@ -367,13 +366,27 @@ def test_int8_kv_prefix_cache_and_preemption_change_nothing(tiny_llama):
         assert tight[rid].outputs[0].token_ids == roomy[rid].outputs[0].token_ids
 
 
-def test_int8_kv_smollm2_keeps_hfs_greedy_tokens(smollm2_hf):
-    """SmolLM2 with int8 pages: 8 of the 9 fixture prompts give HF's 32 greedy tokens (the ninth
-    leaves them at its third token, a near tie); float32 pages give all 9."""
+def test_int8_kv_smollm2_keeps_hfs_greedy_tokens(smollm2_hf, smollm2):
+    """SmolLM2 with int8 pages keeps HF's 32 greedy tokens for each fixture prompt up to a near tie:
+    where a prompt's tokens first differ from HF's, the float model's two best tokens are within
+    0.05 in log-probability and int8 pages chose the other one of the two. (How many prompts reach a
+    near tie depends on the CPU's float rounding: 1 of 9 on one machine, 4 of 9 on an AVX-512 AMD
+    EPYC, at gaps 0.004-0.041; float32 pages give all 9, `test_hf`.)"""
     llm = LLM("smollm2-135m", dtype="float32", progress=False, warmup=False, max_num_batched_tokens=128,
               kv_cache_dtype="int8", num_pages=256)
-    got, want = greedy(llm, smollm2_hf[0]), hf_greedy(smollm2_hf[0])
-    assert sum(a == b for a, b in zip(got, want)) >= 8
+    meta = smollm2_hf[0]
+    got, want = greedy(llm, meta), hf_greedy(meta)
+    assert sum(a == b for a, b in zip(got, want)) >= 4
+    for i, (a, b) in enumerate(zip(got, want)):
+        t = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if t is None:
+            continue
+        # the float32 model's two best tokens at that position (its earlier tokens are HF's: test_hf)
+        out = smollm2.generate([{"prompt_token_ids": meta["prompts"][i]["prompt_token_ids"] + b[:t]}],
+                               SamplingParams(max_tokens=1, temperature=0.0, logprobs=2), use_tqdm=False)[0]
+        (first, second) = sorted(out.outputs[0].logprobs[0].items(), key=lambda kv: -kv[1].logprob)[:2]
+        assert first[0] == b[t] and second[0] == a[t], (i, t, first, second, a[t])
+        assert first[1].logprob - second[1].logprob < 0.05, (i, t, first, second)
 
 
 def test_bad_kv_cache_dtype_and_backend_are_typed_errors(tiny_llama):
