@@ -358,3 +358,17 @@ def test_a_request_is_validated_once_at_the_edge(tiny, monkeypatch):
     calls.clear()
     make_engine(tiny).add_request("raw", [5, 6], params)
     assert len(calls) == 1
+
+
+def test_the_hybrid_loop_runs_decode_steps_of_up_to_4_rows_as_one_graph(tiny):
+    """layer_loop="hybrid": decode and verify shapes of at most HYBRID_ROWS rows run `forward_step`,
+    every other shape (mixed, prefill, larger decodes) one layer at a time."""
+    from jaxinfer.runner.buckets import HYBRID_ROWS, one_graph
+
+    runner = make_engine(tiny, layer_loop="hybrid", max_num_seqs=8).runner
+    shapes = runner.all_step_shapes()
+    one = {s for s in shapes if one_graph("hybrid", s)}
+    assert one and all(s.T == s.S <= HYBRID_ROWS and s.q_block == 1 for s in one)
+    assert any(s.T == s.S == 8 for s in shapes if s not in one)  # 8-row decodes stay per layer
+    assert any(s.T > s.S for s in shapes if s not in one)  # mixed / prefill steps too
+    assert all(one_graph("model", s) and not one_graph("per_layer", s) for s in shapes)
