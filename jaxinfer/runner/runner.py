@@ -70,9 +70,8 @@ class Runner:
       layer_loop: "model": one compiled graph per step, looping over the layers as the model is
         configured (scanned or unrolled); "per_layer": one compiled graph of a single layer, run
         once per layer from the host on that layer's own weight arrays (the unrolled loop's step
-        time at the scanned loop's compile time; docs/ARCHITECTURE.md decision 48); "hybrid":
-        per_layer for steps with prefill tokens, one unrolled graph over the same per-layer arrays
-        for decode and verify steps of at most `buckets.HYBRID_ROWS` rows (decision 80).
+        time at the scanned loop's compile time; decision 48); "hybrid": per_layer for steps with
+        prefill, one unrolled graph for decode / verify steps of <= `buckets.HYBRID_ROWS` rows (80).
       async_scheduling: the engine submits a step before collecting the previous one (one device,
         no mesh): warm-up also compiles `resolve_tokens`.
       speculative: speculative decoding (synchronous steps, one replica): after each step the
@@ -106,6 +105,7 @@ class Runner:
         self.attention = AttentionSpec(backend=runner_config.attention_backend,
                                        max_prefill_seqs=runner_config.max_prefill_seqs, mesh=mesh)
         self.layer_loop = layer_loop
+        self.unroll = layer_loop == "hybrid"  # forward_step's static on one-graph steps (warm-up's too)
         if async_scheduling and mesh is not None:
             raise ValueError("async scheduling runs on one device without a mesh")
         self.async_scheduling = async_scheduling  # warm-up compiles resolve_tokens
@@ -156,7 +156,7 @@ class Runner:
             return rows_step(x, inp.logits_indices)
         hidden, rows, self.kv_cache = forward_step(self.params, self.kv_cache, inp, graphdef=self.graphdef,
                                                    attention=self.attention, q_block=shape.q_block,
-                                                   unroll=self.layer_loop == "hybrid")
+                                                   unroll=self.unroll)
         return hidden, rows
 
     def _sample(self, rows, si: SamplingInput):

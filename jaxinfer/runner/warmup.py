@@ -111,7 +111,7 @@ def aot_graphs(runner) -> list[tuple]:
         else:
             add(forward_step, (runner.params, runner.kv_cache, inp),
                 dict(graphdef=runner.graphdef, attention=runner.attention, q_block=shape.q_block,
-                     unroll=runner.layer_loop == "hybrid"), ("forward", shape), priority)
+                     unroll=runner.unroll), ("forward", shape), priority)
         if drafter is not None and drafter.model is not None:  # draft: the step's tokens through it too
             add(forward_step, (drafter.params, drafter.kv_cache, inp),
                 dict(graphdef=drafter.model.graphdef, attention=runner.attention, q_block=shape.q_block),
