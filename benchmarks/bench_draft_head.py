@@ -3,11 +3,14 @@ answers walked as the engine's verify steps walk them (`acceptance.heldout_accep
 reports), and the engine itself, one request at a time with the head (its metrics).
 
     python benchmarks/bench_draft_head.py --eagle HEAD_DIR [--questions heldout chat] [--num-questions 32]
-                                          [--max-tokens 96] [--k 3]
+                                          [--max-tokens 96] [--k 3] [--lookup-min 2 | none]
 
 Question sets: "heldout", train-draft's held-out questions (`prompts.heldout_prompts`, topics no
 training question has); "chat", bench_speculative.py's open-chat questions. The answers are the
-target's greedy ones (`train.answer`); the engine's outputs are checked equal to them.
+target's greedy ones (`train.answer`); the engine's outputs are checked equal to them. The drafts are
+the engine's eagle proposals: prompt lookup's where a suffix of --lookup-min tokens recurs
+(`SpeculativeConfig.lookup_min`; "none": the head's alone), else the head's; the head's alone are
+walked too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-questions", type=int, default=32, help="of each set (at most 8 of chat: it has 8)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--lookup-min", type=lambda v: None if v == "none" else int(v), default=2,
+                    help='SpeculativeConfig.lookup_min ("none": the head alone)')
     return ap.parse_args(argv)
 
 
@@ -49,19 +54,23 @@ def main(argv=None) -> None:
     cfg, tok = loaded.config, loaded.tokenizer
     head = eagle.load_head(args.eagle, cfg, loaded.params, tok)
     spec = SpeculativeConfig(method="eagle", model=args.eagle, num_speculative_tokens=args.k,
-                             disable_by_batch_size=None, min_acceptance=0.0)
+                             disable_by_batch_size=None, min_acceptance=0.0, lookup_min=args.lookup_min)
+    lookup = None if spec.lookup_min is None else (spec.lookup_min, spec.prompt_lookup_max)
     engine = LLMEngine(cfg, loaded.graphdef, loaded.params, tok,
                        EngineConfig.of(max_num_seqs=1, max_model_len=1024, speculative_config=spec))
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    print(f"{args.model}, head {args.eagle}, k = {args.k}, {args.max_tokens} tokens, greedy")
-    print("| questions | every position | walked as verify steps | engine, one request at a time |")
-    print("|---|---|---|---|")
+    print(f"{args.model}, head {args.eagle}, k = {args.k}, {args.max_tokens} tokens, greedy, lookup_min "
+          f"{spec.lookup_min}")
+    print("| questions | every position | walked as verify steps | engine, one request at a time "
+          "| the head alone, walked |")
+    print("|---|---|---|---|---|")
     for name in args.questions:
         texts = heldout_prompts(args.num_questions) if name == "heldout" else CHAT[:args.num_questions]
         prompts = [encode_question(tok, t) for t in texts]
         answers = answer(loaded, prompts, args.max_tokens, batch=min(32, len(prompts)), progress=False)
         corpus = build_corpus(loaded, list(zip(prompts, answers)), args.k, progress=False)
-        acc = heldout_acceptance(head, cfg, embedding_arrays(loaded.params), corpus, args.k, args.max_tokens)
+        acc = heldout_acceptance(head, cfg, embedding_arrays(loaded.params), corpus, args.k, args.max_tokens,
+                                 lookup=lookup)
         before = engine.stats()
         outputs = []
         for i, p in enumerate(prompts):
@@ -74,7 +83,8 @@ def main(argv=None) -> None:
         same = "" if outputs == answers else " (outputs differ from train.answer's!)"
         print(f"| {name}, {len(prompts)} | {acc.all_positions:.3f} | {acc.mean_accepted_length:.3f} "
               f"(by position {' / '.join(f'{a:.2f}' for a in acc.by_position)}) | "
-              f"{1 + accepted / max(steps, 1):.3f} ({steps} verify steps, {accepted} accepted){same} |", flush=True)
+              f"{1 + accepted / max(steps, 1):.3f} ({steps} verify steps, {accepted} accepted){same} | "
+              f"{acc.head_alone:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

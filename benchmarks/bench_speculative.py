@@ -6,6 +6,7 @@ workloads, in interleaved rounds.
 
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
                                            [--prompt-lookup-min 1 2] [--draft MODEL ...] [--eagle HEAD_DIR]
+                                           [--lookup-min 2 none]
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, nargs="+", default=[3], help="num_speculative_tokens values to run")
     ap.add_argument("--prompt-lookup-min", type=int, nargs="+", default=[None],
                     help="ngram's prompt_lookup_min values to run (default: SpeculativeConfig's)")
+    ap.add_argument("--lookup-min", type=lambda v: None if v == "none" else int(v), nargs="+", default=["default"],
+                    help='draft and eagle: SpeculativeConfig.lookup_min values to run ("none": the model\'s drafts '
+                         "alone; default: SpeculativeConfig's)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
@@ -105,12 +109,14 @@ def main(argv=None):
         lookup = {} if lo is None else dict(prompt_lookup_min=lo,
                                             prompt_lookup_max=max(lo, SpeculativeConfig.prompt_lookup_max))
         configs |= {f"ngram k={k}{name}": spec(method="ngram", num_speculative_tokens=k, **lookup) for k in args.k}
-    for model in args.draft:
-        configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}":
-                    spec(method="draft", model=model, num_speculative_tokens=k) for k in args.k}
-    if args.eagle:
-        configs |= {f"eagle k={k}": spec(method="eagle", model=args.eagle, num_speculative_tokens=k)
-                    for k in args.k}
+    for lm in args.lookup_min:
+        name, extra = ("", {}) if lm == "default" else (f" lookup_min={lm}", dict(lookup_min=lm))
+        for model in args.draft:
+            configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}{name}":
+                        spec(method="draft", model=model, num_speculative_tokens=k, **extra) for k in args.k}
+        if args.eagle:
+            configs |= {f"eagle k={k}{name}": spec(method="eagle", model=args.eagle, num_speculative_tokens=k, **extra)
+                        for k in args.k}
     llms = {}
     for name, spec in configs.items():
         t0 = time.perf_counter()

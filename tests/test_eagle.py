@@ -111,26 +111,34 @@ def test_answers_are_the_reference_generators_greedy_outputs(tiny):
     assert got == [w.token_ids for w in want]
 
 
-def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir):
+@pytest.mark.parametrize("lookup_min", [None, 1])  # (the tiny model repeats single tokens only)
+def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_min):
     """train-draft's held-out figure walks each answer as the engine's verify steps do: the engine,
     one request at a time with the same head, reports the same verify steps, drafts accepted and
-    acceptance by position (the mean over every position is another, higher-reading figure)."""
+    acceptance by position (the mean over every position is another, higher-reading figure) — with
+    the head's drafts alone, and with prompt lookup's where a suffix of lookup_min tokens recurs."""
     from jaxinfer.model import embedding_arrays
-    from jaxinfer.speculative.acceptance import heldout_acceptance
+    from jaxinfer.speculative.acceptance import heldout_acceptance, lookup_drafts
     from jaxinfer.speculative.train import build_corpus
 
-    prompts, max_tokens, k = _prompts(6, seed=5), 24, 3
+    # prompts that end by repeating their start: the tiny model's answers then repeat a few of their tokens
+    prompts, max_tokens, k = [p + p[:12] for p in _prompts(6, seed=0)], 40, 3
     head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
     answers = answer(tiny, prompts, max_tokens=max_tokens, batch=8, progress=False)
     corpus = build_corpus(tiny, list(zip(prompts, answers)), k, progress=False)
-    acc = heldout_acceptance(head, tiny.config, embedding_arrays(tiny.params), corpus, k, max_tokens)
-    engine = testing_engine.make_engine(tiny, max_num_seqs=1, page_size=16, num_pages=64,
-                                        speculative_config=_eagle(head_dir, k))
+    spec = _eagle(head_dir, k, lookup_min=lookup_min)
+    lookup = None if lookup_min is None else (lookup_min, spec.prompt_lookup_max)
+    acc = heldout_acceptance(head, tiny.config, embedding_arrays(tiny.params), corpus, k, max_tokens, lookup=lookup)
+    if lookup is not None:  # (the lookup proposes somewhere, and changes the figure)
+        starts = np.concatenate([np.arange(p - 1, e - 2) for _, p, e in corpus.sequences])
+        assert (lookup_drafts(corpus, starts, k, lookup)[1] > 0).mean() > 0.1
+        assert acc.mean_accepted_length != acc.head_alone
+    engine = testing_engine.make_engine(tiny, max_num_seqs=1, page_size=16, num_pages=64, speculative_config=spec)
     outs = testing_engine.run(engine, {str(i): (p, SamplingParams(temperature=0.0, max_tokens=max_tokens))
                                        for i, p in enumerate(prompts)})
     assert [outs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == answers
     s = engine.stats()
-    assert s["spec_num_accepted_tokens"] > 0  # (the comparison means something: the head's drafts land)
+    assert s["spec_num_accepted_tokens"] > 0  # (the comparison means something: the drafts land)
     assert acc.mean_accepted_length == pytest.approx(1 + s["spec_num_accepted_tokens"] / s["spec_num_drafts"])
     by_position = [a / max(d, 1) for a, d in zip(s["spec_accepted_by_position"], s["spec_proposed_by_position"])]
     assert acc.by_position == pytest.approx(by_position, abs=1e-4)

@@ -245,6 +245,8 @@ def test_no_drafts_above_the_batch_size_limit_or_when_they_do_not_pay(tiny):
     (dict(num_speculative_tokens=0), r"num_speculative_tokens must be an integer in \[1, 8\]"),
     (dict(num_speculative_tokens=9), r"num_speculative_tokens must be an integer in \[1, 8\]"),
     (dict(prompt_lookup_min=3, prompt_lookup_max=2), "1 <= min <= max"),
+    (dict(lookup_min=5), r"lookup_min must be None .* or an integer in \[1, prompt_lookup_max=4\]"),
+    (dict(lookup_min=0), "lookup_min must be None"),
     (dict(disable_by_batch_size=0), "disable_by_batch_size"),
 ])
 def test_bad_settings_are_typed_errors(fields, match):

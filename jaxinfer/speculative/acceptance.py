@@ -1,6 +1,6 @@
 """A draft head's held-out acceptance, measured the way the engine's greedy verify steps see it.
 
-    heldout_acceptance(head, cfg, embed_arrays, corpus, k, max_tokens) -> Acceptance
+    heldout_acceptance(head, cfg, embed_arrays, corpus, k, max_tokens, lookup=None) -> Acceptance
 
 `corpus` is a `train.Corpus` (the target's hidden states and tokens of prompt + answer sequences).
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxinfer.model import embed_tokens
 from jaxinfer.speculative import eagle
+from jaxinfer.speculative.ngram import propose_ngram
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
@@ -30,19 +31,62 @@ class Acceptance:
     drafts that equal the target's next tokens and the next step starting at t + 1 + m (so a step
     often starts right after a token the head missed). `all_positions` is the mean accepted length
     of a draft at every answer position, which counts the easy runs' inner positions too and reads
-    higher (SmolLM2's default head: 1.79 against 1.67 walked, and the engine measured 1.67)."""
+    higher (SmolLM2's default head: 1.79 against 1.67 walked, and the engine measured 1.67).
+    With `lookup` the drafts are the engine's (`SpeculativeConfig.lookup_min`): prompt lookup's
+    where a long enough suffix recurs, else the head's; `head_alone` is the walked figure of the
+    head's drafts alone either way."""
 
     mean_accepted_length: float  # tokens per verify step, the target's own included
     by_position: list[float]  # the share of draft j's verified that were accepted
     all_positions: float
+    head_alone: float
+
+
+def lookup_drafts(corpus, starts: np.ndarray, k: int, lookup: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt lookup's drafts at each start t (`ngram.propose_ngram` over the sequence's tokens up to
+    t + 1, what a request holds then) -> (drafts [n, k] padded with -1, their lengths [n]; 0: none)."""
+    lo, hi = lookup
+    first = np.zeros(len(corpus.tokens), np.int64)
+    for a, _, e in corpus.sequences:
+        first[a:e] = a
+    drafts, lengths = np.full((len(starts), k), -1, np.int64), np.zeros(len(starts), np.int64)
+    for i, t in enumerate(starts):
+        d = propose_ngram(corpus.tokens[first[t]:t + 2], k, lo, hi)
+        drafts[i, :len(d)], lengths[i] = d, len(d)
+    return drafts, lengths
+
+
+def _walk(match: np.ndarray, lengths: np.ndarray, corpus, k: int, max_tokens: int | None):
+    """match [starts, k] (draft j accepted, its run so far too) walked as verify steps -> (mean
+    accepted length, acceptance by position)."""
+    steps, rooms, at = [], [], 0
+    for _, p, e in corpus.sequences:
+        t = p - 1  # the first step after the prompt's: the target sampled token p from h_{p - 1}
+        while t + 2 < e:
+            # drafts the scheduler leaves: max_tokens less the tokens emitted and the target's own
+            room = k if max_tokens is None else min(k, max_tokens - (t + 2 - p) - 1)
+            if room < 1:
+                break  # the last token: a plain decode step
+            i = at + t - (p - 1)
+            steps.append(i)
+            rooms.append(min(room, lengths[i]))
+            t += 1 + int(match[i, :rooms[-1]].sum())
+        at += max(0, e - 1 - p)
+    if not steps:
+        return 1.0, [0.0] * k
+    verified = np.arange(k)[None] < np.asarray(rooms)[:, None]  # [steps, k]: draft j was verified
+    accepted = match[np.asarray(steps)] * verified
+    return 1.0 + float(accepted.sum(1).mean()), (accepted.sum(0) / np.maximum(verified.sum(0), 1)).round(4).tolist()
 
 
 def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int, max_tokens: int | None = None,
-                       batch: int = 512) -> Acceptance:
+                       batch: int = 512, lookup: tuple[int, int] | None = None) -> Acceptance:
     """Drafts k tokens at every held-out answer position exactly as the engine does (`eagle.propose`
-    on the target's hidden state and the token it sampled) and compares them with the target's greedy
-    tokens (see `Acceptance`); `max_tokens`: the answers' limit, which cuts the last steps' drafts
-    as the scheduler cuts them. `embed_arrays`: the target's (`embedding_arrays`)."""
+    on the target's hidden state and the token it sampled; with `lookup` = (lookup_min,
+    prompt_lookup_max) prompt lookup's drafts where they exist, as `proposers.next_drafts`) and
+    compares them with the target's greedy tokens (see `Acceptance`); `max_tokens`: the answers'
+    limit, which cuts the last steps' drafts as the scheduler cuts them. `embed_arrays`: the
+    target's (`embedding_arrays`)."""
     propose = functools.partial(_propose, head, embed_arrays, cfg=cfg, k=k)
     # a verify step at t: the target has emitted token t + 1; drafts are tokens t + 2 .. t + 1 + k
     starts = np.concatenate([np.arange(p - 1, e - 2) for _, p, e in corpus.sequences] + [np.zeros(0, np.int64)])
@@ -55,25 +99,18 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
                                                   jnp.asarray(corpus.tokens[s_pad + 1])))[:len(s)]
     pos = starts[:, None] + 2 + np.arange(k)[None]
     inside = pos < ends[:, None]  # an answer may end before k more tokens
-    match = np.cumprod((drafts == corpus.tokens[np.minimum(pos, len(corpus.tokens) - 1)]) & inside, axis=1)
+    truth = corpus.tokens[np.minimum(pos, len(corpus.tokens) - 1)]
+    head_match = np.cumprod((drafts == truth) & inside, axis=1)
+    lengths = np.full(len(starts), k)
+    head_alone, by_position = _walk(head_match, lengths, corpus, k, max_tokens)
+    match = head_match
+    if lookup is not None:
+        found, found_len = lookup_drafts(corpus, starts, k, lookup)
+        use = found_len > 0
+        drafts, lengths = np.where(use[:, None], found, drafts), np.where(use, found_len, k)
+        match = np.cumprod((drafts == truth) & inside & (np.arange(k)[None] < lengths[:, None]), axis=1)
     full = starts + 1 + k < ends  # positions with k answer tokens after them (the training starts)
     all_positions = 1.0 + float(match[full].sum(1).mean()) if full.any() else 1.0
-    steps, rooms, at = [], [], 0
-    for _, p, e in corpus.sequences:
-        t = p - 1  # the first step after the prompt's: the target sampled token p from h_{p - 1}
-        while t + 2 < e:
-            # drafts the scheduler leaves: max_tokens less the tokens emitted and the target's own
-            room = k if max_tokens is None else min(k, max_tokens - (t + 2 - p) - 1)
-            if room < 1:
-                break  # the last token: a plain decode step
-            i = at + t - (p - 1)
-            steps.append(i)
-            rooms.append(room)
-            t += 1 + int(match[i, :room].sum())
-        at += max(0, e - 1 - p)
-    if not steps:
-        return Acceptance(1.0, [0.0] * k, all_positions)
-    verified = np.arange(k)[None] < np.asarray(rooms)[:, None]  # [steps, k]: draft j was verified
-    accepted = match[np.asarray(steps)] * verified
-    by_position = (accepted.sum(0) / np.maximum(verified.sum(0), 1)).round(4).tolist()
-    return Acceptance(1.0 + float(accepted.sum(1).mean()), by_position, all_positions)
+    mean, by_position = _walk(match, lengths, corpus, k, max_tokens) if lookup is not None else (head_alone,
+                                                                                                  by_position)
+    return Acceptance(mean, by_position, all_positions, head_alone)

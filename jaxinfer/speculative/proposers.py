@@ -7,7 +7,9 @@
              (`eagle.propose` inside `runner.steps.propose_step`): its drafts [S, k] come back with
              the step's tokens, so proposing costs no host round trip of its own
 
-`next_drafts` turns either into the next step's drafts per request.
+`next_drafts` turns either into the next step's drafts per request. A model's drafts give way to
+prompt lookup's where a suffix of at least `lookup_min` of the request's tokens recurs in it (the
+proposals are greedy either way, so verification treats them alike).
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ def next_drafts(spec, rows: dict, proposed: dict[str, list[int]] | None = None) 
     for rid, (request, _) in rows.items():
         if not proposes(request):
             continue
-        if proposed is not None:
+        if proposed is not None:  # a model's drafts, unless a long enough suffix recurs (`lookup_min`)
             proposal = proposed.get(rid, [])
+            if proposal and spec.lookup_min is not None:
+                proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.lookup_min,
+                                         spec.prompt_lookup_max) or proposal
         else:
             proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.prompt_lookup_min,
                                      spec.prompt_lookup_max)

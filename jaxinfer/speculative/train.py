@@ -17,9 +17,11 @@
        smooth-L1 pull of its normalised guess towards the target's normalised hidden state; later
        steps weigh `step_decay` less;
     6. every `eval_every` steps, and at the end, the held-out answers are drafted exactly as the
-       engine drafts (`eagle.propose`, k = unroll) and walked as its greedy verify steps walk them:
-       the mean accepted length per verify step (1 + drafts equal to the target's greedy tokens) is
-       shown, beside the mean over every position (`acceptance.heldout_acceptance`);
+       engine drafts (`eagle.propose`, k = unroll; prompt lookup's drafts where a suffix of
+       `SpeculativeConfig.lookup_min` tokens recurs, the engine's default) and walked as its greedy
+       verify steps walk them: the mean accepted length per verify step (1 + drafts equal to the
+       target's greedy tokens) is shown, beside the head's alone and the mean over every position
+       (`acceptance.heldout_acceptance`);
     7. saved with orbax (`eagle.save_head`) beside a JSON of the recipe and the figures.
 """
 
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model import embed_tokens
-from jaxinfer.speculative import eagle
+from jaxinfer.speculative import SpeculativeConfig, eagle
 from jaxinfer.speculative.acceptance import heldout_acceptance
 from jaxinfer.speculative.prompts import chat_prompts, heldout_prompts, vocabulary_words
 
@@ -295,6 +297,8 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
 
     rng = np.random.default_rng(recipe.seed)
     U = recipe.unroll
+    engine_default = SpeculativeConfig()  # the held-out walk proposes as the engine's eagle does by default
+    lookup = (engine_default.lookup_min, engine_default.prompt_lookup_max)
     history, t0, losses = [], time.perf_counter(), []
     steps = range(1, recipe.steps + 1)
     if progress:
@@ -308,15 +312,18 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
         params, opt_state, loss, agree = step(params, opt_state, frozen, hidden, tokens)
         losses.append(float(loss))
         if i % recipe.eval_every == 0 or i == recipe.steps:
-            acc = heldout_acceptance(runtime_head(params), cfg, frozen["embed"], held_corpus, U, recipe.max_tokens)
+            acc = heldout_acceptance(runtime_head(params), cfg, frozen["embed"], held_corpus, U, recipe.max_tokens,
+                                     lookup=lookup)
             entry = dict(step=i, loss=float(np.mean(losses[-50:])), top1_agreement=np.asarray(agree).round(3).tolist(),
                          heldout_mean_accepted_length=round(acc.mean_accepted_length, 3),
+                         heldout_head_alone=round(acc.head_alone, 3),
                          heldout_acceptance_by_position=[round(a, 3) for a in acc.by_position],
                          heldout_all_positions=round(acc.all_positions, 3), seconds=round(time.perf_counter() - t0, 1))
             history.append(entry)
             log(f"step {i}: loss {entry['loss']:.3f}, held-out mean accepted length {acc.mean_accepted_length:.2f} "
                 f"per verify step at k={U} (by position {', '.join(f'{a:.2f}' for a in acc.by_position)}; "
-                f"{acc.all_positions:.2f} over every position)")
+                f"{acc.all_positions:.2f} over every position; the head alone {acc.head_alone:.2f}, with prompt "
+                f"lookup where a suffix of {lookup[0]}+ tokens recurs as the engine proposes by default)")
     train_seconds = time.perf_counter() - t0
     final = history[-1]
     info = dict(recipe=dataclasses.asdict(recipe), model=model, num_prompts=len(texts), answer_tokens=num_answer,
@@ -324,6 +331,7 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
                 train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t_start, 1),
                 heldout_mean_accepted_length=final["heldout_mean_accepted_length"],
                 heldout_acceptance_by_position=final["heldout_acceptance_by_position"],
+                heldout_head_alone=final["heldout_head_alone"],
                 heldout_all_positions=final["heldout_all_positions"], history=history)
     eagle.save_head(out_dir, hc, jax.device_get(params), token_map, eagle.target_identity(cfg, tok), info)
     log(f"saved the draft head to {out_dir} ({info['total_seconds']:.0f} s in all); use it with "
