@@ -321,9 +321,9 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
                          heldout_all_positions=round(acc.all_positions, 3), seconds=round(time.perf_counter() - t0, 1))
             history.append(entry)
             log(f"step {i}: loss {entry['loss']:.3f}, held-out mean accepted length {acc.mean_accepted_length:.2f} "
-                f"per verify step at k={U} (by position {', '.join(f'{a:.2f}' for a in acc.by_position)}; "
-                f"{acc.all_positions:.2f} over every position; the head alone {acc.head_alone:.2f}, with prompt "
-                f"lookup where a suffix of {lookup[0]}+ tokens recurs as the engine proposes by default)")
+                f"per verify step at k={U} as the engine proposes (the head, or prompt lookup where {lookup[0]}+ "
+                f"tokens recur; by position {', '.join(f'{a:.2f}' for a in acc.by_position)}; "
+                f"{acc.all_positions:.2f} over every position); the head alone {acc.head_alone:.2f}")
     train_seconds = time.perf_counter() - t0
     final = history[-1]
     info = dict(recipe=dataclasses.asdict(recipe), model=model, num_prompts=len(texts), answer_tokens=num_answer,
