@@ -95,6 +95,11 @@ class _EngineCollector:
                       s.get("spec_num_draft_tokens", 0))
         yield counter("spec_decode_num_accepted_tokens", "speculative decoding: draft tokens accepted",
                       s.get("spec_num_accepted_tokens", 0))
+        yield counter("spec_decode_num_lookup_drafts", "speculative decoding: decodes whose drafts prompt lookup "
+                      "proposed (method ngram, or in place of the model's: lookup_min)",
+                      s.get("spec_num_lookup_drafts", 0))
+        yield counter("spec_decode_num_lookup_accepted_tokens", "speculative decoding: prompt lookup's drafts accepted",
+                      s.get("spec_num_lookup_accepted_tokens", 0))
         by_position = s.get("spec_accepted_by_position") or []
         if by_position:
             c = CounterMetricFamily(f"{PREFIX}_spec_decode_num_accepted_tokens_per_pos",

@@ -33,6 +33,7 @@ from jaxinfer.cache import KVCacheManager
 from jaxinfer.request import Request, RequestStatus
 from jaxinfer.scheduler_output import NewRequestData, RequestUpdate, ScheduledChunk, SchedulerOutput, SchedulerUpdate
 from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative.proposers import LookupDrafts
 from jaxinfer.speculative.scheduling import SpeculativeScheduling
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
         self.num_preemptions = 0
         # speculative decoding: decodes that verified drafts, drafts verified / accepted (per position)
         k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
-        self.spec_counts = dict(spec_num_drafts=0, spec_num_draft_tokens=0, spec_num_accepted_tokens=0)
+        self.spec_counts = dict(spec_num_drafts=0, spec_num_draft_tokens=0, spec_num_accepted_tokens=0,
+                                spec_num_lookup_drafts=0, spec_num_lookup_accepted_tokens=0)
         self.spec_proposed_by_position, self.spec_accepted_by_position = [0] * k, [0] * k
         self._finished_ids: list[str] = []  # ended since the last schedule (told to the runner)
         # beam search, since the last schedule: forked beams new to the runner, forks, page copies
@@ -308,7 +310,9 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
                         self._finish(request, status)
                         break
                 if not request.is_finished:
-                    request.spec_token_ids = list((drafts or {}).get(chunk.request_id, ()))
+                    proposed = (drafts or {}).get(chunk.request_id, ())
+                    request.spec_token_ids = list(proposed)
+                    request.spec_from_lookup = isinstance(proposed, LookupDrafts)
             updates.append(RequestUpdate(request.request_id, new_tokens, request.status, request.stop_reason,
                                          max(0, request.num_cached_tokens), drafted, accepted))
         beams, self._beam_results = self._beam_results, {}

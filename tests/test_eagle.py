@@ -142,6 +142,10 @@ def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_m
     assert acc.mean_accepted_length == pytest.approx(1 + s["spec_num_accepted_tokens"] / s["spec_num_drafts"])
     by_position = [a / max(d, 1) for a, d in zip(s["spec_accepted_by_position"], s["spec_proposed_by_position"])]
     assert acc.by_position == pytest.approx(by_position, abs=1e-4)
+    # the lookup's share, counted apart in the engine's stats (and Prometheus)
+    assert (s["spec_num_lookup_drafts"], s["spec_num_lookup_accepted_tokens"]) == (acc.lookup_steps,
+                                                                                  acc.lookup_accepted)
+    assert (acc.lookup_steps > 0) == (lookup_min is not None)
 
 
 def test_draft_vocabulary_keeps_the_most_emitted_tokens_and_eos():

@@ -211,6 +211,9 @@ def test_request_metrics_report_drafts_and_acceptance(tiny, monkeypatch):
     names = {metric.name: metric for metric in EngineCollector(engine.stats, "tiny").collect()}
     per_pos = names["jaxinfer_spec_decode_num_accepted_tokens_per_pos"].samples
     assert sum(s.value for s in per_pos) == m.num_accepted_tokens
+    # method ngram: every draft is prompt lookup's, counted apart too
+    assert (s["spec_num_lookup_drafts"], s["spec_num_lookup_accepted_tokens"]) == (m.num_drafts, m.num_accepted_tokens)
+    assert names["jaxinfer_spec_decode_num_lookup_drafts"].samples[0].value == m.num_drafts
 
 
 def test_random_requests_with_drafts_aborts_and_preemption_leak_no_pages(tiny):

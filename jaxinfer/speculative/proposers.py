@@ -17,6 +17,11 @@ from __future__ import annotations
 from jaxinfer.speculative.ngram import propose_ngram
 
 
+class LookupDrafts(list):
+    """Drafts prompt lookup proposed (method ngram's, or in place of a model's): the scheduler counts
+    their verify steps apart (`spec_num_lookup_drafts` and its accepted tokens in engine stats)."""
+
+
 def proposes(request) -> bool:
     """Whether a request gets drafts: not while its sampling needs its token history per position
     (penalties, or min_tokens not reached: those change each position's distribution), nor with a
@@ -37,11 +42,12 @@ def next_drafts(spec, rows: dict, proposed: dict[str, list[int]] | None = None) 
         if proposed is not None:  # a model's drafts, unless a long enough suffix recurs (`lookup_min`)
             proposal = proposed.get(rid, [])
             if proposal and spec.lookup_min is not None:
-                proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.lookup_min,
-                                         spec.prompt_lookup_max) or proposal
+                lookup = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.lookup_min,
+                                       spec.prompt_lookup_max)
+                proposal = LookupDrafts(lookup) if lookup else proposal
         else:
-            proposal = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                     spec.prompt_lookup_max)
+            proposal = LookupDrafts(propose_ngram(request.token_ids, spec.num_speculative_tokens,
+                                                  spec.prompt_lookup_min, spec.prompt_lookup_max))
         if proposal:
             drafts[rid] = proposal
     return drafts
