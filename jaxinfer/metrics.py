@@ -98,6 +98,8 @@ class _EngineCollector:
         yield counter("spec_decode_num_lookup_drafts", "speculative decoding: decodes whose drafts prompt lookup "
                       "proposed (method ngram, or in place of the model's: lookup_min)",
                       s.get("spec_num_lookup_drafts", 0))
+        yield counter("spec_decode_num_lookup_draft_tokens", "speculative decoding: prompt lookup's drafts verified",
+                      s.get("spec_num_lookup_draft_tokens", 0))
         yield counter("spec_decode_num_lookup_accepted_tokens", "speculative decoding: prompt lookup's drafts accepted",
                       s.get("spec_num_lookup_accepted_tokens", 0))
         by_position = s.get("spec_accepted_by_position") or []

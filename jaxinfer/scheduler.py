@@ -88,7 +88,8 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
         # speculative decoding: decodes that verified drafts, drafts verified / accepted (per position)
         k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
         self.spec_counts = dict(spec_num_drafts=0, spec_num_draft_tokens=0, spec_num_accepted_tokens=0,
-                                spec_num_lookup_drafts=0, spec_num_lookup_accepted_tokens=0)
+                                spec_num_lookup_drafts=0, spec_num_lookup_draft_tokens=0,
+                                spec_num_lookup_accepted_tokens=0)
         self.spec_proposed_by_position, self.spec_accepted_by_position = [0] * k, [0] * k
         self._finished_ids: list[str] = []  # ended since the last schedule (told to the runner)
         # beam search, since the last schedule: forked beams new to the runner, forks, page copies
@@ -301,7 +302,6 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
                 elif chunk.draft_token_ids:  # rejected drafts' slots are computed again (overwritten)
                     drafted, accepted = len(chunk.draft_token_ids), len(tokens) - 1
                     request.num_computed_tokens -= drafted - accepted
-                    self._count_drafts(request, drafted, accepted)
                 for token in tokens or ():
                     request.append_output_token(token)
                     new_tokens.append(token)
@@ -309,6 +309,9 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
                     if status is not None:
                         self._finish(request, status)
                         break
+                if drafted:  # drafts accepted past a stop token are not counted: they were not used
+                    accepted = min(accepted, len(new_tokens))
+                    self._count_drafts(request, drafted, accepted)
                 if not request.is_finished:
                     proposed = (drafts or {}).get(chunk.request_id, ())
                     request.spec_token_ids = list(proposed)

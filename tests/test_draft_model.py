@@ -53,9 +53,10 @@ _generate = testing_engine.generate
 
 
 def _draft(model, k=3, **fields):
-    """(drafts at any batch size: these tests check the mechanics, not where speculation pays)"""
+    """(drafts at any batch size, the draft model's alone unless lookup_min is given: these tests
+    check the mechanics of its cache, not where speculation pays)"""
     return SpeculativeConfig(method="draft", model=model, num_speculative_tokens=k,
-                             **{"disable_by_batch_size": None, **fields})
+                             **{"disable_by_batch_size": None, "lookup_min": None, **fields})
 
 
 # 16 mixed-length prompts at once, chunked prefill (32-token budget), a pool small enough to preempt,
@@ -124,6 +125,35 @@ def test_greedy_output_is_plain_decodings(tiny, first_layer, k):
     s = engine.stats()
     assert s["spec_num_drafts"] > 0 and 0 < s["spec_num_accepted_tokens"] < s["spec_num_draft_tokens"]
     assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0
+
+
+def test_lookup_drafts_in_place_of_the_draft_models_keep_its_cache_right(tiny, tiny_path, monkeypatch):
+    """lookup_min: prompt lookup's drafts replace the draft model's where it proposes. Lookup is
+    replaced here by an oracle that proposes each prompt's plain continuation at every third output
+    position (the tiny model copies nothing from its prompt), so accepted lookup drafts and the
+    draft model's alternate; with the target as its own draft, every draft the model proposes after
+    lookup's steps must still be accepted: its cache holds what those steps verified."""
+    from jaxinfer.speculative import proposers
+
+    prompts = _busy_prompts()
+    params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
+    plain, _ = _generate(tiny, prompts, params, **BUSY)
+    continuations = sorted(((tuple(p), plain[str(i)]) for i, p in enumerate(prompts)), key=lambda c: -len(c[0]))
+
+    def oracle(tokens, k, min_n, max_n):
+        prompt, cont = next((p, c) for p, c in continuations if tuple(tokens[:len(p)]) == p)
+        done = len(tokens) - len(prompt)
+        return list(cont[done:done + k]) if done % 3 == 0 else []
+    monkeypatch.setattr(proposers, "propose_ngram", oracle)
+    spec, engine = _generate(tiny, prompts, params, _draft(tiny_path, lookup_min=2), **BUSY)
+    assert spec == plain
+    s = engine.stats()
+    assert 0 < s["spec_num_lookup_drafts"] < s["spec_num_drafts"]
+    assert s["spec_num_lookup_accepted_tokens"] == s["spec_num_lookup_draft_tokens"] > 50  # the oracle is right
+    model_drafted = s["spec_num_draft_tokens"] - s["spec_num_lookup_draft_tokens"]
+    model_accepted = s["spec_num_accepted_tokens"] - s["spec_num_lookup_accepted_tokens"]
+    assert model_drafted > 100 and model_accepted >= 0.97 * model_drafted, s
+    assert s["num_preemptions"] > 0 and s["kv_pages_used"] == 0
 
 
 def test_seeded_sampling_gives_the_same_text(tiny, first_layer):

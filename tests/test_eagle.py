@@ -76,6 +76,7 @@ def test_train_draft_writes_a_head_with_its_figures(head_dir, tiny):
     info = meta["training"]
     assert info["recipe"]["steps"] == 60 and len(info["history"]) == 2  # evaluated at 30 and 60
     assert info["heldout_mean_accepted_length"] >= 1.0 and len(info["heldout_acceptance_by_position"]) == 3
+    assert info["heldout_head_alone"] >= 1.0  # the head's own drafts (the figure above: the engine's, lookup too)
     assert info["history"][-1]["loss"] < info["history"][0]["loss"] * 1.5  # (it trains; no divergence)
     head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
     assert head.lm_head.shape == (96, tiny.config.hidden_size) and head.token_map.shape == (96,)
@@ -143,8 +144,8 @@ def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_m
     by_position = [a / max(d, 1) for a, d in zip(s["spec_accepted_by_position"], s["spec_proposed_by_position"])]
     assert acc.by_position == pytest.approx(by_position, abs=1e-4)
     # the lookup's share, counted apart in the engine's stats (and Prometheus)
-    assert (s["spec_num_lookup_drafts"], s["spec_num_lookup_accepted_tokens"]) == (acc.lookup_steps,
-                                                                                  acc.lookup_accepted)
+    assert (s["spec_num_lookup_drafts"], s["spec_num_lookup_draft_tokens"], s["spec_num_lookup_accepted_tokens"]) \
+        == (acc.lookup_steps, acc.lookup_drafted, acc.lookup_accepted)
     assert (acc.lookup_steps > 0) == (lookup_min is not None)
 
 

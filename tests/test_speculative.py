@@ -248,8 +248,9 @@ def test_no_drafts_above_the_batch_size_limit_or_when_they_do_not_pay(tiny):
     (dict(num_speculative_tokens=0), r"num_speculative_tokens must be an integer in \[1, 8\]"),
     (dict(num_speculative_tokens=9), r"num_speculative_tokens must be an integer in \[1, 8\]"),
     (dict(prompt_lookup_min=3, prompt_lookup_max=2), "1 <= min <= max"),
-    (dict(lookup_min=5), r"lookup_min must be None .* or an integer in \[1, prompt_lookup_max=4\]"),
-    (dict(lookup_min=0), "lookup_min must be None"),
+    (dict(method="eagle", model="head", lookup_min=5), r"lookup_min must be None .* an integer in \[1, prompt_look"),
+    (dict(method="draft", model="draft", lookup_min=0), "lookup_min must be None"),
+    (dict(method="eagle", model="head", prompt_lookup_max=1), r"lookup_min .* \[1, prompt_lookup_max=1\], got 2"),
     (dict(disable_by_batch_size=0), "disable_by_batch_size"),
 ])
 def test_bad_settings_are_typed_errors(fields, match):
@@ -257,6 +258,11 @@ def test_bad_settings_are_typed_errors(fields, match):
         SpeculativeConfig(**fields)
     with pytest.raises(InvalidRequestError, match=match):
         SpeculativeConfig.of(fields)
+
+
+def test_lookup_min_is_not_ngrams_setting():
+    """ngram's own lookup has prompt_lookup_min: a short prompt_lookup_max stays valid there."""
+    assert SpeculativeConfig(method="ngram", prompt_lookup_max=1).prompt_lookup_max == 1
 
 
 def test_flags_and_engine_settings(tiny):

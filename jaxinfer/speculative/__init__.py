@@ -99,8 +99,8 @@ class SpeculativeConfig:
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         check(all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) and 1 <= lo <= hi,
               f"prompt_lookup_min / prompt_lookup_max must be integers with 1 <= min <= max, got {lo!r} / {hi!r}")
-        m = self.lookup_min
-        check(m is None or (isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= hi),
+        m = self.lookup_min  # (methods draft and eagle only: ngram's own lookup has prompt_lookup_min)
+        check(self.method == "ngram" or m is None or (isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= hi),
               f"lookup_min must be None (the draft model or head alone) or an integer in [1, prompt_lookup_max="
               f"{hi!r}], got {m!r}")
         check(isinstance(self.min_acceptance, (int, float)) and 0 <= self.min_acceptance <= 1,

@@ -41,7 +41,8 @@ class Acceptance:
     all_positions: float
     head_alone: float
     lookup_steps: int = 0  # walked verify steps whose drafts were prompt lookup's
-    lookup_accepted: int = 0  # of their drafts, accepted
+    lookup_drafted: int = 0  # their drafts verified
+    lookup_accepted: int = 0  # of which accepted
 
 
 def lookup_drafts(corpus, starts: np.ndarray, k: int, lookup: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +61,8 @@ def lookup_drafts(corpus, starts: np.ndarray, k: int, lookup: tuple[int, int]) -
 
 def _walk(match: np.ndarray, lengths: np.ndarray, corpus, k: int, max_tokens: int | None):
     """match [starts, k] (draft j accepted, its run so far too) walked as verify steps -> (mean
-    accepted length, acceptance by position, the steps' start indices, their accepted drafts)."""
+    accepted length, acceptance by position, the steps' start indices, their drafts verified and
+    accepted)."""
     steps, rooms, at = [], [], 0
     for _, p, e in corpus.sequences:
         t = p - 1  # the first step after the prompt's: the target sampled token p from h_{p - 1}
@@ -75,11 +77,11 @@ def _walk(match: np.ndarray, lengths: np.ndarray, corpus, k: int, max_tokens: in
             t += 1 + int(match[i, :rooms[-1]].sum())
         at += max(0, e - 1 - p)
     if not steps:
-        return 1.0, [0.0] * k, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return 1.0, [0.0] * k, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     verified = np.arange(k)[None] < np.asarray(rooms)[:, None]  # [steps, k]: draft j was verified
     accepted = match[np.asarray(steps)] * verified
     return (1.0 + float(accepted.sum(1).mean()), (accepted.sum(0) / np.maximum(verified.sum(0), 1)).round(4).tolist(),
-            np.asarray(steps), accepted.sum(1))
+            np.asarray(steps), verified.sum(1), accepted.sum(1))
 
 
 def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int, max_tokens: int | None = None,
@@ -105,16 +107,18 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
     truth = corpus.tokens[np.minimum(pos, len(corpus.tokens) - 1)]
     head_match = np.cumprod((drafts == truth) & inside, axis=1)
     lengths = np.full(len(starts), k)
-    head_alone, by_position, _, _ = _walk(head_match, lengths, corpus, k, max_tokens)
+    head_alone, by_position, *_ = _walk(head_match, lengths, corpus, k, max_tokens)
+    lookup_counts = (0, 0, 0)
     if lookup is None:
-        match, mean, lookup_steps, lookup_accepted = head_match, head_alone, 0, 0
+        match, mean = head_match, head_alone
     else:
         found, found_len = lookup_drafts(corpus, starts, k, lookup)
         use = found_len > 0
         drafts, lengths = np.where(use[:, None], found, drafts), np.where(use, found_len, k)
         match = np.cumprod((drafts == truth) & inside & (np.arange(k)[None] < lengths[:, None]), axis=1)
-        mean, by_position, steps, accepted = _walk(match, lengths, corpus, k, max_tokens)
-        lookup_steps, lookup_accepted = int(use[steps].sum()), int(accepted[use[steps]].sum())
+        mean, by_position, steps, verified, accepted = _walk(match, lengths, corpus, k, max_tokens)
+        on = use[steps]
+        lookup_counts = (int(on.sum()), int(verified[on].sum()), int(accepted[on].sum()))
     full = starts + 1 + k < ends  # positions with k answer tokens after them (the training starts)
     all_positions = 1.0 + float(match[full].sum(1).mean()) if full.any() else 1.0
-    return Acceptance(mean, by_position, all_positions, head_alone, lookup_steps, lookup_accepted)
+    return Acceptance(mean, by_position, all_positions, head_alone, *lookup_counts)

@@ -58,6 +58,7 @@ class SpeculativeScheduling:
         c["spec_num_accepted_tokens"] += accepted
         if request.spec_from_lookup:  # prompt lookup's drafts (method ngram, or lookup_min's)
             c["spec_num_lookup_drafts"] += 1
+            c["spec_num_lookup_draft_tokens"] += drafted
             c["spec_num_lookup_accepted_tokens"] += accepted
         for j in range(drafted):
             self.spec_proposed_by_position[j] += 1
