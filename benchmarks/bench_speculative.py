@@ -19,8 +19,9 @@ Every configuration is an engine built once with the same settings (max_num_seqs
 batch); an untimed first round compiles the shapes the runs use; then they are timed round-robin:
 each round runs every (workload, batch, configuration) once; a figure is the median over rounds.
 Greedy outputs are compared with plain decoding's (identical, or the run stops). Printed per row:
-output tok/s, the ratio to plain, drafts accepted / proposed, mean tokens per verify step and
-acceptance at each draft position.
+output tok/s, the ratio to plain, drafts accepted / proposed, mean tokens per verify step,
+acceptance at each draft position, and prompt lookup's share (its verify steps, its drafts accepted
+/ proposed: all of method ngram's, and where it replaced a model's, `SpeculativeConfig.lookup_min`).
 """
 
 from __future__ import annotations
@@ -165,21 +166,23 @@ def main(argv=None):
           f"disable_by_batch_size={args.disable_by_batch_size}, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| workload | batch | configuration | output tok/s | vs plain | accepted / proposed | "
-          "tokens per verify step | acceptance by position |")
-    print("|---|---|---|---|---|---|---|---|")
+          "tokens per verify step | acceptance by position | prompt lookup's: verify steps, accepted / proposed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for w in args.workloads:
         for B in args.batch_sizes:
             base = tokens[(w, B, "plain")] / statistics.median(times[(w, B, "plain")])
             for name in configs:
                 tps = tokens[(w, B, name)] / statistics.median(times[(w, B, name)])
                 s = spec_stats[(w, B, name)]
-                acc = pos = per_step = "-"
+                acc = pos = per_step = lookup = "-"
                 if configs[name] is not None and s.get("spec_num_draft_tokens"):
                     acc = f"{s['spec_num_accepted_tokens']} / {s['spec_num_draft_tokens']}"
                     per_step = f"{1 + s['spec_num_accepted_tokens'] / max(1, s['spec_num_drafts']):.2f}"
                     pos = " ".join(f"{a / p:.2f}" for a, p in zip(s["spec_accepted_by_position"],
                                                                    s["spec_proposed_by_position"]) if p)
-                print(f"| {w} | {B} | {name} | {tps:.1f} | {tps / base:.2f}x | {acc} | {per_step} | {pos} |")
+                    lookup = (f"{s['spec_num_lookup_drafts']} of {s['spec_num_drafts']}, "
+                              f"{s['spec_num_lookup_accepted_tokens']} / {s['spec_num_lookup_draft_tokens']}")
+                print(f"| {w} | {B} | {name} | {tps:.1f} | {tps / base:.2f}x | {acc} | {per_step} | {pos} | {lookup} |")
 
 
 if __name__ == "__main__":

@@ -693,6 +693,8 @@ def test_benchmark_commands_run(tmp_path):
                     rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|", rf"\| {workload} \| 2 \| eagle k=3 \| [\d.]+ \|",
                     rf"\| {workload} \| 1 \| draft tiny.gguf k=3 \| [\d.]+ \| [\d.]+x \| \d+ / \d+ \|"):
             assert re.search(row, outputs["bench_speculative.py"]), row
+    # prompt lookup's share: every verify step of method ngram's
+    assert re.search(r"\| ngram k=3 \|.*\| (\d+) of \1, \d+ / \d+ \|", outputs["bench_speculative.py"])
     for policy in ("k=3 min=1", "k=3 min=2", "adaptive", "free"):  # the replayed drafting policies
         assert re.search(rf"\| grounded \| 2 \| {policy} \| [\d.]+ \| [\d.]+x \|",
                          outputs["replay_prompt_lookup.py"]), policy
