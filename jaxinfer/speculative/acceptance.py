@@ -105,17 +105,19 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
     pos = starts[:, None] + 2 + np.arange(k)[None]
     inside = pos < ends[:, None]  # an answer may end before k more tokens
     truth = corpus.tokens[np.minimum(pos, len(corpus.tokens) - 1)]
-    head_match = np.cumprod((drafts == truth) & inside, axis=1)
+
+    def matched(drafts, lengths):  # [starts, k]: draft j accepted (it and every draft before it right)
+        return np.cumprod((drafts == truth) & inside & (np.arange(k)[None] < lengths[:, None]), axis=1)
+
     lengths = np.full(len(starts), k)
-    head_alone, by_position, *_ = _walk(head_match, lengths, corpus, k, max_tokens)
-    lookup_counts = (0, 0, 0)
-    if lookup is None:
-        match, mean = head_match, head_alone
-    else:
+    match = matched(drafts, lengths)
+    head_alone, by_position, *_ = _walk(match, lengths, corpus, k, max_tokens)
+    mean, lookup_counts = head_alone, (0, 0, 0)
+    if lookup is not None:
         found, found_len = lookup_drafts(corpus, starts, k, lookup)
         use = found_len > 0
-        drafts, lengths = np.where(use[:, None], found, drafts), np.where(use, found_len, k)
-        match = np.cumprod((drafts == truth) & inside & (np.arange(k)[None] < lengths[:, None]), axis=1)
+        lengths = np.where(use, found_len, k)
+        match = matched(np.where(use[:, None], found, drafts), lengths)
         mean, by_position, steps, verified, accepted = _walk(match, lengths, corpus, k, max_tokens)
         on = use[steps]
         lookup_counts = (int(on.sum()), int(verified[on].sum()), int(accepted[on].sum()))
