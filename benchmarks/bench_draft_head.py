@@ -4,13 +4,15 @@ reports), and the engine itself, one request at a time with the head (its metric
 
     python benchmarks/bench_draft_head.py --eagle HEAD_DIR [--questions heldout chat] [--num-questions 32]
                                           [--max-tokens 96] [--k 3] [--lookup-min 2 | none]
+                                          [--head-quantization auto | none | int8]
 
 Question sets: "heldout", train-draft's held-out questions (`prompts.heldout_prompts`, topics no
 training question has); "chat", bench_speculative.py's open-chat questions. The answers are the
 target's greedy ones (`train.answer`); the engine's outputs are checked equal to them. The drafts are
 the engine's eagle proposals: prompt lookup's where a suffix of --lookup-min tokens recurs
 (`SpeculativeConfig.lookup_min`; "none": the head's alone), else the head's; the head's alone are
-walked too.
+walked too. The walk's head is stored as the engine's (`SpeculativeConfig.quantization`, resolved
+for this platform: "auto" is int8 on CPU), so the two see the same drafts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--lookup-min", type=lambda v: None if v == "none" else int(v), default=2,
                     help='SpeculativeConfig.lookup_min ("none": the head alone)')
+    ap.add_argument("--head-quantization", type=lambda v: None if v == "none" else v, default="auto",
+                    help='SpeculativeConfig.quantization ("auto": the platform\'s; "none": float32; "int8")')
     return ap.parse_args(argv)
 
 
@@ -48,19 +52,23 @@ def main(argv=None) -> None:
     from jaxinfer.speculative import SpeculativeConfig, eagle
     from jaxinfer.speculative.acceptance import heldout_acceptance
     from jaxinfer.speculative.prompts import heldout_prompts
-    from jaxinfer.speculative.train import answer, build_corpus, encode_question
+    from jaxinfer.speculative.corpus import answer, build_corpus, encode_question
 
     loaded = load_model(args.model, dtype="float32", scan_layers=False, progress=False)
     cfg, tok = loaded.config, loaded.tokenizer
-    head = eagle.load_head(args.eagle, cfg, loaded.params, tok)
     spec = SpeculativeConfig(method="eagle", model=args.eagle, num_speculative_tokens=args.k,
-                             disable_by_batch_size=None, min_acceptance=0.0, lookup_min=args.lookup_min)
+                             disable_by_batch_size=None, min_acceptance=0.0, lookup_min=args.lookup_min,
+                             quantization=args.head_quantization)
+    import jax
+
+    quantization = spec.resolve(jax.default_backend()).quantization
+    head = eagle.load_head(args.eagle, cfg, loaded.params, tok, quantization=quantization)
     lookup = None if spec.lookup_min is None else (spec.lookup_min, spec.prompt_lookup_max)
     engine = LLMEngine(cfg, loaded.graphdef, loaded.params, tok,
                        EngineConfig.of(max_num_seqs=1, max_model_len=1024, speculative_config=spec))
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    print(f"{args.model}, head {args.eagle}, k = {args.k}, {args.max_tokens} tokens, greedy, lookup_min "
-          f"{spec.lookup_min}")
+    print(f"{args.model}, head {args.eagle} ({quantization or 'float32'}), k = {args.k}, {args.max_tokens} tokens, "
+          f"greedy, lookup_min {spec.lookup_min}")
     print("| questions | every position | walked as verify steps | engine, one request at a time "
           "| the head alone, walked |")
     print("|---|---|---|---|---|")

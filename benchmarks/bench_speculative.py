@@ -6,7 +6,7 @@ workloads, in interleaved rounds.
 
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
                                            [--prompt-lookup-min 1 2] [--draft MODEL ...] [--eagle HEAD_DIR]
-                                           [--lookup-min 2 none]
+                                           [--lookup-min 2 none] [--head-quantization none int8]
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lookup-min", type=lambda v: None if v == "none" else int(v), nargs="+", default=["default"],
                     help='draft and eagle: SpeculativeConfig.lookup_min values to run ("none": the model\'s drafts '
                          "alone; default: SpeculativeConfig's)")
+    ap.add_argument("--head-quantization", type=lambda v: None if v == "none" else v, nargs="+", default=["auto"],
+                    help='eagle: SpeculativeConfig.quantization values to run ("none": the head in float32; "int8"; '
+                         "default: auto, the platform's)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
@@ -115,9 +118,10 @@ def main(argv=None):
         for model in args.draft:
             configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}{name}":
                         spec(method="draft", model=model, num_speculative_tokens=k, **extra) for k in args.k}
-        if args.eagle:
-            configs |= {f"eagle k={k}{name}": spec(method="eagle", model=args.eagle, num_speculative_tokens=k, **extra)
-                        for k in args.k}
+        for hq in args.head_quantization if args.eagle else ():
+            head = "" if hq == "auto" else f" head {hq or 'float32'}"
+            configs |= {f"eagle k={k}{name}{head}": spec(method="eagle", model=args.eagle, num_speculative_tokens=k,
+                                                         quantization=hq, **extra) for k in args.k}
     llms = {}
     for name, spec in configs.items():
         t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """`jaxinfer train-draft`'s data stage, side by side: the target's greedy answers from the paged
-engine in waves (`speculative.train.answer`, what train-draft runs) against the static-batch
+engine in waves (`speculative.corpus.answer`, what train-draft runs) against the static-batch
 `ReferenceGenerator` (what it ran before), on the same questions, rounds interleaved; and the
 hidden-state pass's padded positions with length buckets of 32 (now) against powers of two (before).
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     from jaxinfer.reference import ReferenceGenerator, next_power_of_two
     from jaxinfer.sampling import SamplingParams
     from jaxinfer.speculative.prompts import chat_prompts, vocabulary_words
-    from jaxinfer.speculative.train import answer, corpus_length, encode_question
+    from jaxinfer.speculative.corpus import answer, corpus_length, encode_question
 
     loaded = load_model(args.model, dtype="float32", scan_layers=False, progress=False)
     cfg, tok = loaded.config, loaded.tokenizer

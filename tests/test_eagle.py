@@ -17,7 +17,8 @@ from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative import eagle
 from jaxinfer.speculative.prompts import chat_prompts
-from jaxinfer.speculative.train import DraftRecipe, answer, draft_vocabulary, train_draft
+from jaxinfer.speculative.corpus import answer, answer_with_hidden, build_corpus, corpus_from_states, draft_vocabulary
+from jaxinfer.speculative.train import DraftRecipe, train_draft
 from jaxinfer.testing import engine as testing_engine
 from jaxinfer.testing import tiny_gguf
 from tests import speculative_checks
@@ -112,6 +113,23 @@ def test_answers_are_the_reference_generators_greedy_outputs(tiny):
     assert got == [w.token_ids for w in want]
 
 
+def test_the_answers_hidden_states_are_a_forward_pass_over_them(tiny):
+    """train-draft's hidden states come with the answers (the engine's sampler rows, over several
+    waves): at every row a training start or a held-out walk reads they equal one dense forward
+    pass over each prompt + answer (`build_corpus`), and the answers are `answer`'s."""
+    prompts = _prompts(11, seed=5)
+    answers, states = answer_with_hidden(tiny, prompts, max_tokens=24, batch=4, progress=False)
+    assert answers == answer(tiny, prompts, max_tokens=24, batch=4, progress=False)
+    assert [len(h) for h in states] == [len(a) for a in answers]
+    seqs = list(zip(prompts, answers))
+    got, want = corpus_from_states(seqs, states, 3), build_corpus(tiny, seqs, 3, progress=False)
+    for name in ("tokens", "starts", "sequences"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    read = np.concatenate([np.arange(p - 1, e - 1) for _, p, e in want.sequences])  # h_{p-1} .. h_{e-2}
+    assert np.abs(want.hidden[read]).max() > 0.1
+    np.testing.assert_allclose(got.hidden[read], want.hidden[read], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("lookup_min", [None, 1])  # (the tiny model repeats single tokens only)
 def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_min):
     """train-draft's held-out figure walks each answer as the engine's verify steps do: the engine,
@@ -120,14 +138,14 @@ def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_m
     the head's drafts alone, and with prompt lookup's where a suffix of lookup_min tokens recurs."""
     from jaxinfer.model import embedding_arrays
     from jaxinfer.speculative.acceptance import heldout_acceptance, lookup_drafts
-    from jaxinfer.speculative.train import build_corpus
 
     # prompts that end by repeating their start: the tiny model's answers then repeat a few of their tokens
     prompts, max_tokens, k = [p + p[:12] for p in _prompts(6, seed=0)], 40, 3
-    head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
+    spec = _eagle(head_dir, k, lookup_min=lookup_min)
+    quantization = spec.resolve("cpu").quantization  # the walk's head stored as the engine's ("auto": int8 here)
+    head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer, quantization=quantization)
     answers = answer(tiny, prompts, max_tokens=max_tokens, batch=8, progress=False)
     corpus = build_corpus(tiny, list(zip(prompts, answers)), k, progress=False)
-    spec = _eagle(head_dir, k, lookup_min=lookup_min)
     lookup = None if lookup_min is None else (lookup_min, spec.prompt_lookup_max)
     acc = heldout_acceptance(head, tiny.config, embedding_arrays(tiny.params), corpus, k, max_tokens, lookup=lookup)
     if lookup is not None:  # (the lookup proposes somewhere, and changes the figure)
@@ -157,16 +175,18 @@ def test_draft_vocabulary_keeps_the_most_emitted_tokens_and_eos():
 
 # ---- the engine with the head: identical output ---------------------------------------------------
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_greedy_output_is_plain_decodings(tiny, head_dir, k):
+@pytest.mark.parametrize("k,quantization", [(1, "auto"), (3, "auto"), (5, "auto"), (3, None)])
+def test_greedy_output_is_plain_decodings(tiny, head_dir, k, quantization):
     """16 mixed-length prompts at once, chunked prefill, a pool small enough to preempt, prompts
-    sharing pages in the prefix cache."""
+    sharing pages in the prefix cache; the head stored int8 ("auto" on CPU) and float."""
     prompts = _prompts(14) + [list(range(40, 80)) * 2, list(range(40, 80)) * 2 + [9]]
     params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
     settings = dict(max_num_batched_tokens=32, num_pages=26, max_num_seqs=8)
     plain, _ = _generate(tiny, prompts, params, **settings)
-    spec, engine = _generate(tiny, prompts, params, _eagle(head_dir, k), **settings)
+    spec, engine = _generate(tiny, prompts, params, _eagle(head_dir, k, quantization=quantization), **settings)
     assert spec == plain
+    stored = engine.runner.drafter.head.lm_head
+    assert isinstance(stored, eagle.Int8Weight) == (quantization == "auto")
     s = engine.stats()
     assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0  # the head proposed, and well enough
     assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0
@@ -187,6 +207,33 @@ def test_nothing_compiles_after_warmup(tiny, head_dir):
     speculative_checks.check_nothing_compiles_after_warmup(tiny, _eagle(head_dir), _prompts(6, seed=5))
 
 
+def test_the_int8_head_drafts_as_the_float_head_does(tiny, head_dir):
+    """`quantize_head`: int8 matrices and output rows (a quarter of the bytes a draft step reads)
+    give nearly the float head's logits and mostly the same drafts (random features: the tiny
+    model's answers are near ties more often than SmolLM2's, see docs/BENCHMARKS.md)."""
+    import jax.numpy as jnp
+
+    from jaxinfer.model import embedding_arrays, embed_tokens
+
+    f32 = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
+    q8 = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer, quantization="int8")
+    assert all(isinstance(q8.params[k], eagle.Int8Weight) for k in eagle.HEAD_MATRICES)
+    assert q8.lm_head.values.dtype == jnp.int8 and q8.lm_head.values.shape == f32.lm_head.shape
+    rng = np.random.default_rng(0)
+    feature = jnp.asarray(rng.normal(0, 1, (64, tiny.config.hidden_size)), jnp.float32)
+    token = jnp.asarray(rng.integers(0, tiny.config.vocab_size, 64), jnp.int32)
+    emb = embed_tokens(tiny.config, embedding_arrays(tiny.params), token)
+    logits = {}
+    for name, head in (("f32", f32), ("q8", q8)):
+        guess = eagle.head_step(head.params, head.config, feature, emb)
+        logits[name] = np.asarray(eagle.draft_logits(head.final_norm, head.lm_head, head.config, guess))
+    err = logits["q8"] - logits["f32"]  # (measured: 2.7% relative RMS, 97% of the argmaxes equal)
+    assert np.sqrt((err ** 2).mean() / (logits["f32"] ** 2).mean()) < 0.05
+    assert (logits["q8"].argmax(1) == logits["f32"].argmax(1)).mean() > 0.9
+    with pytest.raises(InvalidRequestError, match='"int8" or None'):
+        eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer, quantization="int4")
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 
 def test_a_head_for_another_model_or_no_head_is_a_typed_error(tiny, head_dir, tmp_path):
@@ -201,6 +248,14 @@ def test_a_head_for_another_model_or_no_head_is_a_typed_error(tiny, head_dir, tm
         SpeculativeConfig(method="eagle")
     with pytest.raises(InvalidRequestError, match="method 'ngram' takes none"):
         SpeculativeConfig(method="ngram", model=head_dir)
+    with pytest.raises(InvalidRequestError, match="quantization must be .*got 'int4' for method 'eagle'"):
+        _eagle(head_dir, quantization="int4")
+    with pytest.raises(InvalidRequestError, match="quantization must be .*got 'int8' for method 'ngram'"):
+        SpeculativeConfig(quantization="int8")
+    # "auto": int8 on CPU, the target's dtype on accelerators; other methods keep "auto"
+    assert _eagle(head_dir).resolve("cpu").quantization == "int8"
+    assert _eagle(head_dir).resolve("gpu").quantization is None
+    assert SpeculativeConfig().resolve("cpu").quantization == "auto"
 
 
 def test_train_draft_flags_are_checked(tiny_path, tmp_path, capsys):

@@ -308,3 +308,8 @@ def stack_sampling_inputs(inputs: list[SamplingInput], vocab_size: int) -> Sampl
     fields = ("temperature", "top_k", "top_p", "min_p", "seeds", "num_generated")
     return SamplingInput(**{f: _cat([getattr(s, f) for s in inputs]) for f in fields}, penalties=penalties,
                          num_logprobs=max(s.num_logprobs for s in inputs), bitmask=bitmask)
+
+
+def pad_rows(tree, pad: int):
+    """Every array of `tree` padded with `pad` zero rows on its first axis (on the host)."""
+    return jax.tree.map(lambda a: np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), tree)

@@ -74,6 +74,7 @@ class InFlightStep:
     tokens: jax.Array | None = None  # [P] sampled tokens, padded (resolve_tokens reads them); [S, K + 1] verifying
     num_accepted: jax.Array | None = None  # [S] drafts accepted per sequence (a verify step)
     drafts: jax.Array | None = None  # [S, k] the draft head's proposals for the next step (eagle)
+    hidden: jax.Array | None = None  # [S, D] the sampler rows' hidden states (kept for `Runner.hidden_sink`)
     logprobs: tuple | None = None
     prompt_logprobs: tuple | None = None
     rows: dict[str, tuple[CachedRequest, int]] = dataclasses.field(default_factory=dict)  # samplers

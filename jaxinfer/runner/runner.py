@@ -36,7 +36,7 @@ from jaxinfer.model import embedding_arrays, params_for_layer_loop, unstack_laye
 from jaxinfer.paged_attention import PagedKVCache
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, all_step_shapes, one_graph, step_shape
 from jaxinfer.runner.drafter import Drafter
-from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput, build_bitmask
+from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput, build_bitmask, pad_rows
 from jaxinfer.runner.plan import build_plan
 from jaxinfer.runner.requests import CachedRequest, update_requests
 from jaxinfer.runner.results import InFlightStep, StepPlan, StepResult, prompt_logprobs, sampled_tokens
@@ -50,12 +50,6 @@ from jaxinfer.speculative.proposers import next_drafts
 from pallas_kernels import ops
 
 logger = logging.getLogger(__name__)
-
-
-
-def _pad_rows(tree, pad: int):
-    """Every array of `tree` padded with `pad` zero rows on its first axis (on the host)."""
-    return jax.tree.map(lambda a: np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)), tree)
 
 
 class Runner:
@@ -99,6 +93,7 @@ class Runner:
         self.mesh = mesh
         self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
+        self.hidden_sink = None  # (request id, hidden state [D]) per token sampled plainly (train-draft's data)
         self.requests: dict[str, CachedRequest] = {}
         self.grammars = grammars
         self._in_flight: InFlightStep | None = None  # the last submitted step, until collected
@@ -167,7 +162,7 @@ class Runner:
             # pad the rows, sample, cut the padding off.
             # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
             # its own); the caller reads the first S rows of the result.
-            rows, si = _pad_rows((rows, si), self.rc.seq_buckets[-1] - S)
+            rows, si = pad_rows((rows, si), self.rc.seq_buckets[-1] - S)
         return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to,
                            matmul=self.attention.matmul_backend)
 
@@ -175,7 +170,7 @@ class Runner:
         """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows)."""
         S = vi.num_drafts.shape[0]
         if si.largest_bucket_only and S < self.rc.seq_buckets[-1]:  # as in _sample
-            vi, si = _pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
+            vi, si = pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
         return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef,
                             matmul=self.attention.matmul_backend), vi
 
@@ -253,8 +248,9 @@ class Runner:
             def with_masks(si):
                 self.collect(in_flight)  # (its results stay cached for the caller)
                 return si.replace(bitmask=build_bitmask(out.chunks, self.requests, S, self.config.vocab_size))
-        step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts = self._dispatch(
+        step.tokens, step.logprobs, step.prompt_logprobs, step.num_accepted, step.drafts, hidden = self._dispatch(
             plan, in_flight.tokens if in_flight is not None else None, propose, with_masks, draft_forward)
+        step.hidden = hidden if self.hidden_sink is not None else None
         self._in_flight = step
         return step
 
@@ -288,10 +284,13 @@ class Runner:
         prompt_lps = None if step.prompt_logprobs is None else [np.asarray(a) for a in step.prompt_logprobs]
         accepted = None if step.num_accepted is None else np.asarray(step.num_accepted)
         device_drafts = None if step.drafts is None else np.asarray(step.drafts)
+        hidden = None if step.hidden is None or self.hidden_sink is None else np.asarray(step.hidden)
         device_seconds = time.perf_counter() - start
         sampled, candidates = sampled_tokens(step.rows, tokens, lps, accepted), {}
         for rid, results in sampled.items():
             request = step.rows[rid][0]
+            if hidden is not None:  # (before beam search's continue: its rows sampled too)
+                self.hidden_sink(rid, hidden[step.rows[rid][1]])
             if request.params.use_beam_search:  # the search picks the beam's token (`beam_forks`)
                 candidates[rid] = results[0].top_logprobs
                 continue
@@ -305,7 +304,7 @@ class Runner:
             drafts = next_drafts(self.speculative, step.rows,
                                  self.drafter.proposals(step.rows, len(step.out.chunks), device_drafts))
         step.result = StepResult(step.out, sampled, prompt, device_seconds, step.start_time, drafts, candidates)
-        step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = None  # buffers can go
+        step.tokens = step.logprobs = step.prompt_logprobs = step.num_accepted = step.drafts = step.hidden = None
         if self._in_flight is step:
             self._in_flight = None
         return step.result
@@ -314,7 +313,8 @@ class Runner:
                   draft_forward: bool = False):
         """Dispatches the device part of a step (forward, sample or verify, prompt logprobs, and with
         `propose` the draft head's proposals) without waiting: device arrays (tokens, logprobs,
-        prompt logprobs, drafts accepted or None, the draft head's next drafts or None).
+        prompt logprobs, drafts accepted or None, the draft head's next drafts or None, the sampler
+        rows' hidden states [S, D] or None after a verify step).
         `with_masks`: called on the sampling input once the forward is dispatched, it returns the
         input with its grammar masks (async scheduling: they wait for the step in flight).
         `draft_forward`: the draft model's forward over the step's tokens too (method "draft")."""
@@ -338,13 +338,13 @@ class Runner:
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape
             prompt_lps = self._prompt_logprobs(hidden, np.pad(plan.prompt_rows, pad), np.pad(plan.prompt_targets, pad))
-        return tokens, lps, prompt_lps, num_accepted, drafts
+        return tokens, lps, prompt_lps, num_accepted, drafts, rows if plan.verify is None else None
 
     def run_plan(self, plan: StepPlan):
         """The device part of a step (every process of a multi-host run executes it on the same
         plan): forward, sample, prompt logprobs -> (tokens, logprobs, prompt logprobs, seconds
         spent waiting for the device), as numpy arrays."""
-        tokens, lps, prompt_lps, _, _ = self._dispatch(plan)
+        tokens, lps, prompt_lps, *_ = self._dispatch(plan)
         start = time.perf_counter()
         tokens = np.asarray(tokens)
         if lps is not None:

@@ -40,6 +40,10 @@ MAX_SPECULATIVE_TOKENS = 8
 # at 1 request, 0.99x / 0.81x grounded / chat at 2, 0.73x / 0.55x at 4, f32); accelerators verify a
 # few rows per sequence at the cost of one (memory-bound), so no limit there until measured otherwise.
 AUTO_DISABLE_BY_BATCH_SIZE = {"cpu": 2}
+# quantization="auto": an eagle head stored int8 on CPU, where a draft step reads its ~32 MB of
+# float32 weights from memory (docs/BENCHMARKS.md, "The head's weights in int8"); elsewhere the target's dtype.
+AUTO_HEAD_QUANTIZATION = {"cpu": "int8"}
+HEAD_QUANTIZATIONS = ("int8",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,6 +68,10 @@ class SpeculativeConfig:
         batch is compute-bound: verifying k more tokens per sequence costs more than it saves); None:
         any batch; "auto": the measured limit of the platform the engine runs on
         (`AUTO_DISABLE_BY_BATCH_SIZE`; resolved by the engine, `resolve`).
+      quantization: eagle: the head's weights, "int8" (stored so at load: a draft step reads a
+        quarter of the bytes; drafts may change where logits nearly tie, the output never does) or
+        None (the target's dtype); "auto": the platform's (`AUTO_HEAD_QUANTIZATION`: int8 on CPU).
+        draft: "auto" only (the draft model takes the target's weight quantization).
     """
 
     method: str = "ngram"
@@ -75,6 +83,7 @@ class SpeculativeConfig:
     min_acceptance: float = 0.0
     probe_drafts: int = 32
     disable_by_batch_size: int | None | str = "auto"
+    quantization: str | None = "auto"
 
     def __post_init__(self):
         def check(ok, msg):
@@ -110,12 +119,20 @@ class SpeculativeConfig:
         b = self.disable_by_batch_size
         check(b is None or b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
               f'disable_by_batch_size must be "auto", None or a positive integer, got {b!r}')
+        q = self.quantization
+        check(q == "auto" or (self.method == "eagle" and (q is None or q in HEAD_QUANTIZATIONS)),
+              f'quantization must be "auto", None or one of {list(HEAD_QUANTIZATIONS)} for method "eagle" (the '
+              f'head\'s weights) and "auto" for methods "ngram" and "draft" (a draft model takes the target\'s), got '
+              f'{q!r} for method {self.method!r}')
 
     def resolve(self, platform: str) -> SpeculativeConfig:
         """This config with "auto" settings replaced by `platform`'s ("cpu", "gpu", "tpu")."""
-        if self.disable_by_batch_size != "auto":
-            return self
-        return dataclasses.replace(self, disable_by_batch_size=AUTO_DISABLE_BY_BATCH_SIZE.get(platform))
+        b, q = self.disable_by_batch_size, self.quantization
+        if b == "auto":
+            b = AUTO_DISABLE_BY_BATCH_SIZE.get(platform)
+        if q == "auto" and self.method == "eagle":
+            q = AUTO_HEAD_QUANTIZATION.get(platform)
+        return dataclasses.replace(self, disable_by_batch_size=b, quantization=q)
 
     def drafts_at(self, num_running: int) -> bool:
         """Whether a step with `num_running` running requests verifies drafts (`disable_by_batch_size`,
@@ -168,7 +185,7 @@ def load_proposer(spec: SpeculativeConfig | None, config, params, tokenizer, max
     if spec.method == "eagle":
         from jaxinfer.speculative.eagle import load_head
 
-        return None, load_head(spec.model, config, params, tokenizer)
+        return None, load_head(spec.model, config, params, tokenizer, quantization=spec.quantization)
     import jax
 
     if mesh is not None or jax.process_count() > 1:

@@ -2,7 +2,7 @@
 
     heldout_acceptance(head, cfg, embed_arrays, corpus, k, max_tokens, lookup=None) -> Acceptance
 
-`corpus` is a `train.Corpus` (the target's hidden states and tokens of prompt + answer sequences).
+`corpus` is a `corpus.Corpus` (the target's hidden states and tokens of prompt + answer sequences).
 """
 
 from __future__ import annotations

@@ -69,22 +69,66 @@ def init_head(hc: HeadConfig, key) -> dict:
             "down": normal(k4, (F, D), 0.02 / F ** 0.5)}
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8Weight:
+    """A head matrix stored int8 with one float32 scale per output (`quantize_head`): values [K, N]
+    and scale [1, N], or for the output rows values [N, K] and scale [N, 1]."""
+
+    values: jax.Array
+    scale: jax.Array
+
+
+def _matmuls(x, weights, transpose: bool = False):
+    """[x @ W for W in weights] (transpose: x @ W.T), float or `Int8Weight` (`quantized_matmuls`:
+    on CPU one call of the native kernel), in float32 accumulation, x's dtype out."""
+    from pallas_kernels.quantized_matmul import quantized_matmul, quantized_matmuls
+
+    if isinstance(weights[0], Int8Weight):
+        if transpose:
+            return [quantized_matmul(x, w.values, w.scale, bits=8, transpose=True, out_dtype=jnp.float32)
+                    for w in weights]
+        return quantized_matmuls(x, [(w.values, w.scale, None, 8) for w in weights])
+    if transpose:
+        return [jnp.einsum("...D,ND->...N", x, w.astype(x.dtype), preferred_element_type=jnp.float32) for w in weights]
+    return [x @ w.astype(x.dtype) for w in weights]
+
+
 def head_step(params: dict, hc: HeadConfig, feature, emb):
     """feature (h_t or the previous guess), emb (the next token's embedding): [..., D] -> the guess
     of the next hidden state [..., D] (in feature's dtype)."""
     eps, dt = hc.rms_norm_eps, feature.dtype
     x = jnp.concatenate([rms_norm(emb, params["norm_e"].astype(dt), eps), rms_norm(feature, params["norm_f"].astype(dt),
                                                                                      eps)], axis=-1)
-    y = x @ params["fc"].astype(dt)
+    y, = _matmuls(x, [params["fc"]])
     z = rms_norm(y, params["mlp_norm"].astype(dt), eps)
-    return y + (jax.nn.silu(z @ params["gate"].astype(dt)) * (z @ params["up"].astype(dt))) @ params["down"].astype(dt)
+    gate, up = _matmuls(z, [params["gate"], params["up"]])
+    down, = _matmuls(jax.nn.silu(gate) * up, [params["down"]])
+    return y + down
 
 
 def draft_logits(final_norm, lm_head, hc: HeadConfig, feature):
     """feature [..., D] -> float32 logits over the draft vocabulary [..., N]: the target's final norm,
-    then its output head's rows of the draft tokens (`lm_head` [N, D])."""
+    then its output head's rows of the draft tokens (`lm_head` [N, D], float or `Int8Weight`)."""
     x = rms_norm(feature, final_norm, hc.rms_norm_eps, hc.norm_offset)
-    return jnp.einsum("...D,ND->...N", x, lm_head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return _matmuls(x, [lm_head], transpose=True)[0].astype(jnp.float32)
+
+
+HEAD_MATRICES = ("fc", "gate", "up", "down")
+
+
+def quantize_head(head: DraftHead) -> DraftHead:
+    """The head with its matrices and output rows stored int8, one scale per output
+    (`jaxinfer.quantization.quantize`): a draft step reads a quarter of the bytes. Drafts may
+    differ where two tokens' logits nearly tie; what the target emits does not (it verifies)."""
+    from jaxinfer.quantization import quantize
+
+    def q(w, axis):
+        t = quantize(np.asarray(w, np.float32), bits=8, group=None, axis=axis)
+        return Int8Weight(jnp.asarray(t.values), jnp.asarray(t.scale))
+
+    params = {k: q(v, 0) if k in HEAD_MATRICES else v for k, v in head.params.items()}
+    return dataclasses.replace(head, params=params, lm_head=q(head.lm_head, 1))
 
 
 @jax.tree_util.register_dataclass
@@ -180,9 +224,11 @@ def read_head_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_head(path: str | os.PathLike, cfg, params, tokenizer) -> DraftHead:
+def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str | None = None) -> DraftHead:
     """The head at `path`, checked against the target (`cfg`, its parameter state `params`,
-    `tokenizer`) and completed with the target's final norm and output rows.
+    `tokenizer`) and completed with the target's final norm and output rows; `quantization`
+    "int8": its matrices and output rows stored int8 (`quantize_head`), None: in the target's dtype
+    ("auto" is the engine's to resolve, `SpeculativeConfig.resolve`).
 
     Raises:
       InvalidRequestError: not a head directory, or a head trained for another model (width,
@@ -212,7 +258,10 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer) -> DraftHead:
     token_map = np.asarray(arrays.pop("token_map"))
     if token_map.min() < 0 or token_map.max() >= cfg.vocab_size:
         raise InvalidRequestError(f"{path}: its draft vocabulary has ids outside the target's [0, {cfg.vocab_size})")
+    if quantization not in (None, "int8"):
+        raise InvalidRequestError(f'a draft head\'s quantization is "int8" or None, got {quantization!r}')
     dt = jnp.dtype(cfg.dtype)
-    return DraftHead(params={k: v.astype(dt) for k, v in arrays.items()},
+    head = DraftHead(params={k: v.astype(dt) for k, v in arrays.items()},
                      final_norm=params["final_norm"].get_value(), lm_head=output_rows(cfg, params, token_map),
                      token_map=jnp.asarray(token_map), config=hc)
+    return quantize_head(head) if quantization == "int8" else head
