@@ -192,6 +192,25 @@ def test_greedy_output_is_plain_decodings(tiny, head_dir, k, quantization):
     assert s["num_preemptions"] > 0 and s["prefix_cache_hit_tokens"] > 0 and s["kv_pages_used"] == 0
 
 
+def test_tensor_parallel_greedy_output_is_plain_decodings(tiny, head_dir):
+    """Over a 2-device tensor-parallel mesh the head is replicated and its int8 matmuls take the
+    partitionable reference (`AttentionSpec.matmul_backend`), not the native CPU kernel."""
+    prompts = _prompts(4, seed=7)
+    params = lambda i: SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)  # noqa: E731
+    plain, _ = _generate(tiny, prompts, params, max_num_seqs=4)
+    from jaxinfer.engine import LLMEngine
+    from jaxinfer.engine_config import EngineConfig
+
+    engine = LLMEngine(tiny.config, tiny.graphdef, tiny.params, tiny.tokenizer,
+                       EngineConfig.of(max_num_seqs=4, page_size=16, num_pages=160, tensor_parallel_size=2,
+                                       speculative_config=_eagle(head_dir, 3)),
+                       devices=jax.devices()[:2])
+    outs = testing_engine.run(engine, {str(i): (p, params(i)) for i, p in enumerate(prompts)})
+    assert {rid: o.outputs[0].token_ids for rid, o in outs.items()} == plain
+    assert isinstance(engine.runner.drafter.head.lm_head, eagle.Int8Weight)
+    assert engine.stats()["spec_num_accepted_tokens"] > 0
+
+
 def test_seeded_sampling_gives_the_same_text(tiny, head_dir):
     s = speculative_checks.check_seeded_sampling_gives_the_same_text(tiny, _eagle(head_dir), _prompts(6, seed=3))
     assert s["spec_num_drafts"] > 0

@@ -82,7 +82,8 @@ class Drafter:
         """eagle: the next step's drafts [S, k] of every sampler row (see `propose_step`); `params`,
         `graphdef`: the target's (its embedding, final norm and output rows)."""
         return propose_step(params, self.head, hidden, tokens, None if vi is None else vi.rows, num_accepted,
-                            graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens)
+                            graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens,
+                            matmul=self.attention.matmul_backend)
 
     # ---- draft ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@
     sample_step(params, rows, si, graphdef=, pad_to=, matmul=) -> (tokens [pad_to], logprobs or None)
     verify_step(params, hidden, vi, si, graphdef=, matmul=) -> (tokens [S, K + 1], num_accepted [S], logprobs)
                                                    speculative decoding: drafts verified
-    propose_step(params, head, hidden, tokens, verify_rows=, num_accepted=, graphdef=, num_drafts=)
+    propose_step(params, head, hidden, tokens, verify_rows=, num_accepted=, graphdef=, num_drafts=, matmul=)
                                                 -> drafts [S, k]: the EAGLE head's proposals for the
                                                    next step, dispatched right after the sampler
     draft_propose_step(params, kv_cache, inp, graphdef=, attention=) -> (drafts [S, k], kv_cache): a draft
@@ -170,13 +170,14 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef:
     return tokens, num_accepted, lps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_drafts"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_drafts", "matmul"))
 def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None, num_accepted=None, *,
-                 graphdef: nnx.GraphDef, num_drafts: int):
+                 graphdef: nnx.GraphDef, num_drafts: int, matmul: str = "auto"):
     """The draft head's next drafts [S, k] for every sampler row, from the hidden state that sampled
     each row's last new token and that token: after a sample step hidden [S, D] (its rows) and
     tokens [P >= S]; after a verify step hidden [T, D], tokens [S, K + 1], verify_rows [S, K + 1]
-    (`VerifyInput.rows`) and num_accepted [S] (the last new token is at num_accepted)."""
+    (`VerifyInput.rows`) and num_accepted [S] (the last new token is at num_accepted). An int8 head's
+    matmuls take `matmul` (the runner's: the partitionable reference under a mesh)."""
     model = nnx.merge(graphdef, params)
     if verify_rows is None:
         feature, token = hidden, tokens[:hidden.shape[0]]
@@ -185,7 +186,8 @@ def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None
         feature = hidden[jnp.take_along_axis(verify_rows, last, axis=1)[:, 0]]
         token = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
     arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
-    return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts)
+    with matmul_backend(matmul):
+        return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts)
 
 
 @functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("graphdef", "attention"))
