@@ -8,7 +8,7 @@ reports), and the engine itself, one request at a time with the head (its metric
 
 Question sets: "heldout", train-draft's held-out questions (`prompts.heldout_prompts`, topics no
 training question has); "chat", bench_speculative.py's open-chat questions. The answers are the
-target's greedy ones (`train.answer`); the engine's outputs are checked equal to them. The drafts are
+target's greedy ones (`corpus.answer`); the engine's outputs are checked equal to them. The drafts are
 the engine's eagle proposals: prompt lookup's where a suffix of --lookup-min tokens recurs
 (`SpeculativeConfig.lookup_min`; "none": the head's alone), else the head's; the head's alone are
 walked too. The walk's head is stored as the engine's (`SpeculativeConfig.quantization`, resolved
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         after = engine.stats()
         steps = after["spec_num_drafts"] - before["spec_num_drafts"]
         accepted = after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
-        same = "" if outputs == answers else " (outputs differ from train.answer's!)"
+        same = "" if outputs == answers else " (outputs differ from corpus.answer's!)"
         print(f"| {name}, {len(prompts)} | {acc.all_positions:.3f} | {acc.mean_accepted_length:.3f} "
               f"(by position {' / '.join(f'{a:.2f}' for a in acc.by_position)}) | "
               f"{1 + accepted / max(steps, 1):.3f} ({steps} verify steps, {accepted} accepted){same} | "

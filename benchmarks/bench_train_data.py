@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     def engine():
         return answer(loaded, prompts, args.max_tokens, args.batch, progress=False)
 
-    runs = {"engine waves (train.answer)": engine, "ReferenceGenerator": reference}
+    runs = {"engine waves (corpus.answer)": engine, "ReferenceGenerator": reference}
     # one untimed pass each: compiles (the engine's compile on first use, like train-draft's)
     outputs = {name: fn() for name, fn in runs.items()}
     rates = {name: [] for name in runs}

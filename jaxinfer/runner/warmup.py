@@ -141,7 +141,7 @@ def aot_graphs(runner) -> list[tuple]:
         K = rc.num_speculative_tokens
         if drafter is not None and drafter.head is not None:  # eagle: after a sample step and a verify step
             i32 = jnp.int32
-            kw = dict(graphdef=runner.graphdef, num_drafts=K)
+            kw = dict(graphdef=runner.graphdef, num_drafts=K, matmul=matmul)  # (as head_drafts passes them)
             add(propose_step, (runner.params, drafter.head, rows,
                                jax.ShapeDtypeStruct((max(S, rc.seq_buckets[-1]),), i32), None, None), kw,
                 ("propose", S), 0)  # (None passed as the runner passes it: jit keys on the arguments' structure)

@@ -167,7 +167,10 @@ def _answers(loaded, prompt_ids, max_tokens: int, batch: int, progress: bool, ke
     config = EngineConfig.of(max_num_seqs=batch, max_prefill_seqs=batch, page_size=page_size,
                              max_num_batched_tokens=max(batch, min(4096, batch * longest_prompt)),
                              num_pages=1 + batch * -(-(longest_prompt + max_tokens) // page_size),
-                             enable_prefix_caching=False)
+                             enable_prefix_caching=False,
+                             # hidden states: synchronous steps, where every sampled row is a kept token (an
+                             # async step samples once more for a request that just ended, then drops it)
+                             async_scheduling=False if keep_hidden else None)
     engine = LLMEngine(loaded.config, loaded.graphdef, loaded.params, loaded.tokenizer, config)
     hidden: dict[str, list[np.ndarray]] = {str(i): [] for i in range(len(prompt_ids))}
     if keep_hidden:  # (a request id is its index: n = 1, so the runner sees the same id)

@@ -22,7 +22,8 @@ Differences from the EAGLE paper's head, each for this runtime's sake:
     init_head(hc, key) -> params             trainable arrays (a dict)
     head_step(...), draft_logits(...)        one draft step, its logits over the draft vocabulary
     propose(head, embed_fn, feature, token, k) -> drafts [S, k] (target token ids)
-    save_head(path, ...), load_head(path, cfg, params, tokenizer) -> DraftHead (ready for the runner)
+    save_head(path, ...), load_head(path, cfg, params, tokenizer, quantization=None) -> DraftHead (ready for
+                                             the runner; quantization "int8": `quantize_head`)
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Int8Weight:
 
 def _matmuls(x, weights, transpose: bool = False):
     """[x @ W for W in weights] (transpose: x @ W.T), float or `Int8Weight` (`quantized_matmuls`:
-    on CPU one call of the native kernel), in float32 accumulation, x's dtype out."""
+    on CPU one call of the native kernel), accumulated in float32; x's dtype out (transpose: float32)."""
     from pallas_kernels.quantized_matmul import quantized_matmul, quantized_matmuls
 
     if isinstance(weights[0], Int8Weight):
@@ -139,7 +140,7 @@ class DraftHead:
 
     params: dict
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array  # [N, D]
+    lm_head: jax.Array | Int8Weight  # [N, D]
     token_map: jax.Array  # [N] int32
     config: HeadConfig = dataclasses.field(metadata=dict(static=True))
 
@@ -236,6 +237,8 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
     """
     import orbax.checkpoint as ocp
 
+    if quantization not in (None, "int8"):
+        raise InvalidRequestError(f'a draft head\'s quantization is "int8" or None, got {quantization!r}')
     path = os.path.abspath(os.fspath(path))
     meta = read_head_meta(path)
     want, have = meta["target"], target_identity(cfg, tokenizer)
@@ -258,8 +261,6 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
     token_map = np.asarray(arrays.pop("token_map"))
     if token_map.min() < 0 or token_map.max() >= cfg.vocab_size:
         raise InvalidRequestError(f"{path}: its draft vocabulary has ids outside the target's [0, {cfg.vocab_size})")
-    if quantization not in (None, "int8"):
-        raise InvalidRequestError(f'a draft head\'s quantization is "int8" or None, got {quantization!r}')
     dt = jnp.dtype(cfg.dtype)
     head = DraftHead(params={k: v.astype(dt) for k, v in arrays.items()},
                      final_norm=params["final_norm"].get_value(), lm_head=output_rows(cfg, params, token_map),
