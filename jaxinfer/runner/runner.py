@@ -93,7 +93,7 @@ class Runner:
         self.mesh = mesh
         self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
-        self.hidden_sink = None  # (request id, hidden state [D]) per sampler row (train-draft's data; not verify steps)
+        self.hidden_sink = None  # (request id, hidden [D]) per sampler row, not verify's (async: dropped rows too)
         self.requests: dict[str, CachedRequest] = {}
         self.grammars = grammars
         self._in_flight: InFlightStep | None = None  # the last submitted step, until collected
