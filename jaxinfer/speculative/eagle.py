@@ -237,8 +237,11 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
     """
     import orbax.checkpoint as ocp
 
-    if quantization not in (None, "int8"):
-        raise InvalidRequestError(f'a draft head\'s quantization is "int8" or None, got {quantization!r}')
+    from jaxinfer.speculative import HEAD_QUANTIZATIONS  # (SpeculativeConfig checks the same list)
+
+    if quantization is not None and quantization not in HEAD_QUANTIZATIONS:
+        choices = ", ".join(f'"{q}"' for q in HEAD_QUANTIZATIONS)
+        raise InvalidRequestError(f"a draft head's quantization is {choices} or None, got {quantization!r}")
     path = os.path.abspath(os.fspath(path))
     meta = read_head_meta(path)
     want, have = meta["target"], target_identity(cfg, tokenizer)
