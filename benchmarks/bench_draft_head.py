@@ -76,7 +76,8 @@ def main(argv=None) -> None:
         texts = heldout_prompts(args.num_questions) if name == "heldout" else CHAT[:args.num_questions]
         prompts = [encode_question(tok, t) for t in texts]
         answers = answer(loaded, prompts, args.max_tokens, batch=min(32, len(prompts)), progress=False)
-        corpus = build_corpus(loaded, list(zip(prompts, answers)), args.k, progress=False)
+        corpus = build_corpus(loaded, list(zip(prompts, answers)), args.k, progress=False,
+                              context_layer=head.config.cache_layer)
         acc = heldout_acceptance(head, cfg, embedding_arrays(loaded.params), corpus, args.k, args.max_tokens,
                                  lookup=lookup)
         before = engine.stats()

@@ -214,6 +214,8 @@ def cmd_train_draft(args) -> int:
                                             "batch_size", "learning_rate", "eval_every", "seed", "generate_batch")
               if getattr(args, f) is not None}
     try:
+        if args.context_window is not None:  # 0: a head without attention
+            fields["context_window"] = args.context_window or None
         recipe = DraftRecipe(**fields, **({"unroll": args.k} if args.k is not None else {}))
         prompts = read_prompt_file(args.prompts) if args.prompts else None
         if prompts is not None and args.num_prompts is None:
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (2000)")
     t.add_argument("--batch-size", type=int, default=None, help="positions per step (256)")
     t.add_argument("--k", type=int, default=None, help="draft steps trained, the k it is best at (3)")
+    t.add_argument("--context-window", type=int, default=None,
+                   help="positions of the target's cache the head attends over; 0: no attention (0)")
     t.add_argument("--learning-rate", type=float, default=None, help="peak AdamW learning rate (2e-3)")
     t.add_argument("--eval-every", type=int, default=None, help="held-out acceptance every this many steps (250)")
     t.add_argument("--seed", type=int, default=None, help="prompt order and initialisation (0)")

@@ -48,7 +48,7 @@ def head_dir(tiny_path, tmp_path_factory):
     argv = ["train-draft", tiny_path, out, "--quiet"]
     for name, value in (("--num-prompts", 24), ("--num-heldout", 4), ("--max-tokens", 40), ("--generate-batch", 16),
                         ("--draft-vocab-size", 96), ("--steps", 60), ("--batch-size", 64), ("--eval-every", 30),
-                        ("--learning-rate", 3e-3)):
+                        ("--learning-rate", 3e-3), ("--context-window", 64)):  # (a head that attends)
         argv += [name, str(value)]
     assert cli.main(argv) == 0
     return out
@@ -116,18 +116,28 @@ def test_answers_are_the_reference_generators_greedy_outputs(tiny):
 def test_the_answers_hidden_states_are_a_forward_pass_over_them(tiny):
     """train-draft's hidden states come with the answers (the engine's sampler rows, over several
     waves): at every row a training start or a held-out walk reads they equal one dense forward
-    pass over each prompt + answer (`build_corpus`), and the answers are `answer`'s."""
+    pass over each prompt + answer (`build_corpus`), and the answers are `answer`'s. So do the keys
+    and values of the head's context layer, read from each answer's pages as it finishes, at every
+    position the target computed (all but the last)."""
     prompts = _prompts(11, seed=5)
-    answers, states = answer_with_hidden(tiny, prompts, max_tokens=24, batch=4, progress=False)
+    layer = eagle.context_layer_for(tiny.config)
+    answers, states, caches = answer_with_hidden(tiny, prompts, max_tokens=24, batch=4, progress=False,
+                                                 context_layer=layer)
     assert answers == answer(tiny, prompts, max_tokens=24, batch=4, progress=False)
     assert [len(h) for h in states] == [len(a) for a in answers]
+    assert [len(k) for k, _ in caches] == [len(p) + len(a) - 1 for p, a in zip(prompts, answers)]
     seqs = list(zip(prompts, answers))
-    got, want = corpus_from_states(seqs, states, 3), build_corpus(tiny, seqs, 3, progress=False)
+    got = corpus_from_states(seqs, states, 3, caches)
+    want = build_corpus(tiny, seqs, 3, progress=False, context_layer=layer)
     for name in ("tokens", "starts", "sequences"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
     read = np.concatenate([np.arange(p - 1, e - 1) for _, p, e in want.sequences])  # h_{p-1} .. h_{e-2}
     assert np.abs(want.hidden[read]).max() > 0.1
     np.testing.assert_allclose(got.hidden[read], want.hidden[read], rtol=1e-4, atol=1e-4)
+    computed = np.concatenate([np.arange(a, e - 1) for a, _, e in want.sequences])
+    for name in ("keys", "values"):
+        assert np.abs(getattr(want, name)[computed]).max() > 0.1
+        np.testing.assert_allclose(getattr(got, name)[computed], getattr(want, name)[computed], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("lookup_min", [None, 1])  # (the tiny model repeats single tokens only)
@@ -145,7 +155,7 @@ def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_m
     quantization = spec.resolve(jax.default_backend()).quantization  # the walk's head stored as the engine's
     head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer, quantization=quantization)
     answers = answer(tiny, prompts, max_tokens=max_tokens, batch=8, progress=False)
-    corpus = build_corpus(tiny, list(zip(prompts, answers)), k, progress=False)
+    corpus = build_corpus(tiny, list(zip(prompts, answers)), k, progress=False, context_layer=head.config.cache_layer)
     lookup = None if lookup_min is None else (lookup_min, spec.prompt_lookup_max)
     acc = heldout_acceptance(head, tiny.config, embedding_arrays(tiny.params), corpus, k, max_tokens, lookup=lookup)
     if lookup is not None:  # (the lookup proposes somewhere, and changes the figure)
@@ -242,9 +252,13 @@ def test_the_int8_head_drafts_as_the_float_head_does(tiny, head_dir):
     feature = jnp.asarray(rng.normal(0, 1, (64, tiny.config.hidden_size)), jnp.float32)
     token = jnp.asarray(rng.integers(0, tiny.config.vocab_size, 64), jnp.int32)
     emb = embed_tokens(tiny.config, embedding_arrays(tiny.params), token)
+    cfg, W = tiny.config, f32.config.context_window  # (the head attends: a random cache window too)
+    kv = rng.normal(0, 1, (2, 64, W, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32)
+    context = eagle.Context(kv[0], kv[1], rng.random((64, W)) < 0.5, rng.integers(0, 100, 64).astype(np.int32),
+                            eagle.rope_frequencies(cfg))
     logits = {}
     for name, head in (("f32", f32), ("q8", q8)):
-        guess = eagle.head_step(head.params, head.config, feature, emb)
+        guess = eagle.head_step(head.params, head.config, feature, emb, context)
         logits[name] = np.asarray(eagle.draft_logits(head.final_norm, head.lm_head, head.config, guess))
     err = logits["q8"] - logits["f32"]  # (measured: 2.7% relative RMS, 97% of the argmaxes equal)
     assert np.sqrt((err ** 2).mean() / (logits["f32"] ** 2).mean()) < 0.05
@@ -284,6 +298,8 @@ def test_train_draft_flags_are_checked(tiny_path, tmp_path, capsys):
     assert "steps must be a positive integer" in capsys.readouterr().err
     assert cli.main(["train-draft", tiny_path, str(tmp_path / "h"), "--num-heldout", "30", "--num-prompts", "8"]) == 2
     assert "num_heldout" in capsys.readouterr().err
+    assert cli.main(["train-draft", tiny_path, str(tmp_path / "h"), "--context-window", "-1"]) == 2
+    assert "context_window must be a positive integer or None" in capsys.readouterr().err
 
 
 def test_readme_train_draft_and_chat_commands(tiny_path, tmp_path, capsys, monkeypatch):
@@ -319,3 +335,63 @@ def test_smollm2_greedy_with_a_draft_head_is_plain_decoding(smollm2, tmp_path):
     stats = speculative_checks.check_smollm2_greedy_is_plain_decoding(
         smollm2, lambda k: _eagle(str(tmp_path), k))
     assert all(s["spec_num_drafts"] > 0 for s in stats.values()), stats
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_the_heads_context_is_its_window_of_the_paged_cache(tiny, head_dir, kv_cache_dtype):
+    """`steps.head_context` reads a row's window from its pages: the keys and values written at its
+    positions (float pages exactly; 8-bit pages hold rotated heads, and the head's attention rotates
+    its query and output to match), masked past t and before t - W + 1, and the head's step on it
+    equals the step on the same window given directly (as training gives it)."""
+    from jaxinfer.paged_attention import PagedKVCache
+    from jaxinfer.runner.inputs import build_head_context
+    from jaxinfer.runner.requests import CachedRequest
+    from jaxinfer.runner.steps import head_context
+    from jaxinfer.scheduler_output import ScheduledChunk
+    from pallas_kernels import ops
+    from pallas_kernels.kv_quant import rotate
+
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    cfg, head = tiny.config, eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
+    W, L, K, H, page = head.config.context_window, head.config.context_layer, cfg.num_kv_heads, cfg.head_dim, 16
+    rng = np.random.default_rng(1)
+    # (an attention output that weighs: the trained head's W_o has barely left zero in 60 steps)
+    head = dataclasses.replace(head, params={**head.params, "wo": jnp.asarray(
+        rng.normal(0, 0.5, head.params["wo"].shape), jnp.float32)})
+    lengths = [150, 40]  # a row whose window starts mid-page, one shorter than the window
+    pages = rng.permutation(np.arange(1, 40))  # (each row its own pages, scattered)
+    blocks = [list(pages[:12]), list(pages[12:16])]
+    cache = PagedKVCache.zeros(num_layers=cfg.num_layers, num_pages=40, page_size=page, num_kv_heads=K, head_dim=H,
+                               dtype=jnp.float32, kv_cache_dtype=kv_cache_dtype)
+    kv = [rng.normal(0, 1, (2, n, K, H)).astype(np.float32) for n in lengths]
+    for b, x, n in zip(blocks, kv, lengths):
+        pos = np.arange(n)
+        slots = jnp.asarray(np.asarray(b)[pos // page] * page + pos % page, jnp.int32)
+        k, v = (jnp.asarray(a) for a in x)
+        if kv_cache_dtype != "auto":
+            k, v = rotate(k), rotate(v)
+        cache = PagedKVCache(*ops.write_kv(cache.k, cache.v, k, v, slots, layer=L))
+    requests = {str(i): CachedRequest(str(i), list(range(n)), n - 1, None, 0, block_ids=[int(x) for x in b])
+                for i, (b, n) in enumerate(zip(blocks, lengths))}
+    chunks = [ScheduledChunk(str(i), n - 1, 1, (), True) for i, n in enumerate(lengths)]  # decodes of the last
+    ci = build_head_context(chunks, requests, 4, W, 3, page)
+    ctx = head_context(head, cache, ci, eagle.rope_frequencies(cfg))
+    feature = jnp.asarray(rng.normal(0, 1, (4, cfg.hidden_size)), jnp.float32)
+    emb = jnp.asarray(rng.normal(0, 1, (4, cfg.hidden_size)), jnp.float32)
+    got = np.asarray(eagle.head_step(head.params, head.config, feature, emb, ctx, 1))
+    for s, (x, n) in enumerate(zip(kv, lengths)):
+        t = n - 1
+        at = np.asarray(ci.base[s]) + np.arange(ctx.keys.shape[1])
+        mask = np.asarray(ctx.valid[s])
+        np.testing.assert_array_equal(at[mask], np.arange(max(0, t - W + 1), t + 1))  # the window, exactly
+        window = eagle.Context(x[0][at[mask]][None], x[1][at[mask]][None], np.ones((1, mask.sum()), bool),
+                               np.asarray([t], np.int32), eagle.rope_frequencies(cfg))
+        want = np.asarray(eagle.head_step(head.params, head.config, feature[s:s + 1], emb[s:s + 1], window, 1))
+        tol = 1e-5 if kv_cache_dtype == "auto" else 1e-2  # (measured: 0.3% for 8-bit pages)
+        np.testing.assert_allclose(got[s:s + 1], want, rtol=tol, atol=tol * np.abs(want).max())
+        short = dataclasses.replace(window, valid=np.arange(mask.sum())[None] < mask.sum() - 1)  # t left out
+        off = np.asarray(eagle.head_step(head.params, head.config, feature[s:s + 1], emb[s:s + 1], short, 1))
+        assert np.abs(off - want).max() > 3 * tol * np.abs(want).max()  # (a window one position short: far)

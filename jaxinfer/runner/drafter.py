@@ -1,8 +1,10 @@
 """The runner's side of speculative decoding: what each method proposes, and when.
 
     Drafter(spec, rc, attention, draft_head=, draft_model=, mesh=)
-      head_drafts(params, graphdef, hidden, tokens, vi=, num_accepted=)  eagle: the head's drafts [S, k],
-                                          dispatched with the step (after its sampler or verifier)
+      head_drafts(params, graphdef, hidden, tokens, vi=, num_accepted=, kv_cache=, context=)  eagle: the
+                                          head's drafts [S, k], dispatched with the step (after its
+                                          sampler or verifier)
+      context_input(chunks, requests, S)  eagle, a head that attends: where it reads the target's cache
       track(chunks, requests) -> bool     draft: whether the step runs the draft model, and how far each
                                           request's tokens are in its cache (`CachedRequest.draft_len`)
       forward(inp, q_block)               draft: the step's tokens through the draft model, into its
@@ -30,7 +32,7 @@ from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
 
 from jaxinfer.model import params_for_layer_loop
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, decode_shape
-from jaxinfer.runner.inputs import ModelInput, VerifyInput, empty_model_input
+from jaxinfer.runner.inputs import HeadContextInput, ModelInput, VerifyInput, build_head_context, empty_model_input
 from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.runner.steps import AttentionSpec, draft_propose_step, forward_step, propose_step
 from jaxinfer.speculative import SpeculativeConfig
@@ -60,6 +62,10 @@ class Drafter:
             raise ValueError("a draft model goes with speculative method 'draft', and only with it")
         if draft_model is not None and mesh is not None:
             raise ValueError("speculative method 'draft' runs on one device without a mesh")
+        if draft_head is not None and draft_head.config.context_window and mesh is not None and \
+                mesh.shape.get("data", 1) > 1:
+            raise ValueError("a draft head that attends over the cache runs without data parallelism (its pages are "
+                             "per replica): use data_parallel_size=1 or a head trained with context_window=None")
         if draft_head is not None and mesh is not None:  # replicated over the mesh
             draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.spec, self.rc, self.attention = spec, rc, attention
@@ -78,12 +84,24 @@ class Drafter:
         """Whether the head proposes in a step of `num_running` requests (eagle)."""
         return self.head is not None and self.spec.drafts_at(num_running)
 
-    def head_drafts(self, params, graphdef, hidden, tokens, vi: VerifyInput | None = None, num_accepted=None):
+    def head_drafts(self, params, graphdef, hidden, tokens, vi: VerifyInput | None = None, num_accepted=None,
+                    kv_cache=None, context: HeadContextInput | None = None):
         """eagle: the next step's drafts [S, k] of every sampler row (see `propose_step`); `params`,
-        `graphdef`: the target's (its embedding, final norm and output rows)."""
+        `graphdef`: the target's (its embedding, final norm and output rows); `kv_cache`, `context`:
+        the target's cache and where a head that attends reads it (`context_input`)."""
+        if context is None:
+            kv_cache = None
         return propose_step(params, self.head, hidden, tokens, None if vi is None else vi.rows, num_accepted,
-                            graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens,
+                            kv_cache, context, graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens,
                             matmul=self.attention.matmul_backend)
+
+    def context_input(self, chunks, requests: dict[str, CachedRequest], S: int) -> HeadContextInput | None:
+        """eagle: where the head's attention reads the target's cache after a step of `chunks` (S
+        sampler rows), or None for a head without attention."""
+        window = None if self.head is None else self.head.config.context_window
+        if not window:
+            return None
+        return build_head_context(chunks, requests, S, window, self.rc.num_speculative_tokens, self.rc.page_size)
 
     # ---- draft ---------------------------------------------------------------------------------
 

@@ -53,6 +53,36 @@ class VerifyInput:
 
 
 @flax.struct.dataclass
+class HeadContextInput:
+    """Where a draft head's attention reads the target's cache (`eagle.Context`), per sampler row:
+    the position of its last known token (a verify step's rows then move on by the drafts accepted),
+    the pages around it and the position of the first page's first slot."""
+
+    position: jax.Array  # [S] int32
+    pages: jax.Array  # [S, n] int32 (padding rows: the null page 0)
+    base: jax.Array  # [S] int32
+
+
+def head_context_pages(window: int, k: int, page_size: int) -> int:
+    """Pages `build_head_context` gathers per row: the window before a row's last known token and
+    the k drafts after it, wherever the window starts within a page."""
+    return -(-(window + k) // page_size) + 1
+
+
+def build_head_context(chunks, requests: dict[str, CachedRequest], S: int, window: int, k: int,
+                       page_size: int) -> HeadContextInput:
+    n = head_context_pages(window, k, page_size)
+    position, base, pages = np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros((S, n), np.int32)
+    for s, c in enumerate(chunks):
+        blocks = requests[c.request_id].block_ids
+        position[s] = t = c.start_pos + c.num_tokens - len(c.draft_token_ids) - 1
+        first = max(t - window + 1, 0) // page_size
+        base[s] = first * page_size
+        pages[s] = [blocks[min(first + j, len(blocks) - 1)] for j in range(n)]  # (past its pages: masked)
+    return HeadContextInput(position, pages, base)
+
+
+@flax.struct.dataclass
 class Penalties:
     """Per-row token history, present only when some row in the step needs it."""
 

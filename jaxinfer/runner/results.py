@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxinfer.runner.buckets import StepShape
-from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput
+from jaxinfer.runner.inputs import HeadContextInput, ModelInput, SamplingInput, VerifyInput
 from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.scheduler_output import SchedulerOutput
 
@@ -63,6 +63,7 @@ class StepPlan:
     prompt_targets: np.ndarray  # [R] int32 the prompt token each row predicts
     token_src: np.ndarray | None = None  # [T] rows of the step in flight's tokens (async; -1: known)
     verify: VerifyInput | None = None  # speculative decoding: the step verifies drafts
+    head_context: HeadContextInput | None = None  # eagle with a head that attends (`Drafter.context_input`)
 
 
 @dataclasses.dataclass

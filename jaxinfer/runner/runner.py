@@ -71,11 +71,10 @@ class Runner:
       speculative: speculative decoding (synchronous steps, one replica): after each step the
         runner proposes the next step's drafts for every request that sampled
         (`StepResult.draft_token_ids`); steps with drafts run `verify_step`.
-      draft_head: speculative method "eagle": the loaded head (`speculative.eagle.load_head`); its
-        drafts are proposed on the device right after each step's sampler (`propose_step`).
-      draft_model: speculative method "draft": the loaded draft model (`speculative.draft.load_draft`);
-        it runs every step's tokens into its own KV cache (the target's page tables) and, once a
-        step's tokens are known, decodes k drafts from them (`draft_propose_step`).
+      draft_head: method "eagle": the loaded head (`eagle.load_head`), proposing on the device right
+        after each step's sampler (`propose_step`), reading the cache if it attends.
+      draft_model: method "draft": the loaded draft model (`draft.load_draft`), run over every step's
+        tokens into its own cache (the target's page tables), then k drafts (`draft_propose_step`).
       grammars: the `structured_output.GrammarCompiler` that makes each sample's mask state
         (structured outputs, thinking budgets); None: requests with either are refused.
     """
@@ -159,9 +158,8 @@ class Runner:
         pad_to = self.rc.seq_buckets[-1] if self.mesh is None else 0  # one token length for resolve_tokens
         if self.mesh is None and si.largest_bucket_only and S < self.rc.seq_buckets[-1]:
             # Penalties, logprobs and grammar masks are compiled for the largest sequence bucket only (start-up):
-            # pad the rows, sample, cut the padding off.
-            # The rows are a few KB: padded on the host (a device pad or slice would be a graph of
-            # its own); the caller reads the first S rows of the result.
+            # pad the rows (a few KB: on the host; a device pad would be a graph of its own), sample; the
+            # caller reads the first S rows of the result.
             rows, si = pad_rows((rows, si), self.rc.seq_buckets[-1] - S)
         return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to,
                            matmul=self.attention.matmul_backend)
@@ -208,8 +206,7 @@ class Runner:
             raise
 
     @property
-    def in_flight(self) -> SchedulerOutput | None:
-        """The step dispatched and not yet collected, if any."""
+    def in_flight(self) -> SchedulerOutput | None:  # the step dispatched and not yet collected, if any
         return self._in_flight.out if self._in_flight is not None else None
 
     def submit(self, out: SchedulerOutput) -> InFlightStep:
@@ -235,12 +232,14 @@ class Runner:
             pending = {rid: row for rid, (req, row) in in_flight.rows.items() if self.requests.get(rid) is req}
         plan, S = build_plan(out, self.requests, self.rc, self.step_shape(out), self.config.vocab_size,
                              self.eos_token_ids, step, pending, with_bitmask=not defer_masks)
+        # eagle proposes for every sampler row, unless as many running requests turn drafts off
+        propose = self.drafter is not None and self.drafter.proposes_on_device(len(out.chunks))
+        if propose:  # (a head that attends: where it reads the cache)
+            plan.head_context = self.drafter.context_input(out.chunks, self.requests, S)
         if self.step_hook is not None:  # multi-host: the other processes run the same plan
             if plan.token_src is not None:
                 raise RuntimeError("async scheduling runs in one process: the plan's tokens must all be known")
             self.step_hook(plan)
-        # eagle proposes for every sampler row, unless as many running requests turn drafts off
-        propose = self.drafter is not None and self.drafter.proposes_on_device(len(out.chunks))
         # draft: the draft model reads the step's tokens only in a step after which it proposes
         draft_forward = self.drafter is not None and self.drafter.track(out.chunks, self.requests)
         with_masks = None
@@ -325,15 +324,16 @@ class Runner:
         if draft_forward:
             self.drafter.forward(inp, plan.shape.q_block)
         num_accepted = drafts = None
+        cache = (self.kv_cache, plan.head_context)  # (a head that attends reads it)
         si = plan.sampling_input if with_masks is None else with_masks(plan.sampling_input)
         if plan.verify is not None:
             tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, si)
             if propose:
-                drafts = self.drafter.head_drafts(self.params, self.graphdef, hidden, tokens, vi, num_accepted)
+                drafts = self.drafter.head_drafts(self.params, self.graphdef, hidden, tokens, vi, num_accepted, *cache)
         else:
             tokens, lps = self._sample(rows, si)  # padded past S rows (see _sample)
             if propose:
-                drafts = self.drafter.head_drafts(self.params, self.graphdef, rows, tokens)
+                drafts = self.drafter.head_drafts(self.params, self.graphdef, rows, tokens, None, None, *cache)
         prompt_lps = None
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape

@@ -41,12 +41,13 @@ from flax import nnx
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import EMBED_KEYS, embed_inputs, embed_tokens, run_layer
 from jaxinfer.paged_attention import paged_attend
-from jaxinfer.runner.inputs import ModelInput, SamplingInput, VerifyInput
+from jaxinfer.runner.inputs import HeadContextInput, ModelInput, SamplingInput, VerifyInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.speculative import eagle
 from jaxinfer.speculative.verify import verify
 from jaxinfer.structured_output import apply_bitmask
+from pallas_kernels.kv_quant import QuantizedPages
 from pallas_kernels.quantized_matmul import matmul_backend
 
 
@@ -170,14 +171,31 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef:
     return tokens, num_accepted, lps
 
 
+def head_context(head: eagle.DraftHead, kv_cache, ci: HeadContextInput, inv_freq, num_accepted=None) -> eagle.Context:
+    """The target's cached keys and values a head's attention reads (its context layer, the pages
+    `ci` names), each row's own window of positions up to its last new token's: `ci.position`, or
+    after a verify step that plus the drafts accepted (whose keys the step wrote)."""
+    hc = head.config
+    t = ci.position if num_accepted is None else ci.position + num_accepted
+    S, n = ci.pages.shape
+    # [S, n, page, K, H] (a cache whose heads are padded to the kernels' lanes: its first H)
+    keys, values = (c[hc.context_layer, ci.pages][..., :hc.head_dim] for c in (kv_cache.k, kv_cache.v))
+    at = ci.base[:, None] + jnp.arange(n * keys.shape[2], dtype=jnp.int32)[None]  # [S, n * page]
+    flat = lambda a: a.reshape(S, -1, *a.shape[-2:])  # noqa: E731
+    return eagle.Context(flat(keys), flat(values), (at <= t[:, None]) & (at > (t - hc.context_window)[:, None]), t,
+                         jnp.asarray(inv_freq), rotated=isinstance(kv_cache.k, QuantizedPages))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_drafts", "matmul"))
-def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None, num_accepted=None, *,
-                 graphdef: nnx.GraphDef, num_drafts: int, matmul: str = "auto"):
+def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None, num_accepted=None, kv_cache=None,
+                 context: HeadContextInput | None = None, *, graphdef: nnx.GraphDef, num_drafts: int,
+                 matmul: str = "auto"):
     """The draft head's next drafts [S, k] for every sampler row, from the hidden state that sampled
     each row's last new token and that token: after a sample step hidden [S, D] (its rows) and
     tokens [P >= S]; after a verify step hidden [T, D], tokens [S, K + 1], verify_rows [S, K + 1]
     (`VerifyInput.rows`) and num_accepted [S] (the last new token is at num_accepted). An int8 head's
-    matmuls take `matmul` (the runner's: the partitionable reference under a mesh)."""
+    matmuls take `matmul` (the runner's: the partitionable reference under a mesh). A head that
+    attends reads `kv_cache` where `context` says (`head_context`)."""
     model = nnx.merge(graphdef, params)
     if verify_rows is None:
         feature, token = hidden, tokens[:hidden.shape[0]]
@@ -186,8 +204,11 @@ def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None
         feature = hidden[jnp.take_along_axis(verify_rows, last, axis=1)[:, 0]]
         token = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
     arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
+    ctx = None if context is None else head_context(head, kv_cache, context, eagle.rope_frequencies(model.cfg),
+                                                    num_accepted)
     with matmul_backend(matmul):
-        return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts)
+        return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts,
+                             ctx)
 
 
 @functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("graphdef", "attention"))

@@ -142,12 +142,14 @@ def aot_graphs(runner) -> list[tuple]:
         if drafter is not None and drafter.head is not None:  # eagle: after a sample step and a verify step
             i32 = jnp.int32
             kw = dict(graphdef=runner.graphdef, num_drafts=K, matmul=matmul)  # (as head_drafts passes them)
+            ctx = drafter.context_input([], {}, S)  # (a head that attends: the cache and where it reads)
+            cache = (runner.kv_cache if ctx is not None else None, ctx)
             add(propose_step, (runner.params, drafter.head, rows,
-                               jax.ShapeDtypeStruct((max(S, rc.seq_buckets[-1]),), i32), None, None), kw,
+                               jax.ShapeDtypeStruct((max(S, rc.seq_buckets[-1]),), i32), None, None, *cache), kw,
                 ("propose", S), 0)  # (None passed as the runner passes it: jit keys on the arguments' structure)
             add(propose_step, (runner.params, drafter.head, jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype),
                                jax.ShapeDtypeStruct((S, K + 1), i32), np.zeros((S, K + 1), np.int32),
-                               jax.ShapeDtypeStruct((S,), i32)), kw, ("propose_verify", S), 0)
+                               jax.ShapeDtypeStruct((S,), i32), *cache), kw, ("propose_verify", S), 0)
     if drafter is not None and drafter.model is not None:  # draft: its k decode steps, every decode shape
         for shape in decode_shapes(rc):
             inp = empty_draft_inputs(shape, rc.num_speculative_tokens, rc.page_size, rc.pages_per_item)
@@ -194,9 +196,12 @@ def warmup_by_running(runner, progress: bool) -> int:
                 count += 1
                 drafter = runner.drafter
                 if drafter is not None and drafter.head is not None and not any(variant):
+                    ctx = drafter.context_input([], {}, S)
                     jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef,
-                                                              hidden[verify_seqs(rc, S)], tokens, vi, accepted))
-                    jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef, sample_rows[S], sampled))
+                                                              hidden[verify_seqs(rc, S)], tokens, vi, accepted,
+                                                              runner.kv_cache, ctx))
+                    jax.block_until_ready(drafter.head_drafts(runner.params, runner.graphdef, sample_rows[S], sampled,
+                                                              kv_cache=runner.kv_cache, context=ctx))
                     count += 2
     for T, h in hidden.items():
         rows = np.zeros(T * D, np.int32)

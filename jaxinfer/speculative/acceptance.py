@@ -20,8 +20,8 @@ from jaxinfer.speculative.ngram import propose_ngram
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _propose(head: eagle.DraftHead, embed_arrays, feature, token, *, cfg, k: int):
-    return eagle.propose(head, functools.partial(embed_tokens, cfg, embed_arrays), feature, token, k)
+def _propose(head: eagle.DraftHead, embed_arrays, feature, token, context=None, *, cfg, k: int):
+    return eagle.propose(head, functools.partial(embed_tokens, cfg, embed_arrays), feature, token, k, context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,13 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
     compares them with the target's greedy tokens (see `Acceptance`); `max_tokens`: the answers'
     limit, which cuts the last steps' drafts as the scheduler cuts them. `embed_arrays`: the
     target's (`embedding_arrays`)."""
+    from jaxinfer.speculative.corpus import context_at
+
     propose = functools.partial(_propose, head, embed_arrays, cfg=cfg, k=k)
+    window = head.config.context_window
+    if window and corpus.keys is None:
+        raise ValueError("this head attends over the target's cache: build the corpus with context_layer="
+                         f"{head.config.context_layer} (its keys and values)")
     # a verify step at t: the target has emitted token t + 1; drafts are tokens t + 2 .. t + 1 + k
     starts = np.concatenate([np.arange(p - 1, e - 2) for _, p, e in corpus.sequences] + [np.zeros(0, np.int64)])
     ends = np.concatenate([np.full(max(0, e - 1 - p), e) for _, p, e in corpus.sequences] + [np.zeros(0, np.int64)])
@@ -100,8 +106,9 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
     for b in range(0, len(starts), batch):
         s = starts[b:b + batch]
         s_pad = np.concatenate([s, np.repeat(s[:1], batch - len(s))])  # one shape: one compile
+        context = context_at(corpus, s_pad, window, eagle.rope_frequencies(cfg)) if window else None
         drafts[b:b + len(s)] = np.asarray(propose(jnp.asarray(corpus.hidden[s_pad]),
-                                                  jnp.asarray(corpus.tokens[s_pad + 1])))[:len(s)]
+                                                  jnp.asarray(corpus.tokens[s_pad + 1]), context))[:len(s)]
     pos = starts[:, None] + 2 + np.arange(k)[None]
     inside = pos < ends[:, None]  # an answer may end before k more tokens
     truth = corpus.tokens[np.minimum(pos, len(corpus.tokens) - 1)]

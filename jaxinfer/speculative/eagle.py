@@ -8,11 +8,15 @@ the target's own final norm and output head, then feeds its guess back in:
     f_1 = head(h_t, embed(x_{t+1}))   ~ h_{t+1}  ->  d_1 = argmax lm_head(norm(f_1))
     f_2 = head(f_1, embed(d_1))       ~ h_{t+2}  ->  d_2 ...                          (k times)
 
-    head(f, e) = y + mlp(norm(y)),  y = W_fc [norm_e(e); norm_f(f)]       (a SwiGLU block, no attention)
+    head(f, e) = y' + mlp(norm(y')),  y = W_fc [norm_e(e); norm_f(f)]    (a SwiGLU block)
+                 y' = y + W_o attend(W_q norm(y))      (with `HeadConfig.context_window`, else y' = y)
 
 Differences from the EAGLE paper's head, each for this runtime's sake:
-  - no attention over earlier features: the head has no KV cache of its own (nothing to page,
-    roll back or keep in step with the target's), and h_t carries the context;
+  - no KV cache of its own: its attention (a head with `context_window`) reads the keys and values
+    the target already cached for one of its layers (`context_layer`, the last full-attention one),
+    over the `context_window` positions up to t, with a query of its own (`Context`); so there is
+    nothing to page, roll back or keep in step with the target's cache, and a draft step attends
+    to the context only (what its earlier drafts said is in its feature);
   - a draft vocabulary: the head scores only the `draft_vocab_size` tokens the target emits most
     often in its training data (the target's output-head rows of those tokens, gathered once at
     load). SmolLM2's output head is 21% of its weights; scoring 8k of its 49k rows makes a draft
@@ -21,7 +25,9 @@ Differences from the EAGLE paper's head, each for this runtime's sake:
 
     init_head(hc, key) -> params             trainable arrays (a dict)
     head_step(...), draft_logits(...)        one draft step, its logits over the draft vocabulary
-    propose(head, embed_fn, feature, token, k) -> drafts [S, k] (target token ids)
+    propose(head, embed_fn, feature, token, k, context) -> drafts [S, k] (target token ids)
+    Context(keys, values, valid, position, inv_freq)  what the attention reads (gathered by the
+                                             runner from its pages, by training from the answers')
     save_head(path, ...), load_head(path, cfg, params, tokenizer, quantization=None) -> DraftHead (ready for
                                              the runner; quantization "int8": `quantize_head`)
 """
@@ -37,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.errors import InvalidRequestError
-from jaxinfer.layers import rms_norm
+from jaxinfer.layers import apply_rope, rms_norm, rope_cos_sin
 
 HEAD_FORMAT = "jaxinfer-draft-head"
 HEAD_VERSION = 1
@@ -53,9 +59,20 @@ class HeadConfig:
     rms_norm_eps: float = 1e-5
     norm_offset: float = 0.0  # the target's final norm: weight + offset (Gemma: 1)
     dtype: str = "float32"
+    # attention over the target's cached keys / values of `context_layer` (None: no attention)
+    context_window: int | None = None  # positions t - W + 1 .. t
+    context_layer: int = 0
+    num_heads: int = 0  # the head's queries; the keys' heads and width are the target's
+    num_kv_heads: int = 0
+    head_dim: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def cache_layer(self) -> int | None:
+        """The target layer whose cached keys / values the head reads (None: a head without attention)."""
+        return self.context_layer if self.context_window else None
 
 
 def init_head(hc: HeadConfig, key) -> dict:
@@ -65,9 +82,69 @@ def init_head(hc: HeadConfig, key) -> dict:
     k1, k2, k3, k4 = jax.random.split(key, 4)
     normal = lambda k, shape, std: std * jax.random.normal(k, shape, jnp.float32)  # noqa: E731
     fc = jnp.concatenate([normal(k1, (D, D), 0.02), jnp.eye(D, dtype=jnp.float32)], axis=0)  # [2D, D]
-    return {"norm_e": jnp.ones((D,)), "norm_f": jnp.ones((D,)), "fc": fc, "mlp_norm": jnp.ones((D,)),
-            "gate": normal(k2, (D, F), 0.02), "up": normal(k3, (D, F), 0.02),
-            "down": normal(k4, (F, D), 0.02 / F ** 0.5)}
+    params = {"norm_e": jnp.ones((D,)), "norm_f": jnp.ones((D,)), "fc": fc, "mlp_norm": jnp.ones((D,)),
+              "gate": normal(k2, (D, F), 0.02), "up": normal(k3, (D, F), 0.02),
+              "down": normal(k4, (F, D), 0.02 / F ** 0.5)}
+    if hc.context_window:  # the attention's output starts at zero: the head starts as the one without
+        NH = hc.num_heads * hc.head_dim
+        params |= {"attn_norm": jnp.ones((D,)), "wq": normal(jax.random.fold_in(key, 5), (D, NH), 0.02),
+                   "wo": jnp.zeros((NH, D))}
+    return params
+
+
+def param_shapes(hc: HeadConfig) -> dict:
+    D, F, NH = hc.hidden_size, hc.intermediate_size, hc.num_heads * hc.head_dim
+    shapes = {"norm_e": (D,), "norm_f": (D,), "fc": (2 * D, D), "mlp_norm": (D,), "gate": (D, F), "up": (D, F),
+              "down": (F, D)}
+    return shapes | ({"attn_norm": (D,), "wq": (D, NH), "wo": (NH, D)} if hc.context_window else {})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Context:
+    """What a head's attention reads, per row: the target's cached keys and values of the head's
+    `context_layer` at the `context_window` positions up to t (RoPE applied, as the cache holds
+    them), which of them it sees, t itself (draft step j's query sits at t + 1 + j) and that
+    layer's RoPE frequencies. `rotated`: 8-bit pages hold rotated heads (`kv_quant.rotate`)."""
+
+    keys: jax.Array  # [S, W, K, H]
+    values: jax.Array  # [S, W, K, H]
+    valid: jax.Array  # [S, W] bool
+    position: jax.Array  # [S] int32
+    inv_freq: jax.Array  # [H / 2]
+    rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+def rope_frequencies(cfg) -> np.ndarray:
+    """The RoPE frequencies of the target's full-attention layers (the head's context layer is one)."""
+    from jaxinfer.layers import rope_inv_freq
+
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
+
+
+def context_layer_for(cfg) -> int:
+    """The target layer a head's attention reads: its last full-attention one."""
+    local = cfg.layer_is_local()
+    return max(i for i in range(cfg.num_layers) if not local[i]) if not all(local) else cfg.num_layers - 1
+
+
+def _attend(params: dict, hc: HeadConfig, y, ctx: Context, step: int):
+    """The head's attention for draft step `step`: y [S, D] -> [S, D] (W_o of the attended values)."""
+    from pallas_kernels.kv_quant import rotate
+
+    S, N, K, H = y.shape[0], hc.num_heads, hc.num_kv_heads, hc.head_dim
+    q, = _matmuls(rms_norm(y, params["attn_norm"].astype(y.dtype), hc.rms_norm_eps), [params["wq"]])
+    cos, sin = rope_cos_sin((ctx.position + 1 + step)[:, None], ctx.inv_freq)
+    q = apply_rope(q.reshape(S, 1, N, H), cos, sin)[:, 0].astype(jnp.float32)
+    if ctx.rotated:
+        q = rotate(q)
+    scores = jnp.einsum("skgh,swkh->skgw", q.reshape(S, K, N // K, H), ctx.keys.astype(jnp.float32)) * H ** -0.5
+    scores = jnp.where(ctx.valid[:, None, None], scores, -1e30)
+    out = jnp.einsum("skgw,swkh->skgh", jax.nn.softmax(scores, axis=-1), ctx.values.astype(jnp.float32))
+    out = out.reshape(S, N, H)
+    if ctx.rotated:
+        out = rotate(out, transpose=True)
+    return _matmuls(out.reshape(S, N * H).astype(y.dtype), [params["wo"]])[0]
 
 
 @jax.tree_util.register_dataclass
@@ -95,13 +172,16 @@ def _matmuls(x, weights, transpose: bool = False):
     return [x @ w.astype(x.dtype) for w in weights]
 
 
-def head_step(params: dict, hc: HeadConfig, feature, emb):
-    """feature (h_t or the previous guess), emb (the next token's embedding): [..., D] -> the guess
-    of the next hidden state [..., D] (in feature's dtype)."""
+def head_step(params: dict, hc: HeadConfig, feature, emb, context: Context | None = None, step: int = 0):
+    """feature (h_t or the previous guess), emb (the next token's embedding): [S, D] -> the guess
+    of the next hidden state [S, D] (in feature's dtype). A head with attention reads `context`
+    at draft step `step`."""
     eps, dt = hc.rms_norm_eps, feature.dtype
     x = jnp.concatenate([rms_norm(emb, params["norm_e"].astype(dt), eps), rms_norm(feature, params["norm_f"].astype(dt),
                                                                                      eps)], axis=-1)
     y, = _matmuls(x, [params["fc"]])
+    if hc.context_window:
+        y = y + _attend(params, hc, y, context, step)
     z = rms_norm(y, params["mlp_norm"].astype(dt), eps)
     gate, up = _matmuls(z, [params["gate"], params["up"]])
     down, = _matmuls(jax.nn.silu(gate) * up, [params["down"]])
@@ -115,7 +195,7 @@ def draft_logits(final_norm, lm_head, hc: HeadConfig, feature):
     return _matmuls(x, [lm_head], transpose=True)[0].astype(jnp.float32)
 
 
-HEAD_MATRICES = ("fc", "gate", "up", "down")
+HEAD_MATRICES = ("fc", "gate", "up", "down", "wq", "wo")
 
 
 def quantize_head(head: DraftHead) -> DraftHead:
@@ -145,12 +225,15 @@ class DraftHead:
     config: HeadConfig = dataclasses.field(metadata=dict(static=True))
 
 
-def propose(head: DraftHead, embed, feature, token, k: int):
+def propose(head: DraftHead, embed, feature, token, k: int, context: Context | None = None):
     """feature [S, D]: the target's hidden state that sampled `token` [S] -> drafts [S, k] int32 (the
-    k tokens after `token`, greedily), all on the device. `embed`: tokens [S] -> [S, D]."""
+    k tokens after `token`, greedily), all on the device. `embed`: tokens [S] -> [S, D]; `context`:
+    what a head with attention reads."""
+    if head.config.context_window and context is None:
+        raise ValueError("this draft head attends over the target's cached keys: propose needs its context")
     drafts = []
-    for _ in range(k):  # k <= MAX_SPECULATIVE_TOKENS: unrolled
-        feature = head_step(head.params, head.config, feature, embed(token))
+    for j in range(k):  # k <= MAX_SPECULATIVE_TOKENS: unrolled
+        feature = head_step(head.params, head.config, feature, embed(token), context, j)
         token = head.token_map[jnp.argmax(draft_logits(head.final_norm, head.lm_head, head.config, feature), axis=-1)]
         drafts.append(token)
     return jnp.stack(drafts, axis=1).astype(jnp.int32)
@@ -185,10 +268,15 @@ def output_rows(cfg, params, token_ids: np.ndarray):
     return (w if cfg.tie_word_embeddings else w.T).astype(cfg.dtype)
 
 
-def head_config_for(cfg, draft_vocab_size: int, intermediate_size: int | None = None) -> HeadConfig:
+def head_config_for(cfg, draft_vocab_size: int, intermediate_size: int | None = None,
+                    context_window: int | None = None) -> HeadConfig:
+    """A head for target `cfg`; `context_window`: attention over that many of its cached positions
+    (the target's query heads and key layout, its last full-attention layer's cache)."""
+    attn = dict(context_window=context_window, context_layer=context_layer_for(cfg), num_heads=cfg.num_heads,
+                num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim) if context_window else {}
     return HeadConfig(hidden_size=cfg.hidden_size, intermediate_size=intermediate_size or cfg.intermediate_size,
                       draft_vocab_size=draft_vocab_size, rms_norm_eps=cfg.rms_norm_eps,
-                      norm_offset=cfg.norm_offset, dtype=cfg.dtype)
+                      norm_offset=cfg.norm_offset, dtype=cfg.dtype, **attn)
 
 
 # ---- files -------------------------------------------------------------------------------------
@@ -251,11 +339,13 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
         raise InvalidRequestError(f"the draft head at {path} was trained for another model ({what}); train one for "
                                   f"this model with `jaxinfer train-draft MODEL {path}`")
     hc = HeadConfig(**{**meta["head"], "dtype": cfg.dtype, "norm_offset": cfg.norm_offset})
-    D, F, N = hc.hidden_size, hc.intermediate_size, hc.draft_vocab_size
-    shapes = {"norm_e": (D,), "norm_f": (D,), "fc": (2 * D, D), "mlp_norm": (D,), "gate": (D, F), "up": (D, F),
-              "down": (F, D)}
-    abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
-    abstract["token_map"] = jax.ShapeDtypeStruct((N,), jnp.int32)
+    if hc.context_window and (hc.context_layer >= cfg.num_layers or (hc.num_kv_heads, hc.head_dim) != (
+            cfg.num_kv_heads, cfg.head_dim)):
+        raise InvalidRequestError(f"the draft head at {path} attends over another model's cache (layer "
+                                  f"{hc.context_layer}, {hc.num_kv_heads} heads of {hc.head_dim}); train one for this "
+                                  f"model with `jaxinfer train-draft MODEL {path}`")
+    abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(hc).items()}
+    abstract["token_map"] = jax.ShapeDtypeStruct((hc.draft_vocab_size,), jnp.int32)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             arrays = ckpt.restore(os.path.join(path, "params"), abstract)

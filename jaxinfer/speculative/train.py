@@ -42,7 +42,8 @@ import numpy as np
 from jaxinfer.model import embed_tokens
 from jaxinfer.speculative import SpeculativeConfig, eagle
 from jaxinfer.speculative.acceptance import heldout_acceptance
-from jaxinfer.speculative.corpus import answer_with_hidden, corpus_from_states, draft_vocabulary, encode_question
+from jaxinfer.speculative.corpus import (answer_with_hidden, context_at, corpus_from_states, draft_vocabulary,
+                                        encode_question)
 from jaxinfer.speculative.prompts import chat_prompts, heldout_prompts, vocabulary_words
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class DraftRecipe:
     generate_batch: int = 64
     draft_vocab_size: int = 8192
     intermediate_size: int | None = None  # the head's MLP width; None: the target's
+    context_window: int | None = None  # positions of the target's cache the head attends over (None: no attention)
     steps: int = 2000
     batch_size: int = 256  # positions per optimizer step
     unroll: int = 3  # draft steps trained (the k it is best at)
@@ -71,6 +73,8 @@ class DraftRecipe:
     seed: int = 0
 
     def __post_init__(self):
+        if self.context_window is not None and (not isinstance(self.context_window, int) or self.context_window < 1):
+            raise ValueError(f"context_window must be a positive integer or None, got {self.context_window!r}")
         for name in ("num_prompts", "max_tokens", "generate_batch", "draft_vocab_size", "steps", "batch_size",
                      "unroll", "eval_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -85,15 +89,15 @@ def _normalised(x, eps):
 
 
 def make_loss(cfg, hc: eagle.HeadConfig, recipe: DraftRecipe):
-    """loss(params, frozen, hidden [B, 1 + unroll, D], tokens [B, unroll]) -> (loss, per-step top-1
-    agreement with the target [unroll])."""
+    """loss(params, frozen, hidden [B, 1 + unroll, D], tokens [B, unroll], context) -> (loss, per-step
+    top-1 agreement with the target [unroll]); `context`: what a head with attention reads (None: none)."""
 
-    def loss_fn(params, frozen, hidden, tokens):
+    def loss_fn(params, frozen, hidden, tokens, context=None):
         embed = functools.partial(embed_tokens, cfg, frozen["embed"])
         feature, total, agree = hidden[:, 0], 0.0, []
         weights = [recipe.step_decay ** j for j in range(recipe.unroll)]
         for j in range(recipe.unroll):
-            feature = eagle.head_step(params, hc, feature, embed(tokens[:, j]))
+            feature = eagle.head_step(params, hc, feature, embed(tokens[:, j]), context, j)
             logits = eagle.draft_logits(frozen["final_norm"], frozen["lm_head"], hc, feature)
             target = eagle.draft_logits(frozen["final_norm"], frozen["lm_head"], hc, hidden[:, j + 1])
             ce = -jnp.sum(jax.nn.softmax(target) * jax.nn.log_softmax(logits), axis=-1).mean()
@@ -125,9 +129,10 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
             recipe.num_prompts - recipe.num_heldout, recipe.seed, vocabulary_words(tok, cfg.vocab_size))
 
     prompt_ids = [encode_question(tok, t) for t in texts]
+    context_layer = eagle.context_layer_for(cfg) if recipe.context_window else None
     t0 = time.perf_counter()
-    answers, states = answer_with_hidden(loaded, prompt_ids, recipe.max_tokens, recipe.generate_batch,
-                                         progress=progress)
+    answers, states, caches = answer_with_hidden(loaded, prompt_ids, recipe.max_tokens, recipe.generate_batch,
+                                                 progress=progress, context_layer=context_layer)
     gen_seconds = time.perf_counter() - t0
     num_answer = sum(map(len, answers))
     log(f"target answers: {len(answers)} prompts, {num_answer} tokens in {gen_seconds:.0f} s")
@@ -138,16 +143,16 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
     token_map, coverage = draft_vocabulary([a for _, a in train_seqs], recipe.draft_vocab_size, cfg.vocab_size,
                                            always=tok.eos_token_ids)
     log(f"draft vocabulary: {len(token_map)} tokens cover {coverage:.1%} of the training answers' tokens")
-    train = corpus_from_states(train_seqs, states[held:], recipe.unroll)
-    held_corpus = corpus_from_states(held_seqs, states[:held], recipe.unroll)
-    del states
+    train = corpus_from_states(train_seqs, states[held:], recipe.unroll, None if caches is None else caches[held:])
+    held_corpus = corpus_from_states(held_seqs, states[:held], recipe.unroll, None if caches is None else caches[:held])
+    del states, caches
     log(f"hidden states (the answers' own): {len(train.starts)} training starts, {len(held_corpus.starts)} held out")
     if not len(train.starts) or not len(held_corpus.starts):
         raise ValueError("the target's answers are too short to train on: raise max_tokens or give other prompts")
 
     from jaxinfer.model import embedding_arrays
 
-    hc = eagle.head_config_for(cfg, len(token_map), recipe.intermediate_size)
+    hc = eagle.head_config_for(cfg, len(token_map), recipe.intermediate_size, recipe.context_window)
     hc = dataclasses.replace(hc, dtype="float32")
     frozen = {"embed": embedding_arrays(loaded.params), "final_norm": loaded.params["final_norm"].get_value(),
               "lm_head": eagle.output_rows(cfg, loaded.params, token_map).astype(jnp.float32)}
@@ -161,8 +166,8 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
     loss_fn = make_loss(cfg, hc, recipe)
 
     @jax.jit
-    def step(params, opt_state, frozen, hidden, tokens):  # (frozen an argument: not baked into the graph)
-        (loss, agree), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, hidden, tokens)
+    def step(params, opt_state, frozen, hidden, tokens, context):  # (frozen an argument: not baked into the graph)
+        (loss, agree), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, hidden, tokens, context)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, agree
 
@@ -177,7 +182,7 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
         return eagle.quantize_head(head) if stored == "int8" else head
 
     rng = np.random.default_rng(recipe.seed)
-    U = recipe.unroll
+    U, inv_freq = recipe.unroll, eagle.rope_frequencies(cfg)
     history, t0, losses = [], time.perf_counter(), []
     steps = range(1, recipe.steps + 1)
     if progress:
@@ -188,7 +193,8 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
         s = train.starts[rng.integers(0, len(train.starts), recipe.batch_size)]
         hidden = train.hidden[s[:, None] + np.arange(U + 1)[None]]  # h_t .. h_{t+U}
         tokens = train.tokens[s[:, None] + 1 + np.arange(U)[None]]  # x_{t+1} .. x_{t+U}
-        params, opt_state, loss, agree = step(params, opt_state, frozen, hidden, tokens)
+        context = context_at(train, s, hc.context_window, inv_freq) if hc.context_window else None
+        params, opt_state, loss, agree = step(params, opt_state, frozen, hidden, tokens, context)
         losses.append(float(loss))
         if i % recipe.eval_every == 0 or i == recipe.steps:
             acc = heldout_acceptance(runtime_head(params), cfg, frozen["embed"], held_corpus, U, recipe.max_tokens,
