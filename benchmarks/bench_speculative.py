@@ -86,8 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(drafts at any batch size) or a number")
     ap.add_argument("--draft", nargs="+", default=[], metavar="MODEL",
                     help="also run method draft with each of these draft models (same vocabulary as --model)")
-    ap.add_argument("--eagle", default=None, metavar="HEAD_DIR",
-                    help="also run method eagle with this draft head (jaxinfer train-draft MODEL HEAD_DIR)")
+    ap.add_argument("--eagle", nargs="+", default=[], metavar="HEAD_DIR",
+                    help="also run method eagle with each of these draft heads (jaxinfer train-draft MODEL "
+                         "HEAD_DIR; several: side by side, each row named by its directory)")
     ap.add_argument("--single-prompts", type=int, default=4,
                     help="batch 1 runs this many of the workload's prompts, one after another (one prompt's "
                          "answer says little: the first HumanEval problem's is a new function, the second's a copy)")
@@ -118,10 +119,12 @@ def main(argv=None):
         for model in args.draft:
             configs |= {f"draft {os.path.basename(os.path.normpath(model))} k={k}{name}":
                         spec(method="draft", model=model, num_speculative_tokens=k, **extra) for k in args.k}
-        for hq in args.head_quantization if args.eagle else ():
+        for hq in args.head_quantization:
             head = "" if hq == "auto" else f" head {hq or 'float32'}"
-            configs |= {f"eagle k={k}{name}{head}": spec(method="eagle", model=args.eagle, num_speculative_tokens=k,
-                                                         quantization=hq, **extra) for k in args.k}
+            for d in args.eagle:
+                which = f" ({os.path.basename(os.path.normpath(d))})" if len(args.eagle) > 1 else ""
+                configs |= {f"eagle k={k}{name}{head}{which}": spec(method="eagle", model=d, num_speculative_tokens=k,
+                                                                     quantization=hq, **extra) for k in args.k}
     llms = {}
     for name, spec in configs.items():
         t0 = time.perf_counter()

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="positions per step (256)")
     t.add_argument("--k", type=int, default=None, help="draft steps trained, the k it is best at (3)")
     t.add_argument("--context-window", type=int, default=None,
-                   help="positions of the target's cache the head attends over; 0: no attention (0)")
+                   help="positions of the target's cache the head attends over; 0: no attention (64)")
     t.add_argument("--learning-rate", type=float, default=None, help="peak AdamW learning rate (2e-3)")
     t.add_argument("--eval-every", type=int, default=None, help="held-out acceptance every this many steps (250)")
     t.add_argument("--seed", type=int, default=None, help="prompt order and initialisation (0)")

@@ -563,7 +563,7 @@ def _untrained_head(model_path: str, out: str) -> None:
     from jaxinfer.speculative import eagle
 
     loaded = load_model(model_path, progress=False)
-    hc = eagle.head_config_for(loaded.config, 64)
+    hc = eagle.head_config_for(loaded.config, 64, context_window=16)  # (a head that attends: its gather too)
     eagle.save_head(out, hc, eagle.init_head(hc, jax.random.key(0)), np.arange(64),
                     eagle.target_identity(loaded.config, loaded.tokenizer))
 

@@ -326,10 +326,11 @@ def test_readme_train_draft_and_chat_commands(tiny_path, tmp_path, capsys, monke
 # ---- the real model ---------------------------------------------------------------------------------
 
 def test_smollm2_greedy_with_a_draft_head_is_plain_decoding(smollm2, tmp_path):
-    """SmolLM2 with an untrained head (its drafts are poor, which verification must not notice;
-    `speculative_checks`: 16 prompts together, chunked prefill, preemption, prefix-cache hits)."""
+    """SmolLM2 with an untrained head that attends over the cache, as the recipe's does (its drafts
+    are poor, which verification must not notice; `speculative_checks`: 16 prompts together,
+    chunked prefill, preemption, prefix-cache hits)."""
     cfg, tokenizer = smollm2.config, smollm2.get_tokenizer()
-    hc = eagle.head_config_for(cfg, 4096)
+    hc = eagle.head_config_for(cfg, 4096, context_window=64)
     eagle.save_head(tmp_path, hc, eagle.init_head(hc, jax.random.key(0)), np.arange(4096),
                     eagle.target_identity(cfg, tokenizer))
     stats = speculative_checks.check_smollm2_greedy_is_plain_decoding(

@@ -62,10 +62,6 @@ class Drafter:
             raise ValueError("a draft model goes with speculative method 'draft', and only with it")
         if draft_model is not None and mesh is not None:
             raise ValueError("speculative method 'draft' runs on one device without a mesh")
-        if draft_head is not None and draft_head.config.context_window and mesh is not None and \
-                mesh.shape.get("data", 1) > 1:
-            raise ValueError("a draft head that attends over the cache runs without data parallelism (its pages are "
-                             "per replica): use data_parallel_size=1 or a head trained with context_window=None")
         if draft_head is not None and mesh is not None:  # replicated over the mesh
             draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.spec, self.rc, self.attention = spec, rc, attention

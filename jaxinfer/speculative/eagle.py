@@ -70,8 +70,7 @@ class HeadConfig:
         return dataclasses.asdict(self)
 
     @property
-    def cache_layer(self) -> int | None:
-        """The target layer whose cached keys / values the head reads (None: a head without attention)."""
+    def cache_layer(self) -> int | None:  # the target layer whose cache the head reads (None: no attention)
         return self.context_layer if self.context_window else None
 
 
@@ -140,8 +139,7 @@ def _attend(params: dict, hc: HeadConfig, y, ctx: Context, step: int):
         q = rotate(q)
     scores = jnp.einsum("skgh,swkh->skgw", q.reshape(S, K, N // K, H), ctx.keys.astype(jnp.float32)) * H ** -0.5
     scores = jnp.where(ctx.valid[:, None, None], scores, -1e30)
-    out = jnp.einsum("skgw,swkh->skgh", jax.nn.softmax(scores, axis=-1), ctx.values.astype(jnp.float32))
-    out = out.reshape(S, N, H)
+    out = jnp.einsum("skgw,swkh->skgh", jax.nn.softmax(scores, -1), ctx.values.astype(jnp.float32)).reshape(S, N, H)
     if ctx.rotated:
         out = rotate(out, transpose=True)
     return _matmuls(out.reshape(S, N * H).astype(y.dtype), [params["wo"]])[0]

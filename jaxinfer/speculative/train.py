@@ -9,11 +9,14 @@
        what the target says, not what some corpus says;
     3. the hidden states come with the answers: the engine's sampler rows, the target's hidden state
        that sampled each answer token (its next-token distribution is the output head applied to it),
-       kept as the steps run (`Runner.hidden_sink`, `corpus_from_states`) — no second forward pass
-       (`build_corpus` computes the same states by one, for answers given from elsewhere);
+       kept as the steps run (`Runner.hidden_sink`, `corpus_from_states`), and so do the keys and
+       values the head's attention reads (the target's cache of its last full-attention layer, read
+       from each answer's pages as it finishes) — no second forward pass (`build_corpus` computes
+       the same by one, for answers given from elsewhere);
     4. the draft vocabulary: the `draft_vocab_size` tokens the target emitted most often;
     5. optax (AdamW, linear warm-up then cosine decay, global-norm clipping) trains the head
-       unrolled for `unroll` draft steps on its own guesses (what it sees when proposing k tokens):
+       unrolled for `unroll` draft steps on its own guesses (what it sees when proposing k tokens;
+       with `context_window`, attending over the window of cached positions up to each start):
        per step, cross-entropy against the target's distribution over the draft vocabulary plus a
        smooth-L1 pull of its normalised guess towards the target's normalised hidden state; later
        steps weigh `step_decay` less;
@@ -59,7 +62,7 @@ class DraftRecipe:
     generate_batch: int = 64
     draft_vocab_size: int = 8192
     intermediate_size: int | None = None  # the head's MLP width; None: the target's
-    context_window: int | None = None  # positions of the target's cache the head attends over (None: no attention)
+    context_window: int | None = 64  # positions of the target's cache the head attends over (None: no attention)
     steps: int = 2000
     batch_size: int = 256  # positions per optimizer step
     unroll: int = 3  # draft steps trained (the k it is best at)
