@@ -396,3 +396,16 @@ def test_the_heads_context_is_its_window_of_the_paged_cache(tiny, head_dir, kv_c
         short = dataclasses.replace(window, valid=np.arange(mask.sum())[None] < mask.sum() - 1)  # t left out
         off = np.asarray(eagle.head_step(head.params, head.config, feature[s:s + 1], emb[s:s + 1], short, 1))
         assert np.abs(off - want).max() > 3 * tol * np.abs(want).max()  # (a window one position short: far)
+
+
+def test_a_verify_step_padded_for_logprobs_drafts_with_a_head_that_attends(tiny, head_dir):
+    """A step whose sampler is compiled for the largest bucket only (its requests want logprobs)
+    pads its verify rows to that bucket; the head's cache windows are padded with them (two
+    requests in a bucket of four: unpadded, the step failed on [2] + [4]), and the output is still
+    plain decoding's."""
+    prompts = _prompts(2, seed=7)  # (two sequence slots of a bucket of four)
+    params = lambda i: SamplingParams(temperature=0.0, max_tokens=24, logprobs=2)  # noqa: E731
+    want, _ = _generate(tiny, prompts, params)
+    got, engine = _generate(tiny, prompts, params, _eagle(head_dir))
+    assert got == want
+    assert engine.stats()["spec_num_drafts"] > 0

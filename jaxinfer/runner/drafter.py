@@ -32,7 +32,8 @@ from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
 
 from jaxinfer.model import params_for_layer_loop
 from jaxinfer.runner.buckets import RunnerConfig, StepShape, decode_shape
-from jaxinfer.runner.inputs import HeadContextInput, ModelInput, VerifyInput, build_head_context, empty_model_input
+from jaxinfer.runner.inputs import (HeadContextInput, ModelInput, VerifyInput, build_head_context, empty_model_input,
+                                    pad_rows)
 from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.runner.steps import AttentionSpec, draft_propose_step, forward_step, propose_step
 from jaxinfer.speculative import SpeculativeConfig
@@ -87,6 +88,8 @@ class Drafter:
         the target's cache and where a head that attends reads it (`context_input`)."""
         if context is None:
             kv_cache = None
+        elif vi is not None and vi.rows.shape[0] > context.position.shape[0]:  # (rows padded like the sampler's)
+            context = pad_rows(context, vi.rows.shape[0] - context.position.shape[0])
         return propose_step(params, self.head, hidden, tokens, None if vi is None else vi.rows, num_accepted,
                             kv_cache, context, graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens,
                             matmul=self.attention.matmul_backend)
