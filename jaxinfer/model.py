@@ -221,11 +221,15 @@ def embed_tokens(cfg: ModelConfig, embed: dict, tokens):
     return x
 
 
+def rope_frequencies(cfg: ModelConfig):
+    """The RoPE inverse frequencies [H / 2] of the global (full-attention) layers."""
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
+
+
 def embed_inputs(cfg: ModelConfig, embed: dict, tokens, positions):
     """tokens, positions: [B, T] -> (x [B, T, D], RoPE tables: (global (cos, sin), local or None))."""
     x = embed_tokens(cfg, embed, tokens)
-    rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
-                                                 cfg.rope_freq_factors))
+    rope = rope_cos_sin(positions, rope_frequencies(cfg))
     local_rope = None
     if any(cfg.layer_is_local()):
         local_rope = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None))

@@ -242,7 +242,7 @@ def test_the_int8_head_drafts_as_the_float_head_does(tiny, head_dir):
     model's answers are near ties more often than SmolLM2's, see docs/BENCHMARKS.md)."""
     import jax.numpy as jnp
 
-    from jaxinfer.model import embedding_arrays, embed_tokens
+    from jaxinfer.model import embedding_arrays, embed_tokens, rope_frequencies
 
     f32 = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer)
     q8 = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer, quantization="int8")
@@ -255,7 +255,7 @@ def test_the_int8_head_drafts_as_the_float_head_does(tiny, head_dir):
     cfg, W = tiny.config, f32.config.context_window  # (the head attends: a random cache window too)
     kv = rng.normal(0, 1, (2, 64, W, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32)
     context = eagle.Context(kv[0], kv[1], rng.random((64, W)) < 0.5, rng.integers(0, 100, 64).astype(np.int32),
-                            eagle.rope_frequencies(cfg))
+                            rope_frequencies(cfg))
     logits = {}
     for name, head in (("f32", f32), ("q8", q8)):
         guess = eagle.head_step(head.params, head.config, feature, emb, context)
@@ -344,6 +344,7 @@ def test_the_heads_context_is_its_window_of_the_paged_cache(tiny, head_dir, kv_c
     positions (float pages exactly; 8-bit pages hold rotated heads, and the head's attention rotates
     its query and output to match), masked past t and before t - W + 1, and the head's step on it
     equals the step on the same window given directly (as training gives it)."""
+    from jaxinfer.model import rope_frequencies
     from jaxinfer.paged_attention import PagedKVCache
     from jaxinfer.runner.inputs import build_head_context
     from jaxinfer.runner.requests import CachedRequest
@@ -379,7 +380,7 @@ def test_the_heads_context_is_its_window_of_the_paged_cache(tiny, head_dir, kv_c
                 for i, (b, n) in enumerate(zip(blocks, lengths))}
     chunks = [ScheduledChunk(str(i), n - 1, 1, (), True) for i, n in enumerate(lengths)]  # decodes of the last
     ci = build_head_context(chunks, requests, 4, W, 3, page)
-    ctx = head_context(head, cache, ci, eagle.rope_frequencies(cfg))
+    ctx = head_context(head, cache, ci, rope_frequencies(cfg))
     feature = jnp.asarray(rng.normal(0, 1, (4, cfg.hidden_size)), jnp.float32)
     emb = jnp.asarray(rng.normal(0, 1, (4, cfg.hidden_size)), jnp.float32)
     got = np.asarray(eagle.head_step(head.params, head.config, feature, emb, ctx, 1))
@@ -389,7 +390,7 @@ def test_the_heads_context_is_its_window_of_the_paged_cache(tiny, head_dir, kv_c
         mask = np.asarray(ctx.valid[s])
         np.testing.assert_array_equal(at[mask], np.arange(max(0, t - W + 1), t + 1))  # the window, exactly
         window = eagle.Context(x[0][at[mask]][None], x[1][at[mask]][None], np.ones((1, mask.sum()), bool),
-                               np.asarray([t], np.int32), eagle.rope_frequencies(cfg))
+                               np.asarray([t], np.int32), rope_frequencies(cfg))
         want = np.asarray(eagle.head_step(head.params, head.config, feature[s:s + 1], emb[s:s + 1], window, 1))
         tol = 1e-5 if kv_cache_dtype == "auto" else 1e-2  # (measured: 0.3% for 8-bit pages)
         np.testing.assert_allclose(got[s:s + 1], want, rtol=tol, atol=tol * np.abs(want).max())

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import EMBED_KEYS, embed_inputs, embed_tokens, run_layer
+from jaxinfer.model import EMBED_KEYS, embed_inputs, embed_tokens, rope_frequencies, run_layer
 from jaxinfer.paged_attention import paged_attend
 from jaxinfer.runner.inputs import HeadContextInput, ModelInput, SamplingInput, VerifyInput
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
@@ -204,7 +204,7 @@ def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None
         feature = hidden[jnp.take_along_axis(verify_rows, last, axis=1)[:, 0]]
         token = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
     arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
-    ctx = None if context is None else head_context(head, kv_cache, context, eagle.rope_frequencies(model.cfg),
+    ctx = None if context is None else head_context(head, kv_cache, context, rope_frequencies(model.cfg),
                                                     num_accepted)
     with matmul_backend(matmul):
         return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.model import embed_tokens
+from jaxinfer.model import embed_tokens, rope_frequencies
 from jaxinfer.speculative import eagle
 from jaxinfer.speculative.ngram import propose_ngram
 
@@ -95,7 +95,7 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
     from jaxinfer.speculative.corpus import context_at
 
     propose = functools.partial(_propose, head, embed_arrays, cfg=cfg, k=k)
-    window = head.config.context_window
+    window, inv_freq = head.config.context_window, rope_frequencies(cfg)
     if window and corpus.keys is None:
         raise ValueError("this head attends over the target's cache: build the corpus with context_layer="
                          f"{head.config.context_layer} (its keys and values)")
@@ -106,7 +106,7 @@ def heldout_acceptance(head: eagle.DraftHead, cfg, embed_arrays, corpus, k: int,
     for b in range(0, len(starts), batch):
         s = starts[b:b + batch]
         s_pad = np.concatenate([s, np.repeat(s[:1], batch - len(s))])  # one shape: one compile
-        context = context_at(corpus, s_pad, window, eagle.rope_frequencies(cfg)) if window else None
+        context = context_at(corpus, s_pad, window, inv_freq) if window else None
         drafts[b:b + len(s)] = np.asarray(propose(jnp.asarray(corpus.hidden[s_pad]),
                                                   jnp.asarray(corpus.tokens[s_pad + 1]), context))[:len(s)]
     pos = starts[:, None] + 2 + np.arange(k)[None]

@@ -104,7 +104,8 @@ class Context:
     """What a head's attention reads, per row: the target's cached keys and values of the head's
     `context_layer` at the `context_window` positions up to t (RoPE applied, as the cache holds
     them), which of them it sees, t itself (draft step j's query sits at t + 1 + j) and that
-    layer's RoPE frequencies. `rotated`: 8-bit pages hold rotated heads (`kv_quant.rotate`)."""
+    layer's RoPE frequencies (`model.rope_frequencies`: a full-attention layer's). `rotated`:
+    8-bit pages hold rotated heads (`kv_quant.rotate`)."""
 
     keys: jax.Array  # [S, W, K, H]
     values: jax.Array  # [S, W, K, H]
@@ -112,13 +113,6 @@ class Context:
     position: jax.Array  # [S] int32
     inv_freq: jax.Array  # [H / 2]
     rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
-
-
-def rope_frequencies(cfg) -> np.ndarray:
-    """The RoPE frequencies of the target's full-attention layers (the head's context layer is one)."""
-    from jaxinfer.layers import rope_inv_freq
-
-    return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
 
 
 def context_layer_for(cfg) -> int:

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.model import embed_tokens
+from jaxinfer.model import embed_tokens, rope_frequencies
 from jaxinfer.speculative import SpeculativeConfig, eagle
 from jaxinfer.speculative.acceptance import heldout_acceptance
 from jaxinfer.speculative.corpus import (answer_with_hidden, context_at, corpus_from_states, draft_vocabulary,
@@ -185,7 +185,7 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
         return eagle.quantize_head(head) if stored == "int8" else head
 
     rng = np.random.default_rng(recipe.seed)
-    U, inv_freq = recipe.unroll, eagle.rope_frequencies(cfg)
+    U, inv_freq = recipe.unroll, rope_frequencies(cfg)
     history, t0, losses = [], time.perf_counter(), []
     steps = range(1, recipe.steps + 1)
     if progress:
