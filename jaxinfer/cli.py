@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model=OUT_DIR))")
     t.add_argument("--prompts", default=None, help="prompts to answer: a text file (one per line) or JSONL with "
                                                    "\"prompt\" (default: built-in chat questions)")
-    t.add_argument("--num-prompts", type=int, default=None, help="prompts answered (default 2048)")
+    t.add_argument("--num-prompts", type=int, default=None, help="prompts answered (default 2304)")
     t.add_argument("--num-heldout", type=int, default=None, help="of them held out for the acceptance figure (32)")
     t.add_argument("--max-tokens", type=int, default=None, help="answer length (128)")
     t.add_argument("--generate-batch", type=int, default=None, help="prompts answered at once (64)")

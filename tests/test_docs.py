@@ -140,7 +140,7 @@ COVERAGE = [
     (r"from pydantic import BaseModel\n.*", ["tests/test_server_structured.py::test_readme_openai_block"]),
     (r"jaxinfer generate .* --speculative-config .*", [THIS + "test_readme_speculative_block"]),
     # trained on the tiny model with small-size flags (the default recipe takes half an hour)
-    (r"jaxinfer train-draft( smollm2-135m \./smollm2-eagle)?|"
+    (r"jaxinfer train-draft( smollm2-135m \./smollm2-eagle( --num-prompts \d+)?)?|"
      r"jaxinfer chat --model smollm2-135m --speculative-config .*",
      ["tests/test_eagle.py::test_readme_train_draft_and_chat_commands"]),
     # run with tiny sizes (the documented ones take minutes per configuration on this CPU)

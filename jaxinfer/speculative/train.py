@@ -56,7 +56,7 @@ class DraftRecipe:
     """How `train_draft` builds its data and trains. The defaults are the recipe for SmolLM2-135M on
     a 2-core CPU (docs/BENCHMARKS.md has its time and held-out acceptance)."""
 
-    num_prompts: int = 2048  # answered by the target; `num_heldout` of them are held out
+    num_prompts: int = 2304  # answered by the target; `num_heldout` of them are held out
     num_heldout: int = 32
     max_tokens: int = 128  # answer length
     generate_batch: int = 64
