@@ -4,7 +4,7 @@ reports), and the engine itself, one request at a time with the head (its metric
 
     python benchmarks/bench_draft_head.py --eagle HEAD_DIR [--questions heldout chat] [--num-questions 32]
                                           [--max-tokens 96] [--k 3] [--lookup-min 2 | none]
-                                          [--head-quantization auto | none | int8]
+                                          [--head-quantization auto | none | int8 | int4]
 
 Question sets: "heldout", train-draft's held-out questions (`prompts.heldout_prompts`, topics no
 training question has); "chat", bench_speculative.py's open-chat questions. The answers are the
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lookup-min", type=lambda v: None if v == "none" else int(v), default=2,
                     help='SpeculativeConfig.lookup_min ("none": the head alone)')
     ap.add_argument("--head-quantization", type=lambda v: None if v == "none" else v, default="auto",
-                    help='SpeculativeConfig.quantization ("auto": the platform\'s; "none": float32; "int8")')
+                    help='SpeculativeConfig.quantization ("auto": the platform\'s; "none": float32; "int8"; "int4")')
     return ap.parse_args(argv)
 
 

@@ -6,7 +6,7 @@ workloads, in interleaved rounds.
 
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
                                            [--prompt-lookup-min 1 2] [--draft MODEL ...] [--eagle HEAD_DIR]
-                                           [--lookup-min 2 none] [--head-quantization none int8]
+                                           [--lookup-min 2 none] [--head-quantization none int8 int4]
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "alone; default: SpeculativeConfig's)")
     ap.add_argument("--head-quantization", type=lambda v: None if v == "none" else v, nargs="+", default=["auto"],
                     help='eagle: SpeculativeConfig.quantization values to run ("none": the head in float32; "int8"; '
-                         "default: auto, the platform's)")
+                         '"int4"; default: auto, the platform\'s)')
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])

@@ -43,7 +43,7 @@ AUTO_DISABLE_BY_BATCH_SIZE = {"cpu": 2}
 # quantization="auto": an eagle head stored int8 on CPU, where a draft step reads its ~32 MB of
 # float32 weights from memory (docs/BENCHMARKS.md, "The head's weights in int8"); elsewhere the target's dtype.
 AUTO_HEAD_QUANTIZATION = {"cpu": "int8"}
-HEAD_QUANTIZATIONS = ("int8",)
+HEAD_QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,8 +69,9 @@ class SpeculativeConfig:
         any batch; "auto": the measured limit of the platform the engine runs on
         (`AUTO_DISABLE_BY_BATCH_SIZE`; resolved by the engine, `resolve`).
       quantization: eagle: the head's weights, "int8" (stored so at load: a draft step reads a
-        quarter of the bytes; drafts may change where logits nearly tie, the output never does) or
-        None (the target's dtype); "auto": the platform's (`AUTO_HEAD_QUANTIZATION`: int8 on CPU).
+        quarter of the bytes; drafts may change where logits nearly tie, the output never does),
+        "int4" (groups of 32 inputs: an eighth of the bytes, fewer drafts accepted) or None (the
+        target's dtype); "auto": the platform's (`AUTO_HEAD_QUANTIZATION`: int8 on CPU).
         draft: "auto" only (the draft model takes the target's weight quantization).
     """
 

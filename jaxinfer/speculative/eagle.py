@@ -29,7 +29,7 @@ Differences from the EAGLE paper's head, each for this runtime's sake:
     Context(keys, values, valid, position, inv_freq)  what the attention reads (gathered by the
                                              runner from its pages, by training from the answers')
     save_head(path, ...), load_head(path, cfg, params, tokenizer, quantization=None) -> DraftHead (ready for
-                                             the runner; quantization "int8": `quantize_head`)
+                                             the runner; quantization "int8" / "int4": `quantize_head`)
 """
 
 from __future__ import annotations
@@ -141,24 +141,32 @@ def _attend(params: dict, hc: HeadConfig, y, ctx: Context, step: int):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class Int8Weight:
-    """A head matrix stored int8 with one float32 scale per output (`quantize_head`): values [K, N]
-    and scale [1, N], or for the output rows values [N, K] and scale [N, 1]."""
+class QuantizedWeight:
+    """A head matrix stored quantized along its input axis (`quantize_head`), in the layout of
+    `jaxinfer.quantization`: int8 with one float32 scale per output (values [K, N], scale [1, N];
+    for the output rows [N, K] and [N, 1]) and no offset, or int4 packed two to a byte in groups of
+    32 inputs with a scale and offset per group (values [K / 2, N], scale and offset [K / 32, N];
+    output rows [N, K / 2], [N, K / 32])."""
 
     values: jax.Array
     scale: jax.Array
+    offset: jax.Array | None = None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.offset is None else 4
 
 
 def _matmuls(x, weights, transpose: bool = False):
-    """[x @ W for W in weights] (transpose: x @ W.T), float or `Int8Weight` (`quantized_matmuls`:
+    """[x @ W for W in weights] (transpose: x @ W.T), float or `QuantizedWeight` (`quantized_matmuls`:
     on CPU one call of the native kernel), accumulated in float32; x's dtype out (transpose: float32)."""
     from pallas_kernels.quantized_matmul import quantized_matmul, quantized_matmuls
 
-    if isinstance(weights[0], Int8Weight):
+    if isinstance(weights[0], QuantizedWeight):
         if transpose:
-            return [quantized_matmul(x, w.values, w.scale, bits=8, transpose=True, out_dtype=jnp.float32)
-                    for w in weights]
-        return quantized_matmuls(x, [(w.values, w.scale, None, 8) for w in weights])
+            return [quantized_matmul(x, w.values, w.scale, w.offset, bits=w.bits, transpose=True,
+                                     out_dtype=jnp.float32) for w in weights]
+        return quantized_matmuls(x, [(w.values, w.scale, w.offset, w.bits) for w in weights])
     if transpose:
         return [jnp.einsum("...D,ND->...N", x, w.astype(x.dtype), preferred_element_type=jnp.float32) for w in weights]
     return [x @ w.astype(x.dtype) for w in weights]
@@ -182,7 +190,7 @@ def head_step(params: dict, hc: HeadConfig, feature, emb, context: Context | Non
 
 def draft_logits(final_norm, lm_head, hc: HeadConfig, feature):
     """feature [..., D] -> float32 logits over the draft vocabulary [..., N]: the target's final norm,
-    then its output head's rows of the draft tokens (`lm_head` [N, D], float or `Int8Weight`)."""
+    then its output head's rows of the draft tokens (`lm_head` [N, D], float or `QuantizedWeight`)."""
     x = rms_norm(feature, final_norm, hc.rms_norm_eps, hc.norm_offset)
     return _matmuls(x, [lm_head], transpose=True)[0].astype(jnp.float32)
 
@@ -190,15 +198,19 @@ def draft_logits(final_norm, lm_head, hc: HeadConfig, feature):
 HEAD_MATRICES = ("fc", "gate", "up", "down", "wq", "wo")
 
 
-def quantize_head(head: DraftHead) -> DraftHead:
-    """The head with its matrices and output rows stored int8, one scale per output
-    (`jaxinfer.quantization.quantize`): a draft step reads a quarter of the bytes. Drafts may
-    differ where two tokens' logits nearly tie; what the target emits does not (it verifies)."""
-    from jaxinfer.quantization import quantize
+def quantize_head(head: DraftHead, bits: int = 8) -> DraftHead:
+    """The head with its matrices and output rows stored in `bits` (8: one scale per output; 4:
+    groups of 32 inputs with a scale and offset each; `jaxinfer.quantization.quantize`): a draft
+    step reads a quarter (an eighth) of the float32 bytes. Drafts may differ where two tokens'
+    logits nearly tie; what the target emits does not (it verifies)."""
+    from jaxinfer.quantization import DEFAULT_GROUP, pack_int4, quantize
 
     def q(w, axis):
-        t = quantize(np.asarray(w, np.float32), bits=8, group=None, axis=axis)
-        return Int8Weight(jnp.asarray(t.values), jnp.asarray(t.scale))
+        t = quantize(np.asarray(w, np.float32), bits=bits, group=DEFAULT_GROUP[f"int{bits}"], axis=axis)
+        if bits == 8:
+            return QuantizedWeight(jnp.asarray(t.values.astype(np.int8)), jnp.asarray(t.scale))
+        return QuantizedWeight(jnp.asarray(pack_int4(t.values, axis, t.group)), jnp.asarray(t.scale),
+                               jnp.asarray(t.offset))
 
     params = {k: q(v, 0) if k in HEAD_MATRICES else v for k, v in head.params.items()}
     return dataclasses.replace(head, params=params, lm_head=q(head.lm_head, 1))
@@ -212,7 +224,7 @@ class DraftHead:
 
     params: dict
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array | Int8Weight  # [N, D]
+    lm_head: jax.Array | QuantizedWeight  # [N, D]
     token_map: jax.Array  # [N] int32
     config: HeadConfig = dataclasses.field(metadata=dict(static=True))
 
@@ -308,7 +320,7 @@ def read_head_meta(path: str | os.PathLike) -> dict:
 def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str | None = None) -> DraftHead:
     """The head at `path`, checked against the target (`cfg`, its parameter state `params`,
     `tokenizer`) and completed with the target's final norm and output rows; `quantization`
-    "int8": its matrices and output rows stored int8 (`quantize_head`), None: in the target's dtype
+    "int8" / "int4": its matrices and output rows stored so (`quantize_head`), None: in the target's dtype
     ("auto" is the engine's to resolve, `SpeculativeConfig.resolve`).
 
     Raises:
@@ -350,4 +362,9 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
     head = DraftHead(params={k: v.astype(dt) for k, v in arrays.items()},
                      final_norm=params["final_norm"].get_value(), lm_head=output_rows(cfg, params, token_map),
                      token_map=jnp.asarray(token_map), config=hc)
-    return quantize_head(head) if quantization == "int8" else head
+    if quantization is None:
+        return head
+    try:
+        return quantize_head(head, bits=int(quantization[3:]))
+    except ValueError as e:  # int4's groups of 32 must divide each matrix's input width
+        raise InvalidRequestError(f'{path}: cannot store this head {quantization} ({e}); use "int8" or None') from None
