@@ -142,19 +142,14 @@ def _attend(params: dict, hc: HeadConfig, y, ctx: Context, step: int):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class QuantizedWeight:
-    """A head matrix stored quantized along its input axis (`quantize_head`), in the layout of
-    `jaxinfer.quantization`: int8 with one float32 scale per output (values [K, N], scale [1, N];
-    for the output rows [N, K] and [N, 1]) and no offset, or int4 packed two to a byte in groups of
-    32 inputs with a scale and offset per group (values [K / 2, N], scale and offset [K / 32, N];
-    output rows [N, K / 2], [N, K / 32])."""
+    """A head matrix [K, N] (output rows: [N, K]) quantized along K (`quantize_head`) as in
+    `jaxinfer.quantization`: int8 values, a scale per output, no offset; or int4 packed two to a
+    byte, a scale and offset per 32 inputs (values [K / 2, N], scale and offset [K / 32, N])."""
 
     values: jax.Array
     scale: jax.Array
     offset: jax.Array | None = None
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.offset is None else 4
+    bits = property(lambda self: 8 if self.offset is None else 4)  # (int8 is symmetric, int4 has offsets)
 
 
 def _matmuls(x, weights, transpose: bool = False):
@@ -199,18 +194,15 @@ HEAD_MATRICES = ("fc", "gate", "up", "down", "wq", "wo")
 
 
 def quantize_head(head: DraftHead, bits: int = 8) -> DraftHead:
-    """The head with its matrices and output rows stored in `bits` (8: one scale per output; 4:
-    groups of 32 inputs with a scale and offset each; `jaxinfer.quantization.quantize`): a draft
-    step reads a quarter (an eighth) of the float32 bytes. Drafts may differ where two tokens'
-    logits nearly tie; what the target emits does not (it verifies)."""
+    """The head with its matrices and output rows stored in `bits` (`QuantizedWeight`): a draft step
+    reads a quarter (an eighth) of the float32 bytes. Drafts may differ where two tokens' logits
+    nearly tie; what the target emits does not (it verifies)."""
     from jaxinfer.quantization import DEFAULT_GROUP, pack_int4, quantize
 
     def q(w, axis):
         t = quantize(np.asarray(w, np.float32), bits=bits, group=DEFAULT_GROUP[f"int{bits}"], axis=axis)
-        if bits == 8:
-            return QuantizedWeight(jnp.asarray(t.values.astype(np.int8)), jnp.asarray(t.scale))
-        return QuantizedWeight(jnp.asarray(pack_int4(t.values, axis, t.group)), jnp.asarray(t.scale),
-                               jnp.asarray(t.offset))
+        values = pack_int4(t.values, axis, t.group) if bits == 4 else t.values
+        return QuantizedWeight(jnp.asarray(values), jnp.asarray(t.scale), None if bits == 8 else jnp.asarray(t.offset))
 
     params = {k: q(v, 0) if k in HEAD_MATRICES else v for k, v in head.params.items()}
     return dataclasses.replace(head, params=params, lm_head=q(head.lm_head, 1))
@@ -264,11 +256,9 @@ def output_rows(cfg, params, token_ids: np.ndarray):
     ids = jnp.asarray(token_ids)
     take = lambda key: jnp.take(params[key].get_value(), ids, axis=axis)  # noqa: E731
     wq = cfg.quantization.get(name) if cfg.quantization is not None else None
-    if wq is None:
-        w = take(name)
-    else:
-        w = dequantize(take(name), take(f"{name}_scale"), take(f"{name}_offset") if f"{name}_offset" in params
-                       else None, bits=wq.bits, axis=GROUP_AXIS[name], dtype=jnp.dtype(cfg.dtype))
+    w = take(name) if wq is None else dequantize(
+        take(name), take(f"{name}_scale"), take(f"{name}_offset") if f"{name}_offset" in params else None,
+        bits=wq.bits, axis=GROUP_AXIS[name], dtype=jnp.dtype(cfg.dtype))
     return (w if cfg.tie_word_embeddings else w.T).astype(cfg.dtype)
 
 
@@ -362,9 +352,7 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
     head = DraftHead(params={k: v.astype(dt) for k, v in arrays.items()},
                      final_norm=params["final_norm"].get_value(), lm_head=output_rows(cfg, params, token_map),
                      token_map=jnp.asarray(token_map), config=hc)
-    if quantization is None:
-        return head
     try:
-        return quantize_head(head, bits=int(quantization[3:]))
+        return head if quantization is None else quantize_head(head, bits=int(quantization[3:]))
     except ValueError as e:  # int4's groups of 32 must divide each matrix's input width
         raise InvalidRequestError(f'{path}: cannot store this head {quantization} ({e}); use "int8" or None') from None
