@@ -144,7 +144,7 @@ def _attend(params: dict, hc: HeadConfig, y, ctx: Context, step: int):
 class QuantizedWeight:
     """A head matrix [K, N] (output rows: [N, K]) quantized along K (`quantize_head`) as in
     `jaxinfer.quantization`: int8 values, a scale per output, no offset; or int4 packed two to a
-    byte, a scale and offset per 32 inputs (values [K / 2, N], scale and offset [K / 32, N])."""
+    byte, a scale and offset per g inputs (`float_group`; values [K / 2, N], offsets [K / g, N])."""
 
     values: jax.Array
     scale: jax.Array
@@ -193,14 +193,16 @@ def draft_logits(final_norm, lm_head, hc: HeadConfig, feature):
 HEAD_MATRICES = ("fc", "gate", "up", "down", "wq", "wo")
 
 
-def quantize_head(head: DraftHead, bits: int = 8) -> DraftHead:
-    """The head with its matrices and output rows stored in `bits` (`QuantizedWeight`): a draft step
-    reads a quarter (an eighth) of the float32 bytes. Drafts may differ where two tokens' logits
-    nearly tie; what the target emits does not (it verifies)."""
-    from jaxinfer.quantization import DEFAULT_GROUP, pack_int4, quantize
+def quantize_head(head: DraftHead, method: str = "int8") -> DraftHead:
+    """The head's matrices and output rows stored `method` ("int8" / "int4", grouped as the target's
+    float weights are, `quantization.float_group`: ValueError where no int4 group fits): a draft
+    step reads a quarter (an eighth) of the float32 bytes. Drafts may differ where two tokens'
+    logits nearly tie; what the target emits does not (it verifies)."""
+    from jaxinfer.quantization import float_group, pack_int4, quantize
 
+    bits = 8 if method == "int8" else 4  # (as `quantization.quantize_params` reads a method)
     def q(w, axis):
-        t = quantize(np.asarray(w, np.float32), bits=bits, group=DEFAULT_GROUP[f"int{bits}"], axis=axis)
+        t = quantize(np.asarray(w, np.float32), bits=bits, group=float_group(method, w.shape[axis]), axis=axis)
         values = pack_int4(t.values, axis, t.group) if bits == 4 else t.values
         return QuantizedWeight(jnp.asarray(values), jnp.asarray(t.scale), None if bits == 8 else jnp.asarray(t.offset))
 
@@ -353,6 +355,6 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
                      final_norm=params["final_norm"].get_value(), lm_head=output_rows(cfg, params, token_map),
                      token_map=jnp.asarray(token_map), config=hc)
     try:
-        return head if quantization is None else quantize_head(head, bits=int(quantization[3:]))
-    except ValueError as e:  # int4's groups of 32 must divide each matrix's input width
+        return head if quantization is None else quantize_head(head, quantization)
+    except ValueError as e:  # int4: no group divides a matrix's input width
         raise InvalidRequestError(f'{path}: cannot store this head {quantization} ({e}); use "int8" or None') from None

@@ -182,7 +182,7 @@ def train_draft(model: str, out_dir: str, recipe: DraftRecipe = DraftRecipe(), *
     def runtime_head(params):
         head = eagle.DraftHead(params=params, final_norm=frozen["final_norm"], lm_head=frozen["lm_head"],
                                token_map=jnp.asarray(token_map), config=hc)
-        return eagle.quantize_head(head, bits=int(stored[3:])) if stored else head
+        return eagle.quantize_head(head, stored) if stored else head
 
     rng = np.random.default_rng(recipe.seed)
     U, inv_freq = recipe.unroll, rope_frequencies(cfg)
