@@ -132,8 +132,17 @@ def test_lookup_drafts_in_place_of_the_draft_models_keep_its_cache_right(tiny, t
     replaced here by an oracle that proposes each prompt's plain continuation at every third output
     position (the tiny model copies nothing from its prompt), so accepted lookup drafts and the
     draft model's alternate; with the target as its own draft, every draft the model proposes after
-    lookup's steps must still be accepted: its cache holds what those steps verified."""
+    lookup's steps must still be accepted: its cache holds what those steps verified. Where lookup's
+    drafts take the model's place the draft model decodes nothing for that request."""
+    from jaxinfer.runner.drafter import Drafter
     from jaxinfer.speculative import proposers
+
+    decoded, model_drafts = [], Drafter.model_drafts
+
+    def spy(self, requests):  # the histories the draft model decodes from
+        decoded.extend(list(r.token_ids) for r in requests)
+        return model_drafts(self, requests)
+    monkeypatch.setattr(Drafter, "model_drafts", spy)
 
     prompts = _busy_prompts()
     params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
@@ -147,6 +156,7 @@ def test_lookup_drafts_in_place_of_the_draft_models_keep_its_cache_right(tiny, t
     monkeypatch.setattr(proposers, "propose_ngram", oracle)
     spec, engine = _generate(tiny, prompts, params, _draft(tiny_path, lookup_min=2), **BUSY)
     assert spec == plain
+    assert decoded and not any(oracle(tokens, 3, 2, 5) for tokens in decoded)  # none where lookup proposes
     s = engine.stats()
     assert 0 < s["spec_num_lookup_drafts"] < s["spec_num_drafts"]
     assert s["spec_num_lookup_accepted_tokens"] == s["spec_num_lookup_draft_tokens"] > 50  # the oracle is right

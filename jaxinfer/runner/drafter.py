@@ -11,8 +11,9 @@
                                           own KV cache (the target's page tables, `speculative.draft`)
       proposals(rows, num_running, device_drafts) -> {request id: drafts} | None   after a step is
                                           collected: the head's drafts (eagle), k greedy decode steps
-                                          of the draft model (draft), or None (ngram: proposed on the
-                                          host by `speculative.proposers.next_drafts`)
+                                          of the draft model (draft: not for a request whose drafts
+                                          prompt lookup gives, `lookup_min`), or None (ngram: proposed
+                                          on the host by `speculative.proposers.next_drafts`)
 
 No proposals where as many requests run as turn drafts off (`SpeculativeConfig.drafts_at`): the
 next step verifies none, and the draft model does not run in such a step at all (running it over
@@ -39,7 +40,7 @@ from jaxinfer.runner.steps import AttentionSpec, draft_propose_step, forward_ste
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative.draft import DraftModel
 from jaxinfer.speculative.eagle import DraftHead
-from jaxinfer.speculative.proposers import proposes
+from jaxinfer.speculative.proposers import lookup_in_place, proposes
 from pallas_kernels.paged_attention_reference import decode_items
 
 
@@ -154,10 +155,13 @@ class Drafter:
             return {}  # the next step verifies none
         wanted = [(rid, request) for rid, (request, _) in rows.items()  # (draft keys for all but its last token)
                   if proposes(request) and request.block_ids and request.draft_len >= len(request.token_ids) - 1]
+        # where prompt lookup's drafts replace the model's (`lookup_min`) the model decodes nothing
+        lookups = {rid: found for rid, request in wanted if (found := lookup_in_place(self.spec, request))}
+        wanted = [(rid, request) for rid, request in wanted if rid not in lookups]
         if not wanted:
-            return {}
+            return lookups
         drafts = self.model_drafts([request for _, request in wanted])
-        return {rid: drafts[i].tolist() for i, (rid, _) in enumerate(wanted)}
+        return lookups | {rid: drafts[i].tolist() for i, (rid, _) in enumerate(wanted)}
 
 
 # ---- the draft model's inputs -------------------------------------------------------------------

@@ -8,8 +8,9 @@
              the step's tokens, so proposing costs no host round trip of its own
 
 `next_drafts` turns either into the next step's drafts per request. A model's drafts give way to
-prompt lookup's where a suffix of at least `lookup_min` of the request's tokens recurs in it (the
-proposals are greedy either way, so verification treats them alike).
+prompt lookup's where a suffix of at least `lookup_min` of the request's tokens recurs in it
+(`lookup_in_place`; the draft model does not decode for such a request at all; the proposals are
+greedy either way, so verification treats them alike).
 """
 
 from __future__ import annotations
@@ -31,20 +32,29 @@ def proposes(request) -> bool:
         and len(request.token_ids) - request.num_prompt_tokens >= p.min_tokens
 
 
+def lookup_in_place(spec, request) -> LookupDrafts | None:
+    """Prompt lookup's drafts in place of a model's (methods draft and eagle): where a suffix of at
+    least `spec.lookup_min` of the request's tokens recurs in them; None where none does (or
+    lookup_min is None). The draft model decodes nothing for a request that has them."""
+    if spec.lookup_min is None:
+        return None
+    found = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.lookup_min, spec.prompt_lookup_max)
+    return LookupDrafts(found) if found else None
+
+
 def next_drafts(spec, rows: dict, proposed: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """rows: request id -> (CachedRequest, its sampler row) of a collected step; proposed: request
     id -> the drafts a model proposed after that step on the device (draft, eagle; None: ngram,
-    proposed here) -> request id -> the drafts of every request that takes them."""
+    proposed here; `LookupDrafts` where the drafter looked up already) -> request id -> the drafts
+    of every request that takes them."""
     drafts = {}
     for rid, (request, _) in rows.items():
         if not proposes(request):
             continue
         if proposed is not None:  # a model's drafts, unless a long enough suffix recurs (`lookup_min`)
             proposal = proposed.get(rid, [])
-            if proposal and spec.lookup_min is not None:
-                lookup = propose_ngram(request.token_ids, spec.num_speculative_tokens, spec.lookup_min,
-                                       spec.prompt_lookup_max)
-                proposal = LookupDrafts(lookup) if lookup else proposal
+            if proposal and not isinstance(proposal, LookupDrafts):
+                proposal = lookup_in_place(spec, request) or proposal
         else:
             proposal = LookupDrafts(propose_ngram(request.token_ids, spec.num_speculative_tokens,
                                                   spec.prompt_lookup_min, spec.prompt_lookup_max))
