@@ -10,10 +10,11 @@
       forward(inp, q_block)               draft: the step's tokens through the draft model, into its
                                           own KV cache (the target's page tables, `speculative.draft`)
       proposals(rows, num_running, device_drafts) -> {request id: drafts} | None   after a step is
-                                          collected: the head's drafts (eagle), k greedy decode steps
-                                          of the draft model (draft: not for a request whose drafts
-                                          prompt lookup gives, `lookup_min`), or None (ngram: proposed
-                                          on the host by `speculative.proposers.next_drafts`)
+                                          collected: prompt lookup's where a suffix recurs (`lookup_min`,
+                                          `proposers.lookup_in_place`), else the head's drafts (eagle) or
+                                          k greedy decode steps of the draft model (draft: only for the
+                                          requests lookup gives none); None for ngram (proposed on the
+                                          host by `speculative.proposers.next_drafts`)
 
 No proposals where as many requests run as turn drafts off (`SpeculativeConfig.drafts_at`): the
 next step verifies none, and the draft model does not run in such a step at all (running it over
@@ -143,14 +144,19 @@ class Drafter:
     # ---- after a step ------------------------------------------------------------------------------
 
     def proposals(self, rows: dict, num_running: int, device_drafts: np.ndarray | None) -> dict | None:
-        """The drafts a model proposed after a collected step, by request id: the head's, which came
-        back with the step (`device_drafts` [S, k], eagle), or the draft model's, decoded now; None
-        for ngram. rows: request id -> (CachedRequest, its sampler row)."""
+        """The drafts after a collected step, by request id, for the requests that take drafts: prompt
+        lookup's where a suffix of `lookup_min` tokens recurs (`LookupDrafts`), else the head's,
+        which came back with the step (`device_drafts` [S, k], eagle), or the draft model's, decoded
+        now for those requests only; None for ngram. rows: request id -> (CachedRequest, its sampler
+        row)."""
         method = self.spec.method
         if method == "ngram":
             return None
-        if method == "eagle":
-            return {} if device_drafts is None else {rid: device_drafts[s].tolist() for rid, (_, s) in rows.items()}
+        if method == "eagle":  # (prompt lookup's drafts in place of the head's where a suffix recurs)
+            if device_drafts is None:
+                return {}
+            return {rid: lookup_in_place(self.spec, request) or device_drafts[s].tolist()
+                    for rid, (request, s) in rows.items() if proposes(request)}
         if not self.spec.drafts_at(num_running):
             return {}  # the next step verifies none
         wanted = [(rid, request) for rid, (request, _) in rows.items()  # (draft keys for all but its last token)

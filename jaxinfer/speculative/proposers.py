@@ -9,8 +9,9 @@
 
 `next_drafts` turns either into the next step's drafts per request. A model's drafts give way to
 prompt lookup's where a suffix of at least `lookup_min` of the request's tokens recurs in it
-(`lookup_in_place`; the draft model does not decode for such a request at all; the proposals are
-greedy either way, so verification treats them alike).
+(`lookup_in_place`, asked by the runner's `Drafter.proposals` before the draft model decodes: it
+decodes nothing for such a request; the proposals are greedy either way, so verification treats
+them alike).
 """
 
 from __future__ import annotations
@@ -44,17 +45,15 @@ def lookup_in_place(spec, request) -> LookupDrafts | None:
 
 def next_drafts(spec, rows: dict, proposed: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """rows: request id -> (CachedRequest, its sampler row) of a collected step; proposed: request
-    id -> the drafts a model proposed after that step on the device (draft, eagle; None: ngram,
-    proposed here; `LookupDrafts` where the drafter looked up already) -> request id -> the drafts
-    of every request that takes them."""
+    id -> the drafts the drafter proposed after that step (draft, eagle: a model's, or `LookupDrafts`
+    in their place; None: ngram, proposed here) -> request id -> the drafts of every request that
+    takes them."""
     drafts = {}
     for rid, (request, _) in rows.items():
         if not proposes(request):
             continue
-        if proposed is not None:  # a model's drafts, unless a long enough suffix recurs (`lookup_min`)
+        if proposed is not None:  # a model's drafts, or prompt lookup's in their place (`Drafter.proposals`)
             proposal = proposed.get(rid, [])
-            if proposal and not isinstance(proposal, LookupDrafts):
-                proposal = lookup_in_place(spec, request) or proposal
         else:
             proposal = LookupDrafts(propose_ngram(request.token_ids, spec.num_speculative_tokens,
                                                   spec.prompt_lookup_min, spec.prompt_lookup_max))
