@@ -1,7 +1,7 @@
 """Engine settings, one frozen config per concern (`CacheConfig`, `SchedulingConfig`,
 `BucketConfig`, `sharding.mesh.ParallelConfig`, `CompileConfig`) composed into `EngineConfig`;
-the KV-cache byte budget, the pool and the runner's config derived from them; and the
-process-wide compilation cache that the entry points set.
+the KV-cache byte budget, the pool and the runner's config derived from them (the process-wide
+compilation cache the entry points set: `compilation_cache`, re-exported here).
 Building a config never starts a JAX backend (a multi-host run calls jax.distributed.initialize
 first); what needs the device is resolved by `LLMEngine`.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.compilation_cache import set_compilation_cache  # noqa: F401 (re-exported)
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.speculative import SpeculativeConfig
 from pallas_kernels import ops
@@ -219,34 +219,6 @@ class EngineConfig:
             _check(self.scheduling.max_num_batched_tokens % sp == 0,
                    f"max_num_batched_tokens ({self.scheduling.max_num_batched_tokens}) must be a multiple of "
                    f"sequence_parallel_size ({sp}): each step's tokens split evenly")
-
-
-def set_compilation_cache(path: str | None) -> str | None:
-    """Points JAX's persistent compilation cache at `path`, or turns it off; returns the directory
-    in use (None: off). The entry points call it (`LLM`, the CLI, the server): the cache is a
-    process-wide JAX setting, so an engine never changes it behind its caller's back.
-
-    Args:
-      path: a directory; "" disables the cache (also after an earlier call enabled it); None: the
-        JAXINFER_COMPILATION_CACHE environment variable, else ~/.cache/jaxinfer/xla.
-    """
-    from jax._src import compilation_cache  # reset_cache: JAX reads the setting once, then caches it
-
-    if path is None:
-        path = os.environ.get("JAXINFER_COMPILATION_CACHE",
-                              os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
-    if not path:
-        if jax.config.jax_enable_compilation_cache:
-            jax.config.update("jax_enable_compilation_cache", False)
-            compilation_cache.reset_cache()
-        return None
-    os.makedirs(path, exist_ok=True)
-    if not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != path:
-        jax.config.update("jax_enable_compilation_cache", True)
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        compilation_cache.reset_cache()
-    return path
 
 
 def kv_pool_pages(config: EngineConfig, device: jax.Device, page_bytes: int, page_size: int,

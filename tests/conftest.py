@@ -20,14 +20,14 @@ def pytest_configure(config):
     """The persistent compilation cache on for the whole session, the same one `LLM`, the CLI and
     the server use (JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla): the kernel tests before
     the first `LLM` read it too, and a test's subprocesses share what this process compiled."""
-    import jax
+    from jaxinfer.compilation_cache import set_compilation_cache
 
-    from jaxinfer.engine_config import set_compilation_cache
-
-    set_compilation_cache(None)
     # Every executable, not only those over the entry points' 0.5 s: the suite's eager jnp calls and
-    # small steps compile in 10-300 ms each, thousands of times, and a cache read is a few ms.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # small steps compile in 10-300 ms each, thousands of times, and a cache read is a few ms. In the
+    # environment, so the subprocesses the tests start (benchmarks, the CLI, servers, notebooks) write
+    # and read every graph too.
+    os.environ.setdefault("JAXINFER_COMPILATION_CACHE_MIN_SECS", "0")
+    set_compilation_cache(None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -298,17 +298,20 @@ def test_engine_config_is_composed_of_one_config_per_concern():
         EngineConfig.of(data_parallel_size=0)
 
 
-def test_an_empty_compilation_cache_dir_turns_the_cache_off_after_it_was_on(tmp_path):
+def test_an_empty_compilation_cache_dir_turns_the_cache_off_after_it_was_on(tmp_path, monkeypatch):
+    """The cache on, then off; JAXINFER_COMPILATION_CACHE_MIN_SECS decides which graphs are written
+    (0: every one, as the suite sets for its subprocesses; unset: those over 0.5 s, not a tiny one)."""
     import subprocess
     import sys
 
-    code = f"""
-import os
+    from jaxinfer.compilation_cache import set_compilation_cache
+
+    code = """
+import os, sys
 import jax, jax.numpy as jnp
 from jaxinfer.engine import set_compilation_cache
 
-on = set_compilation_cache({str(tmp_path / "cache")!r})
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+on = set_compilation_cache(sys.argv[1])
 jax.jit(lambda x: x * 2 + 1)(jnp.ones(7)).block_until_ready()
 written = len(os.listdir(on))
 assert set_compilation_cache("") is None
@@ -316,10 +319,22 @@ jax.jit(lambda x: x * 3 - 1)(jnp.ones(9)).block_until_ready()
 print(written, len(os.listdir(on)))
 """
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    written, after = map(int, proc.stdout.split())
+    counts = {}
+    for min_secs in ("0", None):
+        env.pop("JAXINFER_COMPILATION_CACHE_MIN_SECS", None)
+        if min_secs is not None:
+            env["JAXINFER_COMPILATION_CACHE_MIN_SECS"] = min_secs
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"cache-{min_secs}")], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        counts[min_secs] = tuple(map(int, proc.stdout.split()))
+    written, after = counts["0"]
     assert written >= 1 and after == written  # on: the first graph was cached; off: the second was not
+    assert counts[None] == (0, 0)  # the default writes no graph that compiles in milliseconds
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("JAXINFER_COMPILATION_CACHE_MIN_SECS", bad)
+        with pytest.raises(ValueError, match="JAXINFER_COMPILATION_CACHE_MIN_SECS must be a number of seconds"):
+            set_compilation_cache(str(tmp_path / "unused"))
 
 
 def test_a_request_is_validated_once_at_the_edge(tiny, monkeypatch):
