@@ -91,11 +91,9 @@ def init_head(hc: HeadConfig, key) -> dict:
     return params
 
 
-def param_shapes(hc: HeadConfig) -> dict:
-    D, F, NH = hc.hidden_size, hc.intermediate_size, hc.num_heads * hc.head_dim
-    shapes = {"norm_e": (D,), "norm_f": (D,), "fc": (2 * D, D), "mlp_norm": (D,), "gate": (D, F), "up": (D, F),
-              "down": (F, D)}
-    return shapes | ({"attn_norm": (D,), "wq": (D, NH), "wo": (NH, D)} if hc.context_window else {})
+def abstract_params(hc: HeadConfig) -> dict:
+    """`init_head`'s arrays as shapes and dtypes (nothing computed): what a saved head must hold."""
+    return jax.eval_shape(lambda: init_head(hc, jax.random.key(0)))
 
 
 @jax.tree_util.register_dataclass
@@ -340,7 +338,7 @@ def load_head(path: str | os.PathLike, cfg, params, tokenizer, quantization: str
         raise InvalidRequestError(f"the draft head at {path} attends over another model's cache (layer "
                                   f"{hc.context_layer}, {hc.num_kv_heads} heads of {hc.head_dim}); train one for this "
                                   f"model with `jaxinfer train-draft MODEL {path}`")
-    abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(hc).items()}
+    abstract = abstract_params(hc)
     abstract["token_map"] = jax.ShapeDtypeStruct((hc.draft_vocab_size,), jnp.int32)
     try:
         with ocp.StandardCheckpointer() as ckpt:
