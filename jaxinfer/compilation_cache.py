@@ -23,17 +23,9 @@ def set_compilation_cache(path: str | None) -> str | None:
     subprocesses share every graph too).
 
     Raises:
-      ValueError: JAXINFER_COMPILATION_CACHE_MIN_SECS is set to something other than seconds >= 0.
+      ValueError: the cache is on and JAXINFER_COMPILATION_CACHE_MIN_SECS is not a number of seconds >= 0.
     """
     from jax._src import compilation_cache  # reset_cache: JAX reads the setting once, then caches it
-
-    raw = os.environ.get("JAXINFER_COMPILATION_CACHE_MIN_SECS", "0.5")
-    try:
-        min_secs = float(raw)
-    except ValueError:
-        min_secs = -1.0
-    if not min_secs >= 0:  # (NaN too)
-        raise ValueError(f"JAXINFER_COMPILATION_CACHE_MIN_SECS must be a number of seconds >= 0, got {raw!r}")
 
     if path is None:
         path = os.environ.get("JAXINFER_COMPILATION_CACHE",
@@ -43,6 +35,7 @@ def set_compilation_cache(path: str | None) -> str | None:
             jax.config.update("jax_enable_compilation_cache", False)
             compilation_cache.reset_cache()
         return None
+    min_secs = _min_compile_secs()  # (read only where the cache is on: turning it off needs no setting)
     os.makedirs(path, exist_ok=True)
     if (not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != path
             or jax.config.jax_persistent_cache_min_compile_time_secs != min_secs):
@@ -51,3 +44,15 @@ def set_compilation_cache(path: str | None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
         compilation_cache.reset_cache()
     return path
+
+
+def _min_compile_secs() -> float:
+    """JAXINFER_COMPILATION_CACHE_MIN_SECS (default 0.5) as seconds; ValueError unless a number >= 0."""
+    raw = os.environ.get("JAXINFER_COMPILATION_CACHE_MIN_SECS", "0.5")
+    try:
+        secs = float(raw)
+    except ValueError:
+        secs = float("nan")
+    if not secs >= 0:  # (NaN too)
+        raise ValueError(f"JAXINFER_COMPILATION_CACHE_MIN_SECS must be a number of seconds >= 0, got {raw!r}")
+    return secs
