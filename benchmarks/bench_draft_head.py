@@ -12,7 +12,8 @@ target's greedy ones (`corpus.answer`); the engine's outputs are checked equal t
 the engine's eagle proposals: prompt lookup's where a suffix of --lookup-min tokens recurs
 (`SpeculativeConfig.lookup_min`; "none": the head's alone), else the head's; the head's alone are
 walked too. The walk's head is stored as the engine's (`SpeculativeConfig.quantization`, resolved
-for this platform: "auto" is int8 on CPU), so the two see the same drafts.
+for this platform: "auto" is int8 on CPU), so the two see the same drafts: k drafts as a chain
+(`draft_tree=None`; the engine's CPU default, a tree, reads higher: `speculative.tree`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     cfg, tok = loaded.config, loaded.tokenizer
     spec = SpeculativeConfig(method="eagle", model=args.eagle, num_speculative_tokens=args.k,
                              disable_by_batch_size=None, min_acceptance=0.0, lookup_min=args.lookup_min,
-                             quantization=args.head_quantization)
+                             quantization=args.head_quantization, draft_tree=None)  # (the walk's: a chain of k)
     import jax
 
     quantization = spec.resolve(jax.default_backend()).quantization

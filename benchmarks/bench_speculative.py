@@ -7,6 +7,7 @@ workloads, in interleaved rounds.
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
                                            [--prompt-lookup-min 1 2] [--draft MODEL ...] [--eagle HEAD_DIR]
                                            [--lookup-min 2 none] [--head-quantization none int8 int4]
+                                           [--draft-tree none '[[0], [0, 0], [1]]']
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--head-quantization", type=lambda v: None if v == "none" else v, nargs="+", default=["auto"],
                     help='eagle: SpeculativeConfig.quantization values to run ("none": the head in float32; "int8"; '
                          '"int4"; default: auto, the platform\'s)')
+    ap.add_argument("--draft-tree", type=lambda v: None if v == "none" else json.loads(v), nargs="+", default=[None],
+                    help='eagle: SpeculativeConfig.draft_tree values to run, as JSON ("none": a chain of k; e.g. '
+                         '"[[0], [0, 0], [1]]" with --k 3)')
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
@@ -123,8 +127,11 @@ def main(argv=None):
             head = "" if hq == "auto" else f" head {hq or 'float32'}"
             for d in args.eagle:
                 which = f" ({os.path.basename(os.path.normpath(d))})" if len(args.eagle) > 1 else ""
-                configs |= {f"eagle k={k}{name}{head}{which}": spec(method="eagle", model=d, num_speculative_tokens=k,
-                                                                     quantization=hq, **extra) for k in args.k}
+                for tree in args.draft_tree:
+                    shape = "" if tree is None else f" tree {json.dumps(tree).replace(' ', '')}"
+                    configs |= {f"eagle k={k}{name}{head}{shape}{which}": spec(
+                        method="eagle", model=d, num_speculative_tokens=k, quantization=hq, draft_tree=tree, **extra)
+                        for k in ([len(tree)] if tree is not None else args.k)}
     llms = {}
     for name, spec in configs.items():
         t0 = time.perf_counter()

@@ -114,7 +114,7 @@ class LLMEngine:
         page_size = cache.page_size or DEFAULT_PAGE_SIZE.get(device.platform, 16)
         spec = sched.speculative_config
         if spec is not None:  # "auto" settings: this platform's measured ones
-            spec = spec.resolve(device.platform)
+            spec = spec.resolve(device.platform, tree_rows=ops.uses_decode_items(comp.attention_backend))
         # method "draft": the draft model, "eagle": the draft head, loaded and checked against this model
         draft_model, draft_head = load_proposer(spec, config, params, tokenizer, self.max_model_len, self.mesh)
 

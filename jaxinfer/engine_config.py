@@ -299,7 +299,12 @@ def runner_config(config: EngineConfig, *, page_size: int, num_pages: int, max_m
                       max_prefill_seqs=sched.max_prefill_seqs, pages_per_item=buckets.pages_per_item,
                       attention_backend=config.compile.attention_backend, sequence_parallel_size=sp,
                       kv_cache_dtype=config.cache.kv_cache_dtype,
-                      num_speculative_tokens=speculative.num_speculative_tokens if speculative is not None else 0)
+                      num_speculative_tokens=speculative.num_speculative_tokens if speculative is not None else 0,
+                      draft_tree=speculative is not None and isinstance(speculative.draft_tree, tuple))
+    if rc.draft_tree and not rc.use_decode_items:
+        raise InvalidRequestError(f"speculative_config.draft_tree is verified on the decode path's attention "
+                                  f"(attention backend \"reference\" or CPU's \"auto\"; backend "
+                                  f"{config.compile.attention_backend!r} here): leave draft_tree None (a chain)")
     if rc.token_buckets[-1] < max_tokens or rc.seq_buckets[-1] < sched.max_num_seqs:
         raise InvalidRequestError(f"the largest token bucket ({rc.token_buckets[-1]}) and sequence bucket "
                                   f"({rc.seq_buckets[-1]}) must cover max_num_batched_tokens ({max_tokens}) and "

@@ -57,6 +57,10 @@ class PagedAttentionMeta:
     cu_q_lens: jax.Array  # [S + 1] int32: cumulative tokens per sequence in this step
     num_seqs: jax.Array  # [] int32: sequences in use
     decode_items: DecodeItems | None = None  # set on decode-only steps (T = S, one token each)
+    # a verify step of draft trees (`speculative.tree`): per row, the chunk's first position and the
+    # bits of the chunk's rows it sees (-1: causal); decode-only steps only
+    tree_base: jax.Array | None = None  # [S] int32
+    tree_mask: jax.Array | None = None  # [S] int32
 
 
 def paged_attend(q, k, v, kv_cache: PagedKVCache, layer, meta: PagedAttentionMeta, *,
@@ -75,8 +79,11 @@ def paged_attend(q, k, v, kv_cache: PagedKVCache, layer, meta: PagedAttentionMet
         items = meta.decode_items
         out = ops.decode_attention_by_pages(q[0], new_k, new_v, meta.kv_lens, items.seq, items.page, items.pos,
                                             layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
-                                            soft_cap=soft_cap, backend=backend)
+                                            soft_cap=soft_cap, backend=backend, tree_base=meta.tree_base,
+                                            tree_mask=meta.tree_mask)
     else:
+        if meta.tree_mask is not None:
+            raise ValueError("draft trees are verified on the decode path only (one-token rows)")
         out = ops.ragged_paged_attention(q[0], new_k, new_v, meta.kv_lens, meta.page_table, meta.cu_q_lens,
                                          meta.num_seqs, layer=layer, sliding_window=sliding_window,
                                          sm_scale=sm_scale, soft_cap=soft_cap, q_block=q_block,

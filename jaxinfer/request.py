@@ -63,6 +63,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.spec_token_ids: list[int] = []  # speculative decoding: proposed for its next step
         self.spec_from_lookup = False  # ... by prompt lookup (`proposers.LookupDrafts`)
+        self.spec_parents: tuple[int, ...] = ()  # ... as a draft tree (`proposers.TreeDrafts`); (): a chain
         self.num_draft_tokens = 0  # drafts it verified
         self.num_accepted_tokens = 0  # of which accepted
         # The sampling seed: the params' seed, else one the engine draws.

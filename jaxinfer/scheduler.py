@@ -173,7 +173,7 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(self._num_to_compute(request), budget)
-            drafts = self._drafts(request, budget) if speculate and n == 1 else ()
+            drafts, parents = self._drafts(request, budget) if speculate and n == 1 else ((), ())
             n += len(drafts)
             if n <= 0:
                 i += 1  # its step in flight ends it (max_tokens / the context): nothing more to compute
@@ -189,7 +189,7 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
                 if victim is request:
                     break
             else:
-                chunks.append(self._chunk(request, request.num_computed_tokens, n, drafts))
+                chunks.append(self._chunk(request, request.num_computed_tokens, n, drafts, parents))
                 budget -= n
                 i += 1
                 continue
@@ -254,7 +254,8 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
             return 0
         return request.num_tokens + pending - request.num_computed_tokens
 
-    def _chunk(self, request: Request, start: int, n: int, drafts: tuple[int, ...] = ()) -> ScheduledChunk:
+    def _chunk(self, request: Request, start: int, n: int, drafts: tuple[int, ...] = (),
+               parents: tuple[int, ...] = ()) -> ScheduledChunk:
         """The chunk of positions [start, start + n) (its last len(drafts) tokens drafts); counts them
         computed (and the sampled token pending) now, so the next step can be scheduled before this
         one's results are back (`update` moves it back past rejected drafts)."""
@@ -264,7 +265,7 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
         request.num_computed_tokens = start + n
         request.num_pending_tokens += samples
         return ScheduledChunk(request_id=request.request_id, start_pos=start, num_tokens=n,
-                              new_block_ids=new_pages, samples=samples, draft_token_ids=drafts)
+                              new_block_ids=new_pages, samples=samples, draft_token_ids=drafts, draft_parents=parents)
 
     def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
                drafts: Mapping[str, Sequence[int]] | None = None,
@@ -316,6 +317,7 @@ class Scheduler(BeamScheduling, SpeculativeScheduling):
                     proposed = (drafts or {}).get(chunk.request_id, ())
                     request.spec_token_ids = list(proposed)
                     request.spec_from_lookup = isinstance(proposed, LookupDrafts)
+                    request.spec_parents = getattr(proposed, "parents", ())  # (`TreeDrafts`)
             updates.append(RequestUpdate(request.request_id, new_tokens, request.status, request.stop_reason,
                                          max(0, request.num_cached_tokens), drafted, accepted))
         beams, self._beam_results = self._beam_results, {}

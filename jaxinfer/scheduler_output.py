@@ -30,6 +30,7 @@ class ScheduledChunk:
     # speculative decoding: proposed tokens after the request's last one, the chunk's last
     # len(draft_token_ids) tokens; the step verifies them (num_tokens counts them)
     draft_token_ids: tuple[int, ...] = ()
+    draft_parents: tuple[int, ...] = ()  # a draft tree's (`speculative.tree.parents_of`); (): a chain
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,8 @@ def use(q, k_cache) -> bool:
 
 
 def decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_pages, item_pos, *, layer=None,
-                         sliding_window=None, sm_scale: float | None = None, soft_cap: float | None = None):
+                         sliding_window=None, sm_scale: float | None = None, soft_cap: float | None = None,
+                         tree_base=None, tree_mask=None):
     """`paged_attention_reference.decode_attention_by_pages` (same arguments and result) on the
     native kernel. sliding_window: None, an int or a traced int32 scalar (0 or less: none).
 
@@ -63,7 +64,10 @@ def decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_pages, ite
     window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32).reshape(())
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
     out = jax.ShapeDtypeStruct((S, N, H), jnp.float32)
+    if tree_mask is None:  # (every row causal)
+        tree_base, tree_mask = jnp.zeros((S,), jnp.int32), jnp.full((S,), -1, jnp.int32)
     return jax.ffi.ffi_call(TARGET, out)(
         q, k_cache, v_cache, layer, window, i32(kv_lens), i32(item_seq), i32(item_pages), i32(item_pos),
+        i32(tree_base), i32(tree_mask),
         sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
         threads=np.int64(quantized_matmul_cpu.THREADS))

@@ -156,7 +156,8 @@ def ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, cu_q_lens, 
 
 def decode_attention_by_pages(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos, *, layer=None,
                               sliding_window: int | None = None, soft_cap: float | None = None,
-                              sm_scale: float | None = None, backend: str = "auto") -> jax.Array:
+                              sm_scale: float | None = None, backend: str = "auto", tree_base=None,
+                              tree_mask=None) -> jax.Array:
     if not uses_decode_items(backend):
         raise ValueError(f"attention backend {backend!r} takes decode steps through ragged_paged_attention")
     from pallas_kernels import decode_attention_cpu
@@ -164,6 +165,7 @@ def decode_attention_by_pages(q, k_cache, v_cache, kv_lens, item_seq, item_page,
     if backend == "auto" and decode_attention_cpu.use(q, k_cache):
         return decode_attention_cpu.decode_attention_cpu(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos,
                                                          layer=layer, sliding_window=sliding_window, sm_scale=sm_scale,
-                                                         soft_cap=soft_cap)
+                                                         soft_cap=soft_cap, tree_base=tree_base, tree_mask=tree_mask)
     return _decode_reference(q, k_cache, v_cache, kv_lens, item_seq, item_page, item_pos, layer=layer,
-                             sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)
+                             sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap, tree_base=tree_base,
+                             tree_mask=tree_mask)

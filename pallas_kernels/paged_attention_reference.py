@@ -156,7 +156,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
 
 def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_pages, item_pos, *, layer=None,
                               sliding_window: int | None = None, sm_scale: float | None = None,
-                              soft_cap: float | None = None):
+                              soft_cap: float | None = None, tree_base=None, tree_mask=None):
     """Decode attention (one query per sequence) over a flat list of (sequence, pages) work items.
 
     Every sequence's pages are listed once, in groups of a few pages per item, so the work is the
@@ -187,6 +187,13 @@ def decode_attention_by_pages(q, k_pages, v_pages, kv_lens, item_seq, item_pages
     k_pos = item_pos[:, None] + jnp.arange(group * page_size, dtype=jnp.int32)[None]  # [I, P]
     q_pos = kv_lens[item_seq] - 1
     mask = k_pos <= q_pos[:, None]
+    if tree_mask is not None:
+        base, bits = tree_base[item_seq][:, None], tree_mask[item_seq]
+        offset = k_pos - base
+        seen = (jnp.right_shift(bits[:, None], jnp.clip(offset, 0, 31)) & 1) == 1
+        mask &= (bits[:, None] == -1) | (offset < 0) | ((offset < 32) & seen)
+        own = jnp.where(bits == -1, q_pos, base[:, 0] + jax.lax.population_count(bits) - 1)
+        q_pos = jnp.where(bits == -1, q_pos, own)  # (the sliding window ends at its own position)
     values = jnp.where(mask[:, :, None, None], values, 0)  # slots past the end may hold NaN
     if sliding_window is not None:
         mask &= k_pos > q_pos[:, None] - sliding_window

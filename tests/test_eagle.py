@@ -151,7 +151,7 @@ def test_the_heldout_figure_is_what_the_engine_measures(tiny, head_dir, lookup_m
 
     # prompts that end by repeating their start: the tiny model's answers then repeat a few of their tokens
     prompts, max_tokens, k = [p + p[:12] for p in _prompts(6, seed=0)], 40, 3
-    spec = _eagle(head_dir, k, lookup_min=lookup_min)
+    spec = _eagle(head_dir, k, lookup_min=lookup_min, draft_tree=None)  # (the walk's k drafts: a chain)
     quantization = spec.resolve(jax.default_backend()).quantization  # the walk's head stored as the engine's
     head = eagle.load_head(head_dir, tiny.config, tiny.params, tiny.tokenizer, quantization=quantization)
     answers = answer(tiny, prompts, max_tokens=max_tokens, batch=8, progress=False)
@@ -185,15 +185,22 @@ def test_draft_vocabulary_keeps_the_most_emitted_tokens_and_eos():
 
 # ---- the engine with the head: identical output ---------------------------------------------------
 
-@pytest.mark.parametrize("k,quantization", [(1, "auto"), (3, "auto"), (5, "auto"), (3, None), (3, "int4")])
-def test_greedy_output_is_plain_decodings(tiny, head_dir, k, quantization):
+TREES = [None, [[0], [0, 0], [1]], [[0], [1], [0, 0], [2], [1, 0]]]  # a chain; 2 + 1 nodes; 3 + 2
+
+
+@pytest.mark.parametrize("k,quantization,tree", [(1, "auto", None), (3, "auto", None), (5, "auto", None),
+                                                 (3, None, None), (3, "int4", None), (3, "auto", TREES[1]),
+                                                 (5, "auto", TREES[2])])
+def test_greedy_output_is_plain_decodings(tiny, head_dir, k, quantization, tree):
     """16 mixed-length prompts at once, chunked prefill, a pool small enough to preempt, prompts
-    sharing pages in the prefix cache; the head as "auto" stores it (int8 on CPU), float and int4."""
+    sharing pages in the prefix cache; the head as "auto" stores it (int8 on CPU), float and int4;
+    chains and draft trees (max_tokens cuts the last steps' trees, `tree.trim`)."""
     prompts = _prompts(14) + [list(range(40, 80)) * 2, list(range(40, 80)) * 2 + [9]]
     params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
     settings = dict(max_num_batched_tokens=32, num_pages=26, max_num_seqs=8)
     plain, _ = _generate(tiny, prompts, params, **settings)
-    spec, engine = _generate(tiny, prompts, params, _eagle(head_dir, k, quantization=quantization), **settings)
+    spec, engine = _generate(tiny, prompts, params, _eagle(head_dir, k, quantization=quantization, draft_tree=tree),
+                             **settings)
     assert spec == plain
     stored = engine.runner.drafter.head.lm_head
     want = AUTO_HEAD_QUANTIZATION.get(jax.default_backend()) if quantization == "auto" else quantization
@@ -222,19 +229,42 @@ def test_tensor_parallel_greedy_output_is_plain_decodings(tiny, head_dir):
     assert engine.stats()["spec_num_accepted_tokens"] > 0
 
 
-def test_seeded_sampling_gives_the_same_text(tiny, head_dir):
-    s = speculative_checks.check_seeded_sampling_gives_the_same_text(tiny, _eagle(head_dir), _prompts(6, seed=3))
+@pytest.mark.parametrize("tree", [None, TREES[1]])
+def test_seeded_sampling_gives_the_same_text(tiny, head_dir, tree):
+    s = speculative_checks.check_seeded_sampling_gives_the_same_text(
+        tiny, _eagle(head_dir, len(tree or "abc"), draft_tree=tree), _prompts(6, seed=3))
     assert s["spec_num_drafts"] > 0
 
 
 def test_random_requests_with_aborts_and_preemption_leak_no_pages(tiny, head_dir):
-    speculative_checks.check_random_requests_leak_no_pages(tiny, _eagle(head_dir), _prompts(200, seed=11), seed=11,
-                                                           num_pages=16)
+    """With the CPU default, a draft tree (trimmed where max_tokens ends a request, keys moved where
+    a second guess is accepted); a chain's pages are the ngram and draft checks' (`test_speculative`)."""
+    speculative_checks.check_random_requests_leak_no_pages(tiny, _eagle(head_dir, 3, draft_tree=TREES[1]),
+                                                           _prompts(200, seed=11), seed=11, num_pages=16)
 
 
 def test_nothing_compiles_after_warmup(tiny, head_dir):
-    """Warm-up compiles the proposer after sample and after verify steps of every sequence bucket."""
-    speculative_checks.check_nothing_compiles_after_warmup(tiny, _eagle(head_dir), _prompts(6, seed=5))
+    """Warm-up compiles the proposer after sample and after verify steps of every sequence bucket
+    (the CPU default: a draft tree, whose decode steps carry row masks)."""
+    speculative_checks.check_nothing_compiles_after_warmup(tiny, _eagle(head_dir, 3, draft_tree=TREES[1]),
+                                                           _prompts(6, seed=5))
+
+
+def test_a_draft_tree_accepts_its_second_guesses(tiny, head_dir):
+    """The tree [[0], [0, 0], [1]] verifies the head's second guess for the first token beside its
+    top one: with the same head it accepts more than the chain of its first two rows ([[0], [0, 0]],
+    what the tree holds beside a2) — the extra tokens are a2's path, whose keys and values moved to
+    their slots (the output stays plain decoding's)."""
+    prompts = _prompts(10, seed=21)
+    params = lambda i: SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # noqa: E731
+    plain, _ = _generate(tiny, prompts, params, max_num_seqs=4)
+    accepted = {}
+    for name, tree in (("chain", [[0], [0, 0]]), ("tree", TREES[1])):
+        out, engine = _generate(tiny, prompts, params, _eagle(head_dir, len(tree), draft_tree=tree, lookup_min=None),
+                                max_num_seqs=4)
+        assert out == plain, name
+        accepted[name] = engine.stats()["spec_num_accepted_tokens"]
+    assert accepted["tree"] > accepted["chain"], accepted
 
 
 @pytest.mark.parametrize("bits,max_rms,min_agree", [(8, 0.05, 0.9), (4, 0.2, 0.75)])

@@ -58,6 +58,8 @@ class RunnerConfig:
       sequence_parallel_size: devices of the `seq` mesh axis (tokens and KV pages split over them).
       kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" pages (`pallas_kernels.kv_quant`).
       num_speculative_tokens: K, most drafts a sequence verifies (0: no speculative decoding).
+      draft_tree: verify steps verify draft trees (`speculative.tree`): decode steps' attention
+        takes per-row masks (`PagedAttentionMeta.tree_mask`), verify steps their parents.
     """
 
     page_size: int
@@ -73,6 +75,7 @@ class RunnerConfig:
     sequence_parallel_size: int = 1
     kv_cache_dtype: str = "auto"
     num_speculative_tokens: int = 0
+    draft_tree: bool = False
 
     @property
     def use_decode_items(self) -> bool:

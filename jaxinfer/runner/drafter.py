@@ -41,7 +41,8 @@ from jaxinfer.runner.steps import AttentionSpec, draft_propose_step, forward_ste
 from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.speculative.draft import DraftModel
 from jaxinfer.speculative.eagle import DraftHead
-from jaxinfer.speculative.proposers import lookup_in_place, proposes
+from jaxinfer.speculative.proposers import TreeDrafts, lookup_in_place, proposes
+from jaxinfer.speculative.tree import parents_of
 from pallas_kernels.paged_attention_reference import decode_items
 
 
@@ -94,7 +95,7 @@ class Drafter:
             context = pad_rows(context, vi.rows.shape[0] - context.position.shape[0])
         return propose_step(params, self.head, hidden, tokens, None if vi is None else vi.rows, num_accepted,
                             kv_cache, context, graphdef=graphdef, num_drafts=self.rc.num_speculative_tokens,
-                            matmul=self.attention.matmul_backend)
+                            matmul=self.attention.matmul_backend, tree=self.spec.draft_tree)
 
     def context_input(self, chunks, requests: dict[str, CachedRequest], S: int) -> HeadContextInput | None:
         """eagle: where the head's attention reads the target's cache after a step of `chunks` (S
@@ -155,8 +156,11 @@ class Drafter:
         if method == "eagle":  # (prompt lookup's drafts in place of the head's where a suffix recurs)
             if device_drafts is None:
                 return {}
-            return {rid: lookup_in_place(self.spec, request) or device_drafts[s].tolist()
-                    for rid, (request, s) in rows.items() if proposes(request)}
+            tree = self.spec.draft_tree  # (the head's drafts: a tree's nodes, or a chain)
+            parents = None if tree is None else parents_of(tree)
+            return {rid: lookup_in_place(self.spec, request) or (
+                device_drafts[s].tolist() if tree is None else TreeDrafts(device_drafts[s].tolist(), parents))
+                for rid, (request, s) in rows.items() if proposes(request)}
         if not self.spec.drafts_at(num_running):
             return {}  # the next step verifies none
         wanted = [(rid, request) for rid, (request, _) in rows.items()  # (draft keys for all but its last token)

@@ -30,6 +30,8 @@ import numpy as np
 from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
 from jaxinfer.runner.buckets import StepShape, chunk_pages
 from jaxinfer.runner.requests import CachedRequest
+from jaxinfer.speculative import tree
+from jaxinfer.speculative.tree import causal_rows
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.structured_output import bitmask_width, fill_bitmasks
 from pallas_kernels.paged_attention_reference import decode_items
@@ -50,6 +52,7 @@ class VerifyInput:
     rows: jax.Array  # [S, K + 1] int32: the chunk's last known token, then its drafts (repeated past them)
     drafts: jax.Array  # [S, K] int32
     num_drafts: jax.Array  # [S] int32
+    parents: jax.Array | None = None  # [S, K] int32: draft trees' (`speculative.tree`); None: chains
 
 
 @flax.struct.dataclass
@@ -112,7 +115,7 @@ class SamplingInput:
         return self.penalties is not None or bool(self.num_logprobs) or self.bitmask is not None
 
 
-def empty_model_input(shape: StepShape, page_size: int, pages_per_item: int) -> ModelInput:
+def empty_model_input(shape: StepShape, page_size: int, pages_per_item: int, trees: bool = False) -> ModelInput:
     """An all-padding input of `shape` (warm-up)."""
     T, S, W = shape.T, shape.S, shape.W
     items = None
@@ -121,19 +124,20 @@ def empty_model_input(shape: StepShape, page_size: int, pages_per_item: int) -> 
                                           pages_per_item))
     meta = PagedAttentionMeta(slot_mapping=np.zeros(T, np.int32), kv_lens=np.zeros(S, np.int32),
                               page_table=np.zeros((S, W), np.int32), cu_q_lens=np.zeros(S + 1, np.int32),
-                              num_seqs=np.int32(0), decode_items=items)
+                              num_seqs=np.int32(0), decode_items=items, **causal_rows(S, trees and items is not None))
     return ModelInput(tokens=np.zeros((1, T), np.int32), positions=np.zeros((1, T), np.int32), meta=meta,
                       logits_indices=np.zeros(S, np.int32))
 
 
 def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepShape, page_size: int,
-                      pages_per_item: int, pending: dict[str, int] | None = None
+                      pages_per_item: int, pending: dict[str, int] | None = None, trees: bool = False
                       ) -> tuple[ModelInput, np.ndarray | None]:
     """Packs the scheduled chunks into one padded ragged row (numpy; moved by jit).
 
     Args:
       pending: request id -> its row in the output of the step in flight, for the requests whose
         next token that step is sampling (async scheduling).
+      trees: the runner verifies draft trees: a decode step's meta has their fields (`causal_rows`).
 
     Returns:
       The input, and `token_src` [T] (the row of the step in flight's sampled tokens to read a
@@ -180,16 +184,18 @@ def build_model_input(chunks, requests: dict[str, CachedRequest], shape: StepSha
     if shape.is_decode:
         items = DecodeItems(*decode_items(kv_lens, table, page_size, shape.I, pages_per_item))
     meta = PagedAttentionMeta(slot_mapping=slots, kv_lens=kv_lens, page_table=table[:, :W], cu_q_lens=cu,
-                              num_seqs=np.int32(len(chunks)), decode_items=items)
+                              num_seqs=np.int32(len(chunks)), decode_items=items,
+                              **causal_rows(S, trees and items is not None))
     drafts = np.asarray([len(c.draft_token_ids) for c in chunks] + [0] * (S - len(chunks)), np.int32)
     logits_indices = np.maximum(cu[1:] - 1 - drafts, 0).astype(np.int32)  # a chunk's last known token
     return ModelInput(tokens=tokens[None], positions=positions[None], meta=meta,
                       logits_indices=logits_indices), token_src
 
 
-def build_verify_input(chunks, S: int, K: int) -> VerifyInput:
+def build_verify_input(chunks, S: int, K: int, trees: bool = False) -> VerifyInput:
     """Rows of the hidden state to verify (speculative decoding: `num_speculative_tokens` = K):
-    the step runs `buckets.verify_chunks(chunks)`, chunk s's 1 + d tokens in consecutive rows."""
+    the step runs `buckets.verify_chunks(chunks)`, chunk s's 1 + d tokens in consecutive rows;
+    `trees`: with each chunk's draft parents (a chain's where it has none)."""
     drafts = np.zeros((S, K), np.int32)
     num_drafts = np.zeros(S, np.int32)
     first = np.zeros(S, np.int32)
@@ -201,7 +207,12 @@ def build_verify_input(chunks, S: int, K: int) -> VerifyInput:
         first[s] = t + chunk.num_tokens - d - 1  # its last known token
         t += chunk.num_tokens
     rows = first[:, None] + np.minimum(np.arange(K + 1)[None], num_drafts[:, None])
-    return VerifyInput(rows=rows.astype(np.int32), drafts=drafts, num_drafts=num_drafts)
+    parents = None
+    if trees:
+        parents = np.tile(np.asarray(tree.chain(K), np.int32), (S, 1))
+        for s, chunk in enumerate(chunks):
+            parents[s, :len(chunk.draft_parents)] = chunk.draft_parents
+    return VerifyInput(rows=rows.astype(np.int32), drafts=drafts, num_drafts=num_drafts, parents=parents)
 
 
 def neutral_penalties(S: int, V: int) -> Penalties:

@@ -15,6 +15,7 @@ from jaxinfer.runner.inputs import (build_bitmask, build_model_input, build_samp
 from jaxinfer.runner.requests import CachedRequest
 from jaxinfer.runner.results import InFlightStep, StepPlan
 from jaxinfer.scheduler_output import SchedulerOutput
+from jaxinfer.speculative.tree import with_draft_trees
 
 
 def build_plan(out: SchedulerOutput, requests: dict[str, CachedRequest], rc: RunnerConfig, shape: StepShape, V: int,
@@ -35,7 +36,10 @@ def build_plan(out: SchedulerOutput, requests: dict[str, CachedRequest], rc: Run
     inputs, sampling, rows, srcs = [], [], [], []
     for r, o in enumerate(outs):  # replica r owns rows r*T.. of the tokens and r*S.. of the sequences
         chunks = verify_chunks(o.chunks) if verifies else o.chunks  # (a verify step: one-token rows)
-        inp, src = build_model_input(chunks, requests, shape, rc.page_size, rc.pages_per_item, pending)
+        inp, src = build_model_input(chunks, requests, shape, rc.page_size, rc.pages_per_item, pending,
+                                     trees=rc.draft_tree)
+        if verifies and rc.draft_tree:
+            inp = with_draft_trees(inp, o.chunks)
         inputs.append(inp)
         srcs.append(src)
         si = build_sampling_input(o.chunks, requests, S, V, eos_token_ids)
@@ -57,7 +61,7 @@ def build_plan(out: SchedulerOutput, requests: dict[str, CachedRequest], rc: Run
     if verifies:
         if len(outs) != 1:
             raise RuntimeError("speculative decoding runs on one data-parallel replica")
-        verify = build_verify_input(out.chunks, S, rc.num_speculative_tokens)
+        verify = build_verify_input(out.chunks, S, rc.num_speculative_tokens, trees=rc.draft_tree)
     plan = StepPlan(shape=shape, model_input=model_input, sampling_input=sampling_input,
                     prompt_rows=np.asarray(rows, np.int32),
                     prompt_targets=np.asarray(step.prompt_targets, np.int32), token_src=srcs[0], verify=verify)

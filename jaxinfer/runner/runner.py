@@ -85,11 +85,8 @@ class Runner:
                  draft_head: DraftHead | None = None, draft_model: DraftModel | None = None, grammars=None):
         if layer_loop not in ("model", "per_layer", "hybrid"):
             raise ValueError(f"layer_loop must be 'model', 'per_layer' or 'hybrid', got {layer_loop!r}")
-        self.config = config
-        self.rc = runner_config
-        self.graphdef = graphdef
+        self.config, self.rc, self.graphdef, self.mesh = config, runner_config, graphdef, mesh
         self.eos_token_ids = tuple(eos_token_ids)
-        self.mesh = mesh
         self.num_replicas = 1 if mesh is None else mesh.shape["data"]
         self.step_hook = None  # called with each StepPlan before it runs (multi-host broadcast)
         self.hidden_sink = None  # (request id, hidden [D]) per sampler row, not verify's (async: dropped rows too)
@@ -98,21 +95,21 @@ class Runner:
         self._in_flight: InFlightStep | None = None  # the last submitted step, until collected
         self.attention = AttentionSpec(backend=runner_config.attention_backend,
                                        max_prefill_seqs=runner_config.max_prefill_seqs, mesh=mesh)
-        self.layer_loop = layer_loop
-        self.unroll = layer_loop == "hybrid"  # forward_step's static on one-graph steps (warm-up's too)
+        self.layer_loop, self.unroll = layer_loop, layer_loop == "hybrid"  # (unroll: forward_step's static)
         if async_scheduling and mesh is not None:
             raise ValueError("async scheduling runs on one device without a mesh")
         self.async_scheduling = async_scheduling  # warm-up compiles resolve_tokens
-        if speculative is not None and (async_scheduling or runner_config.num_speculative_tokens
-                                        != speculative.num_speculative_tokens):
-            raise ValueError("speculative decoding runs synchronous steps with RunnerConfig.num_speculative_tokens "
-                             "= SpeculativeConfig.num_speculative_tokens")
+        rc = self.rc
+        tree = speculative is not None and isinstance(speculative.draft_tree, tuple)
+        if speculative is not None and (async_scheduling or (rc.num_speculative_tokens, rc.draft_tree)
+                                        != (speculative.num_speculative_tokens, tree)):
+            raise ValueError("speculative decoding runs synchronous steps, RunnerConfig's num_speculative_tokens and "
+                             "draft_tree as SpeculativeConfig's")
         self.speculative = speculative
         self.params = unstack_layers(params) if layer_loop != "model" else params_for_layer_loop(config, params)
         make_cache = functools.partial(self._make_cache, config)
-        if mesh is None:
-            self.kv_cache = make_cache()
-        else:  # parameters and cache placed by the sharding rules; the cache is allocated sharded
+        self.kv_cache = make_cache() if mesh is None else None
+        if mesh is not None:  # parameters and cache placed by the sharding rules; the cache is allocated sharded
             from sharding.rules import kv_cache_sharding, shard_params
 
             self.params = shard_params(self.params, mesh)
@@ -123,11 +120,10 @@ class Runner:
             self.layer_params = [{name[-1]: arrays[i] for name, arrays in layers.items()}
                                  for i in range(config.num_layers)]
         self._layer_ids = [jnp.int32(i) for i in range(config.num_layers)]  # on the device once
-        self.drafter = None  # speculative decoding's proposers on the device (`drafter`)
-        if speculative is not None:
-            self.drafter = Drafter(speculative, runner_config, self.attention, draft_head=draft_head,
-                                   draft_model=draft_model, mesh=mesh, make_cache=self._make_cache)
-        elif draft_head is not None or draft_model is not None:
+        self.drafter = None if speculative is None else Drafter(  # speculative decoding's proposers (`drafter`)
+            speculative, runner_config, self.attention, draft_head=draft_head, draft_model=draft_model, mesh=mesh,
+            make_cache=self._make_cache)
+        if speculative is None and (draft_head is not None or draft_model is not None):
             raise ValueError("a draft head or draft model goes with a speculative config")
 
     def _make_cache(self, config: ModelConfig) -> PagedKVCache:
@@ -164,13 +160,16 @@ class Runner:
         return sample_step(self.params, rows, si, graphdef=self.graphdef, pad_to=pad_to,
                            matmul=self.attention.matmul_backend)
 
-    def _verify(self, hidden, vi: VerifyInput, si: SamplingInput):
-        """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows)."""
-        S = vi.num_drafts.shape[0]
-        if si.largest_bucket_only and S < self.rc.seq_buckets[-1]:  # as in _sample
-            vi, si = pad_rows((vi, si), self.rc.seq_buckets[-1] - S)
-        return *verify_step(self.params, hidden, vi, si, graphdef=self.graphdef,
-                            matmul=self.attention.matmul_backend), vi
+    def _verify(self, hidden, vi: VerifyInput, si: SamplingInput, slot_mapping=None):
+        """-> (tokens, num_accepted, logprobs, the VerifyInput used: padded like the sampler's rows; with
+        draft trees its rows are the accepted paths', whose keys and values moved in the cache)."""
+        if si.largest_bucket_only and vi.num_drafts.shape[0] < self.rc.seq_buckets[-1]:  # as in _sample
+            vi, si = pad_rows((vi, si), self.rc.seq_buckets[-1] - vi.num_drafts.shape[0])
+        trees = (self.kv_cache, slot_mapping) if vi.parents is not None else ()
+        tokens, accepted, lps, rows, kv_cache = verify_step(self.params, hidden, vi, si, *trees, graphdef=self.graphdef,
+                                                            matmul=self.attention.matmul_backend)
+        self.kv_cache = kv_cache if trees else self.kv_cache
+        return tokens, accepted, lps, vi.replace(rows=rows)
 
     def _prompt_logprobs(self, hidden, rows, targets):
         return prompt_logprobs_step(self.params, hidden, rows, targets, graphdef=self.graphdef,
@@ -324,16 +323,17 @@ class Runner:
         if draft_forward:
             self.drafter.forward(inp, plan.shape.q_block)
         num_accepted = drafts = None
-        cache = (self.kv_cache, plan.head_context)  # (a head that attends reads it)
         si = plan.sampling_input if with_masks is None else with_masks(plan.sampling_input)
         if plan.verify is not None:
-            tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, si)
+            tokens, num_accepted, lps, vi = self._verify(hidden, plan.verify, si, inp.meta.slot_mapping)
             if propose:
-                drafts = self.drafter.head_drafts(self.params, self.graphdef, hidden, tokens, vi, num_accepted, *cache)
+                drafts = self.drafter.head_drafts(self.params, self.graphdef, hidden, tokens, vi, num_accepted,
+                                                  self.kv_cache, plan.head_context)  # (after a tree's moves)
         else:
             tokens, lps = self._sample(rows, si)  # padded past S rows (see _sample)
             if propose:
-                drafts = self.drafter.head_drafts(self.params, self.graphdef, rows, tokens, None, None, *cache)
+                drafts = self.drafter.head_drafts(self.params, self.graphdef, rows, tokens, None, None, self.kv_cache,
+                                                  plan.head_context)
         prompt_lps = None
         if len(plan.prompt_rows):
             pad = (0, plan.model_input.tokens.shape[1] - len(plan.prompt_rows))  # one graph per hidden shape

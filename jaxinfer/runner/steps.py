@@ -45,6 +45,7 @@ from jaxinfer.runner.inputs import HeadContextInput, ModelInput, SamplingInput, 
 from jaxinfer.sampling import apply_penalties, logprobs, sample, step_keys
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.speculative import eagle
+from jaxinfer.speculative import tree as draft_tree
 from jaxinfer.speculative.verify import verify
 from jaxinfer.structured_output import apply_bitmask
 from pallas_kernels.kv_quant import QuantizedPages
@@ -145,12 +146,16 @@ def _constrain(logits, raw, bitmask):
     return jnp.where(jnp.isfinite(masked).any(axis=-1, keepdims=True), masked, apply_bitmask(raw, bitmask))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "matmul"))
-def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef: nnx.GraphDef, matmul: str = "auto"):
+@functools.partial(jax.jit, static_argnames=("graphdef", "matmul"), donate_argnames=("kv_cache",))
+def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, kv_cache=None, slot_mapping=None, *,
+                graphdef: nnx.GraphDef, matmul: str = "auto"):
     """Speculative decoding's sampler: hidden [T, D] of a step whose chunks end with drafts ->
-    (tokens [S, K + 1], num_accepted [S], logprobs or None, each [S, K + 1, ...]); see
-    `jaxinfer.speculative.verify`. Penalties (and min_tokens' suppression) and a grammar's mask apply
-    to every position of a row alike: only rows without drafts carry them (such requests get none)."""
+    (tokens [S, K + 1], num_accepted [S], logprobs or None, each [S, K + 1, ...], rows [S, K + 1],
+    kv_cache); see `jaxinfer.speculative.verify`. Penalties (and min_tokens' suppression) and a grammar's mask apply
+    to every position of a row alike: only rows without drafts carry them (such requests get none).
+    Draft trees (`vi.parents`, `speculative.tree`): each row draws with its depth's output index, the
+    accepted path's tokens come back in order, `rows` are the path's hidden rows (a chain: vi.rows)
+    and its keys and values move to its positions' slots (`slot_mapping`: the step's) in `kv_cache`."""
     model = nnx.merge(graphdef, params)
     S, K1 = vi.rows.shape
     with matmul_backend(matmul):
@@ -163,12 +168,23 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, *, graphdef:
                                  rep(p.frequency), rep(p.suppress))
     if si.bitmask is not None:  # (rows with a grammar have no drafts: only their first position samples)
         logits = _constrain(logits, raw, jnp.repeat(si.bitmask, K1, axis=0))
+    depth = None if vi.parents is None else draft_tree.row_depths(vi.parents)
     tokens, num_accepted = verify(logits.reshape(S, K1, -1), vi.drafts, vi.num_drafts, si.temperature, si.top_k,
-                                  si.top_p, si.min_p, si.seeds, si.num_generated)
+                                  si.top_p, si.min_p, si.seeds, si.num_generated, depth)
     lps = None
     if si.num_logprobs:
         lps = tuple(a.reshape(S, K1, *a.shape[1:]) for a in logprobs(raw, tokens.reshape(-1), si.num_logprobs))
-    return tokens, num_accepted, lps
+    rows = vi.rows
+    if vi.parents is not None:  # the accepted path's rows, in order; its keys and values to their slots
+        path, num_accepted = draft_tree.accept(tokens, vi.drafts, vi.parents, vi.num_drafts)
+        along = lambda a: jnp.take_along_axis(a, path.reshape(path.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+        tokens, rows = along(tokens), along(vi.rows)
+        lps = None if lps is None else tuple(along(a) for a in lps)
+        moved = jnp.arange(1, K1)[None] <= num_accepted[:, None]
+        src, dst = slot_mapping[rows[:, 1:]], slot_mapping[vi.rows[:, 1:]]
+        dst = jnp.where(moved, dst, draft_tree.NO_SLOT)
+        kv_cache = draft_tree.move_slots(kv_cache, src.reshape(-1), dst.reshape(-1))
+    return tokens, num_accepted, lps, rows, kv_cache
 
 
 def head_context(head: eagle.DraftHead, kv_cache, ci: HeadContextInput, inv_freq, num_accepted=None) -> eagle.Context:
@@ -186,10 +202,10 @@ def head_context(head: eagle.DraftHead, kv_cache, ci: HeadContextInput, inv_freq
                          jnp.asarray(inv_freq), rotated=isinstance(kv_cache.k, QuantizedPages))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_drafts", "matmul"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_drafts", "matmul", "tree"))
 def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None, num_accepted=None, kv_cache=None,
                  context: HeadContextInput | None = None, *, graphdef: nnx.GraphDef, num_drafts: int,
-                 matmul: str = "auto"):
+                 matmul: str = "auto", tree: tuple | None = None):
     """The draft head's next drafts [S, k] for every sampler row, from the hidden state that sampled
     each row's last new token and that token: after a sample step hidden [S, D] (its rows) and
     tokens [P >= S]; after a verify step hidden [T, D], tokens [S, K + 1], verify_rows [S, K + 1]
@@ -206,9 +222,11 @@ def propose_step(params, head: eagle.DraftHead, hidden, tokens, verify_rows=None
     arrays = {k: getattr(model, k)[...] for k in EMBED_KEYS if hasattr(model, k)}
     ctx = None if context is None else head_context(head, kv_cache, context, rope_frequencies(model.cfg),
                                                     num_accepted)
-    with matmul_backend(matmul):
-        return eagle.propose(head, functools.partial(embed_tokens, model.cfg, arrays), feature, token, num_drafts,
-                             ctx)
+    embed = functools.partial(embed_tokens, model.cfg, arrays)
+    with matmul_backend(matmul):  # (`tree`: a draft tree's paths, `speculative.tree.propose`)
+        if tree is not None:
+            return draft_tree.propose(head, embed, feature, token, tree, ctx)
+        return eagle.propose(head, embed, feature, token, num_drafts, ctx)
 
 
 @functools.partial(jax.jit, donate_argnames=("kv_cache",), static_argnames=("graphdef", "attention"))

@@ -19,6 +19,7 @@ import numpy as np
 from jaxinfer.model import embedding_arrays
 from jaxinfer.runner.buckets import decode_shapes, one_graph, verify_seqs
 from jaxinfer.runner.drafter import empty_draft_inputs
+from jaxinfer.speculative.tree import chain
 from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input,
                                     stack_model_inputs, stack_sampling_inputs)
 from jaxinfer.runner.steps import (draft_propose_step, embed_step, forward_step, layer_step, prompt_logprobs_step,
@@ -98,7 +99,7 @@ def aot_graphs(runner) -> list[tuple]:
     matmul = runner.attention.matmul_backend  # the output projection's backend, as the runner passes it
 
     for shape in shapes:
-        inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
+        inp = empty_model_input(shape, rc.page_size, rc.pages_per_item, trees=rc.draft_tree)
         group, size = ((True, shape.S), shape.I) if shape.is_decode else ((False, shape.T), shape.W)
         priority = 1 + sorted(sizes[group]).index(size)
         if not one_graph(runner.layer_loop, shape):
@@ -136,12 +137,15 @@ def aot_graphs(runner) -> list[tuple]:
                 ("sample", S, *variant), rare if rare_variant else 0)
             if rc.num_speculative_tokens:
                 hidden = jax.ShapeDtypeStruct((verify_seqs(rc, S), D), dtype)
-                add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens), si),
+                trees = (runner.kv_cache, np.zeros(hidden.shape[0], np.int32)) if rc.draft_tree else ()
+                add(verify_step, (runner.params, hidden, empty_verify_input(S, rc.num_speculative_tokens,
+                                                                             rc.draft_tree), si, *trees),
                     dict(graphdef=runner.graphdef, matmul=matmul), ("verify", S, *variant), rare if rare_variant else 0)
         K = rc.num_speculative_tokens
         if drafter is not None and drafter.head is not None:  # eagle: after a sample step and a verify step
             i32 = jnp.int32
-            kw = dict(graphdef=runner.graphdef, num_drafts=K, matmul=matmul)  # (as head_drafts passes them)
+            kw = dict(graphdef=runner.graphdef, num_drafts=K, matmul=matmul,
+                      tree=drafter.spec.draft_tree)  # (as head_drafts passes them)
             ctx = drafter.context_input([], {}, S)  # (a head that attends: the cache and where it reads)
             cache = (runner.kv_cache if ctx is not None else None, ctx)
             add(propose_step, (runner.params, drafter.head, rows,
@@ -157,9 +161,10 @@ def aot_graphs(runner) -> list[tuple]:
                 dict(graphdef=drafter.model.graphdef, attention=runner.attention), ("draft_propose", shape), 1)
     return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
 
-def empty_verify_input(S: int, K: int) -> VerifyInput:
+def empty_verify_input(S: int, K: int, trees: bool = False) -> VerifyInput:
     return VerifyInput(rows=np.zeros((S, K + 1), np.int32), drafts=np.zeros((S, K), np.int32),
-                       num_drafts=np.zeros(S, np.int32))
+                       num_drafts=np.zeros(S, np.int32),
+                       parents=np.tile(np.asarray(chain(K), np.int32), (S, 1)) if trees else None)
 
 
 def warmup_by_running(runner, progress: bool) -> int:
@@ -176,7 +181,7 @@ def warmup_by_running(runner, progress: bool) -> int:
     D = runner.num_replicas  # data-parallel steps stack D replicas' inputs
     hidden, sample_rows = {}, {}
     for shape in it:
-        inp = empty_model_input(shape, rc.page_size, rc.pages_per_item)
+        inp = empty_model_input(shape, rc.page_size, rc.pages_per_item, trees=rc.draft_tree)
         if D > 1:
             inp = stack_model_inputs([inp] * D, shape.T)
         hidden[shape.T], rows = runner._forward(inp, shape)
@@ -192,7 +197,9 @@ def warmup_by_running(runner, progress: bool) -> int:
             jax.block_until_ready(sampled)
             count += 1
             if K:  # (one replica: speculative decoding runs without data parallelism)
-                tokens, accepted, _, vi = runner._verify(hidden[verify_seqs(rc, S)], empty_verify_input(S, K), si)
+                tokens, accepted, _, vi = runner._verify(hidden[verify_seqs(rc, S)],
+                                                         empty_verify_input(S, K, rc.draft_tree), si,
+                                                         np.zeros(verify_seqs(rc, S), np.int32))
                 count += 1
                 drafter = runner.drafter
                 if drafter is not None and drafter.head is not None and not any(variant):

@@ -29,8 +29,8 @@ import dataclasses
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.speculative.ngram import propose_ngram
 
-__all__ = ["AUTO_DISABLE_BY_BATCH_SIZE", "METHODS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_HELP", "SpeculativeConfig",
-           "propose_ngram", "speculative_flag"]
+__all__ = ["AUTO_DISABLE_BY_BATCH_SIZE", "AUTO_DRAFT_TREE", "METHODS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_HELP",
+           "SpeculativeConfig", "propose_ngram", "speculative_flag"]
 
 METHODS = ("ngram", "draft", "eagle")
 MAX_SPECULATIVE_TOKENS = 8
@@ -44,6 +44,11 @@ AUTO_DISABLE_BY_BATCH_SIZE = {"cpu": 2}
 # float32 weights from memory (docs/BENCHMARKS.md, "The head's weights in int8"); elsewhere the target's dtype.
 AUTO_HEAD_QUANTIZATION = {"cpu": "int8"}
 HEAD_QUANTIZATIONS = ("int8", "int4")
+# draft_tree="auto": an eagle head's k = 3 as the tree t0 -> a1 -> b1, t0 -> a2 on CPU, where a verify
+# step of 4 rows costs the same whatever they hold and the chain's third draft was right 6% of the
+# time: 1.66 tokens a verify step on chat against 1.58, a head step fewer, 1.36x plain against 1.21x
+# (docs/BENCHMARKS.md, "Draft trees"); other k, and platforms whose kernels do not mask rows: a chain.
+AUTO_DRAFT_TREE = {("cpu", 3): ((0,), (0, 0), (1,))}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +78,10 @@ class SpeculativeConfig:
         "int4" (groups of 32 inputs: an eighth of the bytes, fewer drafts accepted) or None (the
         target's dtype); "auto": the platform's (`AUTO_HEAD_QUANTIZATION`: int8 on CPU).
         draft: "auto" only (the draft model takes the target's weight quantization).
+      draft_tree: eagle: None (a chain of k drafts) or the k nodes of a draft tree, each the path
+        of sibling ranks from the request's last token, e.g. [[0], [0, 0], [1]]: the head's top
+        two guesses for the next token and the top one's next (`speculative.tree`); verified on
+        the decode path's attention (CPU); "auto": the platform's (`AUTO_DRAFT_TREE`).
     """
 
     method: str = "ngram"
@@ -85,6 +94,7 @@ class SpeculativeConfig:
     probe_drafts: int = 32
     disable_by_batch_size: int | None | str = "auto"
     quantization: str | None = "auto"
+    draft_tree: tuple[tuple[int, ...], ...] | str | None = "auto"
 
     def __post_init__(self):
         def check(ok, msg):
@@ -125,15 +135,25 @@ class SpeculativeConfig:
               f'quantization must be "auto", None or one of {list(HEAD_QUANTIZATIONS)} for method "eagle" (the '
               f'head\'s weights) and "auto" for methods "ngram" and "draft" (a draft model takes the target\'s), got '
               f'{q!r} for method {self.method!r}')
+        if self.draft_tree not in (None, "auto"):
+            from jaxinfer.speculative.tree import paths_of
 
-    def resolve(self, platform: str) -> SpeculativeConfig:
-        """This config with "auto" settings replaced by `platform`'s ("cpu", "gpu", "tpu")."""
-        b, q = self.disable_by_batch_size, self.quantization
+            check(self.method == "eagle", f"draft_tree is for method \"eagle\" (a head proposes a tree), not "
+                                          f"{self.method!r}; leave it None")
+            object.__setattr__(self, "draft_tree", paths_of(self.draft_tree, k))
+
+    def resolve(self, platform: str, tree_rows: bool = True) -> SpeculativeConfig:
+        """This config with "auto" settings replaced by `platform`'s ("cpu", "gpu", "tpu");
+        `tree_rows`: the engine's attention masks a draft tree's rows (else "auto" is a chain)."""
+        b, q, tree = self.disable_by_batch_size, self.quantization, self.draft_tree
         if b == "auto":
             b = AUTO_DISABLE_BY_BATCH_SIZE.get(platform)
         if q == "auto" and self.method == "eagle":
             q = AUTO_HEAD_QUANTIZATION.get(platform)
-        return dataclasses.replace(self, disable_by_batch_size=b, quantization=q)
+        if tree == "auto":
+            tree = AUTO_DRAFT_TREE.get((platform, self.num_speculative_tokens)) if (
+                self.method == "eagle" and tree_rows) else None
+        return dataclasses.replace(self, disable_by_batch_size=b, quantization=q, draft_tree=tree)
 
     def drafts_at(self, num_running: int) -> bool:
         """Whether a step with `num_running` running requests verifies drafts (`disable_by_batch_size`,

@@ -24,6 +24,15 @@ class LookupDrafts(list):
     their verify steps apart (`spec_num_lookup_drafts` and its accepted tokens in engine stats)."""
 
 
+class TreeDrafts(list):
+    """A draft tree's tokens, node by node, and `parents` (node j's parent node, -1: the request's
+    last token; `speculative.tree`): what an eagle head with `SpeculativeConfig.draft_tree` proposes."""
+
+    def __init__(self, tokens, parents):
+        super().__init__(tokens)
+        self.parents = tuple(parents)
+
+
 def proposes(request) -> bool:
     """Whether a request gets drafts: not while its sampling needs its token history per position
     (penalties, or min_tokens not reached: those change each position's distribution), nor with a

@@ -12,6 +12,7 @@ method "draft" writes the keys of its k proposals past each chunk, so those slot
 from __future__ import annotations
 
 from jaxinfer.request import Request
+from jaxinfer.speculative import tree
 
 
 class SpeculativeScheduling:
@@ -36,18 +37,22 @@ class SpeculativeScheduling:
             return False
         return all(r.num_tokens + r.num_pending_tokens - r.num_computed_tokens <= 1 for r in self.running)
 
-    def _drafts(self, request: Request, budget: int) -> tuple[int, ...]:
-        """The drafts a decode verifies this step: its proposed tokens, cut so the step's tokens stay
-        within max_tokens, the context and the token budget."""
+    def _drafts(self, request: Request, budget: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The drafts a decode verifies this step and their tree's parents ((): a chain): its proposed
+        tokens, cut so the step's tokens stay within max_tokens, the context and the token budget (a
+        tree: its nodes at most that deep, `tree.trim`)."""
         spec = self.config.speculative
         if not request.spec_token_ids or request.beam is not None:
-            return ()
+            return (), ()
         if (spec.min_acceptance > 0 and request.num_draft_tokens >= spec.probe_drafts
                 and request.num_accepted_tokens < spec.min_acceptance * request.num_draft_tokens):
-            return ()  # its drafts do not pay: it decodes plainly from now on
-        room = min(request.sampling_params.max_tokens - len(request.output_token_ids),
-                   self.config.max_model_len - request.num_tokens, budget) - 1
-        return tuple(request.spec_token_ids[:max(0, room)])
+            return (), ()  # its drafts do not pay: it decodes plainly from now on
+        room = max(0, min(request.sampling_params.max_tokens - len(request.output_token_ids),
+                          self.config.max_model_len - request.num_tokens, budget) - 1)
+        if request.spec_parents:  # nodes at most `room` deep, and at most `room` rows (the first: parents first)
+            tokens, parents = tree.trim(request.spec_token_ids, request.spec_parents, room)
+            return tokens[:room], parents[:room]
+        return tuple(request.spec_token_ids[:room]), ()
 
     def _count_drafts(self, request: Request, drafted: int, accepted: int) -> None:
         request.num_draft_tokens += drafted

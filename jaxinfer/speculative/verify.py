@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxinfer.sampling import sample, step_keys
 
 
-def verify(logits, drafts, num_drafts, temperature, top_k, top_p, min_p, seeds, first_index):
+def verify(logits, drafts, num_drafts, temperature, top_k, top_p, min_p, seeds, first_index, depth=None):
     """The target's token at every position of a verify chunk and how many drafts it accepts.
 
     logits [S, K + 1, V] f32: row s, position j predicts the token after the chunk's j-th token (its
@@ -19,10 +19,13 @@ def verify(logits, drafts, num_drafts, temperature, top_k, top_p, min_p, seeds, 
     tokens[s, :num_accepted[s] + 1] (the accepted drafts, which equal the target's tokens, then the
     target's token after them). Position j draws with the key plain decoding uses for output index
     first_index + j and the same filters, so each new token is the one plain decoding would emit.
+    depth [S, K + 1] (a draft tree's rows, `tree.row_depths`): row j draws for output index
+    first_index + depth[s, j]; its acceptance is `tree.accept`'s (num_accepted here: a chain's).
     """
     S, K1, V = logits.shape
     rep = lambda a: jnp.repeat(a, K1, axis=0)  # noqa: E731  per position
-    index = (first_index[:, None] + jnp.arange(K1, dtype=jnp.int32)[None]).reshape(-1)
+    offset = jnp.arange(K1, dtype=jnp.int32)[None] if depth is None else depth
+    index = (first_index[:, None] + offset).reshape(-1)
     keys = step_keys(rep(seeds), index)
     tokens = sample(logits.reshape(S * K1, V), rep(temperature), rep(top_k), rep(top_p), keys,
                     rep(min_p)).reshape(S, K1)

@@ -19,6 +19,11 @@
 // a verify step's row equals bitwise a decode step of that position alone. A mixed step's prompt rows
 // come here too, each a row (`ragged_rows_as_decodes`): many rows, so each row's span of items is
 // found once per call and rows are dealt to the threads one by one.
+//
+// A draft tree's rows (speculative decoding, `jaxinfer.speculative.tree`) see only their ancestors
+// among the step's rows: row s with tree_mask[s] != -1 sees positions before tree_base[s] and, of
+// the 32 from there, those whose bit is set; its own position (for the sliding window) is
+// tree_base + popcount(tree_mask) - 1. -1: every position up to its own, as above.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -206,13 +211,17 @@ void HeadBlock(const float* q, const float* kc, const float* vc, const int64_t* 
 // One row: out [N, H] for the query q [N, H] at position qpos of sequence `seq`. Items outermost, so
 // an item's keys and values come from memory once and stay in L1 / L2 for every head.
 void Row(const Shapes& d, const float* q, const float* kc, const float* vc, const int32_t* item_seq,
-         const int32_t* item_pages, const int32_t* item_pos, int64_t seq, int64_t qpos, int64_t window,
-         int64_t item_begin, int64_t item_end, float sm_scale, float soft_cap, float* out) {
+         const int32_t* item_pages, const int32_t* item_pos, int64_t seq, int64_t qpos, int32_t tree_base,
+         int32_t tree_mask, int64_t window, int64_t item_begin, int64_t item_end, float sm_scale, float soft_cap,
+         float* out) {
   const int64_t N = d.N, H = d.H, ps = d.ps, group = d.per_item / ps;
   const int64_t token_stride = d.K * H, page_stride = ps * d.K * H;
   std::fill(out, out + N * H, 0.0f);
   if (qpos < 0) return;
-  const int64_t lo = window > 0 ? qpos - window + 1 : 0;  // the first visible position
+  const bool tree = tree_mask != -1;
+  const uint32_t bits = static_cast<uint32_t>(tree_mask);
+  const int64_t own = tree ? int64_t{tree_base} + __builtin_popcount(bits) - 1 : qpos;  // (its RoPE position)
+  const int64_t lo = window > 0 ? own - window + 1 : 0;  // the first visible position
   thread_local std::vector<int64_t> slot(kMaxItemTokens);
   thread_local std::vector<float> m, l;
   m.assign(N, -std::numeric_limits<float>::infinity());
@@ -227,7 +236,9 @@ void Row(const Shapes& d, const float* q, const float* kc, const float* vc, cons
       if (page < 0 || page >= d.P) continue;  // (a caller's bug; nothing outside the cache is read)
       for (int64_t t = 0; t < ps; ++t) {
         const int64_t pos = first + j * ps + t;
-        if (pos >= lo && pos <= qpos) slot[n++] = d.layer_offset + page * page_stride + t * token_stride;
+        if (pos < lo || pos > qpos) continue;
+        if (tree && pos >= tree_base && (pos - tree_base >= 32 || !((bits >> (pos - tree_base)) & 1u))) continue;
+        slot[n++] = d.layer_offset + page * page_stride + t * token_stride;
       }
     }
     if (n == 0) continue;
@@ -256,7 +267,8 @@ void Row(const Shapes& d, const float* q, const float* kc, const float* vc, cons
 ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
                                ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> kv_lens,
                                ffi::Buffer<ffi::S32> item_seq, ffi::Buffer<ffi::S32> item_pages,
-                               ffi::Buffer<ffi::S32> item_pos, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
+                               ffi::Buffer<ffi::S32> item_pos, ffi::Buffer<ffi::S32> tree_base,
+                               ffi::Buffer<ffi::S32> tree_mask, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
                                float soft_cap, int64_t threads) {
   const auto qd = q.dimensions(), kd = k_cache.dimensions(), id = item_pages.dimensions();
   bool same = kd.size() == v_cache.dimensions().size();
@@ -271,7 +283,7 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_
   d.I = id[0];
   d.per_item = id[1] * d.ps;
   if (kd[o + 3] != d.H || d.N % d.K != 0 || kv_lens.element_count() != d.S || item_seq.element_count() != d.I ||
-      item_pos.element_count() != d.I)
+      item_pos.element_count() != d.I || tree_base.element_count() != d.S || tree_mask.element_count() != d.S)
     return ffi::Error::InvalidArgument("decode_attention_cpu: inconsistent shapes");
   if (d.per_item > kMaxItemTokens)
     return ffi::Error::InvalidArgument("decode_attention_cpu: more than 1024 tokens per work item");
@@ -296,7 +308,8 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_
 #pragma omp parallel for num_threads(T) schedule(static, 1)
   for (int64_t s = 0; s < d.S; ++s)
     Row(d, q.typed_data() + s * d.N * d.H, k_cache.typed_data(), v_cache.typed_data(), seqs,
-        item_pages.typed_data(), item_pos.typed_data(), s, int64_t{lens[s]} - 1, w, begin[s], end[s], sm_scale,
+        item_pages.typed_data(), item_pos.typed_data(), s, int64_t{lens[s]} - 1, tree_base.typed_data()[s],
+        tree_mask.typed_data()[s], w, begin[s], end[s], sm_scale,
         soft_cap, out->typed_data() + s * d.N * d.H);
   return ffi::Error::Success();
 }
@@ -314,6 +327,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // item_seq [I]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // item_pages [I, pages_per_item]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // item_pos [I]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // tree_base [S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // tree_mask [S] (-1: causal)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [S, N, H]
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")        // 0: none

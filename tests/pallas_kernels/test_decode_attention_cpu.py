@@ -197,3 +197,51 @@ def test_a_ragged_step_runs_its_rows_as_decodes(window, soft_cap):
                                        jnp.asarray(table2), jnp.asarray(cu2), jnp.int32(2), q_block=8,
                                        max_prefill_seqs=4, **common)
     np.testing.assert_array_equal(np.asarray(split)[:37], got[:37])
+
+
+def _numpy_visible(q, k, v, table, page_size, visible):
+    """Float64 attention of row s over the positions visible[s] (a list) of its pages."""
+    S, N, H = q.shape
+    K = k.shape[-2]
+    out = np.zeros((S, N, H))
+    for s, pos in enumerate(visible):
+        pos = np.asarray(pos)
+        keys = k[table[s, pos // page_size], pos % page_size].astype(np.float64)
+        values = v[table[s, pos // page_size], pos % page_size].astype(np.float64)
+        for head in range(N):
+            logits = keys[:, head // (N // K)] @ q[s, head].astype(np.float64) * H ** -0.5
+            p = np.exp(logits - logits.max())
+            out[s, head] = p @ values[:, head // (N // K)] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_draft_tree_rows_see_their_ancestors_only(window):
+    """A verify step's rows of a draft tree (`speculative.tree`): the request's last known token at
+    position b = 40 and drafts a1 -> b1 (rows 1, 2) beside a2 (row 3, at slot b + 3 but position
+    b + 1). Row r sees the positions before b and the rows its mask names; its sliding window ends
+    at its own position (b + popcount - 1); rows with mask -1 are causal, bitwise as without masks."""
+    rng = np.random.default_rng(11)
+    b, page_size = 40, 8
+    q, k, v, lens, table, items = _case(rng, lens=[b + 1, b + 2, b + 3, b + 4, 30], K=2, G=3, H=32,
+                                        page_size=page_size, pages_per_item=2, nan_past_end=False)
+    table[:4] = table[0]  # the step's four rows are one request's (its pages), the fifth another's
+    items = decode_items(lens, table, page_size, 20, 2)
+    base = np.asarray([b, b, b, b, 0], np.int32)
+    mask = np.asarray([0b1, 0b11, 0b111, 0b1001, -1], np.int32)
+    rows = [[0], [0, 1], [0, 1, 2], [0, 3]]
+    own = [b + len(r) - 1 for r in rows]
+    lo = [0 if window is None else p - window + 1 for p in own]
+    visible = [[p for p in range(lo[s], b)] + [b + i for i in rows[s]] for s in range(4)]
+    visible.append(list(range(0 if window is None else 30 - window, 30)))
+    want = _numpy_visible(q, k, v, table, page_size, visible)
+    kw = {} if window is None else dict(sliding_window=window)
+    got = _native(q, k, v, lens, items, tree_base=base, tree_mask=mask, **kw)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    ref = np.asarray(decode_attention_by_pages(jnp.asarray(q), jnp.asarray(np.nan_to_num(k)),
+                                               jnp.asarray(np.nan_to_num(v)), lens, *items, tree_base=base,
+                                               tree_mask=mask, **kw))
+    np.testing.assert_allclose(ref, want, rtol=2e-5, atol=2e-5)
+    causal = np.asarray([-1] * 5, np.int32)  # every row causal: as without masks, bit for bit
+    np.testing.assert_array_equal(_native(q, k, v, lens, items, tree_base=base, tree_mask=causal, **kw),
+                                  _native(q, k, v, lens, items, **kw))
