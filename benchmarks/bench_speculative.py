@@ -7,7 +7,7 @@ workloads, in interleaved rounds.
     python benchmarks/bench_speculative.py [--batch-sizes 1 8] [--k 3] [--max-tokens 96] [--rounds 3]
                                            [--prompt-lookup-min 1 2] [--draft MODEL ...] [--eagle HEAD_DIR]
                                            [--lookup-min 2 none] [--head-quantization none int8 int4]
-                                           [--draft-tree none '[[0], [0, 0], [1]]']
+                                           [--draft-tree auto none '[[0], [0, 0], [1]]']
 
 Workloads (chat-templated, greedy):
     grounded  input-grounded: the model is given a HumanEval problem's code (prompt + canonical
@@ -75,9 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--head-quantization", type=lambda v: None if v == "none" else v, nargs="+", default=["auto"],
                     help='eagle: SpeculativeConfig.quantization values to run ("none": the head in float32; "int8"; '
                          '"int4"; default: auto, the platform\'s)')
-    ap.add_argument("--draft-tree", type=lambda v: None if v == "none" else json.loads(v), nargs="+", default=[None],
-                    help='eagle: SpeculativeConfig.draft_tree values to run, as JSON ("none": a chain of k; e.g. '
-                         '"[[0], [0, 0], [1]]" with --k 3)')
+    ap.add_argument("--draft-tree", type=lambda v: {"none": None, "auto": "auto"}[v] if v in ("none", "auto")
+                    else json.loads(v), nargs="+",
+                    default=["auto"], help='eagle: SpeculativeConfig.draft_tree values to run ("auto": the '
+                    'platform\'s, a tree at k = 3 on CPU; "none": a chain of k; JSON paths, e.g. "[[0], [0, 0], [1]]")')
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=["grounded", "chat"])
@@ -128,10 +129,11 @@ def main(argv=None):
             for d in args.eagle:
                 which = f" ({os.path.basename(os.path.normpath(d))})" if len(args.eagle) > 1 else ""
                 for tree in args.draft_tree:
-                    shape = "" if tree is None else f" tree {json.dumps(tree).replace(' ', '')}"
+                    shape = {"auto": "", None: " chain"}.get(tree) if not isinstance(tree, list) else \
+                        f" tree {json.dumps(tree).replace(' ', '')}"
                     configs |= {f"eagle k={k}{name}{head}{shape}{which}": spec(
                         method="eagle", model=d, num_speculative_tokens=k, quantization=hq, draft_tree=tree, **extra)
-                        for k in ([len(tree)] if tree is not None else args.k)}
+                        for k in ([len(tree)] if isinstance(tree, list) else args.k)}
     llms = {}
     for name, spec in configs.items():
         t0 = time.perf_counter()

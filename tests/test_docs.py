@@ -689,10 +689,11 @@ def test_benchmark_commands_run(tmp_path):
     for fmt in ("float32", "int8", "int4"):  # every format's row, with its speed-up and bandwidth share
         assert re.search(rf"\| 1 \| {fmt} \| [\d.]+ \| [\d.]+x \| [\d.]+ \| \d+ \| \d+% \|",
                          outputs["bench_quantized_step.py"]), fmt
-    for workload in ("grounded", "chat"):  # plain, ngram, draft (the target as its own) and eagle rows
+    for workload in ("grounded", "chat"):  # plain, ngram, draft (the target as its own), eagle: tree and chain
         for row in (rf"\| {workload} \| 2 \| plain \| [\d.]+ \| 1.00x \|",
                     rf"\| {workload} \| 1 \| ngram k=3 \| [\d.]+ \|", rf"\| {workload} \| 2 \| eagle k=3 \| [\d.]+ \|",
-                    rf"\| {workload} \| 1 \| draft tiny.gguf k=3 \| [\d.]+ \| [\d.]+x \| \d+ / \d+ \|"):
+                    rf"\| {workload} \| 1 \| draft tiny.gguf k=3 \| [\d.]+ \| [\d.]+x \| \d+ / \d+ \|",
+                    rf"\| {workload} \| 1 \| eagle k=3 chain \| [\d.]+ \| [\d.]+x \|"):  # (beside "auto"'s tree)
             assert re.search(row, outputs["bench_speculative.py"]), row
     # prompt lookup's share: every verify step of method ngram's
     assert re.search(r"\| ngram k=3 \|.*\| (\d+) of \1, \d+ / \d+ \|", outputs["bench_speculative.py"])
