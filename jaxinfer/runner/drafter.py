@@ -70,6 +70,8 @@ class Drafter:
             draft_head = jax.device_put(draft_head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.spec, self.rc, self.attention = spec, rc, attention
         self.head, self.model = draft_head, draft_model
+        tree = spec.draft_tree  # eagle with a draft tree: its parents, once (`proposals`)
+        self.tree_parents = parents_of(tree) if isinstance(tree, tuple) else None
         self.params = self.kv_cache = None
         self.skipped = False  # draft: a step ran without the draft model (`track`)
         if draft_model is not None:  # its own cache: the same pages and slots, its own layers and heads
@@ -156,10 +158,9 @@ class Drafter:
         if method == "eagle":  # (prompt lookup's drafts in place of the head's where a suffix recurs)
             if device_drafts is None:
                 return {}
-            tree = self.spec.draft_tree  # (the head's drafts: a tree's nodes, or a chain)
-            parents = None if tree is None else parents_of(tree)
+            parents = self.tree_parents  # (the head's drafts: a tree's nodes, or a chain)
             return {rid: lookup_in_place(self.spec, request) or (
-                device_drafts[s].tolist() if tree is None else TreeDrafts(device_drafts[s].tolist(), parents))
+                device_drafts[s].tolist() if parents is None else TreeDrafts(device_drafts[s].tolist(), parents))
                 for rid, (request, s) in rows.items() if proposes(request)}
         if not self.spec.drafts_at(num_running):
             return {}  # the next step verifies none

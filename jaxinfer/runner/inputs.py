@@ -30,8 +30,7 @@ import numpy as np
 from jaxinfer.paged_attention import DecodeItems, PagedAttentionMeta
 from jaxinfer.runner.buckets import StepShape, chunk_pages
 from jaxinfer.runner.requests import CachedRequest
-from jaxinfer.speculative import tree
-from jaxinfer.speculative.tree import causal_rows
+from jaxinfer.speculative.tree import causal_rows, chain
 from jaxinfer.sampling_params import MAX_LOGPROBS
 from jaxinfer.structured_output import bitmask_width, fill_bitmasks
 from pallas_kernels.paged_attention_reference import decode_items
@@ -209,7 +208,7 @@ def build_verify_input(chunks, S: int, K: int, trees: bool = False) -> VerifyInp
     rows = first[:, None] + np.minimum(np.arange(K + 1)[None], num_drafts[:, None])
     parents = None
     if trees:
-        parents = np.tile(np.asarray(tree.chain(K), np.int32), (S, 1))
+        parents = np.tile(np.asarray(chain(K), np.int32), (S, 1))
         for s, chunk in enumerate(chunks):
             parents[s, :len(chunk.draft_parents)] = chunk.draft_parents
     return VerifyInput(rows=rows.astype(np.int32), drafts=drafts, num_drafts=num_drafts, parents=parents)

@@ -176,7 +176,7 @@ def verify_step(params, hidden, vi: VerifyInput, si: SamplingInput, kv_cache=Non
         lps = tuple(a.reshape(S, K1, *a.shape[1:]) for a in logprobs(raw, tokens.reshape(-1), si.num_logprobs))
     rows = vi.rows
     if vi.parents is not None:  # the accepted path's rows, in order; its keys and values to their slots
-        path, num_accepted = draft_tree.accept(tokens, vi.drafts, vi.parents, vi.num_drafts)
+        path, num_accepted = draft_tree.accept(tokens, vi.drafts, vi.parents, vi.num_drafts, depth)
         along = lambda a: jnp.take_along_axis(a, path.reshape(path.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
         tokens, rows = along(tokens), along(vi.rows)
         lps = None if lps is None else tuple(along(a) for a in lps)

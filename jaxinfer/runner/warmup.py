@@ -19,8 +19,7 @@ import numpy as np
 from jaxinfer.model import embedding_arrays
 from jaxinfer.runner.buckets import decode_shapes, one_graph, verify_seqs
 from jaxinfer.runner.drafter import empty_draft_inputs
-from jaxinfer.speculative.tree import chain
-from jaxinfer.runner.inputs import (VerifyInput, empty_model_input, neutral_sampling_input,
+from jaxinfer.runner.inputs import (VerifyInput, build_verify_input, empty_model_input, neutral_sampling_input,
                                     stack_model_inputs, stack_sampling_inputs)
 from jaxinfer.runner.steps import (draft_propose_step, embed_step, forward_step, layer_step, prompt_logprobs_step,
                                    propose_step, resolve_tokens, rows_step, sample_step, verify_step)
@@ -162,9 +161,7 @@ def aot_graphs(runner) -> list[tuple]:
     return [graph for _, _, graph in sorted(graphs, key=lambda g: g[:2])]
 
 def empty_verify_input(S: int, K: int, trees: bool = False) -> VerifyInput:
-    return VerifyInput(rows=np.zeros((S, K + 1), np.int32), drafts=np.zeros((S, K), np.int32),
-                       num_drafts=np.zeros(S, np.int32),
-                       parents=np.tile(np.asarray(chain(K), np.int32), (S, 1)) if trees else None)
+    return build_verify_input([], S, K, trees)  # (no chunks: every row padding)
 
 
 def warmup_by_running(runner, progress: bool) -> int:

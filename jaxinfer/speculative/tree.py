@@ -116,21 +116,20 @@ def row_depths(parents):
     return depth
 
 
-def accept(tokens, drafts, parents, num_drafts):
+def accept(tokens, drafts, parents, num_drafts, depth=None):
     """tokens [S, K + 1]: the target's token at each row (row 0: after t0; row j + 1: after node j);
     drafts, parents [S, K] (a chain: parents 0..K-1 shifted, -1 first); num_drafts [S] (nodes past
-    it are padding) -> (sample_rows [S, K + 1], num_accepted [S]): the new tokens are
-    tokens[s, sample_rows[s, i]] for i <= num_accepted[s] (row 0, then the accepted path's rows;
-    repeated past its end)."""
+    it are padding); depth: `row_depths(parents)` where the caller has it -> (sample_rows [S, K + 1],
+    num_accepted [S]): the new tokens are tokens[s, sample_rows[s, i]] for i <= num_accepted[s]
+    (row 0, then the accepted path's rows; repeated past its end)."""
     S, K = drafts.shape
     take = lambda a, i: jnp.take_along_axis(a, jnp.maximum(i, 0)[:, None], axis=1)[:, 0]  # noqa: E731
+    depth = (row_depths(parents) if depth is None else depth)[:, 1:]  # node j's
     ok = jnp.zeros((S, K), bool)
-    depth = jnp.zeros((S, K), jnp.int32)
     for j in range(K):  # (K <= MAX_SPECULATIVE_TOKENS: unrolled; a parent's index is below its child's)
         par = parents[:, j]
         held = (par < 0) | take(ok, par)
         ok = ok.at[:, j].set((j < num_drafts) & held & (drafts[:, j] == take(tokens, par + 1)))
-        depth = depth.at[:, j].set(jnp.where(par < 0, 1, take(depth, par) + 1))
     reached = jnp.where(ok, depth, 0)
     num_accepted = reached.max(axis=1).astype(jnp.int32)
     node = jnp.argmax(reached, axis=1).astype(jnp.int32)  # the path's last node (any when none held)
